@@ -1,0 +1,3 @@
+from megafleet.cli import main
+
+main()

@@ -1,0 +1,119 @@
+"""Running external programs and stopping the processes we started.
+
+Every program runs from an argv list, never through a shell. Processes are stopped
+by the pid we recorded *together with its start time*, so that a recycled pid is
+never signalled by mistake and no name pattern is ever used.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+
+class CommandFailed(RuntimeError):
+    def __init__(self, argv: list[str], returncode: int, stderr: str):
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+        tail = stderr.strip().splitlines()[-5:]
+        super().__init__(f"{argv[0]} exited {returncode}: " + " | ".join(tail))
+
+
+def _check_argv(argv: list[str]) -> list[str]:
+    if not isinstance(argv, (list, tuple)) or not argv or not all(isinstance(a, str) for a in argv):
+        raise TypeError(f"argv must be a non-empty list of str, got {argv!r}")
+    return argv
+
+
+def run(argv: list[str], *, input: bytes | str | None = None, check: bool = True,
+        timeout: float | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run argv to completion, capturing output as text. Blocking: from trio, call
+    it through trio.to_thread.run_sync or use `arun`."""
+    _check_argv(argv)
+    if isinstance(input, bytes):
+        input = input.decode()
+    result = subprocess.run(argv, input=input, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise CommandFailed(argv, result.returncode, result.stderr)
+    return result
+
+
+async def arun(argv: list[str], *, input: bytes | None = None, check: bool = True,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """trio version of `run` (output captured as bytes, decoded to text)."""
+    import trio
+
+    _check_argv(argv)
+    result = await trio.run_process(argv, stdin=input, capture_stdout=True,
+                                    capture_stderr=True, check=False, env=env)
+    out = subprocess.CompletedProcess(argv, result.returncode,
+                                      result.stdout.decode(errors="replace"),
+                                      result.stderr.decode(errors="replace"))
+    if check and out.returncode != 0:
+        raise CommandFailed(argv, out.returncode, out.stderr)
+    return out
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of
+    /proc/PID/stat), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after
+    # the last ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19])
+
+
+@dataclass(frozen=True)
+class RecordedProcess:
+    """A process identified by pid and start time, as recorded before use."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> "RecordedProcess":
+        start = start_time(pid)
+        if start is None:
+            raise ProcessLookupError(pid)
+        return cls(pid, start)
+
+    def alive(self) -> bool:
+        if start_time(self.pid) != self.start:
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                state = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return False
+        return state[state.rindex(")") + 2] != "Z"
+
+    def signal(self, sig: int = signal.SIGTERM) -> bool:
+        """Send sig if this is still the same process. True if it was sent."""
+        if start_time(self.pid) != self.start:
+            return False
+        try:
+            os.kill(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL."""
+        if not self.signal(signal.SIGTERM):
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return
+            time.sleep(0.02)
+        self.signal(signal.SIGKILL)
