@@ -1,0 +1,147 @@
+"""Placement: which host runs which node of a testbed.
+
+A pure, deterministic function of the testbed and the host inventory. Goals, in
+order:
+
+1. Respect every host's capacity (guest count) and memory budget, counting the
+   memory KSM is expected to share between guests of the same image.
+2. Keep each switch segment on as few hosts as possible: every segment that spans
+   hosts costs a VXLAN tunnel and cross-host traffic.
+3. Spread load: between hosts that fit equally well, pick the emptiest.
+
+The method is first-fit-decreasing over segments: segments are placed largest
+first, each on the single host with the most room where it fits whole; a segment
+that fits on no single host is split across the hosts with the most room, largest
+share first. Ties are broken by name, so the same inputs always give the same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VXLAN_VNI_BASE = 10000
+
+
+@dataclass(frozen=True)
+class NodeDemand:
+    """What one node asks of a host."""
+
+    name: str
+    segment: str  # the switch it sits on (its first one); routers: their first iface's
+    mem_mb: int
+    image: str = ""
+
+
+@dataclass(frozen=True)
+class HostOffer:
+    """What one host can give."""
+
+    name: str
+    capacity: int  # guests at most
+    mem_mb: int  # memory budget for guests
+
+
+@dataclass
+class Plan:
+    hosts: dict[str, list[str]]  # host -> node names, sorted
+    node_host: dict[str, str]
+    segment_hosts: dict[str, list[str]]  # segment -> hosts it spans, sorted
+    vnis: dict[str, int]  # spanning segment -> VXLAN VNI
+    unplaced: list[str] = field(default_factory=list)
+
+    @property
+    def tunnels(self) -> int:
+        return sum(len(h) - 1 for h in self.segment_hosts.values() if len(h) > 1)
+
+
+class PlacementError(ValueError):
+    pass
+
+
+def effective_mem_mb(mem_mb: int, ksm_sharing: float) -> float:
+    """Memory a guest is expected to cost once KSM has merged what guests of the same
+    image share. `ksm_sharing` is the fraction of guest memory that merges (0..0.9)."""
+    sharing = min(max(ksm_sharing, 0.0), 0.9)
+    return mem_mb * (1.0 - sharing)
+
+
+def place(nodes: list[NodeDemand], hosts: list[HostOffer], *, ksm_sharing: float = 0.0) -> Plan:
+    """Place nodes on hosts (see the module docstring). Raises PlacementError when the
+    whole testbed cannot fit, naming how much is missing, before anything starts."""
+    if not hosts:
+        raise PlacementError("no hosts to place on")
+    names = [h.name for h in hosts]
+    if len(set(names)) != len(names):
+        raise PlacementError("duplicate host names in the inventory")
+
+    total_need = sum(effective_mem_mb(n.mem_mb, ksm_sharing) for n in nodes)
+    total_mem = sum(h.mem_mb for h in hosts)
+    total_cap = sum(h.capacity for h in hosts)
+    if len(nodes) > total_cap:
+        raise PlacementError(
+            f"{len(nodes)} nodes exceed the inventory's capacity of {total_cap} guests")
+    if total_need > total_mem:
+        raise PlacementError(
+            f"the testbed needs {total_need:.0f} MB of guest memory (KSM sharing "
+            f"{ksm_sharing:.0%} counted) but the hosts' budgets total {total_mem} MB")
+
+    free_slots = {h.name: h.capacity for h in hosts}
+    free_mem = {h.name: float(h.mem_mb) for h in hosts}
+    segments: dict[str, list[NodeDemand]] = {}
+    for node in sorted(nodes, key=lambda n: n.name):
+        segments.setdefault(node.segment, []).append(node)
+
+    node_host: dict[str, str] = {}
+    unplaced: list[str] = []
+
+    def fits(host: str, members: list[NodeDemand]) -> bool:
+        need = sum(effective_mem_mb(m.mem_mb, ksm_sharing) for m in members)
+        return free_slots[host] >= len(members) and free_mem[host] >= need
+
+    def room(host: str) -> tuple[float, str]:
+        # Emptiest first (by the scarcer of slots and memory), name breaks ties.
+        return (-min(free_slots[host], free_mem[host]), host)
+
+    def take(host: str, node: NodeDemand) -> None:
+        node_host[node.name] = host
+        free_slots[host] -= 1
+        free_mem[host] -= effective_mem_mb(node.mem_mb, ksm_sharing)
+
+    order = sorted(segments, key=lambda s: (-len(segments[s]), s))
+    for segment in order:
+        members = segments[segment]
+        whole = [h for h in sorted(free_slots, key=room) if fits(h, members)]
+        if whole:
+            for node in members:
+                take(whole[0], node)
+            continue
+        # Split: fill the roomiest hosts in turn, so the segment touches few hosts.
+        segment_uses: set[str] = set()
+        for node in members:
+            # Prefer a host this segment already uses, to avoid another tunnel.
+            used = [h for h in sorted(segment_uses, key=room) if fits(h, [node])]
+            candidates = used or [h for h in sorted(free_slots, key=room) if fits(h, [node])]
+            if not candidates:
+                unplaced.append(node.name)
+                continue
+            take(candidates[0], node)
+            segment_uses.add(candidates[0])
+
+    if unplaced:
+        raise PlacementError(
+            f"{len(unplaced)} nodes do not fit on any host (first: {unplaced[0]}); "
+            "add hosts or raise their capacity or memory budgets")
+
+    by_host: dict[str, list[str]] = {h.name: [] for h in hosts}
+    segment_hosts: dict[str, set[str]] = {}
+    for node in nodes:
+        host = node_host[node.name]
+        by_host[host].append(node.name)
+        segment_hosts.setdefault(node.segment, set()).add(host)
+    spanning = sorted(s for s, hs in segment_hosts.items() if len(hs) > 1)
+    return Plan(
+        hosts={h: sorted(ns) for h, ns in by_host.items()},
+        node_host=node_host,
+        segment_hosts={s: sorted(hs) for s, hs in sorted(segment_hosts.items())},
+        vnis={s: VXLAN_VNI_BASE + i for i, s in enumerate(spanning)},
+    )
