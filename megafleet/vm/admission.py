@@ -1,0 +1,113 @@
+"""Admission control: how many guests may boot at once, and whether a boot fits
+in the host's memory at all.
+
+Boot storms are CPU-bound (under TCG a guest kernel burns ~4-5 s of CPU before it
+is ready), so starting every guest at once only makes them all slow and starves
+the host (minimega issue #3). The engine instead keeps a bounded number of guests
+*booting* (started, not yet ready); the bound follows the CPU count and shrinks
+while the host's run queue is longer than its CPUs.
+
+The memory budget is checked before anything starts: guest RAM plus a per-guest
+overhead, minus what KSM already saves on this host (pages_sharing), must fit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Guests booting at once per CPU, by how much CPU a boot costs. A TCG boot keeps
+# a CPU busy for seconds; a KVM boot mostly waits; a container's init is a few
+# milliseconds of work.
+BOOTS_PER_CPU = {"tcg": 2, "kvm": 8, "container": 64}
+MAX_PARALLEL = 256
+
+# Host memory a guest costs beyond its RAM (QEMU's own heap, the TCG translation
+# cache we size to 32 MiB, page tables), and what a container costs: a container
+# guest has no RAM of its own, only its processes and its overlay's page cache.
+QEMU_OVERHEAD_MB = 48
+CONTAINER_MB = 4
+
+
+class BudgetError(RuntimeError):
+    """A boot that would not fit in the host's memory budget."""
+
+
+def boots_per_cpu(kind: str) -> int:
+    return BOOTS_PER_CPU[kind]
+
+
+def parallel_boots(kind: str, ncpu: int, load1: float, *, maximum: int | None = None) -> int:
+    """How many guests of `kind` ("tcg", "kvm", "container") may be booting now.
+
+    Starts from ncpu * BOOTS_PER_CPU[kind]; each runnable task beyond the CPU count
+    (1-minute load average minus CPUs) removes one CPU's worth of boots, never
+    going below one boot per CPU so progress continues on a busy host."""
+    per_cpu = BOOTS_PER_CPU[kind]
+    ncpu = max(1, ncpu)
+    overload = max(0.0, load1 - ncpu)
+    value = int(round(per_cpu * (ncpu - overload)))
+    value = max(ncpu, value)
+    return max(1, min(value, maximum or MAX_PARALLEL))
+
+
+def host_load() -> tuple[int, float]:
+    """(CPUs usable by this process, 1-minute load average)."""
+    ncpu = len(os.sched_getaffinity(0))
+    with open("/proc/loadavg") as f:
+        load1 = float(f.read().split()[0])
+    return ncpu, load1
+
+
+def guest_cost_mb(driver: str, mem_mb: int) -> int:
+    """Host memory one guest is charged against the budget."""
+    if driver == "container":
+        return CONTAINER_MB
+    return mem_mb + QEMU_OVERHEAD_MB
+
+
+@dataclass(frozen=True)
+class MemoryPicture:
+    total_mb: int
+    available_mb: int
+    ksm_saved_mb: int
+
+
+def read_memory(proc_meminfo: Path = Path("/proc/meminfo"),
+                ksm_dir: Path = Path("/sys/kernel/mm/ksm")) -> MemoryPicture:
+    info = {}
+    for line in proc_meminfo.read_text().splitlines():
+        key, _, rest = line.partition(":")
+        info[key] = int(rest.split()[0])  # kB
+    try:
+        sharing = int((ksm_dir / "pages_sharing").read_text())
+    except (OSError, ValueError):
+        sharing = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    return MemoryPicture(total_mb=info["MemTotal"] // 1024,
+                         available_mb=info.get("MemAvailable", info["MemFree"]) // 1024,
+                         ksm_saved_mb=sharing * page // (1 << 20))
+
+
+def default_budget_mb(memory: MemoryPicture) -> int:
+    """90% of the host's RAM: the rest is for the host itself."""
+    return memory.total_mb * 9 // 10
+
+
+def check_budget(new: list[tuple[str, str, int]], running: list[tuple[str, int]],
+                 budget_mb: int, memory: MemoryPicture) -> int:
+    """Refuse (BudgetError) a boot of `new` guests [(name, driver, mem_mb)] when,
+    together with the `running` guests [(driver, mem_mb)], they would exceed the
+    budget. KSM's current saving is credited. Returns the MiB the boot needs."""
+    need = sum(guest_cost_mb(d, m) for _, d, m in new)
+    committed = sum(guest_cost_mb(d, m) for d, m in running)
+    total = committed + need - memory.ksm_saved_mb
+    if total > budget_mb:
+        raise BudgetError(
+            f"refusing to boot {len(new)} guest(s): they need {need} MiB; with the "
+            f"{committed} MiB of the {len(running)} guest(s) already running, minus "
+            f"{memory.ksm_saved_mb} MiB KSM currently saves, that is {total} MiB, over "
+            f"the host's memory budget of {budget_mb} MiB (set another with --mem-budget "
+            f"or MEGAFLEET_VM_MEM_BUDGET, in MiB). Nothing was started.")
+    return need

@@ -1,0 +1,471 @@
+"""The bulk boot and teardown engine of one host.
+
+`Engine.apply` boots many guests: it validates every spec, checks the memory
+budget, records every guest and everything it will create, then starts guests
+under admission control (a bounded, load-adapted number booting at once, per
+driver kind), waits for each guest's ready line with a per-attempt timeout,
+retries a bounded number of times, and records every failure with its reason and
+console tail. `Engine.teardown` removes guests and everything recorded for them
+in parallel; `Engine.list` reconciles the record with /proc.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from megafleet import paths
+from megafleet.imagegen.contract import BadLine, ReadyLine, parse_line
+from megafleet.ledger import Ledger
+from megafleet.proc import RecordedProcess
+from megafleet.vm import admission
+from megafleet.vm.driver import (Driver, StartFailed, become_subreaper, process_from_pidfile,
+                                 reap, stop_processes)
+from megafleet.vm.manifest import (BootReport, GuestResult, GuestSpec, Progress, SpecError,
+                                   validate_all)
+from megafleet.vm.state import OWNER, GuestRecord, VmState
+
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_RETRIES = 1
+CONSOLE_TAIL_LINES = 20
+CONSOLE_TAIL_CHARS = 4000
+
+
+def guests_dir() -> Path:
+    path = paths.run_dir() / "vm"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def make_driver(name: str) -> Driver:
+    if name == "qemu":
+        from megafleet.vm.qemu_driver import QemuDriver
+        return QemuDriver()
+    if name == "libvirt":
+        from megafleet.vm.libvirt_driver import LibvirtDriver
+        return LibvirtDriver()
+    if name == "container":
+        from megafleet.vm.container_driver import ContainerDriver
+        return ContainerDriver()
+    raise SpecError(f"unknown driver {name!r}")
+
+
+def console_tail(path: Path | str | None, lines: int = CONSOLE_TAIL_LINES) -> str:
+    """The last lines of a console log (bounded), for failure reports."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    text = text.replace("\r", "")
+    tail = "\n".join(text.rstrip("\n").splitlines()[-lines:])
+    return tail[-CONSOLE_TAIL_CHARS:]
+
+
+def find_ready(path: Path | str) -> ReadyLine | None:
+    """The ready line in a console log, if the guest printed one."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        try:
+            parsed = parse_line(line)
+        except BadLine:
+            continue
+        if isinstance(parsed, ReadyLine):
+            return parsed
+    return None
+
+
+class ConsoleWatcher:
+    """Reads a console log incrementally and reports the ready line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+
+    def poll(self) -> ReadyLine | None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        if not data:
+            return None
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            try:
+                parsed = parse_line(raw.decode(errors="replace"))
+            except BadLine:
+                continue
+            if isinstance(parsed, ReadyLine):
+                return parsed
+        return None
+
+
+@dataclass
+class GuestView:
+    """One guest as `vm ls` shows it: the record reconciled with /proc."""
+
+    name: str
+    driver: str
+    image: str
+    state: str
+    pid: int | None
+    rss_bytes: int | None
+    boot_s: float | None
+    attempts: int
+    reason: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Engine:
+    def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
+                 max_parallel: int | None = None, mem_budget_mb: int | None = None,
+                 state: VmState | None = None, ledger: Ledger | None = None):
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if retries < 0:
+            raise ValueError("retries must be 0 or more")
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.max_parallel = max_parallel
+        env_budget = os.environ.get("MEGAFLEET_VM_MEM_BUDGET")
+        self.mem_budget_mb = mem_budget_mb or (int(env_budget) if env_budget else None)
+        self.state = state or VmState()
+        self.ledger = ledger or Ledger()
+        self._drivers: dict[str, Driver] = {}
+        self._db_limiter = trio.CapacityLimiter(1)
+
+    def driver(self, name: str) -> Driver:
+        if name not in self._drivers:
+            self._drivers[name] = make_driver(name)
+        return self._drivers[name]
+
+    async def _db(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+
+    # ------------------------------------------------------------------ boot
+
+    async def apply(self, specs: list[GuestSpec], *, progress: Progress | None = None) -> BootReport:
+        started = time.monotonic()
+        specs = validate_all(list(specs))
+        images = self._resolve_images(specs)
+        become_subreaper()
+
+        existing = {r.name: r for r in self.state.list()}
+        report = BootReport()
+        to_boot: list[GuestSpec] = []
+        stale: list[GuestRecord] = []
+        for spec in specs:
+            rec = existing.get(spec.name)
+            if rec is not None and rec.state in ("running", "starting") and self._alive(rec):
+                report.results.append(GuestResult(spec.name, rec.driver, "already",
+                                                  boot_s=rec.boot_s, attempts=rec.attempts))
+                continue
+            if rec is not None:
+                stale.append(rec)
+            to_boot.append(spec)
+
+        # Memory: what is alive now (other than the stale records) plus the new boot.
+        stale_names = {r.name for r in stale}
+        running = [(r.driver, int(r.spec.get("mem_mb", 0))) for r in existing.values()
+                   if r.name not in stale_names and r.state in ("running", "starting")
+                   and self._alive(r)]
+        memory = admission.read_memory()
+        budget = self.mem_budget_mb or admission.default_budget_mb(memory)
+        admission.check_budget([(s.name, s.driver, s.mem_mb) for s in to_boot], running,
+                               budget, memory)
+
+        if stale:
+            await self._remove(stale_names)
+        if not to_boot:
+            report.wall_s = time.monotonic() - started
+            return report
+
+        # Record everything before creating anything.
+        base = guests_dir()
+        records_by_kind: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        rows = []
+        for spec in to_boot:
+            gdir = base / spec.name
+            records_by_kind.setdefault("dir", []).append((str(gdir), {"guest": spec.name}))
+            for kind, key, data in self.driver(spec.driver).records(spec.name, gdir):
+                records_by_kind.setdefault(kind, []).append((key, data))
+            rows.append(GuestRecord(name=spec.name, driver=spec.driver, image=spec.image,
+                                    spec=spec.to_dict(), state="starting",
+                                    handle={"gdir": str(gdir), "pidfile": str(gdir / "pid"),
+                                            "image_hash": images[spec.image].hash}))
+        for kind, items in records_by_kind.items():
+            await self._db(self.ledger.record_many, OWNER, kind, items)
+        await self._db(self.state.put_many, rows)
+
+        total = len(to_boot) + len(report.results)
+        done = [len(report.results)]
+        by_driver: dict[str, list[GuestSpec]] = {}
+        for spec in to_boot:
+            by_driver.setdefault(spec.driver, []).append(spec)
+
+        async def run_driver(name: str, group: list[GuestSpec]) -> None:
+            driver = self.driver(name)
+            await driver.open(len(group))
+            try:
+                limiter = trio.CapacityLimiter(1)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._adapt, limiter, driver.admission_kind())
+                    async with trio.open_nursery() as boots:
+                        for spec in group:
+                            boots.start_soon(boot_and_report, driver, limiter, spec)
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await driver.aclose()
+
+        async def boot_and_report(driver: Driver, limiter: trio.CapacityLimiter, spec: GuestSpec) -> None:
+            result = await self._boot_one(driver, limiter, spec, images[spec.image], base / spec.name)
+            report.results.append(result)
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total, result)
+
+        async with trio.open_nursery() as nursery:
+            for name, group in by_driver.items():
+                nursery.start_soon(run_driver, name, group)
+        order = {s.name: i for i, s in enumerate(specs)}
+        report.results.sort(key=lambda r: order[r.name])
+        report.wall_s = time.monotonic() - started
+        return report
+
+    def _resolve_images(self, specs: list[GuestSpec]) -> dict[str, Any]:
+        from megafleet.imagegen import store
+
+        images = {}
+        for spec in specs:
+            if spec.image in images:
+                continue
+            try:
+                images[spec.image] = store.find(spec.image)
+            except store.ImageNotFound as exc:
+                raise SpecError(f"guest {spec.name}: image: {exc}") from None
+        return images
+
+    async def _adapt(self, limiter: trio.CapacityLimiter, kind: str) -> None:
+        """Follow CPU count and load: recompute the number of concurrent boots."""
+        while True:
+            ncpu, load1 = admission.host_load()
+            limiter.total_tokens = admission.parallel_boots(kind, ncpu, load1,
+                                                            maximum=self.max_parallel)
+            await trio.sleep(1.0)
+
+    async def _boot_one(self, driver: Driver, limiter: trio.CapacityLimiter, spec: GuestSpec,
+                        image: Any, gdir: Path) -> GuestResult:
+        result = GuestResult(spec.name, spec.driver, "failed")
+        for attempt in range(1, self.retries + 2):
+            result.attempts = attempt
+            handle: dict[str, Any] | None = None
+            async with limiter:
+                _fresh_dir(gdir)
+                t0 = time.monotonic()
+                try:
+                    handle = await driver.start(spec, image, gdir)
+                except StartFailed as exc:
+                    reason = str(exc)
+                else:
+                    handle["gdir"] = str(gdir)
+                    handle["pidfile"] = str(gdir / "pid")
+                    await self._db(self._note_started, spec.name, driver.name, handle, attempt)
+                    reason = await self._wait_ready(driver, handle, gdir / "console.log",
+                                                    t0 + self.timeout_s)
+                if reason is None:
+                    result.outcome, result.boot_s = "ready", time.monotonic() - t0
+                    result.reason = result.console_tail = None
+                    await self._db(self._note_state, spec.name, dict(
+                        state="running", boot_s=result.boot_s, attempts=attempt,
+                        reason=None, console_tail=None))
+                    return result
+            result.reason = reason
+            result.console_tail = console_tail(gdir / "console.log")
+            if handle is not None:
+                await driver.stop(spec.name, handle, force=True)
+        await self._db(self._note_state, spec.name, dict(
+            state="failed", attempts=result.attempts, reason=result.reason,
+            console_tail=result.console_tail))
+        return result
+
+    def _note_started(self, name: str, driver: str, handle: dict[str, Any], attempt: int) -> None:
+        self.ledger.record(OWNER, "process", name, guest=name, driver=driver,
+                           pidfile=handle["pidfile"], pid=handle.get("pid"),
+                           pid_start=handle.get("pid_start"))
+        self.state.update(name, pid=handle.get("pid"), pid_start=handle.get("pid_start"),
+                          handle=handle, attempts=attempt)
+
+    def _note_state(self, name: str, fields: dict[str, Any]) -> None:
+        self.state.update(name, **fields)
+
+    async def _wait_ready(self, driver: Driver, handle: dict[str, Any], console: Path,
+                          deadline: float) -> str | None:
+        """None when the ready line appears; else why not (exit or timeout)."""
+        watcher = ConsoleWatcher(console)
+        delay = 0.02
+        while True:
+            if watcher.poll() is not None:
+                return None
+            if not driver.alive(handle):
+                if watcher.poll() is not None:
+                    return None
+                reason = getattr(driver, "exit_reason", None)
+                why = reason(handle) if reason else f"{driver.name} guest exited"
+                return f"exited before the ready line ({why})"
+            if time.monotonic() > deadline:
+                return f"no ready line within {self.timeout_s:g} s"
+            await trio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    # ------------------------------------------------------------- teardown
+
+    def _alive(self, rec: GuestRecord) -> bool:
+        if rec.driver == "libvirt":
+            return self.driver("libvirt").alive(rec.handle)
+        if rec.pid and rec.pid_start is not None:
+            return RecordedProcess(rec.pid, rec.pid_start).alive()
+        pidfile = rec.handle.get("pidfile")
+        proc = process_from_pidfile(Path(pidfile)) if pidfile else None
+        return proc is not None and proc.alive()
+
+    async def stop(self, pattern: str = "*", *, force: bool = False) -> list[str]:
+        """Stop matching guests (QMP quit / SIGTERM, or SIGKILL with force); their
+        records stay (state 'stopped') until teardown."""
+        records = [r for r in self.state.list(pattern) if r.state in ("running", "starting")]
+
+        async def one(rec: GuestRecord) -> None:
+            await self._stop_record(rec, force=force)
+            await self._db(self._note_state, rec.name, dict(state="stopped"))
+
+        async with trio.open_nursery() as nursery:
+            for rec in records:
+                nursery.start_soon(one, rec)
+        return [r.name for r in records]
+
+    async def _stop_record(self, rec: GuestRecord, *, force: bool) -> None:
+        if rec.driver == "libvirt":
+            await self.driver("libvirt").stop(rec.name, rec.handle, force=force)
+            return
+        handle = dict(rec.handle)
+        if rec.pid and rec.pid_start is not None:
+            handle.update(pid=rec.pid, pid_start=rec.pid_start)
+        if rec.driver == "qemu":
+            await self.driver("qemu").stop(rec.name, handle, force=force)
+        else:
+            await self._stop_ledger_processes([handle], force=True)
+
+    async def _stop_ledger_processes(self, entries: list[dict[str, Any]], *, force: bool) -> None:
+        procs = []
+        for data in entries:
+            proc = None
+            if data.get("pid") and data.get("pid_start") is not None:
+                proc = RecordedProcess(data["pid"], data["pid_start"])
+            elif data.get("pidfile"):
+                proc = process_from_pidfile(Path(data["pidfile"]))
+            if proc is not None:
+                procs.append(proc)
+        import signal
+        await stop_processes(procs, sig=signal.SIGKILL if force else signal.SIGTERM, grace=3.0)
+
+    async def teardown(self, pattern: str = "*") -> list[str]:
+        """Remove every matching guest and everything recorded for it."""
+        names = {r.name for r in self.state.list(pattern)}
+        for res in self.ledger.list(owner=OWNER):
+            guest = res.data.get("guest")
+            if guest and fnmatch.fnmatchcase(guest, pattern):
+                names.add(guest)
+        await self._remove(names)
+        return sorted(names)
+
+    async def _remove(self, names: set[str]) -> None:
+        if not names:
+            return
+        resources = [r for r in self.ledger.list(owner=OWNER) if r.data.get("guest") in names]
+        processes = [r for r in resources if r.kind == "process"]
+        domains = [r for r in resources if r.kind == "domain"]
+        dirs = [r for r in resources if r.kind == "dir"]
+        qemu_like = [dict(r.data) for r in processes if r.data.get("driver") != "container"]
+        containers = [dict(r.data) for r in processes if r.data.get("driver") == "container"]
+        async with trio.open_nursery() as nursery:
+            # QEMU exits cleanly on SIGTERM; a container is simply killed (its PID
+            # namespace, mounts and network namespace go with its init).
+            nursery.start_soon(lambda: self._stop_ledger_processes(qemu_like, force=False))
+            nursery.start_soon(lambda: self._stop_ledger_processes(containers, force=True))
+            if domains:
+                nursery.start_soon(self.driver("libvirt").destroy_many, [r.key for r in domains])
+        await self._db(self.ledger.forget_many, OWNER, "process", [r.key for r in processes])
+        if domains:
+            await self._db(self.ledger.forget_many, OWNER, "domain", [r.key for r in domains])
+        await trio.to_thread.run_sync(_remove_dirs, [r.key for r in dirs])
+        await self._db(self.ledger.forget_many, OWNER, "dir", [r.key for r in dirs])
+        await self._db(self.state.delete_many, sorted(names))
+
+    # ------------------------------------------------------------------- ls
+
+    def list(self, pattern: str = "*") -> list[GuestView]:
+        """Every matching guest, its state checked against /proc (and libvirt)."""
+        views = []
+        for rec in self.state.list(pattern):
+            alive = self._alive(rec)
+            state = rec.state
+            pid = rec.pid
+            if not alive and state in ("running", "starting"):
+                state = "exited"
+            elif alive and state == "starting":
+                # The engine may have died before it saw the ready line.
+                console = Path(rec.handle.get("gdir", "")) / "console.log"
+                state = "running" if find_ready(console) else "starting"
+            elif alive and state in ("failed", "stopped"):
+                state = "running?"  # should not happen; show it rather than hide it
+            if pid is None and alive and rec.handle.get("pidfile"):
+                proc = process_from_pidfile(Path(rec.handle["pidfile"]))
+                pid = proc.pid if proc else None
+            rss = None
+            if alive:
+                drv = self.driver(rec.driver)
+                rss = drv.rss_bytes({**rec.handle, "pid": pid, "pid_start": rec.pid_start})
+            views.append(GuestView(rec.name, rec.driver, rec.image, state,
+                                   pid if alive else None, rss, rec.boot_s, rec.attempts,
+                                   rec.reason))
+        return views
+
+
+def _fresh_dir(gdir: Path) -> None:
+    """An empty guest directory for a (new) attempt."""
+    if gdir.exists():
+        shutil.rmtree(gdir)
+    gdir.mkdir(parents=True)
+
+
+def _remove_dirs(dirs: list[str]) -> None:
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def reap_all(pids: list[int]) -> None:
+    for pid in pids:
+        reap(pid)

@@ -1,0 +1,149 @@
+"""Per-host record of the guests this host runs, and the things made for them.
+
+Two records, both SQLite in the state directory:
+
+- the guests table (``vm.sqlite``): one row per guest with its spec, the state
+  the engine last knew (starting, running, failed, stopped), its pid and pid
+  start time, boot time, attempts and, for a failure, the reason and console
+  tail. `vm ls` reconciles these rows with /proc, so it shows the truth even
+  after the engine was killed mid-boot.
+- the shared resource ledger (`megafleet.ledger`, owner ``vm``): every process,
+  directory (sockets, console logs, overlay layers) and libvirt domain, recorded
+  *before* it is created and forgotten only after it is gone. Teardown walks the
+  ledger, so it is complete after any crash.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from megafleet import paths
+
+OWNER = "vm"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS guests (
+    name         TEXT PRIMARY KEY,
+    driver       TEXT NOT NULL,
+    image        TEXT NOT NULL,
+    spec         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    pid          INTEGER,
+    pid_start    INTEGER,
+    boot_s       REAL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    reason       TEXT,
+    console_tail TEXT,
+    handle       TEXT NOT NULL DEFAULT '{}',
+    created      REAL NOT NULL,
+    updated      REAL NOT NULL
+);
+"""
+
+STATES = ("starting", "running", "failed", "stopped")
+
+
+@dataclass
+class GuestRecord:
+    name: str
+    driver: str
+    image: str
+    spec: dict[str, Any]
+    state: str
+    pid: int | None = None
+    pid_start: int | None = None
+    boot_s: float | None = None
+    attempts: int = 0
+    reason: str | None = None
+    console_tail: str | None = None
+    handle: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+    updated: float = 0.0
+
+
+_COLUMNS = ("name", "driver", "image", "spec", "state", "pid", "pid_start", "boot_s",
+            "attempts", "reason", "console_tail", "handle", "created", "updated")
+
+
+class VmState:
+    """The guests table. One connection per thread (sqlite3 objects may not cross
+    threads); WAL so `vm ls` reads while an engine writes."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path else paths.state_dir() / "vm.sqlite"
+        self._local = threading.local()
+        self._db().executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    def put_many(self, records: Iterable[GuestRecord]) -> None:
+        """Insert or replace whole rows, in one transaction."""
+        now = time.time()
+        rows = []
+        for r in records:
+            r.created = r.created or now
+            r.updated = now
+            rows.append((r.name, r.driver, r.image, json.dumps(r.spec, sort_keys=True), r.state,
+                         r.pid, r.pid_start, r.boot_s, r.attempts, r.reason, r.console_tail,
+                         json.dumps(r.handle, sort_keys=True), r.created, r.updated))
+        db = self._db()
+        with db:
+            db.executemany(f"INSERT OR REPLACE INTO guests ({','.join(_COLUMNS)}) "
+                           f"VALUES ({','.join('?' * len(_COLUMNS))})", rows)
+
+    def update(self, name: str, **fields: Any) -> None:
+        if not fields:
+            return
+        unknown = set(fields) - set(_COLUMNS)
+        if unknown:
+            raise KeyError(f"unknown guest fields {sorted(unknown)}")
+        if "state" in fields and fields["state"] not in STATES:
+            raise ValueError(f"unknown guest state {fields['state']!r}")
+        if "handle" in fields:
+            fields["handle"] = json.dumps(fields["handle"], sort_keys=True)
+        fields["updated"] = time.time()
+        sets = ", ".join(f"{k}=?" for k in fields)
+        db = self._db()
+        with db:
+            db.execute(f"UPDATE guests SET {sets} WHERE name=?", [*fields.values(), name])
+
+    def get(self, name: str) -> GuestRecord | None:
+        row = self._db().execute(f"SELECT {','.join(_COLUMNS)} FROM guests WHERE name=?",
+                                 (name,)).fetchone()
+        return _record(row) if row else None
+
+    def list(self, pattern: str = "*") -> list[GuestRecord]:
+        rows = self._db().execute(f"SELECT {','.join(_COLUMNS)} FROM guests ORDER BY created, name")
+        return [r for r in map(_record, rows) if fnmatch.fnmatchcase(r.name, pattern)]
+
+    def delete_many(self, names: Iterable[str]) -> None:
+        db = self._db()
+        with db:
+            db.executemany("DELETE FROM guests WHERE name=?", [(n,) for n in names])
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+def _record(row: tuple) -> GuestRecord:
+    data = dict(zip(_COLUMNS, row))
+    data["spec"] = json.loads(data["spec"])
+    data["handle"] = json.loads(data["handle"] or "{}")
+    return GuestRecord(**data)
