@@ -1,0 +1,142 @@
+"""The collector of one host: samplers, sniffers and the pipeline, wired together.
+
+Engines hand it what only they know through non-blocking calls: `boot`,
+`teardown`, `error` (events, never dropped) and `agent_line` (a guest agent's
+or console's line, parsed with the guest contract). Everything else it samples
+itself on its own intervals.
+
+    collector = Collector("host1", store, spool_dir=..., guest_source=engine.guests)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(collector.run)
+        ...
+        collector.stop()        # samplers stop, the pipeline flushes, run returns
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import trio
+
+from megafleet import paths
+from megafleet.collect import docs as D
+from megafleet.collect.pipeline import Pipeline
+from megafleet.collect.samplers import (GuestSampler, GuestSource, HostSampler,
+                                        InterfaceSampler)
+from megafleet.collect.sniff import SwitchSniffer
+from megafleet.collect.spool import Spool
+from megafleet.imagegen.contract import AgentLine, BadLine, ReadyLine, parse_line
+from megafleet.names import check_name
+
+log = logging.getLogger("megafleet.collect")
+
+
+def default_spool_dir() -> Path:
+    return paths.state_dir() / "telemetry-spool"
+
+
+def agent_fields(line: AgentLine) -> dict[str, Any]:
+    return {
+        "seq": line.seq, "up_s": line.uptime,
+        "load1": line.load[0], "load5": line.load[1], "load15": line.load[2],
+        "mem_total_kb": line.mem_total_kb, "mem_free_kb": line.mem_free_kb,
+        "mem_available_kb": line.mem_available_kb,
+        "ifaces": {name: {"rx_bytes": s.rx_bytes, "rx_packets": s.rx_packets,
+                          "tx_bytes": s.tx_bytes, "tx_packets": s.tx_packets}
+                   for name, s in line.interfaces.items()},
+        "addresses": {name: ",".join(cidrs) for name, cidrs in line.addresses.items()},
+    }
+
+
+class Collector:
+    def __init__(self, host: str, store: Any, *, spool_dir: Path | str | None = None,
+                 guest_source: GuestSource | None = None, guest_interval: float = 10.0,
+                 iface_interval: float = 10.0, host_interval: float = 10.0,
+                 switches: Sequence[str] = (), sniff_interval: float = 10.0,
+                 iface_select=None, spool_max_bytes: int = 512 << 20, **pipeline_options: Any):
+        self.host = check_name(host, "host")
+        self.spool = Spool(spool_dir or default_spool_dir(), max_bytes=spool_max_bytes)
+        self.pipeline = Pipeline(store, self.spool, host=self.host, **pipeline_options)
+        self.samplers: list[Any] = [HostSampler(self.host, host_interval),
+                                    InterfaceSampler(self.host, iface_interval, iface_select)]
+        if guest_source is not None:
+            self.samplers.append(GuestSampler(self.host, guest_source, guest_interval))
+        self.sniffers = [SwitchSniffer(self.host, s, interval=sniff_interval) for s in switches]
+        self._stop = trio.Event()
+        self._seq = 0
+
+    # -- what engines report (non-blocking) ------------------------------------------
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def boot(self, guest: str, *, ok: bool, duration_s: float | None, image: str | None = None,
+             reason: str | None = None) -> None:
+        """A guest finished booting (ok) or failed to (reason says why)."""
+        self.pipeline.submit_event(D.event(
+            "boot", self.host, level="info" if ok else "error", guest=guest, image=image,
+            ok=ok, duration_s=duration_s, reason=reason, seq=self._next()))
+
+    def teardown(self, guest: str, *, ok: bool, duration_s: float | None,
+                 reason: str | None = None) -> None:
+        self.pipeline.submit_event(D.event(
+            "teardown", self.host, level="info" if ok else "error", guest=guest, ok=ok,
+            duration_s=duration_s, reason=reason, seq=self._next()))
+
+    def error(self, what: str, message: str, *, guest: str | None = None) -> None:
+        self.pipeline.submit_event(D.event(what, self.host, level="error", guest=guest,
+                                           message=message, seq=self._next()))
+
+    def agent_line(self, guest: str, line: str) -> None:
+        """One line from a guest's agent port or console; lines without a marker
+        are ignored, malformed ones become a warning event."""
+        try:
+            parsed = parse_line(line)
+        except BadLine as exc:
+            self.pipeline.submit_event(D.event("agent-error", self.host, level="warning",
+                                               guest=guest, message=str(exc), seq=self._next()))
+            return
+        if isinstance(parsed, AgentLine):
+            self.pipeline.submit(D.sample(D.AGENT, self.host, agent_fields(parsed), guest=guest))
+        elif isinstance(parsed, ReadyLine):
+            self.pipeline.submit_event(D.event("ready", self.host, guest=guest,
+                                               uptime_s=parsed.uptime, seq=self._next()))
+
+    def _sampler_failed(self, name: str, exc: Exception) -> None:
+        log.warning("telemetry sampler %s failed: %s", name, exc)
+        self.error("sampler-error", f"{name}: {exc}")
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        limiter = trio.CapacityLimiter(2)
+        async with trio.open_nursery() as outer:
+            await outer.start(self.pipeline.run)
+            async with trio.open_nursery() as inner:
+                for sampler in self.samplers:
+                    inner.start_soon(lambda s=sampler: s.run(
+                        self.pipeline.submit, limiter=limiter, on_error=self._sampler_failed))
+                for sniffer in self.sniffers:
+                    await inner.start(self._sniff, sniffer)
+                task_status.started()
+                await self._stop.wait()
+                inner.cancel_scope.cancel()
+            self.pipeline.close()
+        self.spool.close()
+
+    async def _sniff(self, sniffer: SwitchSniffer, *, task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            await sniffer.run(self.pipeline.submit, task_status=task_status)
+        except OSError as exc:  # no such bridge, no permission: say so, keep the rest
+            self.error("sniff-error", f"switch {sniffer.switch}: {exc}")
+            try:
+                task_status.started()
+            except RuntimeError:
+                pass  # it had started: the interface went away later
+
+    def stop(self) -> None:
+        """Stop sampling, flush the pipeline; `run` returns when it is written."""
+        self._stop.set()

@@ -1,0 +1,283 @@
+"""Samplers: periodic readings of guests, interfaces and the host.
+
+Each sampler has a blocking `sample(now_ms)` that returns documents (it reads
+/proc and /sys, or calls its source) and an async `run(submit)` that calls it in a
+worker thread every `interval` seconds and hands the documents to the pipeline.
+Samplers never write anywhere themselves.
+
+Guests come from a *source*: a callable returning the guests of this host with
+their pids (`GuestInfo`). The vm engine provides one; tests and the benchmark use
+their own. A source may also fill in CPU time and RSS itself (the libvirt driver
+knows them from domain stats); otherwise they are read from /proc/PID.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import trio
+
+from megafleet.collect import docs as D
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    """One guest as its engine sees it."""
+
+    name: str
+    state: str                      # running, booting, stopped, failed, ...
+    pid: int | None = None          # the QEMU (or container init) process
+    image: str | None = None
+    cpu_s: float | None = None      # if the source knows it (libvirt stats)
+    rss_kb: int | None = None
+
+
+GuestSource = Callable[[], Iterable[GuestInfo]]
+
+
+class Sampler:
+    """Base: `interval` seconds between readings, aligned to a steady cadence."""
+
+    name = "sampler"
+
+    def __init__(self, host: str, interval: float):
+        if interval <= 0:
+            raise ValueError(f"{self.name} interval must be positive, got {interval}")
+        self.host = host
+        self.interval = float(interval)
+
+    def sample(self, now_ms: int) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    async def run(self, submit: Callable[[dict[str, Any]], None], *,
+                  limiter: trio.CapacityLimiter | None = None,
+                  on_error: Callable[[str, Exception], None] | None = None) -> None:
+        next_at = trio.current_time()
+        while True:
+            try:
+                docs = await trio.to_thread.run_sync(self.sample, D.now_ms(), limiter=limiter)
+            except Exception as exc:  # a sampler must never take the collector down
+                if on_error is not None:
+                    on_error(self.name, exc)
+                docs = []
+            for doc in docs:
+                submit(doc)
+            next_at += self.interval
+            now = trio.current_time()
+            if next_at < now:  # we fell behind: skip missed ticks, keep the cadence
+                next_at = now
+            await trio.sleep_until(next_at)
+
+
+def _rate(now: float, before: float | None, dt: float) -> float | None:
+    if before is None or dt <= 0 or now < before:
+        return None  # first reading, or a counter reset
+    return round((now - before) / dt, 3)
+
+
+# --- guests ----------------------------------------------------------------------
+
+def read_proc_usage(pid: int, proc: Path = Path("/proc")) -> tuple[float, int, int] | None:
+    """(cpu seconds, rss kB, start time) of a process, or None if it is gone."""
+    try:
+        with open(proc / str(pid) / "stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        with open(proc / str(pid) / "statm", "rb") as f:
+            statm = f.read().split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return cpu_s, int(statm[1]) * PAGE_KB, int(fields[19])
+
+
+class GuestSampler(Sampler):
+    name = "guests"
+
+    def __init__(self, host: str, source: GuestSource, interval: float = 10.0,
+                 proc: Path | str = "/proc"):
+        super().__init__(host, interval)
+        self.source = source
+        self.proc = Path(proc)
+        self._last: dict[str, tuple[int, float, int | None]] = {}  # name -> (ms, cpu, start)
+
+    def sample(self, now_ms: int) -> list[dict[str, Any]]:
+        out = []
+        seen = {}
+        for g in self.source():
+            cpu_s, rss_kb, start = g.cpu_s, g.rss_kb, None
+            if g.pid is not None and (cpu_s is None or rss_kb is None):
+                usage = read_proc_usage(g.pid, self.proc)
+                if usage is not None:
+                    cpu_s = usage[0] if cpu_s is None else cpu_s
+                    rss_kb = usage[1] if rss_kb is None else rss_kb
+                    start = usage[2]
+            fields: dict[str, Any] = {"state": g.state}
+            if g.pid is not None:
+                fields["pid"] = g.pid
+            if cpu_s is not None:
+                fields["cpu_s"] = round(cpu_s, 3)
+                last = self._last.get(g.name)
+                # A restarted guest (new process) starts a new CPU series.
+                if last is not None and last[2] == start:
+                    pct = _rate(cpu_s, last[1], (now_ms - last[0]) / 1000)
+                    if pct is not None:
+                        fields["cpu_pct"] = round(pct * 100, 2)
+                seen[g.name] = (now_ms, cpu_s, start)
+            if rss_kb is not None:
+                fields["rss_kb"] = int(rss_kb)
+            out.append(D.sample(D.GUEST, self.host, fields, time_ms=now_ms, guest=g.name,
+                                image=g.image))
+        self._last = seen
+        return out
+
+
+# --- interfaces ------------------------------------------------------------------
+
+STAT_FILES = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets",
+              "rx_dropped", "tx_dropped", "rx_errors", "tx_errors")
+VIRTUAL_TYPES = ("tap", "bridge", "veth", "vxlan")
+
+
+def interface_type(name: str, sys_net: Path = Path("/sys/class/net")) -> str:
+    """bridge, tap (or tun), vxlan, veth, or what uevent's DEVTYPE says, or other."""
+    base = sys_net / name
+    if (base / "bridge").is_dir():
+        return "bridge"
+    if (base / "tun_flags").exists():
+        try:
+            flags = int((base / "tun_flags").read_text().strip(), 16)
+            return "tap" if flags & 0x0002 else "tun"  # IFF_TAP
+        except (OSError, ValueError):
+            return "tap"
+    try:
+        for line in (base / "uevent").read_text().splitlines():
+            if line.startswith("DEVTYPE="):
+                return line.split("=", 1)[1]
+    except OSError:
+        pass
+    try:
+        virtual = "/virtual/" in os.readlink(base)
+        peer = (base / "iflink").read_text().strip() != (base / "ifindex").read_text().strip()
+        if virtual and peer:
+            return "veth"
+    except OSError:
+        pass
+    return "other"
+
+
+class InterfaceSampler(Sampler):
+    """rx/tx bytes, packets, drops, errors (and byte rates) of the interfaces
+    `select` accepts: by default taps, bridges, veths and vxlans."""
+
+    name = "interfaces"
+
+    def __init__(self, host: str, interval: float = 10.0,
+                 select: Callable[[str, str], bool] | None = None,
+                 sys_net: Path | str = "/sys/class/net"):
+        super().__init__(host, interval)
+        self.select = select or (lambda name, kind: kind in VIRTUAL_TYPES)
+        self.sys_net = Path(sys_net)
+        self._types: dict[str, str] = {}
+        self._last: dict[str, tuple[int, dict[str, int]]] = {}
+
+    def sample(self, now_ms: int) -> list[dict[str, Any]]:
+        out = []
+        seen = {}
+        try:
+            names = sorted(os.listdir(self.sys_net))
+        except OSError:
+            return []
+        for name in names:
+            kind = self._types.get(name) or interface_type(name, self.sys_net)
+            self._types[name] = kind
+            if not self.select(name, kind):
+                continue
+            stats = {}
+            try:
+                for stat in STAT_FILES:
+                    with open(self.sys_net / name / "statistics" / stat, "rb") as f:
+                        stats[stat] = int(f.read())
+            except (OSError, ValueError):
+                continue  # gone between listing and reading
+            fields: dict[str, Any] = dict(stats)
+            last = self._last.get(name)
+            if last is not None:
+                dt = (now_ms - last[0]) / 1000
+                for direction in ("rx", "tx"):
+                    bps = _rate(stats[f"{direction}_bytes"], last[1][f"{direction}_bytes"], dt)
+                    if bps is not None:
+                        fields[f"{direction}_bps"] = bps
+            seen[name] = (now_ms, stats)
+            out.append(D.sample(D.IFACE, self.host, fields, time_ms=now_ms, iface=name,
+                                type=kind))
+        # Interface names are reused (a torn-down tap, a new one): forget the gone.
+        self._types = {n: t for n, t in self._types.items() if n in names}
+        self._last = seen
+        return out
+
+
+# --- the host --------------------------------------------------------------------
+
+def read_ksm(root: Path = Path("/sys/kernel/mm/ksm")) -> dict[str, Any] | None:
+    """KSM counters and the memory saved, or None without KSM. Uses the ksm
+    package's reader when present (one definition of "saved"), else sysfs."""
+    if not (root / "run").is_file():
+        return None
+    try:
+        from megafleet.ksm.sysfs import KsmSysfs
+
+        snap = KsmSysfs(root).read()
+        counters = {k: v for k, v in snap.counters.items() if isinstance(v, int)}
+        counters["run"] = snap.get("run")
+        return {"counters": counters, "saving_bytes": int(snap.saved_bytes)}
+    except (ImportError, AttributeError, OSError):
+        pass  # no ksm package (or another shape of it): read sysfs ourselves
+    counters = {}
+    for p in sorted(root.iterdir()):
+        try:
+            text = p.read_text().strip()
+        except OSError:
+            continue
+        if text.lstrip("-").isdigit():
+            counters[p.name] = int(text)
+    saving = (counters.get("pages_sharing", 0) + counters.get("ksm_zero_pages", 0)) * PAGE_SIZE
+    return {"counters": counters, "saving_bytes": saving}
+
+
+class HostSampler(Sampler):
+    """Load, memory and KSM of this host."""
+
+    name = "host"
+
+    def __init__(self, host: str, interval: float = 10.0, proc: Path | str = "/proc",
+                 ksm_source: Callable[[], dict[str, Any] | None] | None = read_ksm):
+        super().__init__(host, interval)
+        self.proc = Path(proc)
+        self.ksm_source = ksm_source
+
+    def sample(self, now_ms: int) -> list[dict[str, Any]]:
+        load = (self.proc / "loadavg").read_text().split()
+        mem: dict[str, int] = {}
+        for line in (self.proc / "meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                mem[key] = int(parts[0])
+        fields: dict[str, Any] = {
+            "load1": float(load[0]), "load5": float(load[1]), "load15": float(load[2]),
+            "mem_total_kb": mem.get("MemTotal", 0), "mem_free_kb": mem.get("MemFree", 0),
+            "mem_available_kb": mem.get("MemAvailable", 0),
+        }
+        ksm = self.ksm_source() if self.ksm_source else None
+        if ksm is not None:
+            fields["ksm"] = ksm["counters"]
+            fields["ksm_saving_bytes"] = ksm["saving_bytes"]
+        return [D.sample(D.HOST, self.host, fields, time_ms=now_ms)]
