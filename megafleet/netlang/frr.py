@@ -1,0 +1,66 @@
+"""FRR configuration for routers that run OSPF or BGP, generated from the graph.
+
+One file per daemon (zebra, ospfd, bgpd), as FRR 8 reads them with `-f`. OSPF
+(IPv4, ospfd) runs on every addressed interface of the router in its area, with
+short hello/dead timers (1 s / 4 s) so that an emulated network converges and
+notices a cut link in seconds; connected networks are redistributed. BGP peers
+with every other BGP router that shares a network with it (eBGP when the AS
+numbers differ, iBGP otherwise) and announces its connected networks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from megafleet.netlang.ipam import fmt
+from megafleet.netlang.model import Net
+
+
+def router_id(net: Net, router: str) -> str:
+    view = net.node(router)
+    for _, _, addrs in view.ifaces:
+        if 4 in addrs:
+            return addrs[4].split("/")[0]
+    # No IPv4 address: a stable id from the name (router ids are 32-bit numbers).
+    import hashlib
+    return str(ipaddress.IPv4Address(int.from_bytes(
+        hashlib.blake2s(router.encode(), digest_size=4).digest(), "big") | 1))
+
+
+def configs(net: Net, router: str) -> dict[str, str]:
+    view = net.node(router)
+    props = view.props
+    rid = router_id(net, router)
+    out = {"zebra": f"hostname {router}\n!\n"}
+    if "ospf" in props:
+        ospf = props["ospf"]
+        lines = [f"hostname {router}", "!"]
+        for eth, iface, addrs in view.ifaces:
+            if 4 not in addrs:
+                continue
+            lines += [f"interface {eth}", f" ip ospf area {ospf['area']}",
+                      " ip ospf hello-interval 1", " ip ospf dead-interval 4"]
+            if "cost" in ospf:
+                lines.append(f" ip ospf cost {ospf['cost']}")
+            lines.append("!")
+        lines += ["router ospf", f" ospf router-id {rid}", " redistribute connected",
+                  " redistribute static", "!"]
+        out["ospfd"] = "\n".join(lines) + "\n"
+    if "bgp" in props:
+        my_as = props["bgp"]["as"]
+        lines = [f"hostname {router}", "!", f"router bgp {my_as}", f" bgp router-id {rid}",
+                 " no bgp ebgp-requires-policy", " no bgp network import-check"]
+        neighbors = []
+        for _, iface, _ in view.ifaces:
+            for other, addrs in iface.domain.routers:
+                if other == router or 4 not in addrs:
+                    continue
+                og = net.groups[net.index[other][0]]
+                if "bgp" in og.props:
+                    neighbors.append((fmt(4, addrs[4]), og.props["bgp"]["as"]))
+        for addr, asn in neighbors:
+            lines.append(f" neighbor {addr} remote-as {asn}")
+            lines.append(f" neighbor {addr} timers 1 3")
+        lines += [" address-family ipv4 unicast", "  redistribute connected", " exit-address-family", "!"]
+        out["bgpd"] = "\n".join(lines) + "\n"
+    return out

@@ -1,0 +1,601 @@
+"""Instantiating a compiled network on this host, and tearing it down.
+
+What gets created, for a testbed called NAME (a short prefix, e.g. `lab1`):
+
+- one network namespace `NAME-NODE` per host and per namespace router;
+- per switch a Linux bridge (`vlan_filtering` when a VLAN is used on it) or, with
+  `vde`, a vde_switch process;
+- per interface on a switch a veth pair: `ethN` inside the node's namespace, the
+  host end enslaved to the bridge (a VLAN makes it an untagged access port); on a
+  VDE switch a vde_plug2tap process inside the namespace makes `ethN` instead;
+- per point-to-point link a veth pair between the two namespaces; per switch link a
+  veth pair between the two bridges (tagged for the listed VLANs);
+- tc netem (delay, jitter, loss) and tbf (rate) on both ends of shaped links;
+- routers: forwarding on, static routes from the compiler, or zebra + ospfd/bgpd
+  with generated configuration, running inside the router's namespace;
+- vm nodes: a tap per interface on the bridge, then the vm engine boots them.
+
+Record before create: every namespace, link, process and directory is written to
+the ledger (owner "net", keys "NAME/...") before it exists, and `down` walks the
+ledger, so teardown is complete after a crash at any point. Processes are stopped
+by recorded pid and start time; processes left inside a recorded namespace (a
+shell someone started there) are found through /proc/PID/ns/net and stopped too.
+
+Speed: the host-side work is one `ip -batch` (and one `bridge -batch`, one
+`tc -batch`), each namespace's configuration one `ip -n NS -batch`, run a few at a
+time; one `ip` process per change would cost ~15 ms each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import trio
+
+from megafleet import paths, proc
+from megafleet.ledger import Ledger
+from megafleet.names import check_name, ifname
+from megafleet.netlang import frr
+from megafleet.netlang.model import Iface, LinkProps, Net
+from megafleet.netlang.routing import is_dynamic
+
+OWNER = "net"
+NETNS_DIR = Path("/run/netns")
+FRR_BIN = Path("/usr/lib/frr")
+
+Progress = Callable[[str], None]
+
+
+class LiveError(RuntimeError):
+    pass
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------
+# The plan: every resource of one testbed, derived from the compiled net
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Port:
+    """An interface of a node on a switch."""
+
+    node: str
+    ns: str | None          # None for vm nodes (their tap stays on the host)
+    eth: str
+    host_if: str            # host end of the veth, or the tap
+    switch: str
+    vlan: int | None
+    mtu: int
+    props: LinkProps
+    kind: str               # veth | tap | vde
+
+
+@dataclass
+class Plan:
+    name: str
+    netns: dict[str, str] = field(default_factory=dict)          # node -> namespace
+    bridges: dict[str, tuple[str, bool, int]] = field(default_factory=dict)   # switch -> (ifname, vlan filtering, mtu)
+    vde: dict[str, Path] = field(default_factory=dict)           # switch -> socket directory
+    ports: list[Port] = field(default_factory=list)
+    p2p: list[tuple[str, str, str, str, int, LinkProps]] = field(default_factory=list)
+    swlinks: list[tuple[str, str, str, str, list[int], int, LinkProps]] = field(default_factory=list)
+    ns_lines: dict[str, list[str]] = field(default_factory=dict)  # namespace -> ip batch lines
+    routers: list[str] = field(default_factory=list)             # namespace routers (forwarding)
+    frr: dict[str, dict[str, str]] = field(default_factory=dict)  # router -> daemon -> config text
+    vms: list = field(default_factory=list)                      # GuestSpec list
+    digest: str = ""
+
+
+def mac_for(testbed: str, node: str, index: int) -> str:
+    h = hashlib.blake2s(f"{testbed}\0{node}\0{index}".encode(), digest_size=4).digest()
+    return "52:54:" + ":".join(f"{b:02x}" for b in h)
+
+
+def plan(net: Net, name: str) -> Plan:
+    check_name(name, "testbed name")
+    if len(name) > 8:
+        raise LiveError(f"testbed name {name!r} is longer than 8 characters: it prefixes "
+                        f"interface names, which Linux limits to 15 bytes")
+    p = Plan(name)
+    for sw in net.switches.values():
+        if sw.vde:
+            p.vde[sw.name] = run_base(name) / "vde" / sw.name
+        else:
+            p.bridges[sw.name] = (ifname(name, "b", sw.name), bool(sw.vlans), sw.mtu)
+    for link in net.switch_links:
+        if link.a in p.vde or link.b in p.vde:
+            raise LiveError(f"{link.loc}: links from a VDE switch ({link.a} -- {link.b}) are not supported; "
+                            f"use Linux bridges for switches joined by links")
+        mtu = link.props.mtu or net.switches[link.a].mtu
+        p.swlinks.append((ifname(name, "l", link.a, link.b), ifname(name, "m", link.a, link.b),
+                          link.a, link.b, link.vlans, mtu, link.props))
+    seen_p2p: set[str] = set()
+    for g, k, node in net.iter_nodes():
+        view = net.node(node)
+        is_vm = g.kind == "vm" or (g.kind == "router" and "image" in g.props)
+        ns = None if is_vm else f"{name}-{node}"
+        if ns:
+            p.netns[node] = ns
+        lines = ["link set lo up"] if ns else []
+        nics = []
+        for eth, iface, addrs in view.ifaces:
+            mtu = iface.props.mtu or iface.domain.mtu
+            if iface.switch is not None:
+                kind = "tap" if is_vm else ("vde" if iface.switch in p.vde else "veth")
+                host_if = ifname(name, node, str(iface.index))
+                p.ports.append(Port(node, ns, eth, host_if, iface.switch, iface.vlan, mtu, iface.props, kind))
+            elif ns is not None:
+                peer_ns = p.netns.get(iface.peer) or f"{name}-{iface.peer}"
+                key = "\0".join(sorted((node, iface.peer)))
+                if key not in seen_p2p:
+                    seen_p2p.add(key)
+                    peer_eth = next(e for e, i, _ in net.node(iface.peer).ifaces
+                                    if i.domain is iface.domain)
+                    p.p2p.append((ns, eth, peer_ns, peer_eth, mtu, iface.props))
+            else:
+                raise LiveError(f"{iface.loc}: point-to-point links to a vm ({node}) are not supported; "
+                                f"put the vm on a switch")
+            if ns:
+                if mtu != 1500:
+                    lines.append(f"link set {eth} mtu {mtu}")
+                lines.append(f"link set {eth} up")
+                for fam, a in sorted(addrs.items()):
+                    lines.append(f"addr add {a} dev {eth}" + (" nodad" if fam == 6 else ""))
+            nics.append((eth, iface, addrs, mtu))
+        if ns:
+            for fam, gw in sorted(view.gateways.items()):
+                lines.append(f"{'-6 ' if fam == 6 else ''}route add default via {gw}")
+            for dest, via in view.routes:
+                lines.append(f"{'-6 ' if ':' in dest else ''}route add {dest} via {via}")
+            p.ns_lines[ns] = lines
+            if g.kind == "router":
+                p.routers.append(node)
+                if is_dynamic(net, node):
+                    p.frr[node] = frr.configs(net, node)
+        else:
+            p.vms.append(_guest_spec(net, name, node, view, nics))
+    p.digest = hashlib.sha256(json.dumps(
+        [sorted(p.netns.items()), sorted(p.bridges.items()), sorted(map(str, p.vde.items())),
+         [repr(x) for x in p.ports], [repr(x) for x in p.p2p], [repr(x) for x in p.swlinks],
+         sorted(p.ns_lines.items()), sorted(p.frr.items()), [repr(v) for v in p.vms]],
+        default=str).encode()).hexdigest()
+    return p
+
+
+def _guest_spec(net: Net, testbed: str, node: str, view, nics):
+    from megafleet.imagegen.contract import GuestConfig, NicConfig
+    from megafleet.vm.manifest import GuestSpec, NicSpec
+
+    g = net.groups[net.index[node][0]]
+    specs, configs = [], []
+    for eth, iface, addrs, mtu in nics:
+        mac = mac_for(testbed, node, iface.index)
+        specs.append(NicSpec(mac=mac, kind="tap", ifname=ifname(testbed, node, str(iface.index))))
+        configs.append(NicConfig(mac, tuple(addrs[f] for f in sorted(addrs)), mtu if mtu != 1500 else None))
+    config = GuestConfig(name=node, nics=tuple(configs), gateway=view.gateways.get(4),
+                         gateway6=view.gateways.get(6), routes=tuple(view.routes))
+    return GuestSpec(name=node, image=g.props["image"], driver=g.props.get("driver", "qemu"),
+                     mem_mb=g.props.get("mem_mib", 128), vcpus=g.props.get("vcpus", 1),
+                     nics=tuple(specs), config=config)
+
+
+# ---------------------------------------------------------------------------
+# Helpers: batches, host state
+# ---------------------------------------------------------------------------
+
+def run_base(testbed: str) -> Path:
+    """Runtime files of a testbed (FRR configs and sockets, VDE sockets). FRR drops
+    to the frr user, so the directory must be reachable by it: the run directory
+    is used when every parent lets others through, else /run/megafleet-net."""
+    base = paths.run_dir()
+    p = base
+    while p != p.parent:
+        if not os.stat(p).st_mode & 0o001:
+            base = Path("/run/megafleet-net")
+            break
+        p = p.parent
+    return base / "net" / testbed
+
+
+def _batch(argv: list[str], lines: list[str], force: bool = False) -> None:
+    if not lines:
+        return
+    if force:
+        # Teardown: carry on past what is already gone (a veth whose peer went first).
+        argv = argv[:1] + ["-force"] + argv[1:]
+    proc.run(argv + ["-batch", "-"], input="\n".join(lines) + "\n", check=not force)
+
+
+def existing_links() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+def existing_netns() -> set[str]:
+    try:
+        return set(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return set()
+
+
+def pids_in_netns(namespaces: list[str]) -> list[int]:
+    """Processes whose network namespace is one of ours (by namespace inode)."""
+    inodes = set()
+    for ns in namespaces:
+        try:
+            inodes.add(os.stat(NETNS_DIR / ns).st_ino)
+        except OSError:
+            pass
+    if not inodes:
+        return []
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                out.append(int(entry))
+        except OSError:
+            pass
+    return out
+
+
+def _netem_lines(dev: str, props: LinkProps) -> list[str]:
+    """tc batch lines shaping `dev`: netem for delay/jitter/loss, tbf for rate
+    (as netem's child when both)."""
+    lines = []
+    netem = []
+    if props.delay_us is not None or props.jitter_us is not None:
+        netem += ["delay", f"{props.delay_us or 0}us"]
+        if props.jitter_us is not None:
+            netem += [f"{props.jitter_us}us"]
+    if props.loss_pct is not None:
+        netem += ["loss", f"{props.loss_pct}%"]
+    tbf = []
+    if props.rate_bit is not None:
+        burst = max(1600, props.rate_bit // 8 // 250)      # ~4 ms worth of bytes
+        tbf = ["tbf", "rate", f"{props.rate_bit}bit", "burst", str(burst), "latency", "50ms"]
+    if netem:
+        lines.append(" ".join(["qdisc", "replace", "dev", dev, "root", "handle", "1:", "netem"] + netem))
+        if tbf:
+            lines.append(" ".join(["qdisc", "replace", "dev", dev, "parent", "1:1", "handle", "10:"] + tbf))
+    elif tbf:
+        lines.append(" ".join(["qdisc", "replace", "dev", dev, "root", "handle", "1:"] + tbf))
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# up
+# ---------------------------------------------------------------------------
+
+def status(testbed: str, ledger: Ledger | None = None) -> dict | None:
+    ledger = ledger or Ledger()
+    for r in ledger.list(OWNER, "testbed"):
+        if r.key == testbed:
+            return r.data
+    return None
+
+
+def up(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledger | None = None,
+       vm_options: dict | None = None) -> dict:
+    """Bring the network up; returns a summary. Idempotent: if this testbed is up
+    from the same description and everything recorded still exists, nothing is
+    done. A partly-built testbed (a crash during `up`) is torn down and rebuilt."""
+    return trio.run(aup, net, testbed, progress, ledger, vm_options)
+
+
+async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledger | None = None,
+              vm_options: dict | None = None) -> dict:
+    if os.geteuid() != 0:
+        raise LiveError("net up needs root (namespaces, bridges, veths)")
+    ledger = ledger or Ledger()
+    t0 = time.monotonic()
+    p = plan(net, testbed)
+    current = status(testbed, ledger)
+    if current is not None:
+        if current.get("digest") != p.digest:
+            raise LiveError(f"testbed {testbed!r} is up from a different description "
+                            f"({current.get('file')}); run 'megafleet net down {testbed}' first")
+        if current.get("complete") and await trio.to_thread.run_sync(_intact, testbed, ledger):
+            progress(f"testbed {testbed} is already up; nothing changed")
+            return {"testbed": testbed, "changed": False, "seconds": time.monotonic() - t0}
+        progress(f"testbed {testbed} is partly up; tearing down and rebuilding")
+        await adown(testbed, progress, ledger)
+    ledger.record(OWNER, "testbed", testbed, digest=p.digest, file=net.files[0], complete=False)
+    limiter = trio.CapacityLimiter(4)
+    await trio.to_thread.run_sync(_create_host_side, p, ledger, progress, limiter=limiter)
+    progress(f"created {len(p.netns)} namespaces, {len(p.bridges)} bridges, {len(p.ports)} ports "
+             f"({time.monotonic() - t0:.1f} s)")
+    if p.vde:
+        await trio.to_thread.run_sync(_start_vde, p, ledger)
+    t1 = time.monotonic()
+    done = 0
+    ns_items = sorted(p.ns_lines.items())
+
+    async def configure(ns: str, lines: list[str]) -> None:
+        nonlocal done
+        await trio.to_thread.run_sync(_batch, ["ip", "-n", ns], lines, limiter=limiter)
+        done += 1
+        if done % 500 == 0 or done == len(ns_items):
+            progress(f"configured {done}/{len(ns_items)} namespaces ({time.monotonic() - t1:.1f} s)")
+
+    async with trio.open_nursery() as nursery:
+        for ns, lines in ns_items:
+            nursery.start_soon(configure, ns, lines)
+    await trio.to_thread.run_sync(_shape_and_route, p, limiter=limiter)
+    if p.frr:
+        await trio.to_thread.run_sync(_start_frr, p, ledger)
+        progress(f"started FRR on {len(p.frr)} routers")
+    if p.vms:
+        from megafleet.vm.manifest import apply
+
+        ledger.record(OWNER, "vms", testbed, names=[v.name for v in p.vms])
+        progress(f"booting {len(p.vms)} vms through the vm engine")
+        report = await apply(p.vms, **(vm_options or {}))
+        progress(f"vm engine: {report}")
+    ledger.record(OWNER, "testbed", testbed, digest=p.digest, file=net.files[0], complete=True,
+                  counts={"namespaces": len(p.netns), "bridges": len(p.bridges), "vde": len(p.vde),
+                          "ports": len(p.ports), "p2p": len(p.p2p), "frr": len(p.frr), "vms": len(p.vms)})
+    seconds = time.monotonic() - t0
+    progress(f"testbed {testbed} is up ({seconds:.1f} s)")
+    return {"testbed": testbed, "changed": True, "seconds": seconds,
+            "namespaces": len(p.netns), "bridges": len(p.bridges), "ports": len(p.ports),
+            "frr_routers": len(p.frr), "vms": len(p.vms)}
+
+
+def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
+    t = p.name
+    links = [br for br, _, _ in p.bridges.values()]
+    links += [port.host_if for port in p.ports if port.kind in ("veth", "tap")]
+    links += [x for a, b, *_ in p.swlinks for x in (a, b)]
+    # Record before create.
+    ledger.record_many(OWNER, "netns", [(f"{t}/{ns}", {"ns": ns}) for ns in p.netns.values()])
+    ledger.record_many(OWNER, "link", [(f"{t}/{name}", {"ifname": name}) for name in links])
+    lines = [f"netns add {ns}" for ns in p.netns.values()]
+    bridge_lines = []
+    for sw, (br, vlans, mtu) in p.bridges.items():
+        lines.append(f"link add {br} type bridge" + (" vlan_filtering 1" if vlans else "")
+                     + (f" mtu {mtu}" if mtu != 1500 else ""))
+        lines.append(f"link set {br} up")
+    for port in p.ports:
+        if port.kind == "veth":
+            lines.append(f"link add {port.host_if} mtu {port.mtu} type veth peer name {port.eth} "
+                         f"mtu {port.mtu} netns {port.ns}")
+        elif port.kind == "tap":
+            lines.append(f"tuntap add dev {port.host_if} mode tap")
+            lines.append(f"link set {port.host_if} mtu {port.mtu}")
+        else:
+            continue
+        br = p.bridges[port.switch][0]
+        lines.append(f"link set {port.host_if} master {br} up")
+        if port.vlan is not None:
+            bridge_lines.append(f"vlan add dev {port.host_if} vid {port.vlan} pvid untagged")
+            bridge_lines.append(f"vlan del dev {port.host_if} vid 1")
+    for ns_a, eth_a, ns_b, eth_b, mtu, _ in p.p2p:
+        lines.append(f"link add {eth_a} mtu {mtu} netns {ns_a} type veth peer name {eth_b} mtu {mtu} netns {ns_b}")
+    for if_a, if_b, sw_a, sw_b, vlans, mtu, _ in p.swlinks:
+        lines.append(f"link add {if_a} mtu {mtu} type veth peer name {if_b} mtu {mtu}")
+        lines.append(f"link set {if_a} master {p.bridges[sw_a][0]} up")
+        lines.append(f"link set {if_b} master {p.bridges[sw_b][0]} up")
+        for v in vlans:
+            bridge_lines.append(f"vlan add dev {if_a} vid {v}")
+            bridge_lines.append(f"vlan add dev {if_b} vid {v}")
+    _batch(["ip"], lines)
+    _batch(["bridge"], bridge_lines)
+
+
+def _start_vde(p: Plan, ledger: Ledger) -> None:
+    t = p.name
+    for sw, sock in p.vde.items():
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        ledger.record(OWNER, "dir", f"{t}/vde", path=str(sock.parent))
+        pidfile = sock.parent / f"{sw}.pid"
+        key = f"{t}/vde/{sw}"
+        ledger.record(OWNER, "process", key, pidfile=str(pidfile))
+        proc.run(["vde_switch", "-s", str(sock), "-d", "-p", str(pidfile), "--dirmode", "0700"])
+        _record_pidfile(ledger, key, pidfile)
+    for port in p.ports:
+        if port.kind != "vde":
+            continue
+        sock = p.vde[port.switch]
+        pidfile = sock.parent / f"{port.host_if}.pid"
+        key = f"{t}/plug/{port.host_if}"
+        ledger.record(OWNER, "process", key, pidfile=str(pidfile))
+        proc.run(["ip", "netns", "exec", port.ns, "vde_plug2tap", "-s", str(sock), "-d",
+                  "-P", str(pidfile), port.eth])
+        _record_pidfile(ledger, key, pidfile)
+    # The taps appear asynchronously inside the namespaces: wait for them before
+    # the namespaces are configured.
+    deadline = time.monotonic() + 10
+    for port in p.ports:
+        if port.kind == "vde":
+            while proc.run(["ip", "-n", port.ns, "link", "show", port.eth], check=False).returncode:
+                if time.monotonic() > deadline:
+                    raise LiveError(f"vde_plug2tap did not create {port.eth} in {port.ns}")
+                time.sleep(0.05)
+
+
+def _record_pidfile(ledger: Ledger, key: str, pidfile: Path) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            pid = int(pidfile.read_text().strip())
+            rp = proc.RecordedProcess.of(pid)
+            ledger.record(OWNER, "process", key, pidfile=str(pidfile), pid=rp.pid, start=rp.start)
+            return
+        except (OSError, ValueError, ProcessLookupError):
+            time.sleep(0.02)
+    raise LiveError(f"no pid in {pidfile} after starting a daemon")
+
+
+def _shape_and_route(p: Plan) -> None:
+    host_tc = []
+    ns_tc: dict[str, list[str]] = {}
+    for port in p.ports:
+        if port.props.shaped():
+            if port.kind in ("veth", "tap"):
+                host_tc += _netem_lines(port.host_if, port.props)
+            if port.ns is not None:
+                ns_tc.setdefault(port.ns, []).extend(_netem_lines(port.eth, port.props))
+    for ns_a, eth_a, ns_b, eth_b, _, props in p.p2p:
+        if props.shaped():
+            ns_tc.setdefault(ns_a, []).extend(_netem_lines(eth_a, props))
+            ns_tc.setdefault(ns_b, []).extend(_netem_lines(eth_b, props))
+    for if_a, if_b, *_, props in p.swlinks:
+        if props.shaped():
+            host_tc += _netem_lines(if_a, props) + _netem_lines(if_b, props)
+    _batch(["tc"], host_tc)
+    for ns, lines in ns_tc.items():
+        _batch(["tc", "-n", ns], lines)
+    for router in p.routers:
+        proc.run(["ip", "netns", "exec", p.netns[router], "sysctl", "-q", "-w",
+                  "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
+
+
+def _start_frr(p: Plan, ledger: Ledger) -> None:
+    import grp
+    import pwd
+
+    uid, gid = pwd.getpwnam("frr").pw_uid, grp.getgrnam("frr").gr_gid
+    base = run_base(p.name) / "frr"
+    ledger.record(OWNER, "dir", f"{p.name}/frr", path=str(base))
+    # Parents must let the frr user through; the router directories belong to it.
+    for d in (base.parent.parent, base.parent, base):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o711)
+    for router, daemons in p.frr.items():
+        d = base / router
+        d.mkdir(exist_ok=True)
+        os.chown(d, uid, gid)
+        os.chmod(d, 0o700)
+        for daemon in ["zebra"] + [x for x in daemons if x != "zebra"]:
+            conf = d / f"{daemon}.conf"
+            conf.write_text(daemons[daemon])
+            os.chown(conf, uid, gid)
+            pidfile = d / f"{daemon}.pid"
+            key = f"{p.name}/frr/{router}/{daemon}"
+            ledger.record(OWNER, "process", key, pidfile=str(pidfile))
+            log = open(d / f"{daemon}.out", "wb")
+            child = subprocess.Popen(
+                ["ip", "netns", "exec", p.netns[router], str(FRR_BIN / daemon), "-f", str(conf),
+                 "-i", str(pidfile), "-z", str(d / "zserv.api"), "--vty_socket", str(d),
+                 "-u", "frr", "-g", "frr", "-P", "0", "--log", f"file:{d / (daemon + '.log')}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+            # `ip netns exec` execs the daemon in place: the child's pid is the daemon's.
+            rp = proc.RecordedProcess.of(child.pid)
+            ledger.record(OWNER, "process", key, pidfile=str(pidfile), pid=rp.pid, start=rp.start)
+            if daemon == "zebra":
+                # The other daemons connect to zebra's socket: wait for it.
+                deadline = time.monotonic() + 10
+                while not (d / "zserv.api").exists():
+                    if child.poll() is not None or time.monotonic() > deadline:
+                        raise LiveError(f"zebra for router {router} did not start; see {d / 'zebra.out'}")
+                    time.sleep(0.02)
+            # Not reaped here: the daemon outlives this process and `down` stops it
+            # by recorded pid; mark it so Popen does not warn about it.
+            child.returncode = 0
+    return None
+
+
+def _intact(testbed: str, ledger: Ledger) -> bool:
+    links, nss = existing_links(), existing_netns()
+    for r in ledger.list(OWNER):
+        if not r.key.startswith(testbed + "/"):
+            continue
+        if r.kind == "netns" and r.data["ns"] not in nss:
+            return False
+        if r.kind == "link" and r.data["ifname"] not in links:
+            return False
+        if r.kind == "process" and ("pid" not in r.data or
+                                    not proc.RecordedProcess(r.data["pid"], r.data["start"]).alive()):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# down
+# ---------------------------------------------------------------------------
+
+def down(testbed: str, progress: Progress = _quiet, ledger: Ledger | None = None) -> dict:
+    return trio.run(adown, testbed, progress, ledger)
+
+
+async def adown(testbed: str, progress: Progress = _quiet, ledger: Ledger | None = None) -> dict:
+    """Remove everything recorded for `testbed`, tolerating what is already gone."""
+    if os.geteuid() != 0:
+        raise LiveError("net down needs root")
+    ledger = ledger or Ledger()
+    t0 = time.monotonic()
+    mine = [r for r in ledger.list(OWNER) if r.key.startswith(testbed + "/") or
+            (r.kind in ("testbed", "vms") and r.key == testbed)]
+    by_kind: dict[str, list] = {}
+    for r in mine:
+        by_kind.setdefault(r.kind, []).append(r)
+    if "vms" in by_kind:
+        from megafleet.vm.manifest import teardown
+
+        for r in by_kind["vms"]:
+            for name in r.data["names"]:
+                await teardown(name)
+        ledger.forget_many(OWNER, "vms", [r.key for r in by_kind["vms"]])
+    result = await trio.to_thread.run_sync(_down_sync, testbed, by_kind, ledger, progress)
+    ledger.forget_many(OWNER, "testbed", [r.key for r in by_kind.get("testbed", [])])
+    result["seconds"] = time.monotonic() - t0
+    progress(f"testbed {testbed} is down ({result['seconds']:.1f} s)")
+    return result
+
+
+def _down_sync(testbed: str, by_kind: dict, ledger: Ledger, progress: Progress) -> dict:
+    stopped = 0
+    for r in by_kind.get("process", []):
+        rp = None
+        if "pid" in r.data:
+            rp = proc.RecordedProcess(r.data["pid"], r.data["start"])
+        elif r.data.get("pidfile"):
+            # Crashed between start and record: the pidfile names it. Only trust a
+            # pid that is not older than the record.
+            try:
+                pid = int(Path(r.data["pidfile"]).read_text().strip())
+                rp = proc.RecordedProcess.of(pid)
+            except (OSError, ValueError, ProcessLookupError):
+                rp = None
+        if rp is not None and rp.alive():
+            rp.stop(grace=3)
+            stopped += 1
+    ledger.forget_many(OWNER, "process", [r.key for r in by_kind.get("process", [])])
+    namespaces = [r.data["ns"] for r in by_kind.get("netns", [])]
+    for pid in pids_in_netns(namespaces):
+        try:
+            rp = proc.RecordedProcess.of(pid)
+        except ProcessLookupError:
+            continue
+        rp.stop(grace=3)
+        stopped += 1
+    present = existing_netns()
+    gone_ns = [ns for ns in namespaces if ns in present]
+    _batch(["ip"], [f"netns del {ns}" for ns in gone_ns], force=True)
+    ledger.forget_many(OWNER, "netns", [r.key for r in by_kind.get("netns", [])])
+    links = existing_links()
+    gone_links = [r.data["ifname"] for r in by_kind.get("link", []) if r.data["ifname"] in links]
+    # Deleting one end of a veth removes the other; ignore "cannot find device".
+    _batch(["ip"], [f"link del {name}" for name in gone_links], force=True)
+    ledger.forget_many(OWNER, "link", [r.key for r in by_kind.get("link", [])])
+    for r in by_kind.get("dir", []):
+        shutil.rmtree(r.data["path"], ignore_errors=True)
+    ledger.forget_many(OWNER, "dir", [r.key for r in by_kind.get("dir", [])])
+    base = run_base(testbed)
+    shutil.rmtree(base, ignore_errors=True)
+    return {"testbed": testbed, "namespaces": len(gone_ns), "links": len(gone_links),
+            "processes": stopped}
