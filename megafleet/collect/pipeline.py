@@ -133,6 +133,7 @@ class Pipeline:
         to the spool if the store is away) and return."""
         task_status.started()
         next_stats = time.monotonic() + self.stats_interval
+        final_report = False
         while True:
             replaying = self._store_up and not self.spool.empty()
             if (not self._closing and not replaying and self.pending() < self.batch_size
@@ -140,7 +141,7 @@ class Pipeline:
                 with trio.move_on_after(self.flush_interval):
                     await self._wake.wait()
             self._wake = trio.Event()
-            if time.monotonic() >= next_stats or self._closing:
+            if time.monotonic() >= next_stats:
                 self._report()
                 next_stats = time.monotonic() + self.stats_interval
             await self._write_queued()
@@ -148,6 +149,10 @@ class Pipeline:
             if self._closing and not self.pending():
                 if self._store_up and not self.spool.empty():
                     continue  # finish the replay while the store is here
+                if not final_report:
+                    final_report = True  # the last counters, then one more pass
+                    self._report()
+                    continue
                 return
 
     def close(self) -> None:

@@ -190,7 +190,14 @@ class MongoStore:
         self.db = (self.client[database] if database
                    else self.client.get_default_database(default="megafleet"))
         self.features: dict[str, Any] = {}
-        self._set_up()
+        # Set up on first use, not here: a collector may start while the store is
+        # away, and spools until it answers.
+        self._ready = False
+
+    def _ensure(self) -> None:
+        if not self._ready:
+            self._set_up()
+            self._ready = True
 
     def __repr__(self) -> str:
         return f"MongoStore({self.db.name!r})"
@@ -252,6 +259,7 @@ class MongoStore:
 
         try:
             self.client.admin.command("ping")
+            self._ensure()
         except PyMongoError as exc:
             raise StoreUnavailable(f"{_safe_uri(self.uri)}: {exc}") from exc
 
@@ -264,6 +272,7 @@ class MongoStore:
             return 0
         coll = self.db[collection]
         try:
+            self._ensure()
             if replay and collection == SAMPLES and self.features.get("timeseries"):
                 # Time-series collections do not enforce unique _id: skip what a
                 # partial insert before the outage already stored.
@@ -296,6 +305,7 @@ class MongoStore:
 
         _check_collection(collection)
         proj = {f: 1 for f in projection} if projection else None
+        self._ensure()
         try:
             cursor = self.db[collection].find(flt or {}, proj).sort([("time", 1), ("_id", 1)])
             if limit:
@@ -306,6 +316,7 @@ class MongoStore:
 
     def count(self, collection: str, flt: dict[str, Any] | None = None) -> int:
         _check_collection(collection)
+        self._ensure()
         return self.db[collection].count_documents(flt or {})
 
     def drop(self) -> None:
