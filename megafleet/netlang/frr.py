@@ -38,7 +38,11 @@ def configs(net: Net, router: str) -> dict[str, str]:
         for eth, iface, addrs in view.ifaces:
             if 4 not in addrs:
                 continue
-            lines += [f"interface {eth}", f" ip ospf area {ospf['area']}",
+            lines += [f"interface {eth}", f" ip ospf area {ospf['area']}"]
+            if iface.switch is None:
+                # A point-to-point link: no designated-router election to wait for.
+                lines.append(" ip ospf network point-to-point")
+            lines += [
                       " ip ospf hello-interval 1", " ip ospf dead-interval 4"]
             if "cost" in ospf:
                 lines.append(f" ip ospf cost {ospf['cost']}")
