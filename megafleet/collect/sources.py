@@ -1,0 +1,52 @@
+"""Where the collector's guest information comes from, and how engines report to it.
+
+- `vm_guest_source(engine)`: the guests of the vm engine's per-host state
+  (`Engine.list()`: name, image, state reconciled with /proc, pid, RSS), as the
+  `GuestSource` the guest sampler reads every interval.
+- `boot_progress(collector, specs)`: a `progress` callback for
+  `megafleet.vm.manifest.apply` that turns each finished guest into a `boot`
+  event (duration, or failure reason) without blocking the engine.
+
+The vm package is imported only when these are used, so collect does not depend
+on it otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from megafleet.collect.samplers import GuestInfo
+
+
+def vm_guest_source(engine: Any = None, pattern: str = "*") -> Callable[[], list[GuestInfo]]:
+    """A GuestSource over the vm engine's state of this host (blocking: the
+    sampler calls it in a worker thread)."""
+    if engine is None:
+        from megafleet.vm.engine import Engine
+
+        engine = Engine()
+
+    def guests() -> list[GuestInfo]:
+        return [GuestInfo(name=v.name, state=v.state, pid=v.pid, image=v.image,
+                          rss_kb=v.rss_bytes // 1024 if v.rss_bytes is not None else None)
+                for v in engine.list(pattern)]
+
+    return guests
+
+
+def boot_progress(collector: Any, specs: Iterable[Any],
+                  chain: Callable[..., None] | None = None) -> Callable[[int, int, Any], None]:
+    """progress(done, total, result) for vm.manifest.apply: each ready or failed
+    guest becomes a boot event; `chain` (another progress callback) still runs."""
+    images = {s.name: s.image for s in specs}
+
+    def progress(done: int, total: int, result: Any) -> None:
+        if result.outcome in ("ready", "failed"):
+            ok = result.outcome == "ready"
+            collector.boot(result.name, ok=ok, duration_s=result.boot_s,
+                           image=images.get(result.name),
+                           reason=None if ok else (result.reason or "failed"))
+        if chain is not None:
+            chain(done, total, result)
+
+    return progress
