@@ -14,11 +14,12 @@ the translation keeps both rules. Anything else is rejected with a clear
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from typing import Any
 
-from megafleet.collect.docs import datetime_to_ms
+from megafleet.collect.docs import datetime_to_ms, ms_to_datetime
 
 SUPPORTED = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists",
              "$and", "$or")
@@ -168,13 +169,31 @@ def to_sql(flt: dict[str, Any]) -> tuple[str, list[Any]]:
     return sql, t.args
 
 
-def parse_filter_text(text: str, where: str = "--filter") -> dict[str, Any]:
-    """A filter typed by a user: MongoDB extended JSON ({"$date": ...} for dates)."""
-    from bson import json_util
+def _date_hook(obj: dict[str, Any]) -> Any:
+    """{"$date": "ISO"} or {"$date": milliseconds} -> datetime (naive UTC); every
+    other document stays as it is (so "$regex" stays an operator and is judged
+    by the store, not turned into a value)."""
+    if len(obj) == 1 and "$date" in obj:
+        value = obj["$date"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return ms_to_datetime(int(value))
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise BadFilter(f'{{"$date": {value!r}}}: not an ISO date') from None
+            return ms_to_datetime(datetime_to_ms(parsed))
+        raise BadFilter(f'{{"$date": {value!r}}}: give an ISO date string or milliseconds')
+    return obj
 
+
+def parse_filter_text(text: str, where: str = "--filter") -> dict[str, Any]:
+    """A filter typed by a user: JSON, with {"$date": ...} for dates."""
     try:
-        value = json_util.loads(text, json_options=json_util.JSONOptions(tz_aware=False))
-    except (ValueError, TypeError) as exc:
+        value = json.loads(text, object_hook=_date_hook)
+    except ValueError as exc:
+        if isinstance(exc, BadFilter):
+            raise BadFilter(f"{where}: {exc}") from None
         raise BadFilter(f"{where}: not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise BadFilter(f"{where}: a filter must be a JSON object, got {text!r}")
