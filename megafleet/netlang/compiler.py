@@ -206,6 +206,7 @@ class Compiler:
         self.pending_nodes: list[_PendingNode] = []
         self.pending_links: list[_PendingLink] = []
         self.reachable_raw: list[tuple[Word, Word, Loc]] = []
+        self.reachable_resolved: list[tuple[Word, Word, Loc, list[str], list[str]]] = []
         self.groups_by_name: dict[str, list[int]] = {}
         self.group_loc: dict[str, Loc] = {}
         self.first_loc: dict[str, Loc] = {}    # node name -> group loc (for duplicates)
@@ -221,6 +222,8 @@ class Compiler:
     # -- pass 1: declarations -------------------------------------------------
     def declare(self, statements: list[Stmt]) -> None:
         for stmt in statements:
+            if stmt.broken:
+                continue
             try:
                 self._statement(stmt, None)
             except PropError as e:
@@ -317,30 +320,23 @@ class Compiler:
                 return
 
     def _register(self, g: NodeGroup, gi: int) -> None:
-        index = self.net.index
-        before = len(index)
-        index.update(zip(g.names, zip(repeat(gi), range(len(g.names)))))
-        clash_sw = [n for n in (g.names if len(self.net.switches) < len(g.names) else self.net.switches)
-                    if n in self.net.switches and n in index] if self.net.switches else []
-        if len(index) != before + len(g.names):
-            # Slow path only when there is a duplicate: find and report them.
-            seen: set[str] = set()
-            for k, n in enumerate(g.names):
-                if n in seen:
-                    self.err(g.loc, f"duplicate name {n!r} (declared twice in this statement)")
-                    break
-                seen.add(n)
-                prev = index[n]
-                if prev[0] != gi:
-                    first = self.net.groups[prev[0]].loc
+        index, switches = self.net.index, self.net.switches
+        # One C-level pass over the names when all is well; per-name work only to
+        # report duplicates.
+        if not index.keys().isdisjoint(g.names):
+            for n in g.names:
+                if n in index:
+                    first = self.net.groups[index[n][0]].loc
                     self.err(g.loc, f"duplicate name {n!r} (first declared at {first})")
-                    index[n] = prev
                     break
-            for k, n in enumerate(g.names):
-                if index[n][0] == gi:
-                    index[n] = (gi, k)
-        for n in clash_sw:
-            self.err(g.loc, f"duplicate name {n!r} (first declared as a switch at {self.net.switches[n].loc})")
+            keep = {n: index[n] for n in g.names if n in index}
+        else:
+            keep = {}
+        index.update(zip(g.names, zip(repeat(gi), range(len(g.names)))))
+        index.update(keep)
+        if switches and not switches.keys().isdisjoint(g.names):
+            n = next(n for n in g.names if n in switches)
+            self.err(g.loc, f"duplicate name {n!r} (first declared as a switch at {switches[n].loc})")
 
     def _switch(self, stmt: Stmt) -> None:
         if len(stmt.words) < 2:
@@ -559,6 +555,10 @@ class Compiler:
         return dom
 
     def wire(self) -> None:
+        for wa, wb, loc in self.reachable_raw:
+            a, b = self.resolve(wa, "node"), self.resolve(wb, "node")
+            if a and b:
+                self.reachable_resolved.append((wa, wb, loc, a, b))
         links_p2p: list[tuple[_PendingLink, list[str], list[str]]] = []
         links_edge: list[tuple[_PendingLink, str, str, list[Word]]] = []
         # Switch-to-switch links first: they merge layer-2 domains.
@@ -680,7 +680,7 @@ class Compiler:
                         self.err(spec[0][2], f"switches {dom.switches[0]} and {s} are one layer-2 "
                                              f"segment but declare different subnets")
                     specs = specs or spec
-                if dom.vlan is not None and dom.name != dom.switches[0]:
+                if dom.vlan is not None:
                     # A switch's subnet describes its untagged segment; VLANs are automatic.
                     specs = [x for x in specs if x[0] != "cidr"]
                 is_p2p = False
@@ -690,6 +690,17 @@ class Compiler:
             if not specs:
                 specs = [("auto", None, dom.loc)] if pools else []
             wants_any = any(i.want.get(0, ("auto",))[0] != "none" for i in dom.ifaces)
+            explicit_fams = {v.family for k, v, _ in specs if k == "cidr"}
+            # Explicit addresses with a prefix length define the subnet of their
+            # family unless the switch or link names one.
+            for iface in dom.ifaces:
+                for fam in (4, 6):
+                    w = iface.want.get(fam)
+                    if w and w[2] is not None and fam not in dom.subnets and fam not in explicit_fams:
+                        size = 1 << (ipam.BITS[fam] - w[2])
+                        sub = ipam.Subnet(fam, w[1] // size * size, w[2])
+                        dom.subnets[fam] = sub
+                        fixed.append((sub, dom, iface.want[-fam][1]))
             for kind, value, loc in specs:
                 if kind == "cidr":
                     if value.family in dom.subnets:
@@ -710,16 +721,6 @@ class Compiler:
                     for fam, pool in default_pool.items():
                         if fam not in dom.subnets and (wants_any or not is_p2p):
                             to_allocate.append((dom, fam, pool, loc, 1 if is_p2p else 0))
-            # Subnets derived from explicit addresses with a prefix length.
-            for iface in dom.ifaces:
-                for fam in (4, 6):
-                    w = iface.want.get(fam)
-                    if w and w[2] is not None and fam not in dom.subnets and \
-                            not any(t[0] is dom and t[1] == fam for t in to_allocate):
-                        size = 1 << (ipam.BITS[fam] - w[2])
-                        sub = ipam.Subnet(fam, w[1] // size * size, w[2])
-                        dom.subnets[fam] = sub
-                        fixed.append((sub, dom, iface.want[-fam][1]))
         # Overlaps among fixed subnets: sorted by start, each against the widest so far.
         for fam in (4, 6):
             subs = sorted((s for s in fixed if s[0].family == fam), key=lambda t: (t[0].net, -t[0].size))
@@ -822,9 +823,9 @@ class Compiler:
                 if w and w[0] == "explicit" and fam not in dom.subnets:
                     self.err(iface.want[-fam][1], f"address {ipam.fmt(fam, w[1])} needs a prefix length "
                                                   f"(e.g. /24): {dom.name} has no IPv{fam} subnet")
-            if any(i.want.get(0, ("",))[0] == "auto" for i in ifaces) and not dom.subnets:
-                self.err(next(i.loc for i in ifaces if i.want.get(0, ("",))[0] == "auto"),
-                         f"'auto' address on {dom.name}, which has no subnet (declare a pool or 'subnet CIDR')")
+        if any(i.want.get(0, ("",))[0] == "auto" for i in ifaces) and not dom.subnets:
+            self.err(next(i.loc for i in ifaces if i.want.get(0, ("",))[0] == "auto"),
+                     f"'auto' address on {dom.name}, which has no subnet (declare a pool or 'subnet CIDR')")
 
     # -- pass 4: images, routes, assertions ----------------------------------------
     def check_images(self) -> None:
@@ -838,11 +839,7 @@ class Compiler:
     def check_reachable(self) -> None:
         from megafleet.netlang.routing import Reach
         reach = Reach(self.net)
-        for wa, wb, loc in self.reachable_raw:
-            a = self.resolve(wa, "node")
-            b = self.resolve(wb, "node")
-            if not a or not b:
-                continue
+        for wa, wb, loc, a, b in self.reachable_resolved:
             self.net.reachable.append((wa.text, wb.text, loc))
             why = reach.check(a, b)
             if why is not None:

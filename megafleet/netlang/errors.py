@@ -69,6 +69,9 @@ class CompileError(Exception):
     """Raised with every diagnostic of a description that does not compile."""
 
     def __init__(self, diags: Diagnostics):
+        # In reading order, whatever pass found them; problems without a place last.
+        diags.items.sort(key=lambda d: (d.loc is None, d.loc.file if d.loc else "",
+                                        d.loc.line if d.loc else 0, d.loc.col if d.loc else 0))
         self.diagnostics = diags
         n = len(diags.items)
         super().__init__(diags.render() + f"\n{n} error{'s' if n != 1 else ''}")

@@ -27,7 +27,7 @@ block: "{" _NL? (stmt _NL)* stmt? "}"
 word: ATOM
 arg: ATOM | STRING
 
-ATOM: /[^\s{}"#;]+/
+ATOM: /(?:[^\s{}"#;\\]|\\(?!\r?\n))+/
 STRING: /"[^"\n]*"/
 _NL: /([ \t]*(#[^\n]*)?(\r?\n|;))+/
 %ignore /[ \t\f]+/
@@ -56,6 +56,9 @@ class Word:
 class Stmt:
     words: list[Word]
     block: list["Stmt"] | None = None
+    # Set when a word could not be completed ($unknown): the statement is skipped
+    # rather than reported again with a confusing second error.
+    broken: bool = False
 
     @property
     def loc(self) -> Loc:
@@ -167,8 +170,9 @@ def _substitute(statements: list[Stmt], params: dict[str, str], diags: Diagnosti
             if "$" not in w.text:
                 continue
 
-            def repl(m: re.Match, w=w) -> str:
+            def repl(m: re.Match, w=w, stmt=stmt) -> str:
                 if m.group(1) not in params:
+                    stmt.broken = True
                     diags.error(w.loc, f"unknown parameter ${m.group(1)} (declare it with "
                                        f"'param {m.group(1)} = VALUE' or give -D {m.group(1)}=VALUE)")
                     return m.group(0)

@@ -1,0 +1,119 @@
+"""netlang: the megafleet network description language (`*.fleet`).
+
+Grammar reference
+=================
+
+A description is a list of statements, one per line (or separated by `;`).
+`#` starts a comment; a `\\` at the end of a line continues it. Words are
+separated by spaces; quoted strings ("...") are paths. Statements about one node
+may carry a `{ ... }` block whose lines are more properties of that node.
+
+Names and counts
+----------------
+A name starts with a letter, then letters, digits, `_`, `-`, `.` (at most 63).
+`NAME[A..B]` declares B-A+1 names: `web[1..1000]` is web1 ... web1000;
+`r[01..10]` pads to the width of the first number (r01 ... r10); a suffix may
+follow the range (`h[1..3]x`). Nodes and switches share one namespace.
+
+References (anywhere a statement names other things) may be a name, a range
+(`web[1..10]`, every name must exist), a glob (`lan*`, `r?`) or `@GROUP` (every
+member of a group).
+
+Parameters and includes
+-----------------------
+    param NAME = VALUE        a default; `-D NAME=VALUE` on the command line wins
+    ... $NAME ...             substituted inside any word: `host h[1..$n] on lan1`
+    include "FILE"            relative to the including file; cycles are errors
+
+Images
+------
+    image NAME from "PATH"    an image spec (imagegen TOML) for vm nodes
+
+Address pools
+-------------
+    pool NAME CIDR [per /LEN]
+The first pool of each family (IPv4, IPv6) is its default. Switches take one
+subnet of LEN (default /24 for IPv4, /64 for IPv6) from the default pool of each
+declared family; point-to-point links take a /30 (IPv4) and /126 (IPv6).
+Explicit subnets anywhere are skipped by pools; pools may not overlap.
+
+Switches
+--------
+    switch REF [subnet CIDR|POOL|auto|none]... [mtu N] [vde]
+`subnet` may be repeated (one per family). Without `subnet`: `auto` when a pool
+exists; otherwise the subnet is derived from the explicit addresses (with prefix
+length) of the interfaces on it, or the switch is layer 2 only. `vde` runs the
+switch as a vde_switch process instead of a Linux bridge. A switch with VLANs is
+one layer-2 network per VLAN; `subnet CIDR` describes its untagged network, each
+VLAN gets an automatic subnet.
+
+Nodes
+-----
+    host   REF [on ATTACH]... [route CIDR via ADDR]...
+    vm     REF image NAME [mem SIZE] [vcpus N] [driver qemu|libvirt|container] [on ATTACH]...
+    router REF [on ATTACH]... [ospf [area N] [cost N]] [bgp [as] N] [route CIDR via ADDR]...
+           [image NAME [mem SIZE] [vcpus N] [driver D]]      (with an image: a VM router)
+A block form puts properties on their own lines; `iface` is a synonym of `on`:
+
+    router gw {
+      iface core 10.0.0.1/24
+      iface lan* auto          # one interface per matching switch
+      ospf area 0
+    }
+
+ATTACH is `SWITCH-REF [ADDRESS|auto|none]... [vlan N] [LINK-PROPS]`:
+
+- no address or `auto`: an address from each subnet of that network; `none`:
+  no address (layer 2 only);
+- an explicit address `10.0.0.10` (or `10.0.0.10/24`, `fd00::10/64`): for a
+  counted group, the first address; members get consecutive ones;
+- `vlan N` (1-4094): an untagged access port in VLAN N (the bridge filters VLANs);
+- LINK-PROPS: `rate 100mbit` (tbf), `delay 20ms`, `jitter 2ms`, `loss 0.1%` (netem),
+  `mtu N` (must equal the switch's MTU).
+
+Groups with defaults
+--------------------
+    group NAME [PROPERTY...] {
+      vm web[1..100]           # takes the group's image, mem, ...: its own win
+      host probe on lan2
+    }
+Defaults apply to each member where its kind accepts them; `@NAME` refers to
+all members.
+
+Links
+-----
+    link REF [ADDR...] -- REF [ADDR...] [LINK-PROPS] [vlan N[,M...]] [subnet CIDR|POOL|auto|none]
+- switch -- switch: the two become one layer-2 network (a veth between bridges);
+  with `vlan 10,20` a tagged trunk carrying those VLANs;
+- node -- switch: one more interface on that node (like `on`);
+- node -- node: a point-to-point link with its own /30 (and /126), addresses
+  explicit or automatic. Patterns on both sides link every pair.
+Delay, jitter, loss and rate apply in each direction: a `delay 50ms` link adds
+100 ms to a ping's round trip.
+
+Routing
+-------
+Hosts and vms get a default gateway: the first router on the first of their
+networks that has one (IPv4 and IPv6 separately). Routers without `ospf` or
+`bgp` get static routes computed from the graph: to every subnet they are not on,
+via the first router on a shortest path. `ospf` runs FRR's ospfd on every
+IPv4 interface of the router (hello 1 s, dead 4 s, connected networks
+redistributed); `bgp AS` runs bgpd, peering with every other BGP router on a
+shared network. A router is a network namespace, or a VM when given an image.
+
+Assertions
+----------
+    reachable A B             every node of A can reach every node of B
+Checked when compiling: the nodes share an addressed network, or both have a
+router path (gateways in one routed component).
+
+Compilation
+-----------
+parse (lark, LALR) -> declarations (names expanded) -> wiring (layer-2 networks,
+interfaces) -> addressing (explicit, overlaps, pools) -> routes and checks ->
+networkx graph. Every error has file:line:col, the line and a caret; all are
+reported at once. See `megafleet.netlang.compiler.compile_file`.
+"""
+
+from megafleet.netlang.compiler import compile_file, compile_text  # noqa: F401
+from megafleet.netlang.errors import CompileError  # noqa: F401
