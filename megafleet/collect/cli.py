@@ -359,16 +359,19 @@ def run_command(obj: _Context, host_name: str | None, duration: float | None, in
     host_name = host_name or socket.gethostname().split(".")[0]
     if interval <= 0:
         raise click.BadParameter("must be positive", param_hint="--interval")
-    source = None
+    source = agent_logs = None
     if with_vm:
         try:
-            from megafleet.collect.sources import vm_guest_source
+            from megafleet.collect.sources import vm_agent_logs, vm_guest_source
+            from megafleet.vm.engine import Engine
 
-            source = vm_guest_source()
+            engine = Engine()
+            source, agent_logs = vm_guest_source(engine), vm_agent_logs(engine)
         except ImportError:
             click.echo("vm engine not available: guests are not sampled", err=True)
     try:
         collector = Collector(host_name, obj.store(), spool_dir=spool_dir, guest_source=source,
+                              agent_logs=agent_logs, agent_interval=min(interval, 5.0),
                               guest_interval=interval, iface_interval=interval,
                               host_interval=interval, sniff_interval=interval,
                               switches=switches)

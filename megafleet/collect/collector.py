@@ -23,11 +23,10 @@ import trio
 from megafleet import paths
 from megafleet.collect import docs as D
 from megafleet.collect.pipeline import Pipeline
-from megafleet.collect.samplers import (GuestSampler, GuestSource, HostSampler,
-                                        InterfaceSampler)
+from megafleet.collect.samplers import (AgentLogSampler, GuestSampler, GuestSource,
+                                        HostSampler, InterfaceSampler, agent_line_doc)
 from megafleet.collect.sniff import SwitchSniffer
 from megafleet.collect.spool import Spool
-from megafleet.imagegen.contract import AgentLine, BadLine, ReadyLine, parse_line
 from megafleet.names import check_name
 
 log = logging.getLogger("megafleet.collect")
@@ -37,24 +36,12 @@ def default_spool_dir() -> Path:
     return paths.state_dir() / "telemetry-spool"
 
 
-def agent_fields(line: AgentLine) -> dict[str, Any]:
-    return {
-        "seq": line.seq, "up_s": line.uptime,
-        "load1": line.load[0], "load5": line.load[1], "load15": line.load[2],
-        "mem_total_kb": line.mem_total_kb, "mem_free_kb": line.mem_free_kb,
-        "mem_available_kb": line.mem_available_kb,
-        "ifaces": {name: {"rx_bytes": s.rx_bytes, "rx_packets": s.rx_packets,
-                          "tx_bytes": s.tx_bytes, "tx_packets": s.tx_packets}
-                   for name, s in line.interfaces.items()},
-        "addresses": {name: ",".join(cidrs) for name, cidrs in line.addresses.items()},
-    }
-
-
 class Collector:
     def __init__(self, host: str, store: Any, *, spool_dir: Path | str | None = None,
                  guest_source: GuestSource | None = None, guest_interval: float = 10.0,
                  iface_interval: float = 10.0, host_interval: float = 10.0,
                  switches: Sequence[str] = (), sniff_interval: float = 10.0,
+                 agent_logs=None, agent_interval: float = 5.0,
                  iface_select=None, spool_max_bytes: int = 512 << 20, **pipeline_options: Any):
         self.host = check_name(host, "host")
         self.spool = Spool(spool_dir or default_spool_dir(), max_bytes=spool_max_bytes)
@@ -63,6 +50,8 @@ class Collector:
                                     InterfaceSampler(self.host, iface_interval, iface_select)]
         if guest_source is not None:
             self.samplers.append(GuestSampler(self.host, guest_source, guest_interval))
+        if agent_logs is not None:
+            self.samplers.append(AgentLogSampler(self.host, agent_logs, agent_interval))
         self.sniffers = [SwitchSniffer(self.host, s, interval=sniff_interval) for s in switches]
         self._stop = trio.Event()
         self._seq = 0
@@ -93,17 +82,13 @@ class Collector:
     def agent_line(self, guest: str, line: str) -> None:
         """One line from a guest's agent port or console; lines without a marker
         are ignored, malformed ones become a warning event."""
-        try:
-            parsed = parse_line(line)
-        except BadLine as exc:
-            self.pipeline.submit_event(D.event("agent-error", self.host, level="warning",
-                                               guest=guest, message=str(exc), seq=self._next()))
+        doc = agent_line_doc(self.host, guest, line, seq=self._next())
+        if doc is None:
             return
-        if isinstance(parsed, AgentLine):
-            self.pipeline.submit(D.sample(D.AGENT, self.host, agent_fields(parsed), guest=guest))
-        elif isinstance(parsed, ReadyLine):
-            self.pipeline.submit_event(D.event("ready", self.host, guest=guest,
-                                               uptime_s=parsed.uptime, seq=self._next()))
+        if doc["meta"]["kind"] == "event":
+            self.pipeline.submit_event(doc)
+        else:
+            self.pipeline.submit(doc)
 
     def _sampler_failed(self, name: str, exc: Exception) -> None:
         log.warning("telemetry sampler %s failed: %s", name, exc)
@@ -118,7 +103,8 @@ class Collector:
             async with trio.open_nursery() as inner:
                 for sampler in self.samplers:
                     inner.start_soon(lambda s=sampler: s.run(
-                        self.pipeline.submit, limiter=limiter, on_error=self._sampler_failed))
+                        self.pipeline.submit, submit_event=self.pipeline.submit_event,
+                        limiter=limiter, on_error=self._sampler_failed))
                 for sniffer in self.sniffers:
                     await inner.start(self._sniff, sniffer)
                 task_status.started()

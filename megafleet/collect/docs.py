@@ -69,14 +69,15 @@ def doc_id(meta: dict[str, Any], time_ms: int, extra: str = "") -> str:
 
 
 def sample(kind: str, host: str, fields: dict[str, Any], *, time_ms: int | None = None,
-           **meta: Any) -> dict[str, Any]:
-    """A sample document of `kind` about `host` (and the subject in `meta`)."""
+           extra: str = "", **meta: Any) -> dict[str, Any]:
+    """A sample document of `kind` about `host` (and the subject in `meta`);
+    `extra` disambiguates two samples of one subject in the same millisecond."""
     if kind not in SAMPLE_KINDS:
         raise ValueError(f"unknown sample kind {kind!r}; known: {', '.join(SAMPLE_KINDS)}")
     ms = now_ms() if time_ms is None else int(time_ms)
     m = {"kind": kind, "host": host}
     m.update({k: v for k, v in meta.items() if v is not None})
-    doc = {"_id": doc_id(m, ms), "time": ms_to_datetime(ms), "meta": m}
+    doc = {"_id": doc_id(m, ms, extra), "time": ms_to_datetime(ms), "meta": m}
     doc.update(fields)
     return doc
 

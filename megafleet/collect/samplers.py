@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 import trio
 
 from megafleet.collect import docs as D
+from megafleet.imagegen.contract import AgentLine, BadLine, ReadyLine, parse_line
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -43,7 +44,9 @@ GuestSource = Callable[[], Iterable[GuestInfo]]
 
 
 class Sampler:
-    """Base: `interval` seconds between readings, aligned to a steady cadence."""
+    """Base: `interval` seconds between readings, aligned to a steady cadence.
+    `run` hands samples to `submit` and events (meta.kind "event") to
+    `submit_event` (default: `submit`)."""
 
     name = "sampler"
 
@@ -57,8 +60,10 @@ class Sampler:
         raise NotImplementedError
 
     async def run(self, submit: Callable[[dict[str, Any]], None], *,
+                  submit_event: Callable[[dict[str, Any]], None] | None = None,
                   limiter: trio.CapacityLimiter | None = None,
                   on_error: Callable[[str, Exception], None] | None = None) -> None:
+        submit_event = submit_event or submit
         next_at = trio.current_time()
         while True:
             try:
@@ -68,7 +73,7 @@ class Sampler:
                     on_error(self.name, exc)
                 docs = []
             for doc in docs:
-                submit(doc)
+                (submit_event if doc["meta"]["kind"] == "event" else submit)(doc)
             next_at += self.interval
             now = trio.current_time()
             if next_at < now:  # we fell behind: skip missed ticks, keep the cadence
@@ -281,3 +286,79 @@ class HostSampler(Sampler):
             fields["ksm"] = ksm["counters"]
             fields["ksm_saving_bytes"] = ksm["saving_bytes"]
         return [D.sample(D.HOST, self.host, fields, time_ms=now_ms)]
+
+
+# --- guest agent lines -------------------------------------------------------------
+
+def agent_fields(line: AgentLine) -> dict[str, Any]:
+    return {
+        "seq": line.seq, "up_s": line.uptime,
+        "load1": line.load[0], "load5": line.load[1], "load15": line.load[2],
+        "mem_total_kb": line.mem_total_kb, "mem_free_kb": line.mem_free_kb,
+        "mem_available_kb": line.mem_available_kb,
+        "ifaces": {name: {"rx_bytes": s.rx_bytes, "rx_packets": s.rx_packets,
+                          "tx_bytes": s.tx_bytes, "tx_packets": s.tx_packets}
+                   for name, s in line.interfaces.items()},
+        "addresses": {name: ",".join(cidrs) for name, cidrs in line.addresses.items()},
+    }
+
+
+def agent_line_doc(host: str, guest: str, line: str, *, seq: int = 0,
+                   time_ms: int | None = None) -> dict[str, Any] | None:
+    """The document for one console or agent-port line (guest contract): an
+    `agent` sample, a `ready` event, an `agent-error` warning event for a
+    malformed marked line, or None for lines without a marker."""
+    try:
+        parsed = parse_line(line)
+    except BadLine as exc:
+        return D.event("agent-error", host, level="warning", guest=guest, message=str(exc),
+                       seq=seq, time_ms=time_ms)
+    if isinstance(parsed, AgentLine):
+        return D.sample(D.AGENT, host, agent_fields(parsed), guest=guest, time_ms=time_ms,
+                        extra=str(parsed.seq))
+    if isinstance(parsed, ReadyLine):
+        return D.event("ready", host, guest=guest, uptime_s=parsed.uptime, seq=seq,
+                       time_ms=time_ms)
+    return None
+
+
+class AgentLogSampler(Sampler):
+    """Follows the files where guests' agent lines land (the qemu driver's
+    agent.log of each guest): every interval, the new complete lines of each
+    become documents. `source` returns (guest, path) pairs."""
+
+    name = "agent-logs"
+    MAX_READ = 1 << 20  # per file and interval: a runaway guest cannot stall us
+
+    def __init__(self, host: str, source: Callable[[], Iterable[tuple[str, str]]],
+                 interval: float = 5.0):
+        super().__init__(host, interval)
+        self.source = source
+        self._offsets: dict[tuple[str, str], int] = {}
+        self._seq = 0
+
+    def sample(self, now_ms: int) -> list[dict[str, Any]]:
+        out = []
+        offsets = {}
+        for guest, path in self.source():
+            key = (guest, str(path))
+            offset = self._offsets.get(key, 0)
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < offset:
+                        offset = 0  # the file was recreated (guest restarted)
+                    f.seek(offset)
+                    data = f.read(self.MAX_READ)
+            except OSError:
+                continue
+            complete = data.rfind(b"\n") + 1  # a partial last line waits for its end
+            offsets[key] = offset + complete
+            for raw in data[:complete].splitlines():
+                self._seq += 1
+                doc = agent_line_doc(self.host, guest, raw.decode(errors="replace"),
+                                     seq=self._seq, time_ms=now_ms)
+                if doc is not None:
+                    out.append(doc)
+        self._offsets = offsets
+        return out

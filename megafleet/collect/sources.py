@@ -3,6 +3,8 @@
 - `vm_guest_source(engine)`: the guests of the vm engine's per-host state
   (`Engine.list()`: name, image, state reconciled with /proc, pid, RSS), as the
   `GuestSource` the guest sampler reads every interval.
+- `vm_agent_logs(engine)`: (guest, agent.log path) of each guest the qemu driver
+  started, for the agent-log sampler (the guest agent's lines land there).
 - `boot_progress(collector, specs)`: a `progress` callback for
   `megafleet.vm.manifest.apply` that turns each finished guest into a `boot`
   event (duration, or failure reason) without blocking the engine.
@@ -32,6 +34,20 @@ def vm_guest_source(engine: Any = None, pattern: str = "*") -> Callable[[], list
                 for v in engine.list(pattern)]
 
     return guests
+
+
+def vm_agent_logs(engine: Any = None, pattern: str = "*") -> Callable[[], list[tuple[str, str]]]:
+    """An agent-log source over the vm engine's state (blocking)."""
+    if engine is None:
+        from megafleet.vm.engine import Engine
+
+        engine = Engine()
+
+    def logs() -> list[tuple[str, str]]:
+        return [(rec.name, rec.handle["agent"]) for rec in engine.state.list(pattern)
+                if rec.handle.get("agent")]
+
+    return logs
 
 
 def boot_progress(collector: Any, specs: Iterable[Any],
