@@ -3,14 +3,18 @@
 What gets created, for a testbed called NAME (a short prefix, e.g. `lab1`):
 
 - one network namespace `NAME-NODE` per host and per namespace router;
-- per switch a Linux bridge (`vlan_filtering` when a VLAN is used on it) or, with
-  `vde`, a vde_switch process;
+- per switch a Linux bridge, and one more bridge per VLAN used on it (this
+  host's kernel has neither bridge VLAN filtering nor 802.1Q, so a VLAN is its
+  own bridge: access ports are isolated exactly as with tags, and a trunk between
+  two switches is one veth pair per VLAN); with `vde`, a vde_switch process;
 - per interface on a switch a veth pair: `ethN` inside the node's namespace, the
   host end enslaved to the bridge (a VLAN makes it an untagged access port); on a
   VDE switch a vde_plug2tap process inside the namespace makes `ethN` instead;
 - per point-to-point link a veth pair between the two namespaces; per switch link a
-  veth pair between the two bridges (tagged for the listed VLANs);
-- tc netem (delay, jitter, loss) and tbf (rate) on both ends of shaped links;
+  veth pair between the two bridges (per listed VLAN);
+- links with delay, jitter or loss: this host's kernel has no netem, so such a
+  link is VDE's wirefilter between two vde_switch processes that own a tap at
+  each end (see `Wire`); rate is tc tbf on the kernel interfaces at both ends;
 - routers: forwarding on, static routes from the compiler, or zebra + ospfd/bgpd
   with generated configuration, running inside the router's namespace;
 - vm nodes: a tap per interface on the bridge, then the vm engine boots them.
@@ -82,14 +86,34 @@ class Port:
 
 
 @dataclass
+class Wire:
+    """An impaired link (delay, jitter, loss): this kernel has no netem, so the
+    impairment is VDE's wirefilter between two small vde_switch processes, each
+    owning a tap at one end (inside a namespace, or on the host enslaved to a
+    bridge), or plugged straight into a VDE switch of the description."""
+
+    key: str
+    # ("ns", namespace, ifname) | ("bridge", bridge, host ifname) | ("vde", socket dir)
+    ends: list[tuple]
+    mtu: int
+    props: LinkProps
+
+
+def impaired(props: LinkProps) -> bool:
+    return any(v is not None for v in (props.delay_us, props.jitter_us, props.loss_pct))
+
+
+@dataclass
 class Plan:
     name: str
     netns: dict[str, str] = field(default_factory=dict)          # node -> namespace
-    bridges: dict[str, tuple[str, bool, int]] = field(default_factory=dict)   # switch -> (ifname, vlan filtering, mtu)
+    # (switch, VLAN or None) -> (bridge ifname, mtu)
+    bridges: dict[tuple[str, int | None], tuple[str, int]] = field(default_factory=dict)
     vde: dict[str, Path] = field(default_factory=dict)           # switch -> socket directory
     ports: list[Port] = field(default_factory=list)
     p2p: list[tuple[str, str, str, str, int, LinkProps]] = field(default_factory=list)
     swlinks: list[tuple[str, str, str, str, list[int], int, LinkProps]] = field(default_factory=list)
+    wires: list["Wire"] = field(default_factory=list)
     ns_lines: dict[str, list[str]] = field(default_factory=dict)  # namespace -> ip batch lines
     routers: list[str] = field(default_factory=list)             # namespace routers (forwarding)
     frr: dict[str, dict[str, str]] = field(default_factory=dict)  # router -> daemon -> config text
@@ -112,14 +136,23 @@ def plan(net: Net, name: str) -> Plan:
         if sw.vde:
             p.vde[sw.name] = run_base(name) / "vde" / sw.name
         else:
-            p.bridges[sw.name] = (ifname(name, "b", sw.name), bool(sw.vlans), sw.mtu)
+            p.bridges[(sw.name, None)] = (ifname(name, "b", sw.name), sw.mtu)
+            for v in sorted(sw.vlans):
+                p.bridges[(sw.name, v)] = (ifname(name, "b", sw.name, str(v)), sw.mtu)
     for link in net.switch_links:
         if link.a in p.vde or link.b in p.vde:
             raise LiveError(f"{link.loc}: links from a VDE switch ({link.a} -- {link.b}) are not supported; "
                             f"use Linux bridges for switches joined by links")
         mtu = link.props.mtu or net.switches[link.a].mtu
-        p.swlinks.append((ifname(name, "l", link.a, link.b), ifname(name, "m", link.a, link.b),
-                          link.a, link.b, link.vlans, mtu, link.props))
+        for v in link.vlans or [None]:
+            tag = [] if v is None else [str(v)]
+            a_if, b_if = ifname(name, "l", link.a, link.b, *tag), ifname(name, "m", link.a, link.b, *tag)
+            br_a, br_b = p.bridges[(link.a, v)][0], p.bridges[(link.b, v)][0]
+            if impaired(link.props):
+                p.wires.append(Wire(ifname(name, "w", link.a, link.b, *tag),
+                                    [("bridge", br_a, a_if), ("bridge", br_b, b_if)], mtu, link.props))
+            else:
+                p.swlinks.append((a_if, b_if, br_a, br_b, mtu, link.props))
     seen_p2p: set[str] = set()
     for g, k, node in net.iter_nodes():
         view = net.node(node)
@@ -134,6 +167,12 @@ def plan(net: Net, name: str) -> Plan:
             if iface.switch is not None:
                 kind = "tap" if is_vm else ("vde" if iface.switch in p.vde else "veth")
                 host_if = ifname(name, node, str(iface.index))
+                if ns is not None and impaired(iface.props):
+                    kind = "wire"
+                    far = ("vde", str(p.vde[iface.switch])) if iface.switch in p.vde else \
+                        ("bridge", p.bridges[(iface.switch, iface.vlan)][0], host_if)
+                    p.wires.append(Wire(ifname(name, "w", node, str(iface.index)),
+                                        [("ns", ns, eth), far], mtu, iface.props))
                 p.ports.append(Port(node, ns, eth, host_if, iface.switch, iface.vlan, mtu, iface.props, kind))
             elif ns is not None:
                 peer_ns = p.netns.get(iface.peer) or f"{name}-{iface.peer}"
@@ -142,7 +181,11 @@ def plan(net: Net, name: str) -> Plan:
                     seen_p2p.add(key)
                     peer_eth = next(e for e, i, _ in net.node(iface.peer).ifaces
                                     if i.domain is iface.domain)
-                    p.p2p.append((ns, eth, peer_ns, peer_eth, mtu, iface.props))
+                    if impaired(iface.props):
+                        p.wires.append(Wire(ifname(name, "w", *sorted((node, iface.peer))),
+                                            [("ns", ns, eth), ("ns", peer_ns, peer_eth)], mtu, iface.props))
+                    else:
+                        p.p2p.append((ns, eth, peer_ns, peer_eth, mtu, iface.props))
             else:
                 raise LiveError(f"{iface.loc}: point-to-point links to a vm ({node}) are not supported; "
                                 f"put the vm on a switch")
@@ -166,8 +209,8 @@ def plan(net: Net, name: str) -> Plan:
         else:
             p.vms.append(_guest_spec(net, name, node, view, nics))
     p.digest = hashlib.sha256(json.dumps(
-        [sorted(p.netns.items()), sorted(p.bridges.items()), sorted(map(str, p.vde.items())),
-         [repr(x) for x in p.ports], [repr(x) for x in p.p2p], [repr(x) for x in p.swlinks],
+        [sorted(p.netns.items()), sorted(map(repr, p.bridges.items())), sorted(map(str, p.vde.items())),
+         [repr(x) for x in p.ports], [repr(x) for x in p.p2p], [repr(x) for x in p.swlinks], [repr(x) for x in p.wires],
          sorted(p.ns_lines.items()), sorted(p.frr.items()), [repr(v) for v in p.vms]],
         default=str).encode()).hexdigest()
     return p
@@ -251,28 +294,13 @@ def pids_in_netns(namespaces: list[str]) -> list[int]:
     return out
 
 
-def _netem_lines(dev: str, props: LinkProps) -> list[str]:
-    """tc batch lines shaping `dev`: netem for delay/jitter/loss, tbf for rate
-    (as netem's child when both)."""
-    lines = []
-    netem = []
-    if props.delay_us is not None or props.jitter_us is not None:
-        netem += ["delay", f"{props.delay_us or 0}us"]
-        if props.jitter_us is not None:
-            netem += [f"{props.jitter_us}us"]
-    if props.loss_pct is not None:
-        netem += ["loss", f"{props.loss_pct}%"]
-    tbf = []
-    if props.rate_bit is not None:
-        burst = max(1600, props.rate_bit // 8 // 250)      # ~4 ms worth of bytes
-        tbf = ["tbf", "rate", f"{props.rate_bit}bit", "burst", str(burst), "latency", "50ms"]
-    if netem:
-        lines.append(" ".join(["qdisc", "replace", "dev", dev, "root", "handle", "1:", "netem"] + netem))
-        if tbf:
-            lines.append(" ".join(["qdisc", "replace", "dev", dev, "parent", "1:1", "handle", "10:"] + tbf))
-    elif tbf:
-        lines.append(" ".join(["qdisc", "replace", "dev", dev, "root", "handle", "1:"] + tbf))
-    return lines
+def _tbf_lines(dev: str, props: LinkProps) -> list[str]:
+    """tc batch lines limiting `dev` to the link's rate (tbf). Delay, jitter and
+    loss are not done by tc: this kernel has no netem (see `Wire`)."""
+    if props.rate_bit is None:
+        return []
+    burst = max(1600, props.rate_bit // 8 // 250)      # ~4 ms worth of bytes
+    return [f"qdisc replace dev {dev} root handle 1: tbf rate {props.rate_bit}bit burst {burst} latency 50ms"]
 
 
 # ---------------------------------------------------------------------------
@@ -319,6 +347,9 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
              f"({time.monotonic() - t0:.1f} s)")
     if p.vde:
         await trio.to_thread.run_sync(_start_vde, p, ledger)
+    if p.wires:
+        await trio.to_thread.run_sync(_start_wires, p, ledger)
+        progress(f"started {len(p.wires)} impaired links (vde wirefilter)")
     t1 = time.monotonic()
     done = 0
     ns_items = sorted(p.ns_lines.items())
@@ -356,17 +387,15 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
 
 def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
     t = p.name
-    links = [br for br, _, _ in p.bridges.values()]
+    links = [br for br, _ in p.bridges.values()]
     links += [port.host_if for port in p.ports if port.kind in ("veth", "tap")]
     links += [x for a, b, *_ in p.swlinks for x in (a, b)]
     # Record before create.
     ledger.record_many(OWNER, "netns", [(f"{t}/{ns}", {"ns": ns}) for ns in p.netns.values()])
     ledger.record_many(OWNER, "link", [(f"{t}/{name}", {"ifname": name}) for name in links])
     lines = [f"netns add {ns}" for ns in p.netns.values()]
-    bridge_lines = []
-    for sw, (br, vlans, mtu) in p.bridges.items():
-        lines.append(f"link add {br} type bridge" + (" vlan_filtering 1" if vlans else "")
-                     + (f" mtu {mtu}" if mtu != 1500 else ""))
+    for br, mtu in p.bridges.values():
+        lines.append(f"link add {br} type bridge" + (f" mtu {mtu}" if mtu != 1500 else ""))
         lines.append(f"link set {br} up")
     for port in p.ports:
         if port.kind == "veth":
@@ -377,22 +406,15 @@ def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
             lines.append(f"link set {port.host_if} mtu {port.mtu}")
         else:
             continue
-        br = p.bridges[port.switch][0]
+        br = p.bridges[(port.switch, port.vlan)][0]
         lines.append(f"link set {port.host_if} master {br} up")
-        if port.vlan is not None:
-            bridge_lines.append(f"vlan add dev {port.host_if} vid {port.vlan} pvid untagged")
-            bridge_lines.append(f"vlan del dev {port.host_if} vid 1")
     for ns_a, eth_a, ns_b, eth_b, mtu, _ in p.p2p:
         lines.append(f"link add {eth_a} mtu {mtu} netns {ns_a} type veth peer name {eth_b} mtu {mtu} netns {ns_b}")
-    for if_a, if_b, sw_a, sw_b, vlans, mtu, _ in p.swlinks:
+    for if_a, if_b, br_a, br_b, mtu, _ in p.swlinks:
         lines.append(f"link add {if_a} mtu {mtu} type veth peer name {if_b} mtu {mtu}")
-        lines.append(f"link set {if_a} master {p.bridges[sw_a][0]} up")
-        lines.append(f"link set {if_b} master {p.bridges[sw_b][0]} up")
-        for v in vlans:
-            bridge_lines.append(f"vlan add dev {if_a} vid {v}")
-            bridge_lines.append(f"vlan add dev {if_b} vid {v}")
+        lines.append(f"link set {if_a} master {br_a} up")
+        lines.append(f"link set {if_b} master {br_b} up")
     _batch(["ip"], lines)
-    _batch(["bridge"], bridge_lines)
 
 
 def _start_vde(p: Plan, ledger: Ledger) -> None:
@@ -426,6 +448,61 @@ def _start_vde(p: Plan, ledger: Ledger) -> None:
                 time.sleep(0.05)
 
 
+def _start_wires(p: Plan, ledger: Ledger) -> None:
+    base = run_base(p.name) / "wire"
+    base.mkdir(parents=True, exist_ok=True)
+    ledger.record(OWNER, "dir", f"{p.name}/wire", path=str(base))
+    host_taps = [e[2] for w in p.wires for e in w.ends if e[0] == "bridge"]
+    ledger.record_many(OWNER, "link", [(f"{p.name}/{t}", {"ifname": t}) for t in host_taps])
+
+    def daemon(key: str, argv: list[str], pidfile: Path) -> None:
+        ledger.record(OWNER, "process", key, pidfile=str(pidfile))
+        proc.run(argv)
+        _record_pidfile(ledger, key, pidfile)
+
+    waits: list[tuple[str | None, str]] = []
+    for wire in p.wires:
+        socks = []
+        for i, end in enumerate(wire.ends):
+            if end[0] == "vde":
+                socks.append(end[1])
+                continue
+            sock = base / f"{wire.key}.{i}"
+            pidfile = base / f"{wire.key}.{i}.pid"
+            tap = end[2]
+            argv = ["vde_switch", "-s", str(sock), "-t", tap, "-d", "-p", str(pidfile), "--dirmode", "0700"]
+            if end[0] == "ns":
+                argv = ["ip", "netns", "exec", end[1]] + argv
+            daemon(f"{p.name}/wire/{wire.key}.{i}", argv, pidfile)
+            socks.append(str(sock))
+            waits.append((end[1] if end[0] == "ns" else None, tap))
+        props = wire.props
+        argv = ["wirefilter", "-v", f"{socks[0]}:{socks[1]}", "--daemon",
+                "--pidfile", str(base / f"{wire.key}.wf.pid")]
+        if props.delay_us is not None or props.jitter_us is not None:
+            delay = f"{(props.delay_us or 0) / 1000:g}"
+            if props.jitter_us:
+                delay += f"+{props.jitter_us / 1000:g}"
+            argv += ["-d", delay]
+        if props.loss_pct is not None:
+            argv += ["-l", f"{props.loss_pct:g}"]
+        daemon(f"{p.name}/wire/{wire.key}.wf", argv, base / f"{wire.key}.wf.pid")
+    deadline = time.monotonic() + 10
+    for ns, tap in waits:
+        argv = (["ip", "-n", ns] if ns else ["ip"]) + ["link", "show", tap]
+        while proc.run(argv, check=False).returncode:
+            if time.monotonic() > deadline:
+                raise LiveError(f"vde_switch did not create {tap}" + (f" in {ns}" if ns else ""))
+            time.sleep(0.05)
+    lines = []
+    for wire in p.wires:
+        for end in wire.ends:
+            if end[0] == "bridge":
+                _, br, tap = end
+                lines += [f"link set {tap} mtu {wire.mtu}", f"link set {tap} master {br} up"]
+    _batch(["ip"], lines)
+
+
 def _record_pidfile(ledger: Ledger, key: str, pidfile: Path) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -443,18 +520,22 @@ def _shape_and_route(p: Plan) -> None:
     host_tc = []
     ns_tc: dict[str, list[str]] = {}
     for port in p.ports:
-        if port.props.shaped():
+        if port.props.rate_bit is not None and port.kind != "wire":
             if port.kind in ("veth", "tap"):
-                host_tc += _netem_lines(port.host_if, port.props)
+                host_tc += _tbf_lines(port.host_if, port.props)
             if port.ns is not None:
-                ns_tc.setdefault(port.ns, []).extend(_netem_lines(port.eth, port.props))
+                ns_tc.setdefault(port.ns, []).extend(_tbf_lines(port.eth, port.props))
     for ns_a, eth_a, ns_b, eth_b, _, props in p.p2p:
-        if props.shaped():
-            ns_tc.setdefault(ns_a, []).extend(_netem_lines(eth_a, props))
-            ns_tc.setdefault(ns_b, []).extend(_netem_lines(eth_b, props))
+        ns_tc.setdefault(ns_a, []).extend(_tbf_lines(eth_a, props))
+        ns_tc.setdefault(ns_b, []).extend(_tbf_lines(eth_b, props))
     for if_a, if_b, *_, props in p.swlinks:
-        if props.shaped():
-            host_tc += _netem_lines(if_a, props) + _netem_lines(if_b, props)
+        host_tc += _tbf_lines(if_a, props) + _tbf_lines(if_b, props)
+    for wire in p.wires:
+        for end in wire.ends:
+            if end[0] == "ns":
+                ns_tc.setdefault(end[1], []).extend(_tbf_lines(end[2], wire.props))
+            elif end[0] == "bridge":
+                host_tc += _tbf_lines(end[2], wire.props)
     _batch(["tc"], host_tc)
     for ns, lines in ns_tc.items():
         _batch(["tc", "-n", ns], lines)

@@ -1,0 +1,202 @@
+"""Live networks on this host (root): namespaces, bridges, veths, netem, VLANs,
+VDE, static and OSPF routing, idempotent up, teardown after a crash. Every test
+asserts that nothing with its testbed prefix is left: no namespace, no link, no
+process, no ledger record. Only addresses inside our own namespaces are pinged."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megafleet import proc
+from megafleet.ledger import Ledger
+from megafleet.netlang import live
+from megafleet.netlang.compiler import compile_file, compile_text
+
+pytestmark = pytest.mark.root
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _root(root_only):
+    pass
+
+
+def leftovers(testbed: str) -> dict:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    links = [m for m in re.findall(r"^\d+: ([^:@]+)", out, re.M) if m.startswith(testbed)]
+    return {
+        "netns": sorted(n for n in live.existing_netns() if n.startswith(testbed + "-")),
+        "links": links,
+        "ledger": [(r.kind, r.key) for r in Ledger().list(live.OWNER)
+                   if r.key == testbed or r.key.startswith(testbed + "/")],
+    }
+
+
+def clean(testbed: str) -> dict:
+    """What leftovers(testbed) must be after teardown."""
+    return {"netns": [], "links": [], "ledger": []}
+
+
+def ping(ns: str, addr: str, count: int = 1, timeout: int = 2) -> subprocess.CompletedProcess:
+    return proc.run(["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.2",
+                     "-W", str(timeout), addr], check=False)
+
+
+def addr_of(net, node: str, iface: int = 0) -> str:
+    return net.node(node).ifaces[iface][2][4].split("/")[0]
+
+
+@pytest.fixture
+def testbed(request):
+    names = []
+
+    def use(name: str) -> str:
+        names.append(name)
+        return name
+
+    yield use
+    for name in names:
+        live.down(name)
+        assert leftovers(name) == clean(name)
+
+
+def test_two_subnets_joined_by_a_router(testbed):
+    name = testbed("mfnr")
+    net = compile_text("pool p 10.71.0.0/16\nswitch lan[1..2]\nrouter gw on lan1 on lan2\n"
+                       "host a[1..3] on lan1\nhost b[1..3] on lan2\nreachable a* b*\n")
+    result = live.up(net, name)
+    assert result["namespaces"] == 7 and result["changed"]
+    for a in ("a1", "a2", "a3"):
+        for b in ("b1", "b2", "b3"):
+            r = ping(f"{name}-{a}", addr_of(net, b))
+            assert r.returncode == 0, r.stdout + r.stderr
+    # The router forwards, and the hosts' gateway is the router.
+    routes = proc.run(["ip", "-n", f"{name}-a1", "route"]).stdout
+    assert f"default via {addr_of(net, 'gw', 0)}" in routes
+    # Up again: nothing changes.
+    before = leftovers(name)
+    again = live.up(net, name)
+    assert again["changed"] is False and leftovers(name) == before
+    # Another description under the same name is refused, nothing touched.
+    other = compile_text("pool p 10.72.0.0/16\nswitch lan\nhost z on lan\n")
+    with pytest.raises(live.LiveError, match="different description"):
+        live.up(other, name)
+    assert leftovers(name) == before
+    down = live.down(name)
+    assert down["namespaces"] == 7
+    assert leftovers(name) == clean(name)
+    live.down(name)     # twice is fine
+
+
+def test_a_50ms_link_measured_by_ping(testbed):
+    name = testbed("mfnd")
+    net = compile_text("pool p 10.73.0.0/16\nhost a\nhost b\nlink a -- b delay 50ms\n"
+                       "switch s\nhost c on s delay 50ms\nhost d on s\n")
+    live.up(net, name)
+    # 50 ms each way: a round trip of at least 100 ms (the first ping also waits
+    # for ARP, so the minimum is the measure).
+    for src, dst in (("a", "b"), ("d", "c")):
+        r = ping(f"{name}-{src}", addr_of(net, dst), count=4, timeout=3)
+        assert r.returncode == 0, r.stdout
+        rtt_min = float(re.search(r"= ([\d.]+)/", r.stdout).group(1))
+        assert 99 <= rtt_min < 250, r.stdout
+    # Without a delay, the same bridge answers fast.
+    r = ping(f"{name}-d", addr_of(net, "d"), count=1)
+    assert r.returncode == 0
+
+
+def test_vlans_separate_hosts_on_one_bridge(testbed):
+    name = testbed("mfnv")
+    net = compile_text("switch s\nhost a on s 10.74.0.1/24 vlan 10\nhost b on s 10.74.0.2/24 vlan 10\n"
+                       "host c on s 10.74.1.3/24 vlan 20\nhost d on s 10.74.2.4/24\n")
+    live.up(net, name)
+    assert ping(f"{name}-a", "10.74.0.2").returncode == 0
+    # Make the other subnets on-link everywhere: only the VLANs can keep them apart.
+    for n in "acd":
+        for sub in ("10.74.0.0/16",):
+            proc.run(["ip", "-n", f"{name}-{n}", "route", "add", sub, "dev", "eth0"])
+    assert ping(f"{name}-a", "10.74.1.3", timeout=1).returncode != 0
+    assert ping(f"{name}-a", "10.74.2.4", timeout=1).returncode != 0
+    # VLAN 10 is its own bridge holding a's and b's ports.
+    from megafleet.names import ifname
+    out = proc.run(["ip", "-o", "link", "show", "master", ifname(name, "b", "s", "10")]).stdout
+    assert "mfnva-0" in out and "mfnvb-0" in out and "mfnvc-0" not in out
+
+
+def test_vde_switch(testbed):
+    name = testbed("mfne")
+    net = compile_text("pool p 10.75.0.0/16\nswitch s vde\nhost a on s\nhost b on s\n")
+    live.up(net, name)
+    recorded = [proc.RecordedProcess(r.data["pid"], r.data["start"])
+                for r in Ledger().list(live.OWNER, "process") if r.key.startswith(name + "/")]
+    assert len(recorded) == 3       # the switch and one plug per host
+    assert ping(f"{name}-a", addr_of(net, "b"), timeout=3).returncode == 0
+    live.down(name)
+    assert not any(rp.alive() for rp in recorded)
+
+
+def test_three_frr_routers_converge_and_survive_a_cut(testbed):
+    name = testbed("mfno")
+    net = compile_file(str(REPO / "examples" / "triangle.fleet"))
+    live.up(net, name)
+    recorded = [(r.data["pid"], r.data["start"]) for r in Ledger().list(live.OWNER, "process")
+                if r.key.startswith(name + "/frr/")]
+    assert len(recorded) == 6       # zebra + ospfd on three routers
+    b = addr_of(net, "b")
+
+    def reaches(deadline_s: float) -> bool:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if ping(f"{name}-a", b, timeout=1).returncode == 0:
+                return True
+            time.sleep(0.5)
+        return False
+
+    assert reaches(60), "OSPF did not converge"
+    routes = proc.run(["ip", "-n", f"{name}-r1", "route"]).stdout
+    assert "proto ospf" in routes
+    # Cut the direct link r1 -- r3 (r1's eth2): traffic must go round through r2.
+    direct = next(eth for eth, i, _ in net.node("r1").ifaces if i.peer == "r3")
+    proc.run(["ip", "-n", f"{name}-r1", "link", "del", direct])
+    assert reaches(60), "no path after the cut"
+    trace = proc.run(["ip", "-n", f"{name}-r1", "route", "get", b]).stdout
+    r2_side = next(a[4].split("/")[0] for _, i, a in net.node("r2").ifaces if i.peer == "r1")
+    assert f"via {r2_side}" in trace
+    live.down(name)
+    assert all(not proc.RecordedProcess(pid, start).alive() for pid, start in recorded)
+
+
+def test_teardown_after_a_crash_during_up(testbed, tmp_path):
+    name = testbed("mfnc")
+    desc = tmp_path / "crash.fleet"
+    desc.write_text("pool p 10.76.0.0/16\nswitch lan[1..4]\nrouter gw on lan*\n"
+                    + "".join(f"host h{i}x[1..50] on lan{i}\n" for i in range(1, 5)))
+    child = subprocess.Popen([sys.executable, "-m", "megafleet", "net", "up", str(desc), "-N", name],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill it as soon as it has started creating things.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(n.startswith(name + "-") for n in live.existing_netns()):
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert leftovers(name)["ledger"], "the ledger must list what was being created"
+    # A shell left running inside one of the namespaces is found and stopped too.
+    some_ns = next((n for n in live.existing_netns() if n.startswith(name + "-")), None)
+    sleeper = None
+    if some_ns:
+        sleeper = subprocess.Popen(["ip", "netns", "exec", some_ns, "sleep", "300"])
+        time.sleep(0.2)
+    result = subprocess.run([sys.executable, "-m", "megafleet", "net", "down", name],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert leftovers(name) == clean(name)
+    if sleeper:
+        assert sleeper.wait(timeout=5) is not None
