@@ -68,12 +68,13 @@ def emit(rows: Any, as_json: bool, show) -> None:
 class _Context:
     def __init__(self, uri: str | None):
         self.uri = uri
+        self.ttl_seconds: int | None = None
         self._store = None
 
     def store(self):
         if self._store is None:
             try:
-                self._store = open_store(self.uri)
+                self._store = open_store(self.uri, ttl_seconds=self.ttl_seconds)
             except ValueError as exc:
                 raise click.UsageError(str(exc)) from None
         return self._store
@@ -120,6 +121,7 @@ def telemetry(ctx: click.Context, uri: str | None) -> None:
       events       boots, teardowns, errors, drop reports
       find         any documents, by a MongoDB filter
       info         the store and what it supports
+      prune        remove old telemetry (where the server has no TTL)
     Collecting:
       run          sample this host for a while (the agent does this itself)
 
@@ -331,6 +333,34 @@ def info(obj: _Context, as_json: bool) -> None:
     emit(result, as_json, lambda: table([result], [(k, k.upper()) for k in result], ""))
 
 
+@telemetry.command()
+@click.option("--older-than", "older_than", required=True,
+              help="Remove documents older than this (30m, 12h, 7d, or an ISO date).")
+@click.option("--events/--no-events", "with_events", default=False, show_default=True,
+              help="Also remove old events (by default only samples go).")
+@json_option
+@click.pass_obj
+def prune(obj: _Context, older_than: str, with_events: bool, as_json: bool) -> None:
+    """Remove old telemetry.
+
+    MongoDB servers with TTL support expire samples themselves when the
+    collector was started with a TTL (see `info`); this does the same on any
+    store (SQLite, FerretDB).
+    """
+    try:
+        cutoff = Q.parse_since(older_than)
+    except Q.BadQuery as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[-1], param_hint="--older-than") from None
+    if cutoff is None:
+        raise click.BadParameter("give a duration or a date", param_hint="--older-than")
+    store = obj.store()
+    collections = list(D.COLLECTIONS) if with_events else [D.SAMPLES]
+    removed = {c: _run_query(store.delete_before, c, cutoff) for c in collections}
+    result = {"before": cutoff, **removed}
+    emit(result, as_json, lambda: click.echo(
+        ", ".join(f"{n} {c}" for c, n in removed.items()) + f" removed (older than {_cell(cutoff)} UTC)"))
+
+
 @telemetry.command("run")
 @click.option("--host", "host_name", default=None, help="Host name in the documents (default: this machine's).")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
@@ -340,9 +370,13 @@ def info(obj: _Context, as_json: bool) -> None:
               help="Sample the guests of the vm engine on this host.")
 @click.option("--spool", "spool_dir", type=click.Path(file_okay=False), default=None,
               help="Spool directory while the store is away (default: in the state directory).")
+@click.option("--ttl", default=None,
+              help="Let the server expire samples after this long (7d, 12h), where it supports "
+                   "TTL indexes; see `info`. Otherwise use `prune`.")
 @click.pass_obj
 def run_command(obj: _Context, host_name: str | None, duration: float | None, interval: float,
-                switches: tuple[str, ...], with_vm: bool, spool_dir: str | None) -> None:
+                switches: tuple[str, ...], with_vm: bool, spool_dir: str | None,
+                ttl: str | None) -> None:
     """Sample this host (guests, interfaces, host, KSM, switches) into the store.
 
     Prints the pipeline's counters every interval. The megafleet agent runs the
@@ -357,6 +391,11 @@ def run_command(obj: _Context, host_name: str | None, duration: float | None, in
     from megafleet.names import InvalidName
 
     host_name = host_name or socket.gethostname().split(".")[0]
+    if ttl is not None:
+        try:
+            obj.ttl_seconds = int(Q.parse_duration(ttl))
+        except Q.BadQuery as exc:
+            raise click.BadParameter(str(exc), param_hint="--ttl") from None
     if interval <= 0:
         raise click.BadParameter("must be positive", param_hint="--interval")
     source = agent_logs = None

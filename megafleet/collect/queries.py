@@ -23,6 +23,14 @@ class BadQuery(ValueError):
     pass
 
 
+def parse_duration(text: str) -> float:
+    """'30s', '10m', '2h', '7d' in seconds."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if not match:
+        raise BadQuery(f"{text!r}: use a duration like 30s, 10m, 2h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
 def parse_since(text: str | None, now: datetime | None = None) -> datetime | None:
     """'10m', '2h', '1d', '30s' ago, or an ISO date (UTC if no zone), as a naive
     UTC datetime; None for None/'all'."""

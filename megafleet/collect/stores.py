@@ -6,6 +6,7 @@ Both stores offer the same small, blocking interface (call it from trio through
     insert(collection, docs, replay=False) -> number of new documents
     find(collection, filter, limit=0, projection=None) -> documents sorted by (time, _id)
     count(collection, filter) -> int
+    delete_before(collection, datetime) -> number removed
     ping() -> None, or raises StoreUnavailable
     features -> what the server turned out to support
 
@@ -144,8 +145,17 @@ class SqliteStore:
         return self._db().execute(f"SELECT count(*) FROM {collection} WHERE {where}",
                                   args).fetchone()[0]
 
+    def delete_before(self, collection: str, before: datetime) -> int:
+        """Remove documents older than `before` (`telemetry prune`: the TTL of
+        stores without one). Returns how many."""
+        _check_collection(collection)
+        db = self._db()
+        with db:
+            return db.execute(f"DELETE FROM {collection} WHERE time_ms < ?",
+                              (datetime_to_ms(before),)).rowcount
+
     def drop(self) -> None:
-        """Remove all telemetry (tests, `telemetry reset`)."""
+        """Remove all telemetry."""
         db = self._db()
         with db:
             for name in COLLECTIONS:
@@ -318,6 +328,11 @@ class MongoStore:
         _check_collection(collection)
         self._ensure()
         return self.db[collection].count_documents(flt or {})
+
+    def delete_before(self, collection: str, before: datetime) -> int:
+        _check_collection(collection)
+        self._ensure()
+        return self.db[collection].delete_many({"time": {"$lt": before}}).deleted_count
 
     def drop(self) -> None:
         for name in COLLECTIONS:

@@ -170,3 +170,32 @@ def test_stores_agree(ferretdb, tmp_path):
             if name != "sqlite":
                 store.client.drop_database(store.db.name)
             store.close()
+
+
+def test_prune_removes_old_documents(loaded):
+    cutoff = D.ms_to_datetime(dataset.T0 + 10_000)
+    older = loaded.count(D.SAMPLES, {"time": {"$lt": cutoff}})
+    assert older > 0
+    assert loaded.delete_before(D.SAMPLES, cutoff) == older
+    assert loaded.count(D.SAMPLES, {"time": {"$lt": cutoff}}) == 0
+    assert loaded.count(D.SAMPLES) == len(dataset.samples()) - older
+
+
+def test_features_are_detected(store):
+    store.ping()
+    assert set(store.features) >= {"server", "timeseries", "ttl"}
+    if store.features["server"].startswith("FerretDB"):
+        # FerretDB 1.x has neither: detected, not assumed (see MongoStore._set_up).
+        assert store.features["timeseries"] is False and store.features["ttl"] is False
+
+
+def test_ttl_requested_on_ferretdb_falls_back_cleanly(ferretdb):
+    store = MongoStore(ferretdb.uri, ttl_seconds=3600)
+    try:
+        store.ping()
+        assert store.features["ttl"] is False and store.features["timeseries"] is False
+        assert "kind_host_time" in store.db[D.SAMPLES].index_information()
+        assert store.insert(D.SAMPLES, dataset.samples()[:10]) == 10
+    finally:
+        store.client.drop_database(store.db.name)
+        store.close()
