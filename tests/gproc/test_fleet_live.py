@@ -180,3 +180,49 @@ def test_unreachable_host_and_cancel_leave_no_orphans(testfleet):
     assert wait_no_agents(testfleet) == {}
     # No `sleep 300` survived either: nothing at all runs in the namespaces but sshd.
     assert all(testfleet.pids_in(i) == [testfleet.sshd[testfleet.netns(i)].pid] for i in range(6))
+
+
+HANDLERS = '''
+from megafleet.gproc import handlers
+
+@handlers.handler("mfgtest.apply")
+async def apply(payload, ctx):
+    await ctx.emit({"phase": "start", "host": ctx.host})
+    if payload.get("fail"):
+        raise RuntimeError("manifest refused: " + payload["fail"])
+    return {"host": ctx.host, "vms": payload["vms"] * 2}
+'''
+
+
+def test_call_carries_per_host_manifests_to_registered_handlers(testfleet, tmp_path):
+    # The handler module lives outside megafleet: the agents find it through the
+    # module list of the request (PYTHONPATH set by the inventory's agent command).
+    (tmp_path / "mfg_test_handlers.py").write_text(HANDLERS)
+    hosts = [inventory.Host(h.name, h.address, h.port, h.user, h.labels, h.capacity,
+                            ("env", f"PYTHONPATH={tmp_path}") + h.agent)
+             for h in testfleet.inventory.hosts[:7]]
+    inv = inventory.Inventory(tuple(hosts), testfleet.inventory.identity, testfleet.inventory.known_hosts)
+    manifests = {h.name: {"vms": i} for i, h in enumerate(hosts)}
+    manifests[hosts[3].name] = {"vms": 0, "fail": "no bridge br0"}
+    events = []
+
+    async def main():
+        async with Fleet.connect(inv, fanout=2) as fleet:
+            report = await fleet.call("mfgtest.apply", per_host=manifests, modules=["mfg_test_handlers"],
+                                      on_event=lambda h, data: events.append((h, data)))
+            unknown = await fleet.call("mfgtest.nothing", {}, hosts=[hosts[0].name])
+            ping = await fleet.call("gproc.ping")
+            return report, unknown, ping
+
+    report, unknown, ping = trio.run(main)
+    for i, h in enumerate(hosts):
+        r = report.results[h.name]
+        if i == 3:
+            assert r.status == "failed" and r.error == "RuntimeError: manifest refused: no bridge br0"
+        else:
+            assert r.status == "ok" and r.value == {"host": h.name, "vms": 2 * i}
+    assert sorted(events) == sorted((h.name, {"phase": "start", "host": h.name}) for h in hosts)
+    assert unknown.results[hosts[0].name].status == "failed"
+    assert "no handler named 'mfgtest.nothing'" in unknown.results[hosts[0].name].error
+    assert ping.ok and {r.value["host"] for r in ping.results.values()} == {h.name for h in hosts}
+    assert wait_no_agents(testfleet) == {}
