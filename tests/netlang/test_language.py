@@ -206,3 +206,24 @@ def test_example_files_compile():
     assert examples
     for path in examples:
         assert compile_file(str(path)).node_count() > 0
+
+
+def test_vm_nodes_become_guest_specs_for_the_vm_engine():
+    from megafleet.netlang.live import plan
+    from megafleet.vm.manifest import validate_all
+
+    net = compile_text('image tiny from "tiny.toml"\npool p 10.0.0.0/16\nswitch lan[1..2]\n'
+                       "router gw on lan*\nvm web[1..3] image tiny mem 64M vcpus 2 on lan1\n"
+                       "router vr image tiny on lan2 ospf\n")
+    p = plan(net, "mfnp")
+    specs = validate_all(p.vms)
+    assert [s.name for s in specs] == ["web1", "web2", "web3", "vr"]
+    web1 = next(s for s in specs if s.name == "web1")
+    assert (web1.image, web1.mem_mb, web1.vcpus, web1.driver) == ("tiny", 64, 2, "qemu")
+    assert web1.nics[0].kind == "tap" and web1.nics[0].ifname.startswith("mfnp")
+    args = web1.guest_config().kernel_args()
+    assert f"megafleet.net={web1.nics[0].mac},10.0.0.2/24" in args and "megafleet.gw=10.0.0.1" in args
+    # Their taps are planned on the bridge, with no namespace.
+    assert sorted(port.host_if for port in p.ports if port.kind == "tap") == \
+        sorted(s.nics[0].ifname for s in specs)
+    assert "web1" not in p.netns and "gw" in p.netns
