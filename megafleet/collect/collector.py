@@ -1,8 +1,9 @@
 """The collector of one host: samplers, sniffers and the pipeline, wired together.
 
 Engines hand it what only they know through non-blocking calls: `boot`,
-`teardown`, `error` (events, never dropped) and `agent_line` (a guest agent's
-or console's line, parsed with the guest contract). Everything else it samples
+`teardown`, `error` (events, never dropped), `agent_line` (a guest agent's
+or console's line, parsed with the guest contract) and `ksm_sample` (the ksm
+daemon's `on_sample`). Everything else it samples
 itself on its own intervals.
 
     collector = Collector("host1", store, spool_dir=..., guest_source=engine.guests)
@@ -89,6 +90,23 @@ class Collector:
             self.pipeline.submit_event(doc)
         else:
             self.pipeline.submit(doc)
+
+    def ksm_sample(self, sample: dict[str, Any]) -> None:
+        """A sample of the ksm package (`megafleet.ksm.daemon.samples()` or the
+        daemon's `on_sample`): saving, sharing ratio, ksmd CPU, and the tuning
+        policy's mode and reason when the daemon adds them."""
+        fields: dict[str, Any] = {}
+        for key in ("saved_bytes", "sharing_ratio", "ksmd_cpu_s", "ksmd_cpu_pct",
+                    "general_profit_mb", "mode", "reason", "guest_kb"):
+            if sample.get(key) is not None:
+                fields[key] = sample[key]
+        for key in ("counters", "knobs"):
+            values = {k: v for k, v in (sample.get(key) or {}).items()
+                      if isinstance(v, (int, str))}
+            if values:
+                fields[key] = values
+        time_ms = int(sample["time"] * 1000) if sample.get("time") else None
+        self.pipeline.submit(D.sample(D.KSM, self.host, fields, time_ms=time_ms))
 
     def _sampler_failed(self, name: str, exc: Exception) -> None:
         log.warning("telemetry sampler %s failed: %s", name, exc)

@@ -36,7 +36,8 @@ IFACE = "iface"
 HOST = "host"
 SNIFF = "sniff"
 PIPELINE = "pipeline"
-SAMPLE_KINDS = (GUEST, AGENT, IFACE, HOST, SNIFF, PIPELINE)
+KSM = "ksm"            # the ksm daemon's own samples (policy mode, ksmd CPU)
+SAMPLE_KINDS = (GUEST, AGENT, IFACE, HOST, SNIFF, PIPELINE, KSM)
 
 # Event levels; `event` names what happened (boot, teardown, drops, spool-full...).
 LEVELS = ("info", "warning", "error")

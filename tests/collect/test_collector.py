@@ -171,3 +171,31 @@ def test_sniff_on_missing_switch_is_an_error_event(tmp_path, root_only):
     errors = Q.events(store, None, kind="error")
     assert errors and errors[0]["event"] == "sniff-error" and "mfcnosuch0" in errors[0]["message"]
     store.close()
+
+
+def test_ksm_package_samples_are_collected(tmp_path):
+    """The ksm package's read-only sample stream (real sysfs) into the collector."""
+    ksm_daemon = pytest.importorskip("megafleet.ksm.daemon")
+    if not os.path.exists("/sys/kernel/mm/ksm/run"):
+        pytest.skip("no KSM in this kernel")
+    store = SqliteStore(tmp_path / "telemetry.sqlite")
+    collector = Collector("mfc-host", store, spool_dir=tmp_path / "spool", host_interval=60,
+                          iface_select=lambda n, k: False, flush_interval=0.1)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(collector.run)
+            count = 0
+            async for sample in ksm_daemon.samples(interval=0.3):
+                collector.ksm_sample(sample)
+                count += 1
+                if count == 3:
+                    break
+            collector.stop()
+
+    trio.run(main)
+    docs = store.find(D.SAMPLES, {"meta.kind": "ksm"})
+    assert len(docs) == 3
+    assert all(isinstance(d["saved_bytes"], int) and "pages_sharing" in d["counters"] for d in docs)
+    assert "ksmd_cpu_pct" in docs[-1] or docs[-1].get("ksmd_cpu_s") is None
+    store.close()
