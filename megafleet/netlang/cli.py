@@ -208,6 +208,7 @@ def up(file: str, name: str | None, defines: tuple[str, ...], as_json: bool) -> 
     it is created. Running it again changes nothing; a testbed left half-built
     by a crash is torn down and rebuilt.
     """
+    from megafleet import proc
     from megafleet.netlang import live
 
     testbed = _default_name(file, name)
@@ -217,6 +218,8 @@ def up(file: str, name: str | None, defines: tuple[str, ...], as_json: bool) -> 
         result = live.up(net_, testbed, progress)
     except (live.LiveError, ValueError) as err:
         raise click.ClickException(str(err))
+    except proc.CommandFailed as err:
+        raise click.ClickException(f"{err}; 'megafleet net down {testbed}' removes what was created")
     if as_json:
         click.echo(json.dumps(result))
 

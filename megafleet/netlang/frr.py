@@ -65,6 +65,7 @@ def configs(net: Net, router: str) -> dict[str, str]:
         for addr, asn in neighbors:
             lines.append(f" neighbor {addr} remote-as {asn}")
             lines.append(f" neighbor {addr} timers 1 3")
+            lines.append(f" neighbor {addr} timers connect 1")
         lines += [" address-family ipv4 unicast", "  redistribute connected", " exit-address-family", "!"]
         out["bgpd"] = "\n".join(lines) + "\n"
     return out

@@ -198,9 +198,9 @@ def plan(net: Net, name: str) -> Plan:
             nics.append((eth, iface, addrs, mtu))
         if ns:
             for fam, gw in sorted(view.gateways.items()):
-                lines.append(f"{'-6 ' if fam == 6 else ''}route add default via {gw}")
+                lines.append(f"route add {'::/0' if fam == 6 else 'default'} via {gw}")
             for dest, via in view.routes:
-                lines.append(f"{'-6 ' if ':' in dest else ''}route add {dest} via {via}")
+                lines.append(f"route add {dest} via {via}")
             p.ns_lines[ns] = lines
             if g.kind == "router":
                 p.routers.append(node)
@@ -354,9 +354,14 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
     done = 0
     ns_items = sorted(p.ns_lines.items())
 
+    failures: list[str] = []
+
     async def configure(ns: str, lines: list[str]) -> None:
         nonlocal done
-        await trio.to_thread.run_sync(_batch, ["ip", "-n", ns], lines, limiter=limiter)
+        try:
+            await trio.to_thread.run_sync(_batch, ["ip", "-n", ns], lines, limiter=limiter)
+        except proc.CommandFailed as err:
+            failures.append(f"{ns}: {err}")
         done += 1
         if done % 500 == 0 or done == len(ns_items):
             progress(f"configured {done}/{len(ns_items)} namespaces ({time.monotonic() - t1:.1f} s)")
@@ -364,6 +369,9 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
     async with trio.open_nursery() as nursery:
         for ns, lines in ns_items:
             nursery.start_soon(configure, ns, lines)
+    if failures:
+        raise LiveError(f"configuring {len(failures)} namespaces failed (first: {failures[0]}); "
+                        f"'megafleet net down {testbed}' removes what was created")
     await trio.to_thread.run_sync(_shape_and_route, p, limiter=limiter)
     if p.frr:
         await trio.to_thread.run_sync(_start_frr, p, ledger)

@@ -79,9 +79,22 @@ class Reach:
             for d, _ in doms[1:]:
                 parent[find(d.id)] = first
         self.comp = [find(i) for i in range(len(net.domains))]
+        self._by_group: dict[int, tuple[frozenset[int], int | None, str]] = {}
 
     def signature(self, name: str) -> tuple[frozenset[int], int | None, str]:
-        """(addressed domains, routed component or None, why not routed)."""
+        """(addressed domains, routed component or None, why not routed). Members of
+        a group without interfaces of their own share one answer, so a pattern
+        over a million hosts costs one node view per group."""
+        gi = self.net.index[name][0]
+        shared = name not in self.net.extra_ifaces and self.net.groups[gi].kind != "router"
+        if shared and gi in self._by_group:
+            return self._by_group[gi]
+        sig = self._signature(name)
+        if shared:
+            self._by_group[gi] = sig
+        return sig
+
+    def _signature(self, name: str) -> tuple[frozenset[int], int | None, str]:
         view = self.net.node(name)
         direct = frozenset(i.domain.id for _, i, a in view.ifaces if a)
         if view.kind == "router":

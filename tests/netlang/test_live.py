@@ -70,7 +70,7 @@ def testbed(request):
 
 def test_two_subnets_joined_by_a_router(testbed):
     name = testbed("mfnr")
-    net = compile_text("pool p 10.71.0.0/16\nswitch lan[1..2]\nrouter gw on lan1 on lan2\n"
+    net = compile_text("pool p 10.71.0.0/16\npool p6 fd71::/48\nswitch lan[1..2]\nrouter gw on lan1 on lan2\n"
                        "host a[1..3] on lan1\nhost b[1..3] on lan2\nreachable a* b*\n")
     result = live.up(net, name)
     assert result["namespaces"] == 7 and result["changed"]
@@ -78,6 +78,16 @@ def test_two_subnets_joined_by_a_router(testbed):
         for b in ("b1", "b2", "b3"):
             r = ping(f"{name}-{a}", addr_of(net, b))
             assert r.returncode == 0, r.stdout + r.stderr
+    # IPv6 too (global addresses without duplicate detection, default route via
+    # the router); the kernel's link-local addresses, used for neighbour
+    # discovery, become usable about a second after the interfaces come up.
+    b3_v6 = net.node("b3").ifaces[0][2][6].split("/")[0]
+    argv = ["ip", "netns", "exec", f"{name}-a1", "ping", "-6", "-n", "-c1", "-W1", b3_v6]
+    deadline = time.monotonic() + 10
+    while proc.run(argv, check=False).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    r = proc.run(argv, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
     # The router forwards, and the hosts' gateway is the router.
     routes = proc.run(["ip", "-n", f"{name}-a1", "route"]).stdout
     assert f"default via {addr_of(net, 'gw', 0)}" in routes
@@ -200,3 +210,29 @@ def test_teardown_after_a_crash_during_up(testbed, tmp_path):
     assert leftovers(name) == clean(name)
     if sleeper:
         assert sleeper.wait(timeout=5) is not None
+
+
+def test_bgp_between_two_routers(testbed):
+    name = testbed("mfng")
+    net = compile_text("pool p 10.78.0.0/16\nswitch lanA\nswitch lanB\nrouter r1 on lanA bgp 65001\n"
+                       "router r2 on lanB bgp as 65002\nlink r1 -- r2\nhost a on lanA\nhost b on lanB\n"
+                       "reachable a b\n")
+    live.up(net, name)
+    b = addr_of(net, "b")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and ping(f"{name}-a", b, timeout=1).returncode != 0:
+        time.sleep(0.5)
+    assert ping(f"{name}-a", b).returncode == 0, "BGP did not exchange routes"
+    assert "proto bgp" in proc.run(["ip", "-n", f"{name}-r1", "route"]).stdout
+
+
+def test_a_lossy_link_drops_and_a_rate_is_shaped(testbed):
+    name = testbed("mfnl")
+    net = compile_text("pool p 10.79.0.0/16\nhost a\nhost b\nhost c\nlink a -- b loss 100%\n"
+                       "link a -- c rate 10mbit\n")
+    live.up(net, name)
+    assert ping(f"{name}-a", addr_of(net, "b"), timeout=1).returncode != 0
+    assert ping(f"{name}-a", addr_of(net, "c", 0)).returncode == 0
+    eth = next(e for e, i, _ in net.node("a").ifaces if i.peer == "c")
+    qdisc = proc.run(["tc", "-n", f"{name}-a", "qdisc", "show", "dev", eth]).stdout
+    assert "tbf" in qdisc and "rate 10Mbit" in qdisc
