@@ -27,10 +27,12 @@ the store's work is in this process).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -72,7 +74,10 @@ class Server:
                 f"--listen-addr=127.0.0.1:{self.port}", f"--state-dir={workdir}",
                 "--debug-addr=-", "--telemetry=disable", "--log-level=error"]
         self.ledger.record("collect-bench", "process", self.key, argv=argv)
-        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # PR_SET_PDEATHSIG: the server goes when this benchmark dies, however it dies.
+        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      preexec_fn=lambda: ctypes.CDLL(None).prctl(
+                                          1, signal.SIGTERM, 0, 0, 0))
         self.process = RecordedProcess.of(self.popen.pid)
         deadline = time.monotonic() + 30
         while True:

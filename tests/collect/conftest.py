@@ -4,8 +4,10 @@ MongoDB when MEGAFLEET_TEST_MONGO_URI is set."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -19,6 +21,12 @@ from megafleet.ledger import Ledger
 from megafleet.proc import RecordedProcess
 
 FERRETDB = Path(os.environ.get("MEGAFLEET_FERRETDB", "/opt/megafleet/bin/ferretdb"))
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, so a
+    crashed or killed test run leaves no FerretDB behind (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def free_port() -> int:
@@ -50,7 +58,8 @@ class FerretDB:
         log = open(self.data_dir / "ferretdb.log", "ab")
         # Recorded before it runs: a crash leaves a ledger line to clean up from.
         self.ledger.record("collect-test", "process", self.key, argv=argv)
-        self.popen = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.popen = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                      preexec_fn=die_with_parent)
         log.close()
         self.process = RecordedProcess.of(self.popen.pid)
         self.ledger.record("collect-test", "process", self.key, argv=argv,
