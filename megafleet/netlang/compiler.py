@@ -485,14 +485,14 @@ class Compiler:
         `want` is 'switch', 'node' or 'any'. Errors are reported here."""
         text = word.text
         sw, idx = self.net.switches, self.net.index
+        m = _DECL_RE.fullmatch(text)
         if text.startswith("@"):
             gis = self.groups_by_name.get(text[1:])
             if gis is None:
                 self.err(word.loc, f"unknown group {text[1:]!r}")
                 return []
-            return [n for gi in gis for n in self.net.groups[gi].names]
-        m = _DECL_RE.fullmatch(text)
-        if m is not None:
+            names = [n for gi in gis for n in self.net.groups[gi].names]
+        elif m is not None:
             names = self._names(word, "reference") or []
             missing = [n for n in names if n not in sw and n not in idx]
             if missing:

@@ -398,6 +398,12 @@ def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
     links = [br for br, _ in p.bridges.values()]
     links += [port.host_if for port in p.ports if port.kind in ("veth", "tap")]
     links += [x for a, b, *_ in p.swlinks for x in (a, b)]
+    # A name that exists already belongs to someone else (this up starts from
+    # nothing): refuse before recording it, so our `down` can never remove it.
+    clash = sorted(set(links) & existing_links()) + sorted(set(p.netns.values()) & existing_netns())
+    if clash:
+        raise LiveError(f"testbed {t}: {len(clash)} interface or namespace names already exist on this "
+                        f"host and are not ours (first: {clash[0]}); choose another testbed name with -N")
     # Record before create.
     ledger.record_many(OWNER, "netns", [(f"{t}/{ns}", {"ns": ns}) for ns in p.netns.values()])
     ledger.record_many(OWNER, "link", [(f"{t}/{name}", {"ifname": name}) for name in links])

@@ -74,8 +74,10 @@ class Iface:
     vlan: int | None = None
     props: LinkProps = field(default_factory=LinkProps)
     addrs: dict[int, Sequence[int]] = field(default_factory=dict)   # family -> per member
-    # family -> ('auto'|'none'|'explicit', first address, plen)
-    want: dict[int, tuple[str, int, int | None]] = field(default_factory=dict)
+    # What the description asked for: 4/6 -> ('explicit', first address, plen or
+    # None); 0 -> ('auto'|'none', 0, None) for every family; -4/-6 -> ('loc', Loc
+    # of the explicit address, None), for messages.
+    want: dict[int, tuple] = field(default_factory=dict)
 
     def address(self, family: int, member: int) -> int | None:
         seq = self.addrs.get(family)

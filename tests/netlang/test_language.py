@@ -227,3 +227,9 @@ def test_vm_nodes_become_guest_specs_for_the_vm_engine():
     assert sorted(port.host_if for port in p.ports if port.kind == "tap") == \
         sorted(s.nics[0].ifname for s in specs)
     assert "web1" not in p.netns and "gw" in p.netns
+
+
+def test_group_reference_where_a_switch_is_needed_is_an_error():
+    with pytest.raises(CompileError) as info:
+        compile_text("switch s\ngroup g { host a on s }\nhost b on @g\n")
+    assert info.value.messages == ["'a' is a host, not a switch"]

@@ -106,6 +106,21 @@ def test_two_subnets_joined_by_a_router(testbed):
     live.down(name)     # twice is fine
 
 
+def test_names_of_others_are_never_taken(testbed):
+    name = testbed("mfnk")
+    from megafleet.names import ifname
+    foreign = ifname(name, "b", "s")      # what our bridge would be called
+    proc.run(["ip", "link", "add", foreign, "type", "bridge"])
+    try:
+        net = compile_text("pool p 10.80.0.0/16\nswitch s\nhost a on s\n")
+        with pytest.raises(live.LiveError, match="not ours"):
+            live.up(net, name)
+        live.down(name)
+        assert foreign in live.existing_links()      # still there: not ours to remove
+    finally:
+        proc.run(["ip", "link", "del", foreign])
+
+
 def test_a_50ms_link_measured_by_ping(testbed):
     name = testbed("mfnd")
     net = compile_text("pool p 10.73.0.0/16\nhost a\nhost b\nlink a -- b delay 50ms\n"
@@ -143,12 +158,16 @@ def test_vlans_separate_hosts_on_one_bridge(testbed):
 
 def test_vde_switch(testbed):
     name = testbed("mfne")
-    net = compile_text("pool p 10.75.0.0/16\nswitch s vde\nhost a on s\nhost b on s\n")
+    net = compile_text("pool p 10.75.0.0/16\nswitch s vde\nhost a on s\nhost b on s\n"
+                       "host c on s delay 30ms\n")
     live.up(net, name)
     recorded = [proc.RecordedProcess(r.data["pid"], r.data["start"])
                 for r in Ledger().list(live.OWNER, "process") if r.key.startswith(name + "/")]
-    assert len(recorded) == 3       # the switch and one plug per host
+    # the switch, one plug per plain host, c's own vde_switch and its wirefilter
+    assert len(recorded) == 5
     assert ping(f"{name}-a", addr_of(net, "b"), timeout=3).returncode == 0
+    r = ping(f"{name}-a", addr_of(net, "c"), count=3, timeout=3)
+    assert r.returncode == 0 and float(re.search(r"= ([\d.]+)/", r.stdout).group(1)) >= 59, r.stdout
     live.down(name)
     assert not any(rp.alive() for rp in recorded)
 
