@@ -32,6 +32,7 @@ time; one `ip` process per change would cost ~15 ms each.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -379,10 +380,16 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
     if p.vms:
         from megafleet.vm.manifest import apply
 
-        ledger.record(OWNER, "vms", testbed, names=[v.name for v in p.vms])
-        progress(f"booting {len(p.vms)} vms through the vm engine")
-        report = await apply(p.vms, **(vm_options or {}))
-        progress(f"vm engine: {report}")
+        names = await trio.to_thread.run_sync(_build_images, net, sorted({v.image for v in p.vms}), progress)
+        specs = [dataclasses.replace(v, image=names[v.image]) for v in p.vms]
+        ledger.record(OWNER, "vms", testbed, names=[v.name for v in specs])
+        progress(f"booting {len(specs)} vms through the vm engine")
+        report = await apply(specs, **(vm_options or {}))
+        failed = [r for r in report.results if r.outcome not in ("ready", "already")]
+        if failed:
+            raise LiveError(f"{len(failed)} of {len(specs)} vms did not boot (first: {failed[0].name}: "
+                            f"{failed[0].reason or failed[0].outcome}); 'megafleet net down {testbed}' removes everything")
+        progress(f"{len(specs)} vms ready")
     ledger.record(OWNER, "testbed", testbed, digest=p.digest, file=net.files[0], complete=True,
                   counts={"namespaces": len(p.netns), "bridges": len(p.bridges), "vde": len(p.vde),
                           "ports": len(p.ports), "p2p": len(p.p2p), "frr": len(p.frr), "vms": len(p.vms)})
@@ -515,6 +522,18 @@ def _start_wires(p: Plan, ledger: Ledger) -> None:
                 _, br, tap = end
                 lines += [f"link set {tap} mtu {wire.mtu}", f"link set {tap} master {br} up"]
     _batch(["ip"], lines)
+
+
+def _build_images(net: Net, names: list[str], progress: Progress) -> dict[str, str]:
+    """Build (or find in the content-addressed cache) each image the vms use, from
+    the spec the description names; returns description name -> image name."""
+    from megafleet.imagegen import store
+
+    out = {}
+    for name in names:
+        image = store.build(net.images[name][0], progress=progress)
+        out[name] = image.name
+    return out
 
 
 def _record_pidfile(ledger: Ledger, key: str, pidfile: Path) -> None:

@@ -255,3 +255,30 @@ def test_a_lossy_link_drops_and_a_rate_is_shaped(testbed):
     eth = next(e for e, i, _ in net.node("a").ifaces if i.peer == "c")
     qdisc = proc.run(["tc", "-n", f"{name}-a", "qdisc", "show", "dev", eth]).stdout
     assert "tbf" in qdisc and "rate 10Mbit" in qdisc
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_a_vm_node_on_a_bridge_with_namespace_hosts(testbed, tmp_path):
+    """A real QEMU guest (TCG) booted by the vm engine on its tap, reachable from
+    a namespace host through the router; torn down with the rest."""
+    import shutil
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is not installed")
+    pytest.importorskip("megafleet.vm.manifest")
+    name = testbed("mfnq")
+    desc = tmp_path / "vm.fleet"
+    desc.write_text(f'image tiny from "{REPO}/examples/images/tiny.toml"\npool p 10.82.0.0/16\n'
+                    "switch lan[1..2]\nrouter gw on lan*\nvm mfnqv1 image tiny mem 128M on lan1\n"
+                    "host h on lan2\nreachable h mfnqv1\n")
+    net = compile_file(str(desc))
+    live.up(net, name, vm_options={"timeout_s": 240})
+    from megafleet.vm.engine import Engine
+    assert [g.name for g in Engine().list("mfnqv1")] == ["mfnqv1"]
+    vm_addr = addr_of(net, "mfnqv1")
+    deadline = time.monotonic() + 30
+    while ping(f"{name}-h", vm_addr, timeout=1).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ping(f"{name}-h", vm_addr).returncode == 0
+    live.down(name)
+    assert Engine().list("mfnqv1") == []
