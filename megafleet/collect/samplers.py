@@ -104,19 +104,42 @@ def read_proc_usage(pid: int, proc: Path = Path("/proc")) -> tuple[float, int, i
 
 
 class GuestSampler(Sampler):
+    """State, CPU time (and CPU percent over the last interval) and RSS of each
+    guest the source lists.
+
+    With many guests, one interval's readings are spread over the interval in
+    slices of at most `slice_size` guests (each guest still read once per
+    interval, at a steady phase): the store receives a steady trickle instead
+    of one burst, so every sample is stored soon after it is taken, and the
+    host's CPU is not taken in one gulp every interval."""
+
     name = "guests"
 
     def __init__(self, host: str, source: GuestSource, interval: float = 10.0,
-                 proc: Path | str = "/proc"):
+                 proc: Path | str = "/proc", slice_size: int = 1000):
         super().__init__(host, interval)
+        if slice_size < 1:
+            raise ValueError(f"guest sampler slice_size must be at least 1, got {slice_size}")
         self.source = source
         self.proc = Path(proc)
+        self.slice_size = slice_size
         self._last: dict[str, tuple[int, float, int | None]] = {}  # name -> (ms, cpu, start)
 
     def sample(self, now_ms: int) -> list[dict[str, Any]]:
+        """All guests at once (blocking)."""
+        guests = list(self.source())
+        docs = self.read(guests, now_ms)
+        self._forget_gone(guests)
+        return docs
+
+    def _forget_gone(self, guests: list[GuestInfo]) -> None:
+        names = {g.name for g in guests}
+        self._last = {n: v for n, v in self._last.items() if n in names}
+
+    def read(self, guests: list[GuestInfo], now_ms: int) -> list[dict[str, Any]]:
+        """Documents for these guests, read now (blocking)."""
         out = []
-        seen = {}
-        for g in self.source():
+        for g in guests:
             cpu_s, rss_kb, start = g.cpu_s, g.rss_kb, None
             if g.pid is not None and (cpu_s is None or rss_kb is None):
                 usage = read_proc_usage(g.pid, self.proc)
@@ -135,13 +158,47 @@ class GuestSampler(Sampler):
                     pct = _rate(cpu_s, last[1], (now_ms - last[0]) / 1000)
                     if pct is not None:
                         fields["cpu_pct"] = round(pct * 100, 2)
-                seen[g.name] = (now_ms, cpu_s, start)
+                self._last[g.name] = (now_ms, cpu_s, start)
             if rss_kb is not None:
                 fields["rss_kb"] = int(rss_kb)
             out.append(D.sample(D.GUEST, self.host, fields, time_ms=now_ms, guest=g.name,
                                 image=g.image))
-        self._last = seen
         return out
+
+    async def run(self, submit: Callable[[dict[str, Any]], None], *,
+                  submit_event: Callable[[dict[str, Any]], None] | None = None,
+                  limiter: trio.CapacityLimiter | None = None,
+                  on_error: Callable[[str, Exception], None] | None = None) -> None:
+        next_at = trio.current_time()
+        while True:
+            try:
+                guests = await trio.to_thread.run_sync(lambda: list(self.source()),
+                                                       limiter=limiter)
+            except Exception as exc:  # the engine's state is unreadable this time
+                if on_error is not None:
+                    on_error(self.name, exc)
+                guests = []
+            slices = max(1, -(-len(guests) // self.slice_size))
+            step = self.interval / slices
+            for k in range(slices):
+                part = guests[k * self.slice_size:(k + 1) * self.slice_size]
+                try:
+                    docs = await trio.to_thread.run_sync(self.read, part, D.now_ms(),
+                                                         limiter=limiter)
+                except Exception as exc:
+                    if on_error is not None:
+                        on_error(self.name, exc)
+                    docs = []
+                for doc in docs:
+                    submit(doc)
+                if k + 1 < slices:
+                    await trio.sleep_until(next_at + (k + 1) * step)
+            self._forget_gone(guests)
+            next_at += self.interval
+            now = trio.current_time()
+            if next_at < now:
+                next_at = now
+            await trio.sleep_until(next_at)
 
 
 # --- interfaces ------------------------------------------------------------------

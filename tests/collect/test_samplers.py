@@ -1,0 +1,53 @@
+"""Samplers on this host's real /proc and /sys."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from megafleet.collect import docs as D
+from megafleet.collect.samplers import (GuestInfo, GuestSampler, HostSampler, InterfaceSampler,
+                                        interface_type, read_proc_usage)
+
+
+def test_guest_readings_come_from_proc():
+    cpu_s, rss_kb, start = read_proc_usage(os.getpid())
+    assert cpu_s > 0 and rss_kb > 1000 and start > 0
+    assert read_proc_usage(2**22 + 7) is None  # no such process: None, no error
+    sampler = GuestSampler("mfc-h", lambda: [GuestInfo("mfc-g1", "running", os.getpid(), "tiny"),
+                                             GuestInfo("mfc-g2", "stopped", None, "tiny")])
+    first = {d["meta"]["guest"]: d for d in sampler.sample(1000)}
+    sum(i * i for i in range(300_000))  # burn some CPU between the two readings
+    second = {d["meta"]["guest"]: d for d in sampler.sample(2000)}
+    assert "cpu_pct" not in first["mfc-g1"] and second["mfc-g1"]["cpu_pct"] > 0
+    assert second["mfc-g1"]["rss_kb"] > 1000 and second["mfc-g1"]["pid"] == os.getpid()
+    assert second["mfc-g2"] == {"_id": "guest:mfc-h:mfc-g2:2000", "time": D.ms_to_datetime(2000),
+                                "meta": {"kind": "guest", "host": "mfc-h", "guest": "mfc-g2",
+                                         "image": "tiny"}, "state": "stopped"}
+
+
+def test_many_guests_are_read_in_slices_across_the_interval():
+    guests = [GuestInfo(f"mfc-g{i}", "running", None, "tiny", cpu_s=1.0, rss_kb=1) for i in range(25)]
+    sampler = GuestSampler("mfc-h", lambda: guests, interval=0.6, slice_size=10)
+    got: list[tuple[float, dict]] = []
+
+    async def main():
+        start = trio.current_time()
+        with trio.move_on_after(0.5):
+            await sampler.run(lambda d: got.append((trio.current_time() - start, d)))
+
+    trio.run(main)
+    assert sorted(d["meta"]["guest"] for _, d in got) == sorted(g.name for g in guests)
+    slices = sorted({round(t, 1) for t, _ in got})
+    assert len(slices) == 3 and slices[1] - slices[0] >= 0.15  # ~0.2 s apart
+
+
+def test_interfaces_and_host():
+    kinds = {name: interface_type(name) for name in os.listdir("/sys/class/net")}
+    assert kinds["lo"] in ("other", "loopback")
+    docs = InterfaceSampler("mfc-h", select=lambda name, kind: name == "lo").sample(1000)
+    assert [d["meta"]["iface"] for d in docs] == ["lo"]
+    assert set(docs[0]) >= {"rx_bytes", "tx_bytes", "rx_packets", "rx_dropped", "tx_errors"}
+    host = HostSampler("mfc-h").sample(1000)[0]
+    assert host["mem_total_kb"] > host["mem_available_kb"] > 0 and host["load1"] >= 0
