@@ -711,5 +711,12 @@ def _down_sync(testbed: str, by_kind: dict, ledger: Ledger, progress: Progress) 
     ledger.forget_many(OWNER, "dir", [r.key for r in by_kind.get("dir", [])])
     base = run_base(testbed)
     shutil.rmtree(base, ignore_errors=True)
+    # The shared parents go too once no other testbed uses them.
+    for parent in (base.parent, base.parent.parent):
+        if parent.name in ("net", "megafleet-net"):
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
     return {"testbed": testbed, "namespaces": len(gone_ns), "links": len(gone_links),
             "processes": stopped}
