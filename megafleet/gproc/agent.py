@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import AsyncExitStack
 from typing import Any
 
-import trio
-
 from megafleet.gproc import protocol
-from megafleet.gproc.node import Node
 from megafleet.names import InvalidName, check_name
 
 
@@ -43,12 +39,17 @@ def _check_setup(header: dict[str, Any]) -> dict[str, Any]:
     return header
 
 
-async def serve(stdin: protocol.ByteStream, stdout: protocol.ByteStream) -> None:
-    reader = protocol.FrameReader(stdin)
-    frame = await reader.read()
-    if frame is None:
-        return
-    setup = _check_setup(frame[0])
+async def serve_tree(setup: dict[str, Any], already_read: bytes, in_fd: int, out_fd: int) -> None:
+    """An inner agent: trio, a Node, and an SSH transport for its children."""
+    from contextlib import AsyncExitStack
+
+    import trio
+
+    from megafleet.gproc.node import Node
+    from megafleet.gproc.transport import open_transport
+
+    stdin, stdout = trio.lowlevel.FdStream(in_fd), trio.lowlevel.FdStream(out_fd)
+    reader = protocol.FrameReader(stdin, initial=already_read)
     me = setup["host"]["name"]
     lock = trio.Lock()
 
@@ -63,14 +64,9 @@ async def serve(stdin: protocol.ByteStream, stdout: protocol.ByteStream) -> None
     creds = {"identity": setup.get("identity"), "known_hosts": setup.get("known_hosts")}
     connect_timeout = float(setup.get("connect_timeout", 15))
     async with AsyncExitStack() as stack:
-        connect = None
-        if setup["children"]:
-            # Only inner agents pay for asyncssh; leaves never import it.
-            from megafleet.gproc.transport import open_transport
-            transport = await stack.enter_async_context(
-                open_transport(creds["identity"], creds["known_hosts"], connect_timeout))
-            connect = transport.connect
-        node = Node(me, emit_up, connect, creds=creds, connect_timeout=connect_timeout)
+        transport = await stack.enter_async_context(
+            open_transport(creds["identity"], creds["known_hosts"], connect_timeout))
+        node = Node(me, emit_up, transport.connect, creds=creds, connect_timeout=connect_timeout)
         async with trio.open_nursery() as nursery:
             node.nursery = nursery
             try:
@@ -93,12 +89,21 @@ def main() -> int:
     os.close(devnull)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-
-    async def run() -> None:
-        await serve(trio.lowlevel.FdStream(proto_in), trio.lowlevel.FdStream(proto_out))
-
     try:
-        trio.run(run)
+        reader = protocol.SyncFrameReader(proto_in)
+        frame = reader.read()
+        if frame is None:
+            return 0
+        setup = _check_setup(frame[0])
+        if not setup["children"]:
+            # A leaf: plain threads, no trio, no asyncssh (see leaf.py).
+            from megafleet.gproc.leaf import Leaf
+
+            Leaf(setup["host"]["name"], reader, proto_out).serve()
+            return 0
+        import trio
+
+        trio.run(serve_tree, setup, bytes(reader.buf), proto_in, proto_out)
     except KeyboardInterrupt:
         return 130
     except BaseExceptionGroup as group:

@@ -17,6 +17,10 @@ The agent finds the module in one of two ways:
 * an installed distribution declares it in the entry-point group
   `megafleet.gproc.handlers` (name = handler name, value = module).
 
+A handler is either an async (trio) function, which may emit progress, or a plain
+function, which runs in a worker thread and emits nothing (the built-ins are
+plain, so a leaf agent answers them without loading trio at all).
+
 A handler raising an exception makes that host `failed` with the exception text;
 the other hosts are not affected.
 """
@@ -25,13 +29,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.metadata
+import inspect
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-Handler = Callable[[Any, "Context"], Awaitable[Any]]
+Handler = Callable[[Any, "Context"], Awaitable[Any] | Any]
 MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 ENTRY_POINT_GROUP = "megafleet.gproc.handlers"
 
@@ -70,7 +74,9 @@ def lookup(name: str, modules: list[str] = ()) -> Handler:
             raise UnknownHandler(f"invalid handler module name {module!r}")
         importlib.import_module(module)
     if name not in _registry:
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        from importlib import metadata
+
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             if ep.name == name:
                 importlib.import_module(ep.value.split(":", 1)[0])
     try:
@@ -84,10 +90,14 @@ def known() -> list[str]:
     return sorted(_registry)
 
 
+def is_async(fn: Handler) -> bool:
+    return inspect.iscoroutinefunction(fn)
+
+
 # --- built-in handlers ---------------------------------------------------------
 
 @handler("gproc.ping")
-async def _ping(payload: Any, ctx: Context) -> dict[str, Any]:
+def _ping(payload: Any, ctx: Context) -> dict[str, Any]:
     """Who answers: used by `hosts check`."""
     return {"host": ctx.host, "pid": os.getpid(), "uname": " ".join(os.uname()),
             "load": os.getloadavg()[0]}
@@ -112,9 +122,6 @@ def expand_dest(dest: str, host: str | None) -> str:
 
 
 @handler("gproc.have")
-async def _have(payload: Any, ctx: Context) -> bool:
+def _have(payload: Any, ctx: Context) -> bool:
     """Whether `path` exists with content hash `sha256` (push skips those hosts)."""
-    import trio
-
-    path = expand_dest(payload["path"], ctx.host)
-    return await trio.to_thread.run_sync(file_sha256, path) == payload["sha256"]
+    return file_sha256(expand_dest(payload["path"], ctx.host)) == payload["sha256"]

@@ -418,7 +418,11 @@ class Node:
 
         try:
             fn = handlers.lookup(req["handler"], req.get("modules", []))
-            value = await fn(payload, handlers.Context(self.me, emit))
+            ctx = handlers.Context(self.me, emit)
+            if handlers.is_async(fn):
+                value = await fn(payload, ctx)
+            else:
+                value = await trio.to_thread.run_sync(fn, payload, ctx, abandon_on_cancel=True)
             protocol.encode({"t": "res", "value": value})   # is it JSON within the limits?
         except Exception as e:     # a handler's failure is that host's result, not the agent's end
             return {"status": "failed", "error": f"{type(e).__name__}: {e}"}

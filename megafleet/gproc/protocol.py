@@ -20,6 +20,7 @@ channel from `transport.py`).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Any, Protocol
 
@@ -55,16 +56,69 @@ def encode(header: dict[str, Any], payload: bytes = b"", *,
     return PREFIX.pack(len(raw), len(payload)) + raw + bytes(payload)
 
 
+def _frame_size(buf: bytearray, max_header: int, max_payload: int) -> tuple[int, int]:
+    """(header length, payload length) of the frame at the start of buf, checked."""
+    hlen, plen = PREFIX.unpack_from(buf)
+    if hlen == 0 or hlen > max_header:
+        raise ProtocolError(f"frame header length {hlen} outside 1..{max_header}")
+    if plen > max_payload:
+        raise ProtocolError(f"frame payload length {plen} exceeds the limit of {max_payload}")
+    return hlen, plen
+
+
+def _take_frame(buf: bytearray, hlen: int, plen: int) -> tuple[dict[str, Any], bytes]:
+    total = PREFIX.size + hlen + plen
+    try:
+        header = json.loads(bytes(buf[PREFIX.size:PREFIX.size + hlen]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"frame header is not JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+        raise ProtocolError("frame header is not a JSON object with a string 't'")
+    payload = bytes(buf[PREFIX.size + hlen:total])
+    del buf[:total]
+    return header, payload
+
+
+class SyncFrameReader:
+    """Blocking reader on a file descriptor, for the light leaf agent (no trio)."""
+
+    def __init__(self, fd: int, *, max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD):
+        self.fd = fd
+        self.max_header = max_header
+        self.max_payload = max_payload
+        self.buf = bytearray()
+
+    def _fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            data = os.read(self.fd, max(1 << 18, n - len(self.buf)))
+            if not data:
+                return False
+            self.buf += data
+        return True
+
+    def read(self) -> tuple[dict[str, Any], bytes] | None:
+        if not self._fill(PREFIX.size):
+            if self.buf:
+                raise ProtocolError(f"stream ended inside a frame prefix ({len(self.buf)} bytes)")
+            return None
+        hlen, plen = _frame_size(self.buf, self.max_header, self.max_payload)
+        if not self._fill(PREFIX.size + hlen + plen):
+            raise ProtocolError(f"stream ended inside a frame ({len(self.buf)} of "
+                                f"{PREFIX.size + hlen + plen} bytes)")
+        return _take_frame(self.buf, hlen, plen)
+
+
 class FrameReader:
-    """Reads whole frames from a byte stream, buffering partial reads."""
+    """Reads whole frames from a byte stream, buffering partial reads. `initial`
+    is data already read from the stream (by a SyncFrameReader)."""
 
     def __init__(self, stream: ByteStream, *, max_header: int = MAX_HEADER,
-                 max_payload: int = MAX_PAYLOAD, read_size: int = 1 << 18):
+                 max_payload: int = MAX_PAYLOAD, read_size: int = 1 << 18, initial: bytes = b""):
         self.stream = stream
         self.max_header = max_header
         self.max_payload = max_payload
         self.read_size = read_size
-        self._buf = bytearray()
+        self._buf = bytearray(initial)
         self._eof = False
 
     async def _fill(self, n: int) -> bool:
@@ -85,20 +139,8 @@ class FrameReader:
             if self._buf:
                 raise ProtocolError(f"stream ended inside a frame prefix ({len(self._buf)} bytes)")
             return None
-        hlen, plen = PREFIX.unpack_from(self._buf)
-        if hlen == 0 or hlen > self.max_header:
-            raise ProtocolError(f"frame header length {hlen} outside 1..{self.max_header}")
-        if plen > self.max_payload:
-            raise ProtocolError(f"frame payload length {plen} exceeds the limit of {self.max_payload}")
+        hlen, plen = _frame_size(self._buf, self.max_header, self.max_payload)
         total = PREFIX.size + hlen + plen
         if not await self._fill(total):
             raise ProtocolError(f"stream ended inside a frame ({len(self._buf)} of {total} bytes)")
-        try:
-            header = json.loads(bytes(self._buf[PREFIX.size:PREFIX.size + hlen]))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProtocolError(f"frame header is not JSON: {e}") from None
-        if not isinstance(header, dict) or not isinstance(header.get("t"), str):
-            raise ProtocolError("frame header is not a JSON object with a string 't'")
-        payload = bytes(self._buf[PREFIX.size + hlen:total])
-        del self._buf[:total]
-        return header, payload
+        return _take_frame(self._buf, hlen, plen)

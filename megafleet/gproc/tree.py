@@ -5,10 +5,12 @@ the child that must build it::
 
     {"host": {<host spec>}, "children": [<subtree>, ...]}
 
-`layout` splits n hosts into at most `fanout` groups of near-equal size; the first
-host of each group becomes a direct child and the rest of the group its subtree,
-laid out the same way. Depth is therefore about log_fanout(n) and no agent ever
-holds more than `fanout` SSH sessions. fanout >= n gives a flat star.
+`layout` fills the tree level by level, like a heap: hosts 0..k-1 hang below the
+root and host j's children are hosts k(j+1) .. k(j+1)+k-1. That gives the least
+depth (about log_k(n)) *and* the fewest inner agents (about n/k): every other
+host is a leaf, which only runs what it is asked and never opens SSH sessions
+itself, so building the tree costs little more than one SSH session per host.
+No agent holds more than `fanout` sessions; fanout >= n gives a flat star.
 """
 
 from __future__ import annotations
@@ -22,17 +24,13 @@ def layout(hosts: list[dict[str, Any]], fanout: int) -> list[Subtree]:
     """The list of subtrees hanging directly below the root."""
     if fanout < 1:
         raise ValueError(f"fanout must be at least 1, got {fanout}")
-    if not hosts:
-        return []
-    groups = min(fanout, len(hosts))
-    size, extra = divmod(len(hosts), groups)
-    out, start = [], 0
-    for g in range(groups):
-        end = start + size + (1 if g < extra else 0)
-        head, rest = hosts[start], hosts[start + 1:end]
-        out.append({"host": head, "children": layout(rest, fanout)})
-        start = end
-    return out
+    n = len(hosts)
+
+    def subtree(j: int) -> Subtree:
+        first = fanout * (j + 1)
+        return {"host": hosts[j], "children": [subtree(c) for c in range(first, min(first + fanout, n))]}
+
+    return [subtree(j) for j in range(min(fanout, n))]
 
 
 def names(subtree: Subtree) -> Iterator[str]:

@@ -83,11 +83,16 @@ def test_layout_covers_every_host_once_with_bounded_fanout(n, fanout, depth):
     assert tree.depth(subtrees) == depth
 
 
-def test_layout_is_balanced_and_ordered():
+def test_layout_is_a_heap_with_few_inner_agents():
     subtrees = tree.layout(_hosts(20), 4)
-    assert [st["host"]["name"] for st in subtrees] == ["h0", "h5", "h10", "h15"]
-    assert [list(tree.names(st)) for st in subtrees][1] == ["h5", "h6", "h7", "h8", "h9"]
-    assert tree.prune(subtrees[1], {"h7"}) and not tree.prune(subtrees[1], {"h0"})
+    assert [st["host"]["name"] for st in subtrees] == ["h0", "h1", "h2", "h3"]
+    assert [list(tree.names(st)) for st in subtrees][1] == ["h1", "h8", "h9", "h10", "h11"]
+    assert tree.prune(subtrees[1], {"h9"}) and not tree.prune(subtrees[1], {"h0"})
+
+    def inner(sts):
+        return sum((1 if st["children"] else 0) + inner(st["children"]) for st in sts)
+    # 128 hosts, fanout 8: 15 agents relay, 113 are leaves.
+    assert inner(tree.layout(_hosts(128), 8)) == 15
     with pytest.raises(ValueError, match="fanout"):
         tree.layout(_hosts(3), 0)
 
@@ -166,6 +171,7 @@ def test_handler_registry_and_module_names():
     assert trio.run(fn, 21, handlers.Context("h1", emit)) == 42
     assert events == [{"seen": 21}]
     assert "gproc.ping" in handlers.known()
+    assert handlers.lookup("test.double", ["json"]) is double      # named modules are imported first
     with pytest.raises(handlers.UnknownHandler, match="no handler named 'test.nope'"):
         handlers.lookup("test.nope")
     with pytest.raises(handlers.UnknownHandler, match="invalid handler module name"):
