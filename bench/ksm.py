@@ -115,7 +115,8 @@ class Controller:
             # us the loop's pid, which is what we record and stop.
             pidfile = self.workdir / "ksmtuned.pid"
             subprocess.run([KSMTUNED], env={**os.environ, "PIDFILE": str(pidfile)},
-                           check=True, timeout=10)
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=True, timeout=10)
             for _ in range(50):
                 if pidfile.exists() and pidfile.read_text().strip():
                     break
@@ -212,6 +213,8 @@ def run_regime(name: str, args, sysfs: KsmSysfs, keeper: KnobKeeper, image) -> d
                 break
             time.sleep(max(0.0, 1.0 - (time.monotonic() - t0 - now)))
         alive = len(guests.alive())
+        for name, why in guests.dead().items():
+            log(f"{name} died during the run: {why}")
         own_cpu = controller.own_cpu_s()
     finally:
         controller.stop()

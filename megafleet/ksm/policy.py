@@ -45,12 +45,14 @@ class Config:
     initial_cost_s_per_page: float = 2e-6   # until measured on this host
     pay_mb_per_cpu_s: float = 20.0    # below this a full scan no longer pays
     min_full_scans: int = 2           # a page needs two scans to merge (checksum)
-    boot_s_per_guest: float = 3.0     # how long an announced bulk boot keeps storming
-    boot_min_s: float = 15.0
+    boot_s_per_guest: float = 2.0     # how long an announced bulk boot keeps storming
+    boot_min_s: float = 10.0
     boot_max_s: float = 180.0
     growth_kb_per_s: float = 4096.0   # guest memory growing faster: guests still booting
-    new_memory_mb: float = 64.0       # guest growth while steady that triggers a storm
-    probe_min_s: float = 30.0
+    new_memory_mb: float = 64.0       # guest growth while steady that triggers a storm...
+    new_memory_hold_s: float = 10.0   # ...once it has lasted this long (short-lived
+                                      # test guests come and go; fresh pages are volatile)
+    probe_min_s: float = 45.0
     probe_max_s: float = 480.0
     probe_timeout_s: float = 30.0
     pressure_low: float = 0.10        # MemAvailable/MemTotal below: pressure
@@ -129,6 +131,7 @@ class State:
     boot_until: float = -math.inf
     pressure: bool = False
     guest_floor_kb: int = 0       # lowest guest memory seen while steady
+    growth_since: float | None = None  # when guest memory rose above the floor
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ def decide(state: State, obs: Observation, cfg: Config = Config()) -> tuple[Stat
     state = replace(state, cost_s_per_page=_update_cost(state, now, cfg))
 
     def go(mode: str, reason: str, **changes: Any) -> tuple[State, Decision]:
+        changes.setdefault("growth_since", None)
         new = replace(state, mode=mode, since=obs.t, entry=now, history=history + (now,),
                       guest_floor_kb=now.guest_kb, **changes)
         return new, Decision(mode, _knobs(mode, cfg, new, obs), reason)
@@ -314,8 +318,13 @@ def decide(state: State, obs: Observation, cfg: Config = Config()) -> tuple[Stat
     # after others were torn down are noticed too.
     grown_mb = (now.guest_kb - min(state.guest_floor_kb, entry.guest_kb)) / 1024
     if grown_mb > cfg.new_memory_mb:
-        return go("storm", f"{grown_mb:.0f} MB of new memory since steady",
-                  boot_until=-math.inf)
+        since = obs.t if state.growth_since is None else state.growth_since
+        if obs.t - since >= cfg.new_memory_hold_s:
+            return go("storm", f"{grown_mb:.0f} MB of new guest memory for "
+                      f"{obs.t - since:.0f} s", boot_until=-math.inf)
+        state = replace(state, growth_since=since)
+    else:
+        state = replace(state, growth_since=None)
     if obs.t - state.since >= state.probe_interval_s:
         return go("probe", f"periodic probe after {state.probe_interval_s:.0f} s")
     return stay("savings level; ksmd idle until the next probe")

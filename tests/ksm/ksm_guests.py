@@ -102,6 +102,11 @@ class Guests:
             time.sleep(0.5)
         return time.monotonic() - start
 
+    def dead(self) -> dict[str, str]:
+        """Guests that exited on their own: name -> exit status and console tail."""
+        return {g.name: f"exit {p.returncode}: " + g.console.read_text(errors="replace")[-300:]
+                for g, p in zip(self.guests, self._popen) if p.poll() is not None}
+
     def alive(self) -> list[str]:
         return [g.name for g in self.guests if g.process.alive()]
 
