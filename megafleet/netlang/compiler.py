@@ -292,7 +292,9 @@ class Compiler:
         attaches: list[Attach] = []
         if group is not None:
             gname, gprops, gatt = group
-            props.update({k: v for k, v in gprops.items() if _PROP_OF_KEY[k] in NODE_PROPS[kind]})
+            # Copies: a member's own `route` must not land in its siblings' lists.
+            props.update({k: (list(v) if isinstance(v, list) else v) for k, v in gprops.items()
+                          if _PROP_OF_KEY[k] in NODE_PROPS[kind]})
             attaches.extend(gatt)
         self._props(kind, Cursor(stmt.words, 2), props, attaches)
         for sub in stmt.block or []:
@@ -867,7 +869,8 @@ def _compile(path: str | Path, defines: dict[str, str] | None, text: str | None,
     diags = Diagnostics()
     parsed = parse_file(path, diags, defines, text=text)
     c = Compiler(diags)
-    c.net.files = sorted({s.loc.file for s in parsed.statements} | {str(path)})
+    # The described file first, then what it includes.
+    c.net.files = [str(path)] + sorted({s.loc.file for s in parsed.statements} - {str(path)})
     c.net.params = {k: v[0] for k, v in parsed.params.items()}
     c.declare(parsed.statements)
     c.wire()

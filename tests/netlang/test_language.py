@@ -233,3 +233,10 @@ def test_group_reference_where_a_switch_is_needed_is_an_error():
     with pytest.raises(CompileError) as info:
         compile_text("switch s\ngroup g { host a on s }\nhost b on @g\n")
     assert info.value.messages == ["'a' is a host, not a switch"]
+
+
+def test_group_routes_are_copied_per_member():
+    net = compile_text("switch s subnet 10.0.0.0/24\ngroup g route 10.9.0.0/16 via 10.0.0.1 {\n"
+                       "  host a on s route 10.8.0.0/16 via 10.0.0.1\n  host b on s\n}\n")
+    assert [d for d, _ in net.node("a").routes] == ["10.9.0.0/16", "10.8.0.0/16"]
+    assert [d for d, _ in net.node("b").routes] == ["10.9.0.0/16"]
