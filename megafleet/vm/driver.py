@@ -34,6 +34,7 @@ class Driver:
     with the guest (pid, pid_start, paths) and passes back to `alive`/`stop`."""
 
     name = "base"
+    owns_process = True  # the engine records and signals the guest's process
 
     def admission_kind(self) -> str:
         """'tcg', 'kvm' or 'container': how expensive a boot is (admission)."""

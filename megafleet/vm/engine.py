@@ -293,7 +293,7 @@ class Engine:
                 else:
                     handle["gdir"] = str(gdir)
                     handle["pidfile"] = str(gdir / "pid")
-                    await self._db(self._note_started, spec.name, driver.name, handle, attempt)
+                    await self._db(self._note_started, spec.name, driver, handle, attempt)
                     reason = await self._wait_ready(driver, handle, gdir / "console.log",
                                                     t0 + self.timeout_s)
                 if reason is None:
@@ -312,10 +312,11 @@ class Engine:
             console_tail=result.console_tail))
         return result
 
-    def _note_started(self, name: str, driver: str, handle: dict[str, Any], attempt: int) -> None:
-        self.ledger.record(OWNER, "process", name, guest=name, driver=driver,
-                           pidfile=handle["pidfile"], pid=handle.get("pid"),
-                           pid_start=handle.get("pid_start"))
+    def _note_started(self, name: str, driver: Driver, handle: dict[str, Any], attempt: int) -> None:
+        if driver.owns_process:
+            self.ledger.record(OWNER, "process", name, guest=name, driver=driver.name,
+                               pidfile=handle["pidfile"], pid=handle.get("pid"),
+                               pid_start=handle.get("pid_start"))
         self.state.update(name, pid=handle.get("pid"), pid_start=handle.get("pid_start"),
                           handle=handle, attempts=attempt)
 

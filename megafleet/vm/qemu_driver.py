@@ -7,9 +7,9 @@ guest, else TCG). Per guest, in its directory: ``qmp.sock`` (status and stop),
 ``agent.log`` (the virtio-serial port org.megafleet.agent: agent lines), ``pid``
 (QEMU's pidfile) and ``qemu.log`` (QEMU's own stderr).
 
-Lean defaults: no default devices, no VGA, no network unless NICs are given, RAM
-mergeable for KSM, and under TCG a 32 MiB translation cache instead of QEMU's
-default of a quarter of guest RAM-or-1 GiB.
+Lean defaults (from `megafleet.qemu.qemu_argv`): no default devices, no VGA, no
+network unless NICs are given, RAM mergeable for KSM, and under TCG a 32 MiB
+translation cache instead of QEMU's default of up to 1 GiB.
 
 QEMU runs in its own session with no pipe to the engine, so guests keep running
 when the engine exits or is killed.
@@ -25,14 +25,13 @@ from typing import Any
 
 import trio
 
-from megafleet.imagegen.contract import AGENT_PORT_NAME
 from megafleet.proc import RecordedProcess
+from megafleet.qemu import QEMU, TCG_TB_SIZE_MB, Nic, probe_accel, qemu_argv
 from megafleet.vm import qmp
 from megafleet.vm.driver import Driver, StartFailed, process_from_pidfile, reap, stop_processes
 
-QEMU = "qemu-system-x86_64"
-TCG_TB_MB = 32
-BASE_KERNEL_ARGS = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
+BASE_KERNEL_ARGS = ["console=ttyS0", "quiet", "panic=-1"]
+MACHINE = "q35"  # what megafleet.qemu uses and measured (see there)
 
 _accel_cache: str | None = None
 
@@ -45,48 +44,22 @@ def host_accel() -> str:
         if forced in ("kvm", "tcg"):
             _accel_cache = forced
         else:
-            try:
-                from megafleet.qemu import probe_accel
-            except ImportError:
-                _accel_cache = "tcg"
-            else:
-                result = probe_accel()
-                _accel_cache = getattr(result, "accel", result)
-                if _accel_cache not in ("kvm", "tcg"):
-                    _accel_cache = "tcg"
+            accel, _reason = probe_accel()  # prints its one-line notice on fallback
+            _accel_cache = accel if accel in ("kvm", "tcg") else "tcg"
     return _accel_cache
 
 
 def guest_argv(spec, kernel: Path, initramfs: Path, gdir: Path, accel: str) -> list[str]:
-    """The full QEMU command line of one guest (argv list, never a shell)."""
+    """The full QEMU command line of one guest (argv list, never a shell): the
+    shared `megafleet.qemu.qemu_argv` plus a pidfile, so that a QEMU started just
+    before an engine crash is still found by teardown."""
     append = " ".join(BASE_KERNEL_ARGS + spec.guest_config().kernel_args())
-    if accel == "kvm":
-        accel_args = ["-accel", "kvm", "-cpu", "host"]
-    else:
-        accel_args = ["-accel", f"tcg,tb-size={TCG_TB_MB}", "-cpu", "max"]
-    argv = [
-        QEMU, "-name", f"guest={spec.name},debug-threads=off",
-        "-machine", "pc,mem-merge=on,usb=off,vmport=off,smm=off",
-        *accel_args,
-        "-m", str(spec.mem_mb), "-smp", str(spec.vcpus),
-        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-        "-no-reboot", "-msg", "timestamp=off",
-        "-kernel", str(kernel), "-initrd", str(initramfs), "-append", append,
-        "-chardev", f"file,id=con,path={gdir / 'console.log'}",
-        "-serial", "chardev:con",
-        "-qmp", f"unix:{gdir / 'qmp.sock'},server=on,wait=off",
-        "-device", "virtio-serial-pci,id=vser",
-        "-chardev", f"file,id=agent,path={gdir / 'agent.log'}",
-        "-device", f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}",
-        "-pidfile", str(gdir / "pid"),
-    ]
-    for i, nic in enumerate(spec.nics):
-        if nic.kind == "tap":
-            netdev = f"tap,id=n{i},ifname={nic.ifname},script=no,downscript=no"
-        else:  # vde
-            netdev = f"vde,id=n{i},sock={nic.vde_socket}"
-        argv += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=n{i},mac={nic.mac.lower()}"]
-    return argv
+    nics = [Nic(mac=n.mac.lower(), tap=n.ifname if n.kind == "tap" else None,
+                vde=n.vde_socket if n.kind == "vde" else None) for n in spec.nics]
+    argv = qemu_argv(kernel, initramfs, append, name=spec.name, mem_mb=spec.mem_mb,
+                     vcpus=spec.vcpus, accel=accel, qmp_socket=gdir / "qmp.sock",
+                     console_log=gdir / "console.log", agent_log=gdir / "agent.log", nics=nics)
+    return argv + ["-pidfile", str(gdir / "pid")]
 
 
 class QemuDriver(Driver):
