@@ -1,0 +1,569 @@
+"""The host side of a testbed: apply one host's manifest here, tear it down, report.
+
+`megafleet up` sends each host its `HostManifest` (see `megafleet.manifest`);
+this module applies it locally, in this order:
+
+1. net: namespaces, bridges, veths, taps, VXLAN tunnels of spanning segments,
+   namespace configuration, shaping, routers (FRR) -- netlang's live layer does
+   the work, on this host's share of the plan;
+2. vm: the guests, through the vm engine (bounded parallel boots, each failed
+   boot retried, then reported);
+3. ksm: the KSM tuning daemon (one per host), told about the boot storm;
+4. collect: the telemetry collector (`megafleet telemetry run`), sampling this
+   host and its guests into the store.
+
+It never fans out: the controller reaches hosts through gproc, whose agent runs
+the handlers registered here (`host.probe`, `host.apply`, `host.down`,
+`host.status`, `host.exec`); with no inventory the controller calls the same
+functions in its own process.
+
+Record before create: the testbed (owner "up", kind "testbed"), its manifest
+file and its daemons are in the ledger before they exist; the network's and the
+guests' resources are in netlang's and the vm engine's records. `down` walks the
+ledger, so it needs no description and works after a crash at any point.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from megafleet import paths, proc
+from megafleet.gproc import handlers
+from megafleet.ledger import Ledger
+from megafleet.manifest import VXLAN_PORT, HostManifest, Vxlan, plan_from_json
+from megafleet.names import check_name
+
+OWNER = "up"
+Emit = Callable[[dict[str, Any]], None]
+
+
+class HostError(RuntimeError):
+    pass
+
+
+def _quiet(_: dict[str, Any]) -> None:
+    pass
+
+
+def use_dirs(state_dir: str | None, run_dir: str | None) -> None:
+    """Point this process's state and run directories somewhere else: the hosts of
+    a test fleet share one filesystem, so each keeps its records apart."""
+    if state_dir:
+        os.environ["MEGAFLEET_STATE"] = state_dir
+    if run_dir:
+        os.environ["MEGAFLEET_RUN"] = run_dir
+
+
+def manifest_path(testbed: str) -> Path:
+    return paths.state_dir() / "up" / f"{check_name(testbed, 'testbed name')}.json"
+
+
+def load_manifest(testbed: str) -> HostManifest | None:
+    try:
+        return HostManifest.from_json(json.loads(manifest_path(testbed).read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def testbeds(ledger: Ledger | None = None) -> list[str]:
+    ledger = ledger or Ledger()
+    return sorted(r.key for r in ledger.list(OWNER, "testbed"))
+
+
+# ---------------------------------------------------------------------------
+# probe: what the controller needs to know before it cuts the plan
+# ---------------------------------------------------------------------------
+
+def underlay_mtu(peers: list[str]) -> int:
+    """The smallest MTU of the interfaces this host reaches its peers through."""
+    mtus = []
+    for peer in peers:
+        out = proc.run(["ip", "-o", "route", "get", peer], check=False).stdout.split()
+        if "dev" in out:
+            dev = out[out.index("dev") + 1]
+            try:
+                mtus.append(int(Path(f"/sys/class/net/{dev}/mtu").read_text()))
+            except (OSError, ValueError):
+                pass
+    return min(mtus) if mtus else 1500
+
+
+def probe(payload: dict[str, Any]) -> dict[str, Any]:
+    """This host's underlay MTU towards `peers`, its memory, its cache and which of
+    the `images` (hashes) it lacks."""
+    use_dirs(payload.get("state_dir"), payload.get("run_dir"))
+    mem_kb = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                mem_kb = int(line.split()[1])
+    cache = paths.cache_dir()
+    missing = [h for h in payload.get("images", [])
+               if not (cache / "images" / h / "manifest.json").is_file()]
+    for h in missing:
+        (cache / "images" / h).mkdir(parents=True, exist_ok=True)
+    (cache / "names").mkdir(parents=True, exist_ok=True)
+    return {"mtu": underlay_mtu(payload.get("peers", [])), "mem_available_mb": mem_kb // 1024,
+            "cpus": os.cpu_count(), "cache_dir": str(cache), "missing_images": missing}
+
+
+# ---------------------------------------------------------------------------
+# apply
+# ---------------------------------------------------------------------------
+
+async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = None) -> dict[str, Any]:
+    """Apply one manifest on this host; returns the host's summary. Idempotent: a
+    second apply of the same manifest leaves the network and running guests alone
+    and reboots only guests that are not running."""
+    if os.geteuid() != 0:
+        raise HostError("applying a testbed needs root (namespaces, bridges, guests)")
+    use_dirs(m.state_dir, m.run_dir)
+    ledger = ledger or Ledger()
+    t = check_name(m.testbed, "testbed name")
+    t0 = time.monotonic()
+    phases: dict[str, float] = {}
+    digest = m.digest()
+    current = next((r.data for r in ledger.list(OWNER, "testbed") if r.key == t), None)
+    if current is not None and current.get("digest") != digest:
+        raise HostError(f"testbed {t!r} is already up on {m.host} from a different description "
+                        f"({current.get('source')}); run 'megafleet down {t}' first")
+    ledger.record(OWNER, "testbed", t, digest=digest, complete=False, source=m.source, host=m.host)
+    path = manifest_path(t)
+    ledger.record(OWNER, "file", f"{t}/manifest", path=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(m.to_json()))
+
+    from megafleet.netlang import live
+
+    p = plan_from_json(m.net)
+    p.digest = digest
+    emit({"phase": "net", "state": "start"})
+    net_result = await apply_net(p, m.vxlan, ledger, lambda text: emit({"phase": "net", "text": text}))
+    phases["net"] = time.monotonic() - t0
+
+    t1 = time.monotonic()
+    report = None
+    if p.vms:
+        from megafleet.vm.manifest import apply as vm_apply
+
+        ledger.record(live.OWNER, "vms", t, names=[v.name for v in p.vms])
+        total = len(p.vms)
+        emit({"phase": "vm", "state": "start", "total": total})
+        counts = {"ready": 0, "failed": 0}
+        last = [0.0]
+
+        def progress(done: int, total: int, result) -> None:
+            counts["failed" if result.outcome == "failed" else "ready"] += 1
+            now = time.monotonic()
+            if now - last[0] > 1.0 or done == total or result.outcome == "failed":
+                last[0] = now
+                emit({"phase": "vm", "done": done, "total": total, **counts,
+                      **({"failed_guest": result.name, "reason": result.reason}
+                         if result.outcome == "failed" else {})})
+
+        report = await vm_apply(p.vms, progress=progress, **m.vm_options)
+    phases["vm"] = time.monotonic() - t1
+
+    t2 = time.monotonic()
+    if m.ksm:
+        emit({"phase": "ksm", "state": "start"})
+        await trio.to_thread.run_sync(_start_ksm, t, ledger)
+    phases["ksm"] = time.monotonic() - t2
+    t3 = time.monotonic()
+    emit({"phase": "collect", "state": "start"})
+    await trio.to_thread.run_sync(_start_collector, m, ledger)
+    phases["collect"] = time.monotonic() - t3
+
+    ledger.record(OWNER, "testbed", t, digest=digest, complete=True, source=m.source, host=m.host)
+    guests = report.to_dict() if report else {"ready": 0, "failed": 0, "already": 0, "guests": []}
+    failed = [{"name": g["name"], "reason": g["reason"], "attempts": g["attempts"]}
+              for g in guests["guests"] if g["outcome"] == "failed"]
+    result = {"host": m.host, "testbed": t, "phases": {k: round(v, 3) for k, v in phases.items()},
+              "seconds": round(time.monotonic() - t0, 3), "net": net_result,
+              "namespaces": len(p.netns), "guests": len(p.vms),
+              "ready": guests["ready"] + guests["already"], "failed": failed,
+              "boot_p50_s": guests.get("boot_p50_s"), "boot_p95_s": guests.get("boot_p95_s")}
+    emit({"phase": "done", "ready": result["ready"], "failed": len(failed)})
+    return result
+
+
+async def apply_net(p, tunnels: list[Vxlan], ledger: Ledger, progress: Callable[[str], None]) -> dict:
+    """netlang's `aup` for one host's share of a plan, plus the VXLAN tunnels of
+    spanning segments and veths for container guests. Idempotent like `aup`."""
+    from megafleet.netlang import live
+
+    t = p.name
+    current = live.status(t, ledger)
+    if current is not None:
+        if current.get("digest") == p.digest and current.get("complete") and \
+                await trio.to_thread.run_sync(_intact, t, ledger):
+            progress("network already up; nothing changed")
+            return {"changed": False}
+        progress("network partly up; tearing it down and rebuilding")
+        await live.adown(t, lambda s: None, ledger)
+    ledger.record(live.OWNER, "testbed", t, digest=p.digest, file="megafleet up", complete=False)
+    limiter = trio.CapacityLimiter(4)
+    t0 = time.monotonic()
+    await trio.to_thread.run_sync(live._create_host_side, p, ledger, progress, limiter=limiter)
+    await trio.to_thread.run_sync(_create_container_veths, p, ledger, limiter=limiter)
+    await trio.to_thread.run_sync(_create_vxlan, t, tunnels, ledger, limiter=limiter)
+    progress(f"created {len(p.netns)} namespaces, {len(p.bridges)} bridges, {len(p.ports)} ports, "
+             f"{len(tunnels)} VXLAN tunnels ({time.monotonic() - t0:.1f} s)")
+    if p.vde:
+        await trio.to_thread.run_sync(live._start_vde, p, ledger)
+    if p.wires:
+        await trio.to_thread.run_sync(live._start_wires, p, ledger)
+    failures: list[str] = []
+
+    async def configure(ns: str, lines: list[str]) -> None:
+        try:
+            await trio.to_thread.run_sync(live._batch, ["ip", "-n", ns], lines, limiter=limiter)
+        except proc.CommandFailed as err:
+            failures.append(f"{ns}: {err}")
+
+    async with trio.open_nursery() as nursery:
+        for ns, lines in sorted(p.ns_lines.items()):
+            nursery.start_soon(configure, ns, lines)
+    if failures:
+        raise HostError(f"configuring {len(failures)} namespaces failed (first: {failures[0]})")
+    await trio.to_thread.run_sync(live._shape_and_route, p, limiter=limiter)
+    if p.frr:
+        await trio.to_thread.run_sync(live._start_frr, p, ledger)
+        progress(f"started FRR on {len(p.frr)} routers")
+    ledger.record(live.OWNER, "testbed", t, digest=p.digest, file="megafleet up", complete=True,
+                  counts={"namespaces": len(p.netns), "bridges": len(p.bridges),
+                          "ports": len(p.ports), "frr": len(p.frr), "vms": len(p.vms),
+                          "vxlan": len(tunnels)})
+    return {"changed": True, "seconds": round(time.monotonic() - t0, 3), "namespaces": len(p.netns),
+            "bridges": len(p.bridges), "ports": len(p.ports), "vxlan": len(tunnels),
+            "frr_routers": len(p.frr)}
+
+
+def _intact(testbed: str, ledger: Ledger) -> bool:
+    from megafleet.netlang import live
+    return live._intact(testbed, ledger)
+
+
+def _create_container_veths(p, ledger: Ledger) -> None:
+    """Container guests' NICs: a veth whose host end is on the bridge and whose far
+    end waits on the host until the vm engine moves it into the container."""
+    from megafleet.manifest import container_peer
+    from megafleet.netlang import live
+
+    ports = [port for port in p.ports if port.kind == "cveth"]
+    if not ports:
+        return
+    ledger.record_many(live.OWNER, "link", [(f"{p.name}/{port.host_if}", {"ifname": port.host_if})
+                                             for port in ports])
+    present = live.existing_links()
+    lines = []
+    for port in ports:
+        br = p.bridges[(port.switch, port.vlan)][0]
+        if port.host_if not in present:
+            lines.append(f"link add {port.host_if} mtu {port.mtu} type veth peer name "
+                         f"{container_peer(p.name, port.host_if)} mtu {port.mtu}")
+        lines.append(f"link set {port.host_if} master {br} up")
+    live._batch(["ip"], lines)
+
+
+def _create_vxlan(testbed: str, tunnels: list[Vxlan], ledger: Ledger) -> None:
+    """One VXLAN device per spanning segment, enslaved to the segment's bridge,
+    flooding to every other host of the segment (the kernel learns MACs)."""
+    from megafleet.netlang import live
+
+    if not tunnels:
+        return
+    ledger.record_many(live.OWNER, "link", [(f"{testbed}/{x.ifname}", {"ifname": x.ifname})
+                                             for x in tunnels])
+    lines, fdb = [], []
+    for x in tunnels:
+        lines += [f"link add {x.ifname} mtu {x.mtu} type vxlan id {x.vni} local {x.local} "
+                  f"dstport {VXLAN_PORT}",
+                  f"link set {x.ifname} master {x.bridge} up"]
+        fdb += [f"fdb append 00:00:00:00:00:00 dev {x.ifname} dst {r}" for r in x.remotes]
+    live._batch(["ip"], lines)
+    live._batch(["bridge"], fdb)
+
+
+# --- daemons: the ksm daemon and the collector ---------------------------------
+
+def _daemon_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["MEGAFLEET_STATE"] = str(paths.state_dir())
+    env["MEGAFLEET_RUN"] = str(paths.run_dir())
+    return env
+
+
+def _running(ledger: Ledger, key: str) -> proc.RecordedProcess | None:
+    for r in ledger.list(OWNER, "process"):
+        if r.key == key and "pid" in r.data:
+            rp = proc.RecordedProcess(r.data["pid"], r.data["start"])
+            if rp.alive():
+                return rp
+    return None
+
+
+def _start_daemon(ledger: Ledger, key: str, argv: list[str], log: Path) -> proc.RecordedProcess:
+    running = _running(ledger, key)
+    if running is not None:
+        return running
+    ledger.record(OWNER, "process", key, log=str(log))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 env=_daemon_env(), start_new_session=True)
+    rp = proc.RecordedProcess.of(child.pid)
+    ledger.record(OWNER, "process", key, log=str(log), pid=rp.pid, start=rp.start)
+    # Not reaped here: the daemon outlives this call; `down` stops it by pid.
+    child.returncode = 0
+    return rp
+
+
+def _start_ksm(testbed: str, ledger: Ledger) -> None:
+    # KSM's knobs are global to the kernel: one daemon per host, whichever testbed
+    # started it; the others leave it alone.
+    for r in ledger.list(OWNER, "process"):
+        if r.key.endswith("/ksm") and _running(ledger, r.key):
+            return
+    log = paths.state_dir() / "up" / f"{testbed}.ksm.log"
+    _start_daemon(ledger, f"{testbed}/ksm", [sys.executable, "-m", "megafleet", "ksm", "run"], log)
+
+
+def _start_collector(m: HostManifest, ledger: Ledger) -> None:
+    argv = [sys.executable, "-m", "megafleet", "telemetry"]
+    if m.telemetry:
+        argv += ["--telemetry", m.telemetry]
+    argv += ["run", "--host", m.host, "--interval", f"{m.collect_interval:g}"]
+    log = paths.state_dir() / "up" / f"{m.testbed}.collect.log"
+    _start_daemon(ledger, f"{m.testbed}/collect", argv, log)
+
+
+# ---------------------------------------------------------------------------
+# down
+# ---------------------------------------------------------------------------
+
+async def down(testbed: str | None = None, emit: Emit = _quiet, ledger: Ledger | None = None,
+               *, state_dir: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
+    """Tear down `testbed` (or every testbed `up` made on this host): collector and
+    ksm daemon first (the collector flushes, the daemon restores the knobs), then
+    guests and network through netlang's ledger-driven teardown. Tolerates what is
+    already gone; safe to repeat."""
+    if os.geteuid() != 0:
+        raise HostError("tearing a testbed down needs root")
+    use_dirs(state_dir, run_dir)
+    ledger = ledger or Ledger()
+    from megafleet.netlang import live
+
+    names = [testbed] if testbed else testbeds(ledger)
+    t0 = time.monotonic()
+    out = {}
+    for t in names:
+        check_name(t, "testbed name")
+        emit({"phase": "down", "testbed": t, "state": "start"})
+        daemons = [r for r in ledger.list(OWNER, "process") if r.key.startswith(t + "/")]
+        # The collector flushes its pipeline on SIGTERM: give it time.
+        await trio.to_thread.run_sync(_stop_daemons, daemons)
+        ledger.forget_many(OWNER, "process", [r.key for r in daemons])
+        result = await live.adown(t, lambda text: emit({"phase": "down", "text": text}), ledger)
+        for r in ledger.list(OWNER, "file"):
+            if r.key.startswith(t + "/"):
+                Path(r.data["path"]).unlink(missing_ok=True)
+                ledger.forget(OWNER, "file", r.key)
+        ledger.forget(OWNER, "testbed", t)
+        out[t] = {"namespaces": result.get("namespaces", 0), "links": result.get("links", 0),
+                  "processes": result.get("processes", 0) + len(daemons)}
+    seconds = time.monotonic() - t0
+    emit({"phase": "down", "state": "done", "seconds": round(seconds, 3)})
+    return {"testbeds": out, "seconds": round(seconds, 3)}
+
+
+def _stop_daemons(records) -> None:
+    for r in records:
+        if "pid" in r.data:
+            proc.RecordedProcess(r.data["pid"], r.data["start"]).stop(grace=10)
+
+
+# ---------------------------------------------------------------------------
+# status and exec
+# ---------------------------------------------------------------------------
+
+def _guest_views(names: set[str]) -> dict[str, Any]:
+    if not names:
+        return {}
+    from megafleet.vm.engine import Engine
+    return {v.name: v for v in Engine().list("*") if v.name in names}
+
+
+def status(testbed: str | None = None, *, state_dir: str | None = None,
+           run_dir: str | None = None) -> dict[str, Any]:
+    """Nodes by state, failures, KSM saving and telemetry health on this host."""
+    use_dirs(state_dir, run_dir)
+    from megafleet.netlang import live
+
+    ledger = Ledger()
+    names = [testbed] if testbed else testbeds(ledger)
+    present_ns = live.existing_netns()
+    beds = []
+    for t in names:
+        record = next((r.data for r in ledger.list(OWNER, "testbed") if r.key == t), None)
+        if record is None:
+            continue
+        m = load_manifest(t)
+        states: dict[str, int] = {}
+        failures = []
+        if m is not None:
+            for node, ns in m.net["netns"].items():
+                state = "up" if ns in present_ns else "missing"
+                states[state] = states.get(state, 0) + 1
+                if state != "up":
+                    failures.append({"node": node, "state": state, "reason": f"namespace {ns} is gone"})
+            views = _guest_views({v["name"] for v in m.net["vms"]})
+            for v in m.net["vms"]:
+                view = views.get(v["name"])
+                state = view.state if view else "missing"
+                states[state] = states.get(state, 0) + 1
+                if state != "running":
+                    failures.append({"node": v["name"], "state": state,
+                                     "reason": (view.reason if view else None) or "not running"})
+        collector = _running(ledger, f"{t}/collect")
+        beds.append({"testbed": t, "complete": record.get("complete", False),
+                     "source": record.get("source"), "nodes": states, "failures": failures,
+                     "telemetry": {"collector": "running" if collector else "stopped",
+                                   "store": m.telemetry if m and m.telemetry else "sqlite (state dir)",
+                                   "log": _tail(paths.state_dir() / "up" / f"{t}.collect.log")}})
+    ksm = {"daemon": "running" if any(r.key.endswith("/ksm") and _running(ledger, r.key)
+                                      for r in ledger.list(OWNER, "process")) else "stopped"}
+    try:
+        from megafleet.ksm.sysfs import KsmSysfs
+        snap = KsmSysfs().read()
+        ksm["saved_mb"] = round(snap.saved_mb, 1)
+    except Exception as exc:   # KSM missing or unreadable: report it, status goes on
+        ksm["error"] = str(exc)
+    return {"testbeds": beds, "ksm": ksm}
+
+
+def _tail(path: Path, lines: int = 2) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, *,
+                     timeout: float = 30.0, state_dir: str | None = None,
+                     run_dir: str | None = None) -> list[dict[str, Any]]:
+    """Run argv inside every node matching `pattern`: in a namespace node's
+    namespace (`ip netns exec`), in a container guest's namespaces (`nsenter`).
+    QEMU guests have no exec channel (their agent only reports): reported."""
+    use_dirs(state_dir, run_dir)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise HostError("exec needs a command (a list of words)")
+    ledger = Ledger()
+    targets: list[tuple[str, list[str] | None, str | None]] = []
+    for t in ([testbed] if testbed else testbeds(ledger)):
+        m = load_manifest(t)
+        if m is None:
+            continue
+        for node, ns in sorted(m.net["netns"].items()):
+            if fnmatch.fnmatchcase(node, pattern):
+                targets.append((node, ["ip", "netns", "exec", ns, *argv], None))
+        vms = [v for v in m.net["vms"] if fnmatch.fnmatchcase(v["name"], pattern)]
+        views = _guest_views({v["name"] for v in vms})
+        for v in sorted(vms, key=lambda v: v["name"]):
+            view = views.get(v["name"])
+            if v["driver"] != "container":
+                targets.append((v["name"], None, f"exec into {v['driver']} guests is not "
+                                "supported (the guest agent has no command channel)"))
+            elif view is None or view.pid is None:
+                targets.append((v["name"], None, "guest is not running"))
+            else:
+                targets.append((v["name"], ["nsenter", "-t", str(view.pid), "-m", "-u", "-i", "-n",
+                                            "-p", "-r", "-w", *argv], None))
+    results: list[dict[str, Any]] = []
+    limiter = trio.CapacityLimiter(8)
+
+    async def one(node: str, full: list[str] | None, error: str | None) -> None:
+        if full is None:
+            results.append({"node": node, "rc": None, "stdout": "", "stderr": "", "error": error})
+            return
+        async with limiter:
+            with trio.move_on_after(timeout) as scope:
+                r = await proc.arun(full, check=False)
+        if scope.cancelled_caught:
+            results.append({"node": node, "rc": None, "stdout": "", "stderr": "",
+                            "error": f"timed out after {timeout:g} s"})
+        else:
+            results.append({"node": node, "rc": r.returncode, "stdout": r.stdout,
+                            "stderr": r.stderr, "error": None})
+
+    async with trio.open_nursery() as nursery:
+        for target in targets:
+            nursery.start_soon(one, *target)
+    return sorted(results, key=lambda r: r["node"])
+
+
+# ---------------------------------------------------------------------------
+# gproc handlers: the same functions, reached through the agent tree
+# ---------------------------------------------------------------------------
+
+async def _forward_events(ctx: handlers.Context, receive: trio.MemoryReceiveChannel) -> None:
+    async for event in receive:
+        await ctx.emit(event)
+
+
+async def _with_events(ctx: handlers.Context, fn) -> Any:
+    send, receive = trio.open_memory_channel(256)
+
+    def emit(event: dict[str, Any]) -> None:
+        try:
+            send.send_nowait(event)
+        except trio.WouldBlock:
+            pass            # progress is best effort; results are not
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_forward_events, ctx, receive)
+        try:
+            return await fn(emit)
+        finally:
+            send.close()
+
+
+@handlers.handler("host.probe")
+async def _probe_handler(payload: Any, ctx: handlers.Context) -> dict[str, Any]:
+    return await trio.to_thread.run_sync(probe, payload or {})
+
+
+@handlers.handler("host.apply")
+async def _apply_handler(payload: Any, ctx: handlers.Context) -> dict[str, Any]:
+    m = HostManifest.from_json(payload)
+    return await _with_events(ctx, lambda emit: apply(m, emit))
+
+
+@handlers.handler("host.down")
+async def _down_handler(payload: Any, ctx: handlers.Context) -> dict[str, Any]:
+    payload = payload or {}
+    return await _with_events(ctx, lambda emit: down(
+        payload.get("testbed"), emit, state_dir=payload.get("state_dir"), run_dir=payload.get("run_dir")))
+
+
+@handlers.handler("host.status")
+async def _status_handler(payload: Any, ctx: handlers.Context) -> dict[str, Any]:
+    payload = payload or {}
+    return await trio.to_thread.run_sync(lambda: status(
+        payload.get("testbed"), state_dir=payload.get("state_dir"), run_dir=payload.get("run_dir")))
+
+
+@handlers.handler("host.exec")
+async def _exec_handler(payload: Any, ctx: handlers.Context) -> list[dict[str, Any]]:
+    return await exec_nodes(payload["pattern"], payload["argv"], payload.get("testbed"),
+                            timeout=payload.get("timeout", 30.0), state_dir=payload.get("state_dir"),
+                            run_dir=payload.get("run_dir"))

@@ -1,0 +1,409 @@
+"""Per-host manifests: what one host must run for one testbed, as plain data.
+
+The controller (`megafleet.up`) compiles the description once, lets netlang plan
+every resource of the whole testbed (`netlang.live.plan`), places the nodes on
+hosts (`megafleet.placement`) and cuts the plan into one `HostManifest` per
+host; `megafleet.host` applies a manifest on its host. A manifest is JSON all the
+way down, so it travels through gproc unchanged.
+
+Cutting the plan:
+
+- a node's namespace, ports, FRR configuration and guest spec go to its host;
+- a switch (or one VLAN of it) becomes a bridge on every host that has a port on
+  it; a bridge present on more than one host is a *spanning segment*: its copies
+  are joined by VXLAN, one VNI per segment, each host sending to every other
+  host's underlay address (head-end replication; the kernel learns the rest);
+- a switch-to-switch link goes to one host (the first that has its first
+  switch), which then carries both bridges: exactly one copy of the link exists,
+  so joining the copies by VXLAN cannot make a loop;
+- point-to-point links and VDE switches cannot span hosts: placement keeps their
+  nodes together (`demands` gives them one segment), and cutting checks it.
+
+MTU: VXLAN costs 50 bytes of the underlay's MTU. When a spanning segment's MTU
+does not fit (`underlay_mtu - 50 < segment MTU`), the segment's MTU is lowered on
+every host to what fits: bridges, veths, the namespaces' interfaces and the
+guests' NICs all agree, so nothing is dropped for size and OSPF neighbours (which
+compare MTUs) still form.
+
+Container guests: netlang plans a tap per vm NIC; a container needs a veth whose
+far end the vm engine moves into the container. Cutting turns those ports into
+`cveth` ports (host end on the bridge, far end `peer` left on the host for the
+engine) and their NICs into `veth` NICs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megafleet.names import ifname
+from megafleet.placement import NodeDemand, Plan as Placement
+
+VXLAN_OVERHEAD = 50
+VXLAN_PORT = 4789
+# Memory a node costs on a host, in MB, when it is not a full VM: a namespace is
+# almost free; a container shares the image's page cache with its siblings.
+NAMESPACE_MB = 4
+CONTAINER_MB = 16
+
+
+class ManifestError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# netlang's live plan <-> JSON
+# ---------------------------------------------------------------------------
+
+def _props(d: dict | None):
+    from megafleet.netlang.model import LinkProps
+    return LinkProps(**(d or {}))
+
+
+def plan_to_json(p) -> dict[str, Any]:
+    """A `netlang.live.Plan` as JSON-able data."""
+    return {
+        "name": p.name,
+        "netns": dict(p.netns),
+        "bridges": [[sw, vlan, br, mtu] for (sw, vlan), (br, mtu) in p.bridges.items()],
+        "vde": {sw: str(path) for sw, path in p.vde.items()},
+        "ports": [{**dataclasses.asdict(port), "props": port.props.to_json()} for port in p.ports],
+        "p2p": [[a, ea, b, eb, mtu, props.to_json()] for a, ea, b, eb, mtu, props in p.p2p],
+        "swlinks": [[*x[:-1], x[-1].to_json()] for x in p.swlinks],
+        "wires": [{"key": w.key, "ends": [list(e) for e in w.ends], "mtu": w.mtu,
+                   "props": w.props.to_json()} for w in p.wires],
+        "ns_lines": dict(p.ns_lines),
+        "routers": list(p.routers),
+        "frr": dict(p.frr),
+        "vms": [v.to_dict() for v in p.vms],
+        "digest": p.digest,
+    }
+
+
+def plan_from_json(d: dict[str, Any]):
+    """The `netlang.live.Plan` that `plan_to_json` wrote."""
+    from megafleet.netlang import live
+    from megafleet.vm.manifest import GuestSpec
+
+    p = live.Plan(d["name"])
+    p.netns = dict(d["netns"])
+    p.bridges = {(sw, vlan): (br, mtu) for sw, vlan, br, mtu in d["bridges"]}
+    p.vde = {sw: Path(path) for sw, path in d["vde"].items()}
+    p.ports = [live.Port(**{**port, "props": _props(port["props"])}) for port in d["ports"]]
+    p.p2p = [(a, ea, b, eb, mtu, _props(props)) for a, ea, b, eb, mtu, props in d["p2p"]]
+    p.swlinks = [(*x[:-1], _props(x[-1])) for x in d["swlinks"]]
+    p.wires = [live.Wire(w["key"], [tuple(e) for e in w["ends"]], w["mtu"], _props(w["props"]))
+               for w in d["wires"]]
+    p.ns_lines = {ns: list(lines) for ns, lines in d["ns_lines"].items()}
+    p.routers = list(d["routers"])
+    p.frr = {r: dict(daemons) for r, daemons in d["frr"].items()}
+    p.vms = [GuestSpec.from_dict(v) for v in d["vms"]]
+    p.digest = d.get("digest", "")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# The manifest
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Vxlan:
+    """One spanning segment's tunnel end on one host."""
+
+    bridge: str          # the local bridge of the segment
+    segment: str         # "switch" or "switch/vlan"
+    vni: int
+    ifname: str          # the vxlan device
+    local: str           # this host's underlay address
+    remotes: list[str]   # the other hosts' underlay addresses
+    mtu: int
+
+
+@dataclass
+class HostManifest:
+    testbed: str
+    host: str
+    net: dict[str, Any]                       # plan_to_json of this host's share
+    vxlan: list[Vxlan] = field(default_factory=list)
+    ksm: bool = True                          # run the ksm daemon
+    telemetry: str | None = None              # store URI; None: SQLite in the state dir
+    collect_interval: float = 5.0
+    vm_options: dict[str, Any] = field(default_factory=dict)   # timeout_s, retries, ...
+    state_dir: str | None = None              # override $MEGAFLEET_STATE (test fleets)
+    run_dir: str | None = None                # override $MEGAFLEET_RUN
+    source: str = ""                          # the description file, for status
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["digest"] = self.digest()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "HostManifest":
+        d = {k: v for k, v in d.items() if k != "digest"}
+        try:
+            d["vxlan"] = [Vxlan(**x) for x in d.get("vxlan", [])]
+            return cls(**d)
+        except TypeError as exc:
+            raise ManifestError(f"malformed host manifest: {exc}") from None
+
+    def digest(self) -> str:
+        """What decides whether a running testbed matches this manifest."""
+        body = dataclasses.asdict(self)
+        for volatile in ("state_dir", "run_dir", "vm_options", "source"):
+            body.pop(volatile, None)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def counts(self) -> dict[str, int]:
+        vms = self.net["vms"]
+        return {"namespaces": len(self.net["netns"]), "routers": len(self.net["routers"]),
+                "vms": sum(1 for v in vms if v["driver"] != "container"),
+                "containers": sum(1 for v in vms if v["driver"] == "container"),
+                "bridges": len(self.net["bridges"]), "vxlan": len(self.vxlan)}
+
+
+# ---------------------------------------------------------------------------
+# Placement demands
+# ---------------------------------------------------------------------------
+
+def segment_key(switch: str, vlan: int | None) -> str:
+    return switch if vlan is None else f"{switch}/{vlan}"
+
+
+def demands(net, p) -> list[NodeDemand]:
+    """What each node asks of a host. A node's segment is its first switch (with
+    VLAN), except that nodes joined by point-to-point links, or on a VDE switch,
+    share one segment: those links cannot cross hosts."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])
+            x = parent[x]
+        return x
+
+    def union(a: str, b: str) -> None:
+        parent.setdefault(a, a)
+        parent.setdefault(b, b)
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    ns_node = {ns: node for node, ns in p.netns.items()}
+    for ns_a, _, ns_b, *_ in p.p2p:
+        union(ns_node[ns_a], ns_node[ns_b])
+    for wire in p.wires:
+        nodes = [ns_node[e[1]] for e in wire.ends if e[0] == "ns"]
+        for other in nodes[1:]:
+            union(nodes[0], other)
+    first_port: dict[str, Any] = {}
+    for port in p.ports:
+        first_port.setdefault(port.node, port)
+    vde_members: dict[str, list[str]] = {}
+    for port in p.ports:
+        if port.switch in p.vde:
+            vde_members.setdefault(port.switch, []).append(port.node)
+    for members in vde_members.values():
+        for other in members[1:]:
+            union(members[0], other)
+    involved = set(parent) | {n for ms in vde_members.values() for n in ms}
+    groups: dict[str, list[str]] = {}
+    for n in involved:
+        groups.setdefault(find(n), []).append(n)
+    tied = {n: root for root, ms in groups.items() if len(ms) > 1 for n in ms}
+    vm_spec = {v.name: v for v in p.vms}
+
+    out = []
+    for _, _, node in net.iter_nodes():
+        if node in tied:
+            segment = "tied:" + tied[node]
+        elif node in first_port:
+            port = first_port[node]
+            segment = segment_key(port.switch, port.vlan)
+        else:
+            segment = "node:" + node
+        spec = vm_spec.get(node)
+        if spec is None:
+            mem, image = NAMESPACE_MB, ""
+        elif spec.driver == "container":
+            mem, image = min(spec.mem_mb, CONTAINER_MB), spec.image
+        else:
+            mem, image = spec.mem_mb, spec.image
+        out.append(NodeDemand(node, segment, mem, image))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Cutting the plan into host manifests
+# ---------------------------------------------------------------------------
+
+def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
+          underlay_mtu: int = 1500, images: dict[str, str] | None = None,
+          **common: Any) -> dict[str, HostManifest]:
+    """One manifest per host of `placement` (hosts without nodes get none).
+
+    `addresses`: each host's underlay address for VXLAN (needed when a segment
+    spans hosts); `underlay_mtu`: the smallest underlay MTU between the hosts;
+    `images`: image name in the description -> image name in the store;
+    `common`: further HostManifest fields (ksm, telemetry, ...)."""
+    from megafleet.vm.manifest import GuestSpec, NicSpec
+
+    node_host = placement.node_host
+    hosts = sorted(h for h, nodes in placement.hosts.items() if nodes)
+    ns_host = {ns: node_host[node] for node, ns in p.netns.items()}
+    by_bridge = {br: key for key, (br, _) in p.bridges.items()}
+    vms = {v.name: v for v in p.vms}
+    container_nodes = {n for n, v in vms.items() if v.driver == "container"}
+
+    # Which hosts carry which bridge (switch/VLAN) and which ports.
+    bridge_hosts: dict[tuple, set[str]] = {key: set() for key in p.bridges}
+    ports: dict[str, list] = {h: [] for h in hosts}
+    for port in p.ports:
+        host = node_host[port.node]
+        if port.node in container_nodes and port.kind == "tap":
+            port = dataclasses.replace(port, kind="cveth")
+        ports[host].append(port)
+        if (port.switch, port.vlan) in p.bridges:
+            bridge_hosts[(port.switch, port.vlan)].add(host)
+    vde_hosts: dict[str, set[str]] = {}
+    for host, host_ports in ports.items():
+        for port in host_ports:
+            if port.switch in p.vde:
+                vde_hosts.setdefault(port.switch, set()).add(host)
+    for sw, hs in vde_hosts.items():
+        if len(hs) > 1:
+            raise ManifestError(f"VDE switch {sw} would span hosts {', '.join(sorted(hs))}; "
+                                "VDE switches must stay on one host")
+
+    p2p: dict[str, list] = {h: [] for h in hosts}
+    for link in p.p2p:
+        ha, hb = ns_host[link[0]], ns_host[link[2]]
+        if ha != hb:
+            raise ManifestError(f"point-to-point link {link[0]} -- {link[2]} would cross hosts "
+                                f"{ha} and {hb}")
+        p2p[ha].append(link)
+
+    def owner_of(br_a: str, br_b: str) -> str:
+        for key in (by_bridge[br_a], by_bridge[br_b]):
+            if bridge_hosts[key]:
+                return min(bridge_hosts[key])
+        return hosts[0]
+
+    swlinks: dict[str, list] = {h: [] for h in hosts}
+    for link in p.swlinks:
+        host = owner_of(link[2], link[3])
+        swlinks[host].append(link)
+        bridge_hosts[by_bridge[link[2]]].add(host)
+        bridge_hosts[by_bridge[link[3]]].add(host)
+    wires: dict[str, list] = {h: [] for h in hosts}
+    for wire in p.wires:
+        ns_ends = [e for e in wire.ends if e[0] == "ns"]
+        if ns_ends:
+            hs = {ns_host[e[1]] for e in ns_ends}
+            if len(hs) > 1:
+                raise ManifestError(f"impaired link {wire.key} would cross hosts {', '.join(sorted(hs))}")
+            host = hs.pop()
+        else:
+            brs = [e[1] for e in wire.ends if e[0] == "bridge"]
+            host = owner_of(brs[0], brs[-1])
+        wires[host].append(wire)
+        for e in wire.ends:
+            if e[0] == "bridge":
+                bridge_hosts[by_bridge[e[1]]].add(host)
+    for key, hs in bridge_hosts.items():
+        if not hs and hosts:
+            hs.add(hosts[0])       # a switch nothing is attached to: keep it somewhere
+
+    # Spanning segments: VNIs in a stable order, MTU lowered where VXLAN needs it.
+    spanning = sorted((k for k, hs in bridge_hosts.items() if len(hs) > 1),
+                      key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    if spanning and not addresses:
+        raise ManifestError("segments span hosts but no underlay addresses were given")
+    from megafleet.placement import VXLAN_VNI_BASE
+    vni = {key: VXLAN_VNI_BASE + i for i, key in enumerate(spanning)}
+    mtu_of = {key: mtu for key, (_, mtu) in p.bridges.items()}
+    for key in spanning:
+        mtu_of[key] = min(mtu_of[key], underlay_mtu - VXLAN_OVERHEAD)
+
+    images = images or {}
+    manifests: dict[str, HostManifest] = {}
+    for host in hosts:
+        mine = set(placement.hosts[host])
+        netns = {n: ns for n, ns in p.netns.items() if n in mine}
+        host_ports = []
+        for port in ports[host]:
+            key = (port.switch, port.vlan)
+            if key in mtu_of and port.mtu > mtu_of[key]:
+                port = dataclasses.replace(port, mtu=mtu_of[key])
+            host_ports.append(port)
+        ns_lines = {ns: _fix_mtu_lines(p.ns_lines.get(ns, []), ns, host_ports) for ns in netns.values()}
+        guests = []
+        for name in sorted(mine & vms.keys()):
+            guests.append(_guest_for_host(vms[name], host_ports, p.name, images, GuestSpec, NicSpec))
+        sub = dataclasses.replace(
+            p, netns=netns,
+            bridges={k: (br, mtu_of[k]) for k, (br, _) in p.bridges.items() if host in bridge_hosts[k]},
+            vde={sw: path for sw, path in p.vde.items() if host in vde_hosts.get(sw, ())},
+            ports=host_ports, p2p=p2p[host], swlinks=swlinks[host], wires=wires[host],
+            ns_lines=ns_lines, routers=[r for r in p.routers if r in mine],
+            frr={r: c for r, c in p.frr.items() if r in mine}, vms=guests, digest="")
+        tunnels = []
+        for key in spanning:
+            if host not in bridge_hosts[key]:
+                continue
+            tunnels.append(Vxlan(
+                bridge=p.bridges[key][0], segment=segment_key(*key), vni=vni[key],
+                ifname=ifname(p.name, "x", str(vni[key])), local=addresses[host],
+                remotes=[addresses[h] for h in sorted(bridge_hosts[key]) if h != host],
+                mtu=mtu_of[key]))
+        manifests[host] = HostManifest(testbed=p.name, host=host, net=plan_to_json(sub),
+                                       vxlan=tunnels, **common)
+    return manifests
+
+
+def _fix_mtu_lines(lines: list[str], ns: str, ports: list) -> list[str]:
+    """The namespace's ip batch with each port's (possibly lowered) MTU."""
+    want = {port.eth: port.mtu for port in ports if port.ns == ns}
+    out = []
+    for line in lines:
+        words = line.split()
+        if len(words) == 5 and words[:2] == ["link", "set"] and words[3] == "mtu" and words[2] in want:
+            continue                      # re-added below with the right value
+        if len(words) == 4 and words[:2] == ["link", "set"] and words[3] == "up" and words[2] in want:
+            if want[words[2]] != 1500:
+                out.append(f"link set {words[2]} mtu {want[words[2]]}")
+        out.append(line)
+    return out
+
+
+def _guest_for_host(spec, host_ports: list, testbed: str, images: dict[str, str], GuestSpec, NicSpec):
+    """The guest spec as this host runs it: container NICs as veths, NIC MTUs as
+    the segment has them, the image as the store names it."""
+    from megafleet.imagegen.contract import NicConfig
+
+    port_of = {port.host_if: port for port in host_ports if port.node == spec.name}
+    nics, configs = [], []
+    config = spec.guest_config()
+    for i, nic in enumerate(spec.nics):
+        port = port_of.get(nic.ifname)
+        if port is not None and port.kind == "cveth":
+            nic = NicSpec(mac=nic.mac, kind="veth", ifname=nic.ifname,
+                          peer=container_peer(testbed, nic.ifname))
+        nics.append(nic)
+        if i < len(config.nics):
+            c = config.nics[i]
+            if port is not None and port.mtu != (c.mtu or 1500):
+                c = NicConfig(c.mac, c.addresses, port.mtu)
+            configs.append(c)
+    config = dataclasses.replace(config, nics=tuple(configs))
+    return dataclasses.replace(spec, image=images.get(spec.image, spec.image), nics=tuple(nics),
+                               config=config)
+
+
+def container_peer(testbed: str, host_if: str) -> str:
+    """The host-side name of a container NIC's far end until the engine moves it."""
+    return ifname(testbed + "c", host_if)

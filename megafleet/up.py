@@ -1,0 +1,779 @@
+"""`megafleet up|down|plan|status|exec`: the controller side of a testbed.
+
+`up` compiles the description, places its nodes on hosts, builds the images it
+needs, reaches the hosts through gproc, pushes images where missing, cuts the
+plan into one manifest per host (`megafleet.manifest`) and has every host apply
+its own in parallel (`megafleet.host`), showing progress per phase and host and
+a final summary. It does no host's work itself: without an inventory the local
+machine is the only host and its `host.apply` runs in this process (the
+embedded default).
+
+The controller remembers each testbed it brought up (ledger owner
+"up-controller": the inventory, the hosts, the description), so that `down`,
+`status` and `exec` need no description. `down` itself is driven by each host's
+own ledger: given only `--hosts`, it removes every testbed on every host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from megafleet.ledger import Ledger
+from megafleet.names import InvalidName, check_name
+
+CONTROLLER = "up-controller"
+LOCAL = "local"
+HOST_MODULES = ["megafleet.host"]
+DEFAULT_HOST_MEM_MB = 8192
+
+
+class UpError(click.ClickException):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Output: progress lines and tables
+# ---------------------------------------------------------------------------
+
+class Output:
+    """Progress lines with elapsed time; to stderr when stdout carries JSON."""
+
+    def __init__(self, json_mode: bool = False, quiet: bool = False):
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+
+    def line(self, text: str) -> None:
+        if self.quiet:
+            return
+        click.echo(f"[{time.monotonic() - self.t0:6.1f}s] {text}", err=self.json_mode)
+
+    def event(self, host: str, event: dict[str, Any]) -> None:
+        phase = event.get("phase", "?")
+        if "text" in event:
+            self.line(f"{phase:<8} {host}: {event['text']}")
+        elif phase == "vm" and "done" in event:
+            extra = f"  ({event['failed_guest']} failed: {event['reason']})" if "failed_guest" in event else ""
+            self.line(f"{phase:<8} {host}: {event['done']}/{event['total']} guests "
+                      f"({event['ready']} ready, {event['failed']} failed){extra}")
+        elif event.get("state") == "start":
+            total = f" ({event['total']} guests)" if "total" in event else ""
+            self.line(f"{phase:<8} {host}: starting{total}")
+        elif phase == "done":
+            self.line(f"{'done':<8} {host}: {event['ready']} ready, {event['failed']} failed")
+        elif phase == "down" and event.get("state") == "done":
+            self.line(f"{'down':<8} {host}: done in {event['seconds']:.1f} s")
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers] + [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Compile and place
+# ---------------------------------------------------------------------------
+
+def testbed_name(path: Path, name: str | None) -> str:
+    """The testbed's name: given, or the file's stem cut to 8 characters (it
+    prefixes interface names, which Linux limits to 15 bytes)."""
+    if name is None:
+        stem = "".join(c for c in path.stem if c.isalnum())
+        name = (stem if stem[:1].isalpha() else "t" + stem)[:8] or "testbed"
+    try:
+        check_name(name, "testbed name")
+    except InvalidName as exc:
+        raise UpError(str(exc)) from None
+    if len(name) > 8:
+        raise UpError(f"testbed name {name!r} is longer than 8 characters (it prefixes interface names)")
+    return name
+
+
+def compile_testbed(path: Path, defines: dict[str, str]):
+    from megafleet.netlang import CompileError, compile_file
+
+    if not path.is_file():
+        raise UpError(f"{path}: no such file")
+    try:
+        return compile_file(path, defines, graph=False)
+    except CompileError as exc:
+        raise UpError(str(exc)) from None
+
+
+def parse_defines(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UpError(f"-D {item!r}: expected NAME=VALUE")
+        out[key] = value
+    return out
+
+
+def local_mem_mb() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return DEFAULT_HOST_MEM_MB
+
+
+@dataclass
+class Target:
+    """Where a testbed runs: the local machine, or the hosts of an inventory."""
+
+    inventory_path: str | None = None
+    hosts: list[str] = field(default_factory=list)
+    host_mem_mb: int | None = None
+    host_state: str | None = None      # "{host}" template: per-host state/run dirs
+
+    def inventory(self):
+        from megafleet.gproc import inventory
+        try:
+            return inventory.load(self.inventory_path)
+        except (inventory.InventoryError, OSError) as exc:
+            raise UpError(str(exc)) from None
+
+    @property
+    def embedded(self) -> bool:
+        return self.inventory_path is None
+
+    def offers(self):
+        from megafleet.placement import HostOffer
+        if self.embedded:
+            return [HostOffer(LOCAL, 1_000_000, self.host_mem_mb or int(local_mem_mb() * 0.8))]
+        inv = self.inventory()
+        chosen = inv.select(self.hosts or None)
+        return [HostOffer(h.name, h.capacity or 1_000_000, self.host_mem_mb or DEFAULT_HOST_MEM_MB)
+                for h in chosen]
+
+    def dirs(self, host: str) -> dict[str, str | None]:
+        if not self.host_state:
+            return {"state_dir": None, "run_dir": None}
+        base = self.host_state.replace("{host}", host)
+        return {"state_dir": f"{base}/state", "run_dir": f"{base}/run"}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inventory": self.inventory_path, "hosts": self.hosts,
+                "host_mem_mb": self.host_mem_mb, "host_state": self.host_state}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Target":
+        return cls(d.get("inventory"), list(d.get("hosts") or []), d.get("host_mem_mb"), d.get("host_state"))
+
+
+def make_plan(net, testbed: str, target: Target, ksm_sharing: float = 0.3):
+    """netlang's plan of the whole testbed and the placement of its nodes."""
+    from megafleet import manifest, placement
+    from megafleet.netlang import live
+
+    try:
+        plan = live.plan(net, testbed)
+    except live.LiveError as exc:
+        raise UpError(str(exc)) from None
+    try:
+        placed = placement.place(manifest.demands(net, plan), target.offers(), ksm_sharing=ksm_sharing)
+    except placement.PlacementError as exc:
+        raise UpError(f"placement: {exc}") from None
+    return plan, placed
+
+
+def placement_rows(plan, placed) -> list[dict[str, Any]]:
+    vms = {v.name: v for v in plan.vms}
+    rows = []
+    for host, nodes in placed.hosts.items():
+        kinds = {"namespaces": 0, "vms": 0, "containers": 0}
+        for n in nodes:
+            v = vms.get(n)
+            kinds["namespaces" if v is None else "containers" if v.driver == "container" else "vms"] += 1
+        segments = sorted(s for s, hs in placed.segment_hosts.items() if host in hs)
+        rows.append({"host": host, "nodes": len(nodes), **kinds, "segments": segments})
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------
+
+def build_images(net, plan, out: Output) -> dict[str, Any]:
+    """Build (or find in the cache) every image a guest uses. Returns the description's
+    image name -> store Image."""
+    from megafleet.imagegen import store
+
+    used = sorted({v.image for v in plan.vms})
+    images = {}
+    for name in used:
+        if name not in net.images:
+            raise UpError(f"image {name!r} is used but not declared in the description")
+        spec = net.images[name][0]
+        try:
+            image = store.build(spec, progress=lambda text, n=name: out.line(f"image    {n}: {text}"))
+        except store.SpecError as exc:
+            raise UpError(str(exc)) from None
+        out.line(f"image    {name}: {image.name} {image.short} "
+                 f"({'cached' if image.cache_hit else f'built in {image.build_seconds:.1f} s'})")
+        images[name] = image
+    return images
+
+
+async def push_images(fleet, images: dict[str, Any], probes: dict[str, Any], out: Output) -> dict[str, str]:
+    """Copy image files to the hosts that lack them; returns host -> error for
+    hosts where that failed."""
+    import tempfile
+
+    failed: dict[str, str] = {}
+    for image in images.values():
+        need = [h for h, p in probes.items() if image.hash in p.get("missing_images", ())]
+        if not need:
+            continue
+        out.line(f"push     {image.name}: to {len(need)} hosts")
+        caches = {h: probes[h]["cache_dir"] for h in need}
+        for fname in ("vmlinuz", "initramfs.img", "manifest.json"):
+            for h in need:     # cache directories may differ between hosts
+                if h in failed:
+                    continue
+                r = await fleet.push(str(image.dir / fname), f"{caches[h]}/images/{image.hash}/{fname}",
+                                     hosts=[h])
+                if not r.ok:
+                    failed[h] = r.results[h].error or "push failed"
+        with tempfile.NamedTemporaryFile("w", delete=False) as f:
+            f.write(image.hash + "\n")
+        try:
+            for h in need:
+                if h not in failed:
+                    r = await fleet.push(f.name, f"{caches[h]}/names/{image.name}", hosts=[h], mode=0o644)
+                    if not r.ok:
+                        failed[h] = r.results[h].error or "push failed"
+        finally:
+            os.unlink(f.name)
+    return failed
+
+
+# ---------------------------------------------------------------------------
+# The controller's record of what it brought up
+# ---------------------------------------------------------------------------
+
+def deployments(ledger: Ledger | None = None) -> dict[str, dict[str, Any]]:
+    ledger = ledger or Ledger()
+    return {r.key: r.data for r in ledger.list(CONTROLLER, "testbed")}
+
+
+def _underlay_address(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return socket.gethostbyname(address)
+
+
+# ---------------------------------------------------------------------------
+# up
+# ---------------------------------------------------------------------------
+
+async def up(path: Path, target: Target, *, name: str | None = None, defines: dict[str, str] | None = None,
+             telemetry: str | None = None, ksm: bool = True, vm_options: dict[str, Any] | None = None,
+             out: Output | None = None, fanout: int = 8) -> dict[str, Any]:
+    """Bring a testbed up; returns the summary (also for partial failures)."""
+    from megafleet import host as host_side
+    from megafleet import manifest
+
+    out = out or Output(quiet=True)
+    phases: dict[str, float] = {}
+    t0 = time.monotonic()
+
+    def phase_done(phase: str, since: float) -> float:
+        phases[phase] = round(time.monotonic() - since, 3)
+        return time.monotonic()
+
+    testbed = testbed_name(path, name)
+    t = time.monotonic()
+    net = await trio.to_thread.run_sync(compile_testbed, path, defines or {})
+    counts = net.counts()
+    out.line(f"compile  {path}: {counts['vm']} vms, {counts['host']} hosts, {counts['router']} routers, "
+             f"{counts['switch']} switches")
+    t = phase_done("compile", t)
+    plan, placed = await trio.to_thread.run_sync(make_plan, net, testbed, target)
+    used = [h for h, nodes in placed.hosts.items() if nodes]
+    out.line(f"place    {len(net.index)} nodes on {len(used)} hosts, {len(placed.vnis)} spanning segments")
+    t = phase_done("place", t)
+    images = await trio.to_thread.run_sync(build_images, net, plan, out)
+    t = phase_done("images", t)
+    image_names = {k: img.name for k, img in images.items()}
+    common = {"ksm": ksm, "telemetry": telemetry, "vm_options": vm_options or {}, "source": str(path)}
+
+    ledger = Ledger()
+    results: dict[str, dict[str, Any]] = {}
+    host_errors: dict[str, str] = {}
+    record = {"source": str(path.resolve()), "target": target.to_json(), "hosts": used,
+              "started": time.time()}
+    # Record before create: `down` must find this testbed even if we crash now.
+    ledger.record(CONTROLLER, "testbed", testbed, **record)
+
+    if target.embedded:
+        manifests = manifest.split(plan, placed, images=image_names, **common)
+        t = phase_done("manifests", t)
+        for h, m in manifests.items():
+            try:
+                results[h] = await host_side.apply(m, lambda ev, h=h: out.event(h, ev))
+            except Exception as exc:       # the host failed: report it, keep the record for down
+                host_errors[h] = f"{type(exc).__name__}: {exc}"
+        phase_done("apply", t)
+    else:
+        from megafleet.gproc import Fleet
+
+        inv = target.inventory()
+        addresses = {h: _underlay_address(inv.by_name[h].address) for h in used}
+        async with Fleet.connect(inv, hosts=used, fanout=fanout) as fleet:
+            for h, st in fleet.status.items():
+                if st.state != "up":
+                    host_errors[h] = f"unreachable: {st.error}"
+            out.line(f"connect  {len(used) - len(host_errors)}/{len(used)} hosts reached "
+                     f"({fleet.setup_seconds:.1f} s)")
+            t = phase_done("connect", t)
+            reachable = [h for h in used if h not in host_errors]
+            per_host = {h: {"peers": [addresses[o] for o in used if o != h],
+                            "images": [img.hash for img in images.values()], **target.dirs(h)}
+                        for h in reachable}
+            report = await fleet.call("host.probe", per_host=per_host, modules=HOST_MODULES, timeout=60)
+            probes = {}
+            for h, r in report.results.items():
+                if r.status == "ok":
+                    probes[h] = r.value
+                else:
+                    host_errors[h] = f"{r.status}: {r.error}"
+            mtu = min([p["mtu"] for p in probes.values()] or [1500])
+            t = phase_done("probe", t)
+            failed_push = await push_images(fleet, images, probes, out)
+            host_errors.update({h: f"image push: {e}" for h, e in failed_push.items()})
+            t = phase_done("push", t)
+            manifests = manifest.split(plan, placed, addresses=addresses, underlay_mtu=mtu,
+                                       images=image_names, **common)
+            for h, m in manifests.items():
+                d = target.dirs(h)
+                m.state_dir, m.run_dir = d["state_dir"], d["run_dir"]
+            lowered = {x.segment: x.mtu for m in manifests.values() for x in m.vxlan}
+            if lowered:
+                out.line(f"vxlan    {len(lowered)} spanning segments, underlay MTU {mtu}, "
+                         f"segment MTU {min(lowered.values())}")
+            t = phase_done("manifests", t)
+            go = {h: m.to_json() for h, m in manifests.items() if h not in host_errors}
+            report = await fleet.call("host.apply", per_host=go, modules=HOST_MODULES, timeout=3600,
+                                      on_event=out.event)
+            for h, r in report.results.items():
+                if r.status == "ok":
+                    results[h] = r.value
+                else:
+                    host_errors[h] = f"{r.status}: {r.error}"
+            phase_done("apply", t)
+
+    summary = summarize(testbed, placed, plan, results, host_errors, phases, time.monotonic() - t0)
+    ledger.record(CONTROLLER, "testbed", testbed, **record, summary={
+        k: summary[k] for k in ("guests", "ready", "failed", "namespaces", "seconds")})
+    return summary
+
+
+def summarize(testbed, placed, plan, results, host_errors, phases, seconds) -> dict[str, Any]:
+    vm_names = {v.name for v in plan.vms}
+    hosts = []
+    failed: list[dict[str, Any]] = []
+    ready = 0
+    host_phases: dict[str, dict[str, float]] = {}
+    for h, nodes in placed.hosts.items():
+        if not nodes:
+            continue
+        guests = sum(1 for n in nodes if n in vm_names)
+        if h in results:
+            r = results[h]
+            ready += r["ready"]
+            failed += [{"node": f["name"], "host": h, "reason": f["reason"]} for f in r["failed"]]
+            host_phases[h] = r["phases"]
+            hosts.append({"host": h, "status": "ok", "nodes": len(nodes), "guests": guests,
+                          "ready": r["ready"], "failed": len(r["failed"]), "seconds": r["seconds"],
+                          "phases": r["phases"]})
+        else:
+            why = host_errors.get(h, "no result")
+            failed += [{"node": n, "host": h, "reason": f"host failed: {why}"} for n in nodes]
+            hosts.append({"host": h, "status": "failed", "nodes": len(nodes), "guests": guests,
+                          "ready": 0, "failed": len(nodes), "error": why})
+    # Per-host phases, as the slowest host saw them (they run in parallel).
+    for phase in ("net", "vm", "ksm", "collect"):
+        values = [p.get(phase, 0.0) for p in host_phases.values()]
+        if values:
+            phases[f"host_{phase}"] = round(max(values), 3)
+    return {"testbed": testbed, "seconds": round(seconds, 3), "phases": phases, "hosts": hosts,
+            "guests": len(vm_names), "namespaces": len(plan.netns), "ready": ready,
+            "failed": failed, "ok": not failed and not host_errors}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    click.echo("")
+    rows = [[h["host"], h["status"], h["nodes"], h["guests"], h["ready"], h["failed"],
+             f"{h['seconds']:.1f}" if "seconds" in h else "", h.get("error", "")]
+            for h in summary["hosts"]]
+    click.echo(table(rows, ["HOST", "STATUS", "NODES", "GUESTS", "READY", "FAILED", "SECONDS", "ERROR"]))
+    click.echo("")
+    click.echo("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["phases"].items()))
+    failed_guests = [f for f in summary["failed"] if not f["reason"].startswith("host failed")]
+    click.echo(f"testbed {summary['testbed']}: {summary['ready']}/{summary['guests']} guests ready, "
+               f"{len(summary['failed'])} nodes failed, {summary['namespaces']} namespace nodes, "
+               f"{summary['seconds']:.1f} s")
+    for f in failed_guests[:10]:
+        click.echo(f"  failed: {f['node']} on {f['host']}: {f['reason']}")
+    if len(failed_guests) > 10:
+        click.echo(f"  ... and {len(failed_guests) - 10} more (see --json or megafleet status)")
+
+
+# ---------------------------------------------------------------------------
+# down, status, exec
+# ---------------------------------------------------------------------------
+
+async def _on_hosts(target: Target, handler: str, payload: dict[str, Any], out: Output,
+                    timeout: float = 600, fanout: int = 8) -> dict[str, dict[str, Any]]:
+    """Call a host.* handler on every host of the target: {host: {"status", "value"|"error"}}."""
+    from megafleet import host as host_side
+
+    if target.embedded:
+        try:
+            if handler == "host.down":
+                value = await host_side.down(payload.get("testbed"), lambda ev: out.event(LOCAL, ev))
+            elif handler == "host.status":
+                value = await trio.to_thread.run_sync(host_side.status, payload.get("testbed"))
+            elif handler == "host.exec":
+                value = await host_side.exec_nodes(payload["pattern"], payload["argv"], payload.get("testbed"),
+                                                   timeout=payload.get("timeout", 30))
+            else:
+                raise ValueError(handler)
+            return {LOCAL: {"status": "ok", "value": value}}
+        except Exception as exc:
+            return {LOCAL: {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}}
+    from megafleet.gproc import Fleet
+
+    inv = target.inventory()
+    names = [h.name for h in inv.select(target.hosts or None)]
+    async with Fleet.connect(inv, hosts=names, fanout=fanout) as fleet:
+        per_host = {h: {**payload, **target.dirs(h)} for h in names}
+        report = await fleet.call(handler, per_host=per_host, modules=HOST_MODULES, timeout=timeout,
+                                  on_event=out.event)
+    return {h: ({"status": "ok", "value": r.value} if r.status == "ok"
+                else {"status": r.status, "error": r.error}) for h, r in report.results.items()}
+
+
+def _targets_for(testbed: str | None, hosts: str | None, host_state: str | None) -> list[tuple[str | None, Target]]:
+    """Which (testbed, target) pairs a down/status/exec concerns."""
+    if hosts is not None:
+        return [(testbed, Target(hosts, host_state=host_state))]
+    known = deployments()
+    if testbed is not None:
+        if testbed in known:
+            return [(testbed, Target.from_json(known[testbed]["target"]))]
+        return [(testbed, Target(host_state=host_state))]
+    if not known:
+        return [(None, Target(host_state=host_state))]
+    # Group testbeds by where they run; None means "everything there".
+    return [(t, Target.from_json(d["target"])) for t, d in sorted(known.items())]
+
+
+async def down(testbed: str | None, hosts: str | None, out: Output, host_state: str | None = None,
+               fanout: int = 8) -> dict[str, Any]:
+    t0 = time.monotonic()
+    ledger = Ledger()
+    results: dict[str, Any] = {}
+    ok = True
+    for name, target in _targets_for(testbed, hosts, host_state):
+        res = await _on_hosts(target, "host.down", {"testbed": name}, out, fanout=fanout)
+        results[name or "*"] = res
+        if all(r["status"] == "ok" for r in res.values()):
+            if name is not None:
+                ledger.forget(CONTROLLER, "testbed", name)
+            else:
+                for key in deployments(ledger):
+                    if Target.from_json(deployments(ledger)[key]["target"]).inventory_path == target.inventory_path:
+                        ledger.forget(CONTROLLER, "testbed", key)
+        else:
+            ok = False
+    return {"ok": ok, "seconds": round(time.monotonic() - t0, 3), "results": results}
+
+
+async def status(testbed: str | None, hosts: str | None, out: Output, host_state: str | None = None) -> dict:
+    out_hosts: dict[str, Any] = {}
+    for name, target in _targets_for(testbed, hosts, host_state):
+        res = await _on_hosts(target, "host.status", {"testbed": name}, out, timeout=60)
+        for h, r in res.items():
+            out_hosts.setdefault(h, r)
+            if r["status"] == "ok" and out_hosts[h] is not r and out_hosts[h]["status"] == "ok":
+                seen = {b["testbed"] for b in out_hosts[h]["value"]["testbeds"]}
+                out_hosts[h]["value"]["testbeds"] += [b for b in r["value"]["testbeds"] if b["testbed"] not in seen]
+    return {"hosts": out_hosts}
+
+
+async def exec_on(pattern: str, argv: list[str], testbed: str | None, hosts: str | None, out: Output,
+                  timeout: float, host_state: str | None = None) -> dict[str, Any]:
+    nodes: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
+    for name, target in _targets_for(testbed, hosts, host_state):
+        res = await _on_hosts(target, "host.exec", {"testbed": name, "pattern": pattern, "argv": argv,
+                                                    "timeout": timeout}, out, timeout=timeout + 30)
+        for h, r in res.items():
+            if r["status"] == "ok":
+                nodes += [{**n, "host": h} for n in r["value"]]
+            else:
+                errors[h] = r.get("error") or r["status"]
+    return {"nodes": sorted(nodes, key=lambda n: n["node"]), "host_errors": errors}
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+_hosts_option = click.option(
+    "--hosts", "hosts", metavar="INVENTORY", type=click.Path(dir_okay=False),
+    help="gproc host inventory (TOML); without it, the local machine runs everything.")
+_host_state_option = click.option(
+    "--host-state", metavar="DIR", hidden=True,
+    help="Per-host state and run directories, '{host}' replaced by the host's name "
+         "(for test fleets whose hosts share one filesystem).")
+_json_option = click.option("--json", "json_mode", is_flag=True, help="Print one JSON object, for scripts.")
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return trio.run(lambda: fn(*args, **kwargs))
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; run 'megafleet down' to remove what was created")
+
+
+@click.command("up")
+@click.argument("testbed", type=click.Path(dir_okay=False, path_type=Path))
+@_hosts_option
+@click.option("--telemetry", metavar="URI", envvar="MEGAFLEET_MONGO_URI",
+              help="Telemetry store: mongodb://HOST:PORT/DB or sqlite:PATH "
+                   "(default: $MEGAFLEET_MONGO_URI, else SQLite in each host's state directory).")
+@click.option("--name", "-N", help="Testbed name (default: the file's stem, at most 8 characters).")
+@click.option("-D", "defines", multiple=True, metavar="NAME=VALUE", help="Set a parameter of the description.")
+@click.option("--host-mem", type=click.IntRange(64), metavar="MB",
+              help=f"Guest memory budget per host for placement (default: 80% of available "
+                   f"memory locally, {DEFAULT_HOST_MEM_MB} MB per inventory host).")
+@click.option("--ksm/--no-ksm", default=True, show_default=True, help="Run the KSM tuning daemon on every host.")
+@click.option("--boot-timeout", type=click.FloatRange(1), default=60, show_default=True,
+              help="Seconds a guest may take to print its ready line, per attempt.")
+@click.option("--retries", type=click.IntRange(0, 10), default=1, show_default=True,
+              help="Boot attempts after the first for a guest that fails.")
+@click.option("--fanout", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="gproc tree fanout.")
+@_host_state_option
+@_json_option
+def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm, boot_timeout, retries, fanout,
+               host_state, json_mode):
+    """Bring up the testbed described in TESTBED (a .fleet file).
+
+    \b
+    Phases (progress is printed per phase and per host):
+      compile   parse, expand, address and check the description
+      place     assign nodes to hosts (deterministic; see `megafleet plan`)
+      images    build missing images (cache hits take milliseconds)
+      connect   reach the hosts through gproc (inventory only)
+      probe     underlay MTU, memory and images of each host
+      push      copy images to hosts that lack them
+      apply     every host, in parallel: network (bridges, veths, VXLAN,
+                routers), guests (bounded parallel boot, retried once), KSM
+                daemon, telemetry collector
+
+    Switch segments that span hosts are joined by VXLAN, one VNI per segment;
+    when the underlay MTU cannot carry the segment's MTU plus 50 bytes, the
+    segment's MTU is lowered everywhere on it. A host that fails or dies has
+    its nodes reported failed; the rest of the testbed stays up. Guests that
+    fail to boot are retried, then reported.
+
+    \b
+    Examples:
+      megafleet up examples/campus-ospf.fleet
+      megafleet up examples/lan1000.fleet --hosts hosts.toml --telemetry mongodb://db:27017/mf
+    The testbed stays up; `megafleet status` shows it, `megafleet down` removes it.
+    Exit status: 0 when every node is up, 1 when some failed.
+    """
+    out = Output(json_mode)
+    target = Target(hosts, host_mem_mb=host_mem, host_state=host_state)
+    if hosts is not None:
+        target.inventory()          # a bad inventory fails before anything starts
+    summary = _run(up, testbed, target, name=name, defines=parse_defines(defines), telemetry=telemetry,
+                   ksm=ksm, vm_options={"timeout_s": boot_timeout, "retries": retries}, out=out,
+                   fanout=fanout)
+    if json_mode:
+        click.echo(json.dumps(summary))
+    else:
+        print_summary(summary)
+    if not summary["ok"]:
+        sys.exit(1)
+
+
+@click.command("plan")
+@click.argument("testbed", type=click.Path(dir_okay=False, path_type=Path))
+@_hosts_option
+@click.option("--name", "-N", help="Testbed name (default: the file's stem, at most 8 characters).")
+@click.option("-D", "defines", multiple=True, metavar="NAME=VALUE", help="Set a parameter of the description.")
+@click.option("--host-mem", type=click.IntRange(64), metavar="MB",
+              help="Guest memory budget per host (as for `up`).")
+@click.option("--nodes", "show_nodes", is_flag=True, help="List the nodes of each host too.")
+@_json_option
+def plan_command(testbed, hosts, name, defines, host_mem, show_nodes, json_mode):
+    """Show where `megafleet up` would put each node of TESTBED, doing nothing.
+
+    Placement is deterministic (the same description and inventory always give
+    the same plan): switch segments are placed largest first, each whole on the
+    roomiest host where it fits (capacity and memory budget, counting memory
+    KSM is expected to share), split over few hosts only when it fits on none.
+    Nodes joined by point-to-point links stay together. Segments on more than
+    one host are listed with their VXLAN VNI.
+    """
+    name = testbed_name(testbed, name)
+    target = Target(hosts, host_mem_mb=host_mem)
+    net = compile_testbed(testbed, parse_defines(defines))
+    plan, placed = make_plan(net, name, target)
+    rows = placement_rows(plan, placed)
+    spanning = [{"segment": s, "vni": placed.vnis[s], "hosts": placed.segment_hosts[s]} for s in placed.vnis]
+    if json_mode:
+        click.echo(json.dumps({"testbed": name, "hosts": rows, "spanning": spanning,
+                               "tunnels": placed.tunnels, "node_host": placed.node_host}))
+        return
+    click.echo(table([[r["host"], r["nodes"], r["namespaces"], r["vms"], r["containers"],
+                       len(r["segments"])] for r in rows],
+                     ["HOST", "NODES", "NAMESPACES", "VMS", "CONTAINERS", "SEGMENTS"]))
+    if spanning:
+        click.echo("")
+        click.echo(table([[s["segment"], s["vni"], ", ".join(s["hosts"])] for s in spanning],
+                         ["SPANNING SEGMENT", "VNI", "HOSTS"]))
+    if show_nodes:
+        for host, nodes in placed.hosts.items():
+            click.echo(f"\n{host}: {' '.join(nodes)}")
+    click.echo(f"\ntestbed {name}: {len(placed.node_host)} nodes on "
+               f"{sum(1 for r in rows if r['nodes'])} hosts, {len(spanning)} VXLAN segments")
+
+
+@click.command("down")
+@click.argument("testbed", required=False)
+@_hosts_option
+@click.option("--fanout", type=click.IntRange(1, 64), default=8, show_default=True, help="gproc tree fanout.")
+@_host_state_option
+@_json_option
+def down_command(testbed, hosts, fanout, host_state, json_mode):
+    """Tear down TESTBED, or every testbed brought up from here.
+
+    Needs no description: each host removes what its own ledger records
+    (daemons, guests, routers, namespaces, bridges, VXLAN tunnels), in parallel
+    on every host. With --hosts, every testbed on every host of that inventory
+    goes, also ones this controller forgot (after a crash). Idempotent: running
+    it again finds nothing to do. Unreachable hosts are reported; run `down`
+    again when they are back.
+    """
+    out = Output(json_mode)
+    result = _run(down, testbed, hosts, out, host_state, fanout)
+    if json_mode:
+        click.echo(json.dumps(result))
+    else:
+        rows = []
+        for name, res in result["results"].items():
+            for h, r in res.items():
+                if r["status"] == "ok":
+                    for t, c in r["value"]["testbeds"].items():
+                        rows.append([h, t, "down", c["namespaces"], c["links"], c["processes"], ""])
+                    if not r["value"]["testbeds"]:
+                        rows.append([h, name, "nothing up", "", "", "", ""])
+                else:
+                    rows.append([h, name, r["status"], "", "", "", r.get("error", "")])
+        click.echo(table(rows, ["HOST", "TESTBED", "STATE", "NAMESPACES", "LINKS", "PROCESSES", "ERROR"]))
+        click.echo(f"\n{'done' if result['ok'] else 'some hosts failed'} in {result['seconds']:.1f} s")
+    if not result["ok"]:
+        sys.exit(1)
+
+
+@click.command("status")
+@click.argument("testbed", required=False)
+@_hosts_option
+@_host_state_option
+@_json_option
+def status_command(testbed, hosts, host_state, json_mode):
+    """Show the testbeds that are up: nodes by state per host, failures, KSM
+    saving and telemetry health.
+
+    \b
+    Node states: up (namespace present), running (guest ready), failed
+    (did not boot; reason shown), exited (guest died), missing (gone).
+    """
+    out = Output(json_mode, quiet=True)
+    result = _run(status, testbed, hosts, out, host_state)
+    if json_mode:
+        click.echo(json.dumps(result))
+        return
+    rows, failures = [], []
+    for h, r in sorted(result["hosts"].items()):
+        if r["status"] != "ok":
+            rows.append([h, "", r["status"], "", "", r.get("error", "")])
+            continue
+        v = r["value"]
+        ksm = v["ksm"]
+        ksm_text = f"{ksm.get('saved_mb', '?')} MB saved ({ksm['daemon']})"
+        for b in v["testbeds"]:
+            nodes = ", ".join(f"{n} {s}" for s, n in sorted(b["nodes"].items()))
+            rows.append([h, b["testbed"], "complete" if b["complete"] else "incomplete", nodes, ksm_text,
+                         f"collector {b['telemetry']['collector']}"])
+            failures += [[h, b["testbed"], f["node"], f["state"], f["reason"]] for f in b["failures"]]
+        if not v["testbeds"]:
+            rows.append([h, "", "nothing up", "", ksm_text, ""])
+    click.echo(table(rows, ["HOST", "TESTBED", "STATE", "NODES", "KSM", "TELEMETRY"]))
+    if failures:
+        click.echo("")
+        click.echo(table(failures[:50], ["HOST", "TESTBED", "NODE", "STATE", "REASON"]))
+        if len(failures) > 50:
+            click.echo(f"... and {len(failures) - 50} more (--json lists all)")
+
+
+@click.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("pattern")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--testbed", "-t", help="Only nodes of this testbed.")
+@_hosts_option
+@click.option("--timeout", type=click.FloatRange(0.1), default=30, show_default=True,
+              help="Seconds each command may run.")
+@_host_state_option
+@_json_option
+def exec_command(pattern, command, testbed, hosts, timeout, host_state, json_mode):
+    """Run COMMAND inside every node whose name matches PATTERN (a glob).
+
+    \b
+    Namespace nodes (hosts, routers): `ip netns exec`.
+    Container guests: `nsenter` into the guest's namespaces and root.
+    QEMU guests: not supported (their agent reports, it takes no commands).
+    Put `--` before the command: megafleet exec 'pc*' -- ping -c1 10.1.0.1
+    Output is printed per node; the exit status is 1 when any node failed.
+    """
+    out = Output(json_mode, quiet=True)
+    result = _run(exec_on, pattern, list(command), testbed, hosts, out, timeout, host_state)
+    if json_mode:
+        click.echo(json.dumps(result))
+    else:
+        for n in result["nodes"]:
+            status_text = n["error"] if n["error"] else f"exit {n['rc']}"
+            click.echo(f"--- {n['node']} ({n['host']}): {status_text}")
+            if n["stdout"]:
+                click.echo(n["stdout"].rstrip("\n"))
+            if n["stderr"]:
+                click.echo(n["stderr"].rstrip("\n"), err=True)
+        for h, e in result["host_errors"].items():
+            click.echo(f"--- host {h}: {e}", err=True)
+        if not result["nodes"]:
+            click.echo(f"no node matches {pattern!r}", err=True)
+    if result["host_errors"] or not result["nodes"] or any(n["error"] or n["rc"] for n in result["nodes"]):
+        sys.exit(1)
