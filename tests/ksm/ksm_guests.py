@@ -127,6 +127,15 @@ def teardown_leftovers(ledger: Ledger | None = None) -> None:
     ledger = ledger or Ledger()
     for res in ledger.list(OWNER, "qemu"):
         pid, start = res.data.get("pid"), res.data.get("start")
+        if not pid:
+            # crashed between recording and starting: QEMU's pidfile, if any,
+            # names it; only a process whose command line names this guest is stopped
+            try:
+                pid = int(Path(res.data["pidfile"]).read_text())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                start = start_time(pid) if f"guest={res.key}".encode() in cmdline else None
+            except (OSError, ValueError, KeyError):
+                pid = None
         if pid and start:
             RecordedProcess(pid, start).stop(grace=5)
         ledger.forget(OWNER, "qemu", res.key)

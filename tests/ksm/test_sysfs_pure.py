@@ -133,3 +133,61 @@ def test_corrupt_record_is_named(fake, tmp_path):
 def test_no_ksm_directory(tmp_path):
     with pytest.raises(KsmError, match="no KSM here"):
         KsmSysfs(tmp_path / "nothing").read()
+
+
+# --- the daemon loop on the stand-in directory ------------------------------------
+
+def test_daemon_loop_applies_decisions_takes_events_and_restores(fake, tmp_path):
+    import trio
+
+    from megafleet.ksm import policy
+    from megafleet.ksm.daemon import AlreadyRunning, Daemon, send_event, socket_path
+
+    record = tmp_path / "originals.json"
+    got = []
+
+    async def main():
+        daemon = Daemon(fake, KnobKeeper(fake, record), policy.Config(sample_interval_s=0.05),
+                        on_sample=got.append)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            # the daemon starts with a probe: ksmd on, at its own rate
+            assert (fake.root / "run").read_text() == "1"
+            assert record.exists()
+            # a second daemon on the same host is refused
+            with pytest.raises(AlreadyRunning):
+                await Daemon(fake, KnobKeeper(fake, tmp_path / "other.json")).run()
+            assert await trio.to_thread.run_sync(send_event, "boot", 5)
+            with pytest.raises(Exception, match="refused"):
+                await trio.to_thread.run_sync(_send_raw, b"reboot 5\n")
+            while not any(s["mode"] == "storm" for s in got):
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    async def bounded():
+        with trio.fail_after(20):
+            await main()
+
+    trio.run(bounded)
+    storm = next(s for s in got if s["mode"] == "storm")
+    assert storm["reason"] == "event: boot of 5"
+    assert storm["saved_mb"] == (300 + 20) * 4096 / 2**20
+    # everything as before: knobs, no record, no socket
+    assert (fake.root / "run").read_text().strip() == "0"
+    assert (fake.root / "pages_to_scan").read_text().strip() == "100"
+    assert not record.exists()
+    assert not socket_path().exists()
+
+
+def _send_raw(data: bytes) -> None:
+    import socket as s
+
+    from megafleet.ksm.daemon import socket_path
+    from megafleet.ksm.sysfs import KsmError
+
+    with s.socket(s.AF_UNIX, s.SOCK_STREAM) as sock:
+        sock.connect(str(socket_path()))
+        sock.sendall(data)
+        reply = sock.recv(256).decode()
+    if not reply.startswith("ok"):
+        raise KsmError(f"daemon refused: {reply}")
