@@ -54,6 +54,8 @@ def status(as_json: bool, interval: float) -> None:
     ksmd CPU    ksmd's CPU use over --interval seconds, percent of one CPU
 
     Reading needs no privileges. --json prints every counter and knob as well.
+    The kernel updates these counters only while ksmd scans (run=1): with
+    ksmd stopped they describe the last scan.
     """
     from megafleet.ksm.daemon import sample_of
 
@@ -153,6 +155,9 @@ def run(interval: float, storm_cpu: float, pay_mb: float, steady: str, record: s
     $MEGAFLEET_STATE/ksm-originals.json) and restored when the daemon stops,
     also on SIGTERM; after a crash, `megafleet ksm restore` puts them back.
     Events arrive on $MEGAFLEET_RUN/ksm.sock (see `megafleet ksm announce`).
+
+    Needs root. KSM's counters only change while ksmd scans: while steady,
+    the saving shown is as of the last scan (the periodic probes refresh it).
     """
     import trio
 
@@ -197,8 +202,20 @@ def run(interval: float, storm_cpu: float, pay_mb: float, steady: str, record: s
         trio.run(main)
     except KsmError as e:
         _fail(str(e))
+    except BaseExceptionGroup as group:   # raised from inside the daemon's nursery
+        matched, _ = group.split(KsmError)
+        if matched is None:
+            raise
+        _fail("; ".join(str(e) for e in _leaves(matched)))
     if not as_json:
         click.echo("stopped; original KSM knobs restored", err=True)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 @ksm.command(context_settings=_HELP_CTX)

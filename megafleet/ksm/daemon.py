@@ -36,6 +36,9 @@ from megafleet.ksm.keeper import KnobKeeper
 from megafleet.ksm.sysfs import PAGE_SIZE, KsmError, KsmSysfs, Snapshot, guest_rss_kb, meminfo
 
 EVENT_KINDS = ("boot", "teardown")
+# Every knob policy.decide may set.
+POLICY_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "advisor_mode",
+                "advisor_target_scan_time", "advisor_max_cpu")
 _limiter = trio.CapacityLimiter(2)
 
 
@@ -190,6 +193,9 @@ class Daemon:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; knobs are restored however it ends."""
         self.sysfs.require()
+        # Refuse at once, before anything runs, if the knobs the policy sets
+        # cannot be written (no root, read-only sysfs).
+        self.sysfs.check_can_write([k for k in POLICY_KNOBS if (self.sysfs.root / k).exists()])
         lock = _take_lock()
         try:
             async with trio.open_nursery() as nursery:

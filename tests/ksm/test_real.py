@@ -169,6 +169,17 @@ def test_set_without_permission_changes_nothing(ksm_untouched):
 
 
 @pytest.mark.timeout(60)
+def test_run_without_permission_is_refused_before_anything_runs(ksm_untouched):
+    result = cli("ksm", "run", "--duration", "5", user="65534")
+    if result.returncode != 0 and "megafleet" not in result.stderr:
+        pytest.skip(f"nobody cannot run the venv here: {result.stderr[-200:]}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("megafleet ksm: ") and "permission denied" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert knob_values() == ksm_untouched
+
+
+@pytest.mark.timeout(60)
 def test_status_as_nobody_reads_everything(root_only):
     result = cli("ksm", "status", "--json", "--interval", "0.2", user="65534")
     if result.returncode != 0 and "megafleet" not in result.stderr:
