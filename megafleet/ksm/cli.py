@@ -145,7 +145,8 @@ def run(interval: float, storm_cpu: float, pay_mb: float, steady: str, record: s
     """Run the KSM tuning daemon in the foreground until SIGTERM or Ctrl-C.
 
     \b
-    Modes (printed when they change):
+    Prints a line when the mode or a knob changes, and every 30 s; --json
+    prints every sample. Modes:
       probe     a short hard scan to see whether merging pays
       storm     scan hard: a bulk boot was announced or memory grew
       steady    savings levelled off: ksmd stopped, merged pages stay merged
@@ -170,11 +171,18 @@ def run(interval: float, storm_cpu: float, pay_mb: float, steady: str, record: s
     except ValueError as e:
         _fail(str(e))
     last_mode = [None]
+    last_line = [0.0]
 
     def show(sample: dict) -> None:
         if as_json:
             click.echo(json.dumps(sample, sort_keys=True))
             return
+        # A line when something changes, else one every 30 s: the daemon runs
+        # for days with its output in a log file.
+        if (sample["mode"] == last_mode[0] and not sample["changed"]
+                and sample["t"] - last_line[0] < 30):
+            return
+        last_line[0] = sample["t"]
         cpu = sample["ksmd_cpu_pct"]
         line = (f"{time.strftime('%H:%M:%S')} {sample['mode']:<8} saved {sample['saved_mb']:8.1f} MB"
                 f"  ksmd {'-' if cpu is None else f'{cpu:5.1f}'} %"
