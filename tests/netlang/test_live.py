@@ -282,3 +282,30 @@ def test_a_vm_node_on_a_bridge_with_namespace_hosts(testbed, tmp_path):
     assert ping(f"{name}-h", vm_addr).returncode == 0
     live.down(name)
     assert Engine().list("mfnqv1") == []
+
+
+def test_netlink_configures_a_namespace_and_names_what_the_kernel_refused():
+    from megafleet.netlang import netlink
+
+    ns = "mfnn-x"
+    home = os.stat("/proc/thread-self/ns/net").st_ino
+    proc.run(["ip", "netns", "add", ns])
+    try:
+        proc.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"])
+        netlink.apply(f"/run/netns/{ns}", [
+            netlink.LinkUp("lo"), netlink.LinkUp("eth0", mtu=1400), netlink.LinkUp("eth1"),
+            netlink.AddrAdd("eth0", 4, 0x0A530001, 24), netlink.AddrAdd("eth0", 6, 0xFD83 << 112 | 1, 64),
+            netlink.RouteAdd(4, 0x0A540000, 16, 0x0A530002)])
+        out = proc.run(["ip", "-n", ns, "addr", "show", "eth0"]).stdout
+        assert "mtu 1400" in out and "10.83.0.1/24" in out and "fd83::1/64" in out and "UP" in out
+        assert "10.84.0.0/16 via 10.83.0.2 dev eth0" in proc.run(["ip", "-n", ns, "route"]).stdout
+        with pytest.raises(netlink.NetlinkError, match=r"mfnn-x: route add default via 10.99.0.1: "
+                                                       r"Network is unreachable"):
+            netlink.apply(f"/run/netns/{ns}", [netlink.RouteAdd(4, 0, 0, 0x0A630001)])
+        with pytest.raises(netlink.NetlinkError, match="no interface eth7 in mfnn-x"):
+            netlink.apply(f"/run/netns/{ns}", [netlink.LinkUp("eth7")])
+        # This thread is back in the host's namespace.
+        assert os.stat("/proc/thread-self/ns/net").st_ino == home
+    finally:
+        proc.run(["ip", "netns", "del", ns])
+    assert ns not in live.existing_netns()
