@@ -1,0 +1,161 @@
+"""Pure logic of the vm package: admission, budget, specs, state, console parsing,
+command lines and domain XML."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from megafleet.imagegen.contract import GuestConfig, NicConfig
+from megafleet.vm import admission
+from megafleet.vm.engine import ConsoleWatcher, console_tail, find_ready
+from megafleet.vm.manifest import (BootReport, GuestResult, GuestSpec, NicSpec, SpecError,
+                                   percentile, validate, validate_all)
+from megafleet.vm.state import GuestRecord, VmState
+
+
+def test_parallel_boots_follows_cpus_and_load():
+    assert admission.parallel_boots("tcg", 2, 0.0) == 4
+    assert admission.parallel_boots("kvm", 4, 1.0) == 32
+    assert admission.parallel_boots("container", 2, 0.5) == 128
+    # One runnable task beyond the CPUs removes one CPU's worth of boots...
+    assert admission.parallel_boots("tcg", 4, 5.0) == 6
+    # ...but a busy host still boots one guest per CPU.
+    assert admission.parallel_boots("tcg", 2, 40.0) == 2
+    assert admission.parallel_boots("container", 2, 0.0, maximum=10) == 10
+
+
+def test_budget_refuses_before_anything_and_credits_ksm():
+    memory = admission.MemoryPicture(total_mb=1000, available_mb=900, ksm_saved_mb=0)
+    need = admission.check_budget([("a", "qemu", 128)], [], 900, memory)
+    assert need == 128 + admission.QEMU_OVERHEAD_MB
+    with pytest.raises(admission.BudgetError, match="refusing to boot 5 guest"):
+        admission.check_budget([(f"g{i}", "qemu", 128) for i in range(5)],
+                               [("qemu", 128)], 900, memory)
+    # KSM already saving 200 MiB makes the same boot fit.
+    saved = admission.MemoryPicture(total_mb=1000, available_mb=900, ksm_saved_mb=200)
+    admission.check_budget([(f"g{i}", "qemu", 128) for i in range(5)], [("qemu", 128)], 900, saved)
+    # Containers are charged their small fixed cost, not a RAM size.
+    admission.check_budget([(f"c{i}", "container", 128) for i in range(200)], [], 900, memory)
+
+
+def test_read_memory_parses_meminfo(tmp_path):
+    (tmp_path / "meminfo").write_text("MemTotal: 2048000 kB\nMemFree: 100 kB\nMemAvailable: 1024000 kB\n")
+    (tmp_path / "ksm").mkdir()
+    (tmp_path / "ksm" / "pages_sharing").write_text("2560\n")
+    m = admission.read_memory(tmp_path / "meminfo", tmp_path / "ksm")
+    assert (m.total_mb, m.available_mb) == (2000, 1000)
+    assert m.ksm_saved_mb == 2560 * 4096 // (1 << 20)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (GuestSpec(name="9bad", image="tiny"), "invalid guest name"),
+    (GuestSpec(name="ok", image="tiny", driver="xen"), "driver: unknown driver 'xen'"),
+    (GuestSpec(name="ok", image="tiny", mem_mb=4), "mem_mb: 4"),
+    (GuestSpec(name="ok", image="tiny", vcpus=0), "vcpus: 0"),
+    (GuestSpec(name="ok", image="tiny", nics=[NicSpec(mac="zz")]), r"nics\[0\]: mac"),
+    (GuestSpec(name="ok", image="tiny", nics=[NicSpec(mac="52:54:00:00:00:01", kind="veth", ifname="v0")]),
+     "qemu driver cannot attach a 'veth'"),
+    (GuestSpec(name="ok", image="tiny", nics=[NicSpec(mac="52:54:00:00:00:01", ifname="a; rm -rf")]),
+     "ifname"),
+    (GuestSpec(name="ok", image="tiny", driver="container",
+               nics=[NicSpec(mac="52:54:00:00:00:01", kind="veth", ifname="v0", peer="x/y")]), "peer"),
+    (GuestSpec(name="ok", image="tiny", config=GuestConfig(name="other")), "differs"),
+    (GuestSpec(name="ok", image="tiny", config=GuestConfig(name="ok", gateway="300.1.1.1")), "config"),
+])
+def test_bad_specs_name_guest_and_field(spec, message):
+    with pytest.raises(SpecError, match=message):
+        validate(spec)
+
+
+def test_duplicate_names_refused():
+    with pytest.raises(SpecError, match="listed twice"):
+        validate_all([GuestSpec(name="a", image="tiny"), GuestSpec(name="a", image="tiny")])
+
+
+def test_spec_round_trips_through_dict():
+    spec = GuestSpec(name="web1", image="tiny", driver="container", mem_mb=64,
+                     nics=(NicSpec(mac="52:54:00:00:00:01", kind="veth", ifname="mfvh0"),),
+                     config=GuestConfig(name="web1", nics=(NicConfig("52:54:00:00:00:01", ("10.0.0.2/24",)),),
+                                        gateway="10.0.0.1", routes=(("10.9.0.0/16", "10.0.0.254"),)))
+    again = GuestSpec.from_dict(spec.to_dict())
+    assert again.guest_config().kernel_args() == spec.guest_config().kernel_args()
+    assert again.nics == spec.nics and again.mem_mb == 64
+
+
+def test_percentiles_and_report():
+    assert percentile([], 50) is None
+    assert percentile([2.0], 95) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    report = BootReport(results=[GuestResult("a", "qemu", "ready", boot_s=1.0),
+                                 GuestResult("b", "qemu", "ready", boot_s=3.0),
+                                 GuestResult("c", "qemu", "failed", reason="x"),
+                                 GuestResult("d", "qemu", "already")])
+    d = report.to_dict()
+    assert (d["ready"], d["failed"], d["already"], d["boot_p50_s"]) == (2, 1, 1, 2.0)
+
+
+def test_state_rows_round_trip(tmp_path):
+    state = VmState(tmp_path / "vm.sqlite")
+    state.put_many([GuestRecord(name=f"mfvs{i}", driver="qemu", image="tiny", spec={"i": i},
+                                state="starting", handle={"gdir": "/x"}) for i in range(3)])
+    state.update("mfvs1", state="failed", reason="boom", console_tail="panic", attempts=2)
+    rec = state.get("mfvs1")
+    assert (rec.state, rec.reason, rec.console_tail, rec.attempts, rec.handle) == (
+        "failed", "boom", "panic", 2, {"gdir": "/x"})
+    assert [r.name for r in state.list("mfvs[02]")] == ["mfvs0", "mfvs2"]
+    with pytest.raises(ValueError):
+        state.update("mfvs0", state="exploded")
+    state.delete_many(["mfvs0", "mfvs1", "mfvs2"])
+    assert state.list() == []
+
+
+def test_console_watcher_reads_incrementally(tmp_path):
+    log = tmp_path / "console.log"
+    watcher = ConsoleWatcher(log)
+    assert watcher.poll() is None  # no file yet
+    log.write_bytes(b"[    0.1] booting\r\nMEGAFLEET-RE")
+    assert watcher.poll() is None  # partial line is kept, not parsed
+    with open(log, "ab") as f:
+        f.write(b"ADY name=web1 uptime=1.25 mode=vm\n")
+    ready = watcher.poll()
+    assert ready.name == "web1" and ready.uptime == 1.25
+    assert find_ready(log).name == "web1"
+    assert console_tail(log, lines=1) == "MEGAFLEET-READY name=web1 uptime=1.25 mode=vm"
+
+
+def test_qemu_command_line(tmp_path):
+    from megafleet.vm.qemu_driver import guest_argv
+
+    spec = GuestSpec(name="mfva", image="tiny", mem_mb=96,
+                     nics=[NicSpec(mac="52:54:00:AA:00:01", ifname="mfvtap0"),
+                           NicSpec(mac="52:54:00:aa:00:02", kind="vde", vde_socket="/run/sw1")])
+    argv = guest_argv(spec, Path("/k"), Path("/i"), tmp_path, "tcg")
+    joined = " ".join(argv)
+    assert argv[argv.index("-m") + 1] == "96"
+    assert "-nodefaults" in argv and "mem-merge=on" in joined and "tb-size=32" in joined
+    assert f"path={tmp_path}/console.log" in joined and f"unix:{tmp_path}/qmp.sock" in joined
+    assert "ifname=mfvtap0" in joined and "mac=52:54:00:aa:00:01" in joined
+    assert "vde,id=n1,sock=/run/sw1" in joined
+    assert argv[-2:] == ["-pidfile", str(tmp_path / "pid")]
+    append = argv[argv.index("-append") + 1]
+    assert "panic=-1" in append and "megafleet.name=mfva" in append
+
+
+def test_libvirt_domain_xml(tmp_path):
+    from megafleet.vm.libvirt_driver import domain_xml
+
+    spec = GuestSpec(name="mfvl", image="tiny", driver="libvirt", mem_mb=128,
+                     nics=[NicSpec(mac="52:54:00:00:00:09", ifname="mfvtap9")])
+    dom = ET.fromstring(domain_xml(spec, Path("/k"), Path("/i"), tmp_path, "tcg"))
+    assert dom.get("type") == "qemu" and dom.findtext("name") == "mfvl"
+    assert dom.findtext("os/kernel") == "/k" and "megafleet.name=mfvl" in dom.findtext("os/cmdline")
+    assert dom.find("devices/serial/source").get("path") == str(tmp_path / "console.log")
+    assert dom.find("devices/channel/target").get("name") == "org.megafleet.agent"
+    assert dom.find("devices/interface/target").get("dev") == "mfvtap9"
+    assert dom.find("devices/interface/target").get("managed") == "no"
+    assert dom.find("features/tcg/tb-cache").text == "32"
+    kvm = ET.fromstring(domain_xml(spec, Path("/k"), Path("/i"), tmp_path, "kvm"))
+    assert kvm.get("type") == "kvm" and kvm.find("features") is None
