@@ -127,6 +127,14 @@ def telemetry(ctx: click.Context, uri: str | None) -> None:
 
     Times are UTC. Durations such as --since take 30s, 10m, 2h, 1d or an ISO
     date. Every query takes --json for scripts.
+
+    \b
+    Examples:
+      megafleet telemetry status
+      megafleet telemetry events --since 10m --kind error
+      megafleet telemetry boot-times --plot boot-cdf.png
+      megafleet telemetry find --filter '{"meta.kind": "guest", "rss_kb": {"$gt": 100000}}'
+      MEGAFLEET_MONGO_URI=mongodb://127.0.0.1:27017/fleet megafleet telemetry top --by mem
     """
     ctx.obj = _Context(uri)
 
@@ -379,9 +387,15 @@ def run_command(obj: _Context, host_name: str | None, duration: float | None, in
                 ttl: str | None) -> None:
     """Sample this host (guests, interfaces, host, KSM, switches) into the store.
 
-    Prints the pipeline's counters every interval. The megafleet agent runs the
-    same collector itself during `megafleet up`; this command is for a host on
-    its own, or for looking at what would be collected.
+    Prints the pipeline's counters every interval (to stderr). The same
+    collector (megafleet.collect.collector.Collector) can run inside a host's
+    agent; this command runs it on its own. When the store is away, samples are
+    spooled to disk and replayed when it returns; nothing accepted is lost.
+
+    \b
+    Examples:
+      megafleet telemetry run --duration 60 --interval 5
+      megafleet telemetry --telemetry mongodb://127.0.0.1:27017/fleet run --switch br0
     """
     import socket
 

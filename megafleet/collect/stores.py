@@ -187,14 +187,18 @@ class MongoStore:
     kind = "mongodb"
 
     def __init__(self, uri: str, *, ttl_seconds: int | None = None,
-                 timeout_ms: int = 2000, database: str | None = None):
+                 timeout_ms: int = 2000, database: str | None = None,
+                 insert_timeout_s: float = 15.0):
         import pymongo
 
         self.uri = uri
+        self.insert_timeout_s = insert_timeout_s
         self.ttl_seconds = ttl_seconds
         self.client = pymongo.MongoClient(
             uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=max(timeout_ms * 10, 30000), retryWrites=False,
+            # Queries over big windows may take long on a loaded server; inserts
+            # get their own, short deadline (insert_timeout_s) instead.
+            socketTimeoutMS=120_000, retryWrites=False,
             appname="megafleet-collect")
         # An explicit database wins over the one in the URI (tests use their own).
         self.db = (self.client[database] if database
@@ -274,6 +278,7 @@ class MongoStore:
             raise StoreUnavailable(f"{_safe_uri(self.uri)}: {exc}") from exc
 
     def insert(self, collection: str, docs: list[dict[str, Any]], replay: bool = False) -> int:
+        import pymongo
         from pymongo.errors import (BulkWriteError, ConnectionFailure, OperationFailure,
                                     PyMongoError)
 
@@ -291,7 +296,10 @@ class MongoStore:
                 docs = [d for d in docs if d["_id"] not in have]
                 if not docs:
                     return 0
-            result = coll.insert_many(docs, ordered=False, bypass_document_validation=False)
+            # A deadline per batch: a server that stopped answering (not one that
+            # refuses connections) must not hold the writer for long.
+            with pymongo.timeout(self.insert_timeout_s):
+                result = coll.insert_many(docs, ordered=False)
             return len(result.inserted_ids)
         except BulkWriteError as exc:
             details = exc.details or {}
@@ -303,7 +311,8 @@ class MongoStore:
         except ConnectionFailure as exc:  # AutoReconnect, timeouts, server selection
             raise StoreUnavailable(f"{_safe_uri(self.uri)}: {exc}") from exc
         except OperationFailure as exc:
-            if exc.code in (91, 189, 11600, 11602, 13435, 13436):  # shutting down, not primary
+            # Shutting down, not primary, or our deadline ran out: try again later.
+            if exc.timeout or exc.code in (50, 91, 189, 11600, 11602, 13435, 13436):
                 raise StoreUnavailable(f"{_safe_uri(self.uri)}: {exc}") from exc
             raise StoreRejected(f"{collection}: {exc}") from exc
         except PyMongoError as exc:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -58,8 +59,11 @@ class FerretDB:
         log = open(self.data_dir / "ferretdb.log", "ab")
         # Recorded before it runs: a crash leaves a ledger line to clean up from.
         self.ledger.record("collect-test", "process", self.key, argv=argv)
+        # The death signal follows the *thread* that started the child: only tie
+        # the server to the main thread (tests restart it from worker threads).
+        main = threading.current_thread() is threading.main_thread()
         self.popen = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                      preexec_fn=die_with_parent)
+                                      preexec_fn=die_with_parent if main else None)
         log.close()
         self.process = RecordedProcess.of(self.popen.pid)
         self.ledger.record("collect-test", "process", self.key, argv=argv,

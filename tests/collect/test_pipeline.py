@@ -131,3 +131,29 @@ def test_store_away_at_start_then_arrives(tmp_path, ferretdb):
         store.close()
     finally:
         late.stop()
+
+
+@pytest.mark.mongo
+def test_refused_documents_are_counted_not_spooled(ferretdb, tmp_path):
+    store = MongoStore(ferretdb.uri)
+    spool = Spool(tmp_path / "spool")
+    pipeline = Pipeline(store, spool, host="mfc-h1", batch_size=10, flush_interval=0.1)
+    bad = D.sample(D.GUEST, "mfc-h1", {"$state": "not a field name"}, guest="mfc-bad")
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            pipeline.submit(bad)
+            await trio.sleep(0.5)
+            for i in range(5):
+                pipeline.submit(guest_sample(i))
+            pipeline.close()
+
+    trio.run(main)
+    try:
+        assert pipeline.counters.rejected == 1 and pipeline.counters.spooled == 0
+        assert store.count(D.SAMPLES, {"meta.kind": "guest"}) == 5
+        assert spool.segments() == []
+    finally:
+        store.client.drop_database(store.db.name)
+        store.close()
