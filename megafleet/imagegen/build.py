@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from megafleet.imagegen import cpio, debs, kmod
-from megafleet.imagegen.spec import Spec, SpecError
+from megafleet.imagegen.spec import Spec, SpecError, error_at
 from megafleet.proc import run
 
 # Bump when the layout or the init changes in a way the cache key cannot see.
@@ -160,7 +160,7 @@ def _kernel_source(spec: Spec, progress: Progress) -> tuple[KernelSource, list[d
         progress(f"kernel {pkg.name} {pkg.version}")
         tree = debs.unpack(debs.fetch(pkg), pkg.sha256)
     except debs.PackageError as exc:
-        raise SpecError(spec.path, "kernel.package", str(exc)) from None
+        raise error_at(spec, "kernel.package", spec.kernel_package, str(exc)) from None
     vmlinuz = sorted((tree / "boot").glob("vmlinuz-*"))
     moddirs = sorted((tree / "lib/modules").glob("*"))
     if not vmlinuz or not moddirs:
@@ -187,13 +187,13 @@ def assemble(spec: Spec, workdir: Path, progress: Progress = lambda s: None) -> 
     try:
         mod_plan = kmod.plan(kernel.modules_dir, spec.modules)
     except kmod.ModuleError as exc:
-        raise SpecError(spec.path, "kernel.modules", str(exc)) from None
+        raise error_at(spec, "kernel.modules", exc.module, str(exc)) from None
 
     wanted = BASE_PACKAGES + [p for p in spec.packages if p not in BASE_PACKAGES]
     try:
         packages = debs.resolve(wanted, spec.exclude_packages)
     except debs.PackageError as exc:
-        raise SpecError(spec.path, "packages", str(exc)) from None
+        raise error_at(spec, "packages", exc.package or "", str(exc)) from None
     progress(f"{len(packages)} packages: " + " ".join(p.name for p in packages))
 
     tree = _Tree(spec.exclude)

@@ -33,6 +33,10 @@ _APT_OPTS = ["-o", "APT::Sandbox::User=root", "-q"]
 class PackageError(ValueError):
     """A package the spec asked for (or one of its dependencies) cannot be had."""
 
+    def __init__(self, message: str, package: str = ""):
+        super().__init__(message)
+        self.package = package
+
 
 @dataclass(frozen=True)
 class Package:
@@ -126,7 +130,7 @@ def resolve(wanted: list[str], exclude: list[str] = ()) -> list[Package]:
             provider = _provider(name)
             if provider is None:
                 raise PackageError(f"unknown Debian package {name!r} (apt-cache knows no such "
-                                   "package; check the spelling, or run apt-get update)")
+                                   "package; check the spelling, or run apt-get update)", name)
     queue = list(wanted)
     records = dict(top)
     while queue:
@@ -140,7 +144,7 @@ def resolve(wanted: list[str], exclude: list[str] = ()) -> list[Package]:
             if pkg is None:
                 provider = _provider(name)
                 if provider is None:
-                    raise PackageError(f"dependency {name!r} cannot be satisfied")
+                    raise PackageError(f"dependency {name!r} cannot be satisfied", name)
                 if provider not in chosen and provider not in excluded:
                     next_queue.append(provider)
                 continue

@@ -16,7 +16,9 @@ _SUFFIX_RE = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
 
 
 class ModuleError(ValueError):
-    pass
+    def __init__(self, message: str, module: str = ""):
+        super().__init__(message)
+        self.module = module
 
 
 def module_name(path: str) -> str:
@@ -80,5 +82,5 @@ def plan(modules_dir: Path, wanted: list[str]) -> ModulePlan:
             in_kernel.append(name)
         else:
             raise ModuleError(f"module {name!r} not found in kernel {modules_dir.name} "
-                              "(neither in modules.dep nor built in)")
+                              "(neither in modules.dep nor built in)", name)
     return ModulePlan(version=modules_dir.name, load_order=tuple(order), builtin=tuple(in_kernel))

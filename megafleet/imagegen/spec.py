@@ -123,11 +123,20 @@ class Spec:
 
 
 def _line_of(text: str, key: str) -> int | None:
-    """Best-effort line number of a key (its last dotted part) in TOML text."""
-    last = key.split(".")[-1].strip('"')
-    pattern = re.compile(r'^\s*(\[+\s*)?[^#\n]*?\b' + re.escape(last) + r'\b\s*[=\].]', re.M)
-    m = pattern.search(text)
-    return text.count("\n", 0, m.start()) + 1 if m else None
+    """Best-effort line number of a dotted key (files."/etc/x".mode) in TOML text:
+    each part is searched for after the previous one."""
+    at, line = 0, None
+    for part in re.findall(r'"[^"]*"|[^.]+', key):
+        if part.startswith('"'):
+            pattern = re.compile(re.escape(part))
+        else:
+            pattern = re.compile(r'^[ \t]*(\[+[ \t]*)?([^#\n]*?\.)?' + re.escape(part) + r'\b[ \t]*[=\].]', re.M)
+        m = pattern.search(text, at)
+        if not m:
+            return line
+        at = m.end()
+        line = text.count("\n", 0, m.start() + len(m.group(0)) - 1) + 1
+    return line
 
 
 class _Reader:
@@ -330,6 +339,18 @@ def load(path: str | Path, _seen: tuple[Path, ...] = ()) -> Spec:
         raise reader.fail("kernel", "no kernel: set kernel.package or kernel.vmlinuz + "
                           "kernel.modules_dir (here or in a parent)")
     return spec
+
+
+def error_at(spec: Spec, key: str, needle: str, problem: str) -> SpecError:
+    """A SpecError for a problem found after parsing (a package apt does not know,
+    a module the kernel lacks), located in the spec file of the chain whose text
+    mentions `needle` (a child's own file first, then its parents)."""
+    for path in reversed(spec.chain):
+        text = path.read_text()
+        quoted = f'"{needle}"'
+        if quoted in text:
+            return SpecError(path, key, problem, text.count("\n", 0, text.index(quoted)) + 1)
+    return SpecError(spec.path, key, problem)
 
 
 def _merge_specs(base: Spec, other: Spec) -> None:
