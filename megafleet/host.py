@@ -224,15 +224,16 @@ async def apply_net(p, tunnels: list[Vxlan], ledger: Ledger, progress: Callable[
         await trio.to_thread.run_sync(live._start_wires, p, ledger)
     failures: list[str] = []
 
-    async def configure(ns: str, lines: list[str]) -> None:
-        try:
-            await trio.to_thread.run_sync(live._batch, ["ip", "-n", ns], lines, limiter=limiter)
-        except proc.CommandFailed as err:
-            failures.append(f"{ns}: {err}")
+    def configure_all() -> None:
+        # Over rtnetlink from this process (netlang.netlink): no process per namespace.
+        from megafleet.netlang import netlink
+        for ns, ops in sorted(p.ns_ops.items()):
+            try:
+                netlink.apply(str(live.NETNS_DIR / ns), ops)
+            except OSError as err:
+                failures.append(f"{ns}: {err}")
 
-    async with trio.open_nursery() as nursery:
-        for ns, lines in sorted(p.ns_lines.items()):
-            nursery.start_soon(configure, ns, lines)
+    await trio.to_thread.run_sync(configure_all, limiter=limiter)
     if failures:
         raise HostError(f"configuring {len(failures)} namespaces failed (first: {failures[0]})")
     await trio.to_thread.run_sync(live._shape_and_route, p, limiter=limiter)
@@ -529,12 +530,20 @@ async def _with_events(ctx: handlers.Context, fn) -> Any:
         except trio.WouldBlock:
             pass            # progress is best effort; results are not
 
+    error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_forward_events, ctx, receive)
         try:
-            return await fn(emit)
+            result = await fn(emit)
+        except Exception as exc:
+            # Raised outside the nursery, so the caller sees this error itself
+            # rather than an exception group around it.
+            error = exc
         finally:
             send.close()
+    if error is not None:
+        raise error
+    return result
 
 
 @handlers.handler("host.probe")

@@ -76,12 +76,29 @@ def plan_to_json(p) -> dict[str, Any]:
         "swlinks": [[*x[:-1], x[-1].to_json()] for x in p.swlinks],
         "wires": [{"key": w.key, "ends": [list(e) for e in w.ends], "mtu": w.mtu,
                    "props": w.props.to_json()} for w in p.wires],
-        "ns_lines": dict(p.ns_lines),
+        "ns_ops": {ns: [_op_to_json(op) for op in ops] for ns, ops in p.ns_ops.items()},
         "routers": list(p.routers),
         "frr": dict(p.frr),
         "vms": [v.to_dict() for v in p.vms],
         "digest": p.digest,
     }
+
+
+def _op_to_json(op) -> list:
+    """A netlink operation (netlang.netlink: LinkUp, AddrAdd, RouteAdd) as [kind, fields]."""
+    return [type(op).__name__, dataclasses.asdict(op)]
+
+
+def _op_from_json(item: list):
+    from megafleet.netlang import netlink
+
+    kind, fields = item
+    if kind not in NETLINK_OPS:
+        raise ManifestError(f"unknown namespace operation {kind!r} in a manifest")
+    return getattr(netlink, kind)(**fields)
+
+
+NETLINK_OPS = ("LinkUp", "AddrAdd", "RouteAdd")
 
 
 def plan_from_json(d: dict[str, Any]):
@@ -98,7 +115,7 @@ def plan_from_json(d: dict[str, Any]):
     p.swlinks = [(*x[:-1], _props(x[-1])) for x in d["swlinks"]]
     p.wires = [live.Wire(w["key"], [tuple(e) for e in w["ends"]], w["mtu"], _props(w["props"]))
                for w in d["wires"]]
-    p.ns_lines = {ns: list(lines) for ns, lines in d["ns_lines"].items()}
+    p.ns_ops = {ns: [_op_from_json(op) for op in ops] for ns, ops in d["ns_ops"].items()}
     p.routers = list(d["routers"])
     p.frr = {r: dict(daemons) for r, daemons in d["frr"].items()}
     p.vms = [GuestSpec.from_dict(v) for v in d["vms"]]
@@ -241,24 +258,15 @@ def demands(net, p) -> list[NodeDemand]:
 # Cutting the plan into host manifests
 # ---------------------------------------------------------------------------
 
-def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
-          underlay_mtu: int = 1500, images: dict[str, str] | None = None,
-          **common: Any) -> dict[str, HostManifest]:
-    """One manifest per host of `placement` (hosts without nodes get none).
-
-    `addresses`: each host's underlay address for VXLAN (needed when a segment
-    spans hosts); `underlay_mtu`: the smallest underlay MTU between the hosts;
-    `images`: image name in the description -> image name in the store;
-    `common`: further HostManifest fields (ksm, telemetry, ...)."""
-    from megafleet.vm.manifest import GuestSpec, NicSpec
-
+def layout(p, placement: Placement) -> dict[str, Any]:
+    """Which host carries each bridge, port, link and wire of the plan; the
+    spanning segments (bridges on more than one host) with their VNIs."""
     node_host = placement.node_host
     hosts = sorted(h for h, nodes in placement.hosts.items() if nodes)
     ns_host = {ns: node_host[node] for node, ns in p.netns.items()}
     by_bridge = {br: key for key, (br, _) in p.bridges.items()}
     vms = {v.name: v for v in p.vms}
     container_nodes = {n for n, v in vms.items() if v.driver == "container"}
-
     # Which hosts carry which bridge (switch/VLAN) and which ports.
     bridge_hosts: dict[tuple, set[str]] = {key: set() for key in p.bridges}
     ports: dict[str, list] = {h: [] for h in hosts}
@@ -318,13 +326,41 @@ def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
         if not hs and hosts:
             hs.add(hosts[0])       # a switch nothing is attached to: keep it somewhere
 
-    # Spanning segments: VNIs in a stable order, MTU lowered where VXLAN needs it.
+    # Spanning segments, VNIs in a stable order.
     spanning = sorted((k for k, hs in bridge_hosts.items() if len(hs) > 1),
                       key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    from megafleet.placement import VXLAN_VNI_BASE
+    return {"hosts": hosts, "bridge_hosts": bridge_hosts, "ports": ports, "p2p": p2p,
+            "swlinks": swlinks, "wires": wires, "vde_hosts": vde_hosts, "spanning": spanning,
+            "vni": {key: VXLAN_VNI_BASE + i for i, key in enumerate(spanning)}}
+
+
+def spanning_segments(p, placement: Placement) -> list[dict[str, Any]]:
+    """The segments that will span hosts: [{segment, vni, hosts}]."""
+    lay = layout(p, placement)
+    return [{"segment": segment_key(*k), "vni": lay["vni"][k], "hosts": sorted(lay["bridge_hosts"][k])}
+            for k in lay["spanning"]]
+
+
+def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
+          underlay_mtu: int = 1500, images: dict[str, str] | None = None,
+          **common: Any) -> dict[str, HostManifest]:
+    """One manifest per host of `placement` (hosts without nodes get none).
+
+    `addresses`: each host's underlay address for VXLAN (needed when a segment
+    spans hosts); `underlay_mtu`: the smallest underlay MTU between the hosts;
+    `images`: image name in the description -> image name in the store;
+    `common`: further HostManifest fields (ksm, telemetry, ...)."""
+    from megafleet.vm.manifest import GuestSpec, NicSpec
+
+    lay = layout(p, placement)
+    hosts, bridge_hosts, ports = lay["hosts"], lay["bridge_hosts"], lay["ports"]
+    p2p, swlinks, wires, vde_hosts = lay["p2p"], lay["swlinks"], lay["wires"], lay["vde_hosts"]
+    spanning, vni = lay["spanning"], lay["vni"]
+    vms = {v.name: v for v in p.vms}
     if spanning and not addresses:
         raise ManifestError("segments span hosts but no underlay addresses were given")
-    from megafleet.placement import VXLAN_VNI_BASE
-    vni = {key: VXLAN_VNI_BASE + i for i, key in enumerate(spanning)}
+    # MTU lowered where VXLAN's 50 bytes do not fit in the underlay's MTU.
     mtu_of = {key: mtu for key, (_, mtu) in p.bridges.items()}
     for key in spanning:
         mtu_of[key] = min(mtu_of[key], underlay_mtu - VXLAN_OVERHEAD)
@@ -340,16 +376,19 @@ def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
             if key in mtu_of and port.mtu > mtu_of[key]:
                 port = dataclasses.replace(port, mtu=mtu_of[key])
             host_ports.append(port)
-        ns_lines = {ns: _fix_mtu_lines(p.ns_lines.get(ns, []), ns, host_ports) for ns in netns.values()}
+        ns_ops = {ns: _fix_mtu_ops(p.ns_ops.get(ns, []), ns, host_ports) for ns in netns.values()}
         guests = []
         for name in sorted(mine & vms.keys()):
             guests.append(_guest_for_host(vms[name], host_ports, p.name, images, GuestSpec, NicSpec))
         sub = dataclasses.replace(
             p, netns=netns,
-            bridges={k: (br, mtu_of[k]) for k, (br, _) in p.bridges.items() if host in bridge_hosts[k]},
+            # Bridges keep the switch's MTU: a Linux bridge follows the smallest of
+            # its ports (all lowered together), and `ip` reads `mtu` after
+            # `type bridge` as a bridge option.
+            bridges={k: v for k, v in p.bridges.items() if host in bridge_hosts[k]},
             vde={sw: path for sw, path in p.vde.items() if host in vde_hosts.get(sw, ())},
             ports=host_ports, p2p=p2p[host], swlinks=swlinks[host], wires=wires[host],
-            ns_lines=ns_lines, routers=[r for r in p.routers if r in mine],
+            ns_ops=ns_ops, routers=[r for r in p.routers if r in mine],
             frr={r: c for r, c in p.frr.items() if r in mine}, vms=guests, digest="")
         tunnels = []
         for key in spanning:
@@ -365,18 +404,14 @@ def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
     return manifests
 
 
-def _fix_mtu_lines(lines: list[str], ns: str, ports: list) -> list[str]:
-    """The namespace's ip batch with each port's (possibly lowered) MTU."""
+def _fix_mtu_ops(ops: list, ns: str, ports: list) -> list:
+    """The namespace's configuration with each port's (possibly lowered) MTU."""
     want = {port.eth: port.mtu for port in ports if port.ns == ns}
     out = []
-    for line in lines:
-        words = line.split()
-        if len(words) == 5 and words[:2] == ["link", "set"] and words[3] == "mtu" and words[2] in want:
-            continue                      # re-added below with the right value
-        if len(words) == 4 and words[:2] == ["link", "set"] and words[3] == "up" and words[2] in want:
-            if want[words[2]] != 1500:
-                out.append(f"link set {words[2]} mtu {want[words[2]]}")
-        out.append(line)
+    for op in ops:
+        if type(op).__name__ == "LinkUp" and op.dev in want:
+            op = dataclasses.replace(op, mtu=want[op.dev] if want[op.dev] != 1500 else None)
+        out.append(op)
     return out
 
 

@@ -189,6 +189,10 @@ def make_plan(net, testbed: str, target: Target, ksm_sharing: float = 0.3):
         placed = placement.place(manifest.demands(net, plan), target.offers(), ksm_sharing=ksm_sharing)
     except placement.PlacementError as exc:
         raise UpError(f"placement: {exc}") from None
+    try:
+        manifest.layout(plan, placed)        # links that cannot cross hosts: fail now
+    except manifest.ManifestError as exc:
+        raise UpError(f"placement: {exc}") from None
     return plan, placed
 
 
@@ -307,7 +311,9 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     t = phase_done("compile", t)
     plan, placed = await trio.to_thread.run_sync(make_plan, net, testbed, target)
     used = [h for h, nodes in placed.hosts.items() if nodes]
-    out.line(f"place    {len(net.index)} nodes on {len(used)} hosts, {len(placed.vnis)} spanning segments")
+    from megafleet.manifest import spanning_segments
+    out.line(f"place    {len(net.index)} nodes on {len(used)} hosts, "
+             f"{len(spanning_segments(plan, placed))} spanning segments")
     t = phase_done("place", t)
     images = await trio.to_thread.run_sync(build_images, net, plan, out)
     t = phase_done("images", t)
@@ -643,10 +649,14 @@ def plan_command(testbed, hosts, name, defines, host_mem, show_nodes, json_mode)
     net = compile_testbed(testbed, parse_defines(defines))
     plan, placed = make_plan(net, name, target)
     rows = placement_rows(plan, placed)
-    spanning = [{"segment": s, "vni": placed.vnis[s], "hosts": placed.segment_hosts[s]} for s in placed.vnis]
+    from megafleet.manifest import ManifestError, spanning_segments
+    try:
+        spanning = spanning_segments(plan, placed)
+    except ManifestError as exc:
+        raise UpError(str(exc)) from None
     if json_mode:
         click.echo(json.dumps({"testbed": name, "hosts": rows, "spanning": spanning,
-                               "tunnels": placed.tunnels, "node_host": placed.node_host}))
+                               "tunnels": sum(len(s["hosts"]) - 1 for s in spanning), "node_host": placed.node_host}))
         return
     click.echo(table([[r["host"], r["nodes"], r["namespaces"], r["vms"], r["containers"],
                        len(r["segments"])] for r in rows],

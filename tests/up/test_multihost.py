@@ -1,0 +1,118 @@
+"""A testbed on two namespace hosts (each with its own sshd, reached through gproc):
+one switch segment spans both hosts (VXLAN), nodes on different hosts ping each
+other through a router, and `down` leaves nothing on either host."""
+
+from __future__ import annotations
+
+import subprocess
+
+from megafleet.netlang import compile_file
+
+from .conftest import TAG, links_in, megafleet, megafleet_json, netns_with
+
+TESTBED = f"mfu{TAG}"
+
+# The inventory gives each test host room for 10 nodes: lanA (r1 + 12 hosts)
+# cannot fit on one host and is split over both; r1's second segment, lanB, then
+# spans too. Pings from b* (lanB) to a* (lanA) cross hosts and the router.
+FLEET = """\
+pool p 10.149.0.0/16
+switch lanA
+switch lanB
+router r1 {
+  iface lanA auto
+  iface lanB auto
+}
+host a[1..12] on lanA
+host b[1..4] on lanB
+"""
+
+
+def daemons_in(fleet, host: str) -> list[str]:
+    """Collectors or ksm daemons still running inside a test host."""
+    found = []
+    for pid in fleet.pids_in(fleet.names.index(host)):
+        try:
+            words = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"telemetry" in words or b"ksm" in words:
+            found.append(b" ".join(words).decode(errors="replace"))
+    return found
+
+
+def address(net, node: str) -> str:
+    return next(iter(net.node(node).ifaces[0][2].values())).split("/")[0]
+
+
+def test_two_hosts_vxlan_router_ping_and_clean_down(fleet2, tmp_path):
+    fleet_file = tmp_path / "two.fleet"
+    fleet_file.write_text(FLEET)
+    inv = str(fleet2.inventory_path)
+    hs = ["--host-state", fleet2.host_state]
+    net = compile_file(fleet_file)
+
+    plan = megafleet_json("plan", str(fleet_file), "--hosts", inv, "-N", TESTBED)
+    spanning = {s["segment"]: s for s in plan["spanning"]}
+    assert "lanA" in spanning and spanning["lanA"]["hosts"] == sorted(fleet2.names)
+    assert len({s["vni"] for s in spanning.values()}) == len(spanning)   # one VNI per segment
+    homes = plan["node_host"]
+    a_nodes = [f"a{i}" for i in range(1, 13)]
+    # Pairs on different hosts: a -- a over the tunnel (layer 2), b -- a through r1.
+    pairs = [(a, b) for a in a_nodes for b in a_nodes if homes[a] < homes[b]][:1]
+    pairs += [(b, next(a for a in a_nodes if homes[a] != homes[b])) for b in ("b1", "b4")]
+    assert len(pairs) == 3
+
+    telemetry = tmp_path / "telemetry.sqlite"
+    try:
+        summary = megafleet_json("up", str(fleet_file), "--hosts", inv, "-N", TESTBED, "--no-ksm",
+                                 "--telemetry", f"sqlite:{telemetry}", *hs)
+        assert summary["ok"], summary
+        assert summary["namespaces"] == 17
+        assert sorted(h["host"] for h in summary["hosts"]) == sorted(fleet2.names)
+        for phase in ("compile", "place", "connect", "probe", "apply", "host_net"):
+            assert phase in summary["phases"]
+
+        # A VXLAN device per spanning segment on each host, MTU lowered for the
+        # 50 bytes of encapsulation, and the nodes' interfaces agree.
+        for host in fleet2.names:
+            out = subprocess.run(["ip", "-n", host, "-d", "-o", "link", "show", "type", "vxlan"],
+                                 capture_output=True, text=True, check=True).stdout
+            assert out.count("vxlan id") == sum(host in s["hosts"] for s in spanning.values()), out
+            assert "mtu 1450" in out
+        eth = megafleet("exec", "a1", "--", "ip", "-o", "link", "show", "eth0").stdout
+        assert "mtu 1450" in eth
+        assert netns_with(TESTBED + "-", fleet2, homes["a1"]) != []
+
+        for src, dst in pairs:
+            r = megafleet("exec", src, "--", "ping", "-c", "2", "-W", "3", address(net, dst), check=False)
+            assert r.returncode == 0 and " 0% packet loss" in r.stdout, (src, dst, r.stdout + r.stderr)
+            # A full-size packet for the lowered MTU, don't fragment: right end to end.
+            r = megafleet("exec", src, "--", "ping", "-c", "1", "-W", "3", "-M", "do", "-s", "1422",
+                          address(net, dst), check=False)
+            assert r.returncode == 0, (src, dst, r.stdout + r.stderr)
+
+        status = megafleet_json("status")
+        for host in fleet2.names:
+            beds = status["hosts"][host]["value"]["testbeds"]
+            assert [b["testbed"] for b in beds] == [TESTBED]
+            assert beds[0]["failures"] == []
+            assert beds[0]["telemetry"]["collector"] == "running"
+        assert sum(b["nodes"].get("up", 0) for h in status["hosts"].values()
+                   for b in h["value"]["testbeds"]) == 17
+
+        # Applying the same testbed again changes nothing.
+        again = megafleet_json("up", str(fleet_file), "--hosts", inv, "-N", TESTBED, "--no-ksm",
+                               "--telemetry", f"sqlite:{telemetry}", *hs)
+        assert again["ok"]
+    finally:
+        result = megafleet_json("down", check=False)
+    assert result["ok"], result
+    assert netns_with(TESTBED + "-") == []
+    for host in fleet2.names:
+        assert netns_with(TESTBED + "-", fleet2, host) == []
+        assert links_in(host, TESTBED) == []
+        assert daemons_in(fleet2, host) == []
+    again = megafleet_json("down", "--hosts", inv, *hs)
+    assert again["ok"]
+    assert all(not r["value"]["testbeds"] for r in again["results"]["*"].values())
