@@ -39,7 +39,6 @@ import ipaddress
 import json
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ from megafleet import paths, proc
 from megafleet.ledger import Ledger
 from megafleet.names import check_name, ifname
 from megafleet.netlang import frr, netlink
-from megafleet.netlang.model import Iface, LinkProps, Net
+from megafleet.netlang.model import LinkProps, Net
 from megafleet.netlang.routing import is_dynamic
 
 OWNER = "net"
@@ -602,26 +601,25 @@ def _start_frr(p: Plan, ledger: Ledger) -> None:
             pidfile = d / f"{daemon}.pid"
             key = f"{p.name}/frr/{router}/{daemon}"
             ledger.record(OWNER, "process", key, pidfile=str(pidfile))
-            log = open(d / f"{daemon}.out", "wb")
-            child = subprocess.Popen(
-                ["ip", "netns", "exec", p.netns[router], str(FRR_BIN / daemon), "-f", str(conf),
+            # -d: the daemon detaches (it is not our child, so nothing is left to
+            # reap in a long-lived caller) and writes its pid file, which we record.
+            result = proc.run(
+                ["ip", "netns", "exec", p.netns[router], str(FRR_BIN / daemon), "-d", "-f", str(conf),
                  "-i", str(pidfile), "-z", str(d / "zserv.api"), "--vty_socket", str(d),
                  "-u", "frr", "-g", "frr", "-P", "0", "--log", f"file:{d / (daemon + '.log')}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()
-            # `ip netns exec` execs the daemon in place: the child's pid is the daemon's.
-            rp = proc.RecordedProcess.of(child.pid)
-            ledger.record(OWNER, "process", key, pidfile=str(pidfile), pid=rp.pid, start=rp.start)
+                check=False)
+            if result.returncode != 0:
+                raise LiveError(f"{daemon} for router {router} did not start: "
+                                f"{(result.stderr or result.stdout).strip()[-300:]}")
+            _record_pidfile(ledger, key, pidfile)
             if daemon == "zebra":
                 # The other daemons connect to zebra's socket: wait for it.
                 deadline = time.monotonic() + 10
                 while not (d / "zserv.api").exists():
-                    if child.poll() is not None or time.monotonic() > deadline:
-                        raise LiveError(f"zebra for router {router} did not start; see {d / 'zebra.out'}")
+                    if time.monotonic() > deadline:
+                        raise LiveError(f"zebra for router {router} did not open {d / 'zserv.api'}; "
+                                        f"see {d / 'zebra.log'}")
                     time.sleep(0.02)
-            # Not reaped here: the daemon outlives this process and `down` stops it
-            # by recorded pid; mark it so Popen does not warn about it.
-            child.returncode = 0
     return None
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from megafleet.netlang.errors import Diagnostics, Loc, Sources
+from megafleet.netlang.errors import Diagnostics, Loc
 
 GRAMMAR = r"""
 start: _NL? (stmt _NL)*
