@@ -442,8 +442,8 @@ def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
 def _start_vde(p: Plan, ledger: Ledger) -> None:
     t = p.name
     for sw, sock in p.vde.items():
-        sock.parent.mkdir(parents=True, exist_ok=True)
         ledger.record(OWNER, "dir", f"{t}/vde", path=str(sock.parent))
+        sock.parent.mkdir(parents=True, exist_ok=True)
         pidfile = sock.parent / f"{sw}.pid"
         key = f"{t}/vde/{sw}"
         ledger.record(OWNER, "process", key, pidfile=str(pidfile))
@@ -472,8 +472,8 @@ def _start_vde(p: Plan, ledger: Ledger) -> None:
 
 def _start_wires(p: Plan, ledger: Ledger) -> None:
     base = run_base(p.name) / "wire"
-    base.mkdir(parents=True, exist_ok=True)
     ledger.record(OWNER, "dir", f"{p.name}/wire", path=str(base))
+    base.mkdir(parents=True, exist_ok=True)
     host_taps = [e[2] for w in p.wires for e in w.ends if e[0] == "bridge"]
     ledger.record_many(OWNER, "link", [(f"{p.name}/{t}", {"ifname": t}) for t in host_taps])
 
