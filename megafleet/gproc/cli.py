@@ -26,6 +26,9 @@ def _select_options(f):
                      help="Only hosts carrying this label (repeatable: all must match).")(f)
     f = click.option("-f", "--fanout", default=8, show_default=True, type=click.IntRange(1, 1024),
                      help="Children per agent in the tree; >= number of hosts gives a flat star.")(f)
+    f = click.option("--root-fanout", default=None, type=click.IntRange(1, 4096), metavar="N",
+                     help="Sessions the controller itself opens (default: --fanout). Wider than "
+                          "--fanout when the controller's link is better than the hosts'.")(f)
     f = click.option("--connect-timeout", default=15.0, show_default=True, type=float, metavar="S",
                      help="Seconds to wait for one host's SSH connection and agent start.")(f)
     return f
@@ -56,7 +59,7 @@ def _progress(msg: str, quiet: bool) -> None:
         click.echo(msg, err=True)
 
 
-def _run_with_fleet(inv, names, labels, fanout, connect_timeout, quiet, body):
+def _run_with_fleet(inv, names, labels, fanout, root_fanout, connect_timeout, quiet, body):
     """Connect the tree, run `body(fleet)`, tear it down; Ctrl-C is clean."""
     import trio
 
@@ -67,7 +70,7 @@ def _run_with_fleet(inv, names, labels, fanout, connect_timeout, quiet, body):
         count = len(inv.select(names, labels))
         _progress(f"connecting to {count} hosts (fanout {fanout})...", quiet)
         async with Fleet.connect(inv, hosts=names, labels=labels or None, fanout=fanout,
-                                 connect_timeout=connect_timeout) as fleet:
+                                 root_fanout=root_fanout, connect_timeout=connect_timeout) as fleet:
             up = sum(1 for s in fleet.status.values() if s.state == "up")
             _progress(f"tree up in {fleet.setup_seconds:.2f} s: {up} up, {count - up} unreachable", quiet)
             return await body(fleet)
@@ -146,7 +149,8 @@ def hosts_ls(inventory_path: str, labels: tuple[str, ...], as_json: bool) -> Non
               help="Seconds to wait for every host's answer once the tree is up.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def hosts_check(inventory_path, hosts, labels, fanout, connect_timeout, timeout, as_json, quiet) -> None:
+def hosts_check(inventory_path, hosts, labels, fanout, root_fanout, connect_timeout, timeout, as_json,
+                quiet) -> None:
     """Build the agent tree and ask every host to answer.
 
     Shows, per host, whether it answered (with its load and kernel) or why not
@@ -158,8 +162,8 @@ def hosts_check(inventory_path, hosts, labels, fanout, connect_timeout, timeout,
     async def body(fleet):
         return await fleet.call("gproc.ping", timeout=timeout), fleet.setup_seconds
 
-    report, setup = _run_with_fleet(inv, _names(hosts), list(labels), fanout, connect_timeout,
-                                    quiet or as_json, body)
+    report, setup = _run_with_fleet(inv, _names(hosts), list(labels), fanout, root_fanout,
+                                    connect_timeout, quiet or as_json, body)
     if as_json:
         click.echo(json.dumps({"setup_s": round(setup, 3), **report.to_json()}))
     else:
@@ -203,8 +207,8 @@ def gproc() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (no streaming).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("command", nargs=-1, required=True)
-def gproc_exec(inventory_path, hosts, labels, fanout, connect_timeout, shell, gather, timeout,
-               as_json, quiet, command) -> None:
+def gproc_exec(inventory_path, hosts, labels, fanout, root_fanout, connect_timeout, shell, gather,
+               timeout, as_json, quiet, command) -> None:
     """Run COMMAND on the selected hosts.
 
     \b
@@ -235,7 +239,7 @@ def gproc_exec(inventory_path, hosts, labels, fanout, connect_timeout, shell, ga
     async def body(fleet):
         return await fleet.exec(argv, shell=shell, timeout=timeout, on_output=stream if live else None)
 
-    report = _run_with_fleet(inv, _names(hosts), list(labels), fanout, connect_timeout,
+    report = _run_with_fleet(inv, _names(hosts), list(labels), fanout, root_fanout, connect_timeout,
                              quiet or as_json, body)
     if as_json:
         click.echo(json.dumps(report.to_json()))
@@ -291,8 +295,8 @@ def _fold(names: list[str]) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.argument("dest")
-def gproc_push(inventory_path, hosts, labels, fanout, connect_timeout, mode, timeout, as_json, quiet,
-               source, dest) -> None:
+def gproc_push(inventory_path, hosts, labels, fanout, root_fanout, connect_timeout, mode, timeout,
+               as_json, quiet, source, dest) -> None:
     """Copy SOURCE to DEST (an absolute path) on the selected hosts.
 
     The file is streamed down the tree in chunks; every agent writes its copy
@@ -312,7 +316,7 @@ def gproc_push(inventory_path, hosts, labels, fanout, connect_timeout, mode, tim
         return await fleet.push(source, dest, timeout=timeout, mode=file_mode)
 
     start = time.monotonic()
-    report = _run_with_fleet(inv, _names(hosts), list(labels), fanout, connect_timeout,
+    report = _run_with_fleet(inv, _names(hosts), list(labels), fanout, root_fanout, connect_timeout,
                              quiet or as_json, body)
     if as_json:
         click.echo(json.dumps(report.to_json()))

@@ -127,15 +127,18 @@ class Fleet:
     @asynccontextmanager
     async def connect(cls, inventory: Inventory, *, hosts: list[str] | None = None,
                       labels: list[str] | None = None, fanout: int = 8,
+                      root_fanout: int | None = None,
                       connect_timeout: float = 15.0) -> AsyncIterator["Fleet"]:
         """Build the agent tree over the selected hosts (all by default) and keep it
         for the block. Unreachable hosts do not fail the connection: they are in
-        `fleet.status` and answer every operation with "unreachable"."""
+        `fleet.status` and answer every operation with "unreachable".
+        `root_fanout` (default: fanout) is how many sessions the controller itself
+        opens (see `tree`)."""
         from megafleet.gproc.transport import open_transport
 
         selected = inventory.select(hosts, labels)
         fleet = cls(inventory, [h.name for h in selected], fanout)
-        fleet.layout = tree.layout([h.spec() for h in selected], fanout)
+        fleet.layout = tree.layout([h.spec() for h in selected], fanout, root_fanout)
         async with open_transport(inventory.identity, inventory.known_hosts, connect_timeout) as transport:
             async with trio.open_nursery() as nursery:
                 node = Node(None, fleet._on_message, transport.connect, connect_timeout=connect_timeout,

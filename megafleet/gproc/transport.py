@@ -34,6 +34,8 @@ HIGH_WATER = 1 << 20     # stop reading from SSH when this much is buffered unre
 STDERR_KEEP = 4096
 KEEPALIVE_S = 5          # a dead peer is noticed after KEEPALIVE_S * KEEPALIVE_COUNT
 KEEPALIVE_COUNT = 3
+ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                   "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
 
 
 class ConnectError(ConnectFailed):
@@ -168,6 +170,9 @@ class SSHTransport:
             known_hosts=self.known_hosts if self.known_hosts else (),
             password_auth=False, kbdint_auth=False, host_based_auth=False,
             gss_auth=False, gss_kex=False,
+            # AES-GCM first: one C call per packet (AES-NI), where ChaCha20-Poly1305
+            # costs asyncssh several; pushes are bound by this on the controller.
+            encryption_algs=ENCRYPTION_ALGS,
             connect_timeout=self.connect_timeout, login_timeout=self.connect_timeout,
             keepalive_interval=KEEPALIVE_S, keepalive_count_max=KEEPALIVE_COUNT)
         options = {k: v for k, v in options.items() if v != ()}

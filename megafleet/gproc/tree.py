@@ -11,6 +11,12 @@ depth (about log_k(n)) *and* the fewest inner agents (about n/k): every other
 host is a leaf, which only runs what it is asked and never opens SSH sessions
 itself, so building the tree costs little more than one SSH session per host.
 No agent holds more than `fanout` sessions; fanout >= n gives a flat star.
+
+The controller's own fanout (`root_fanout`, default `fanout`) can differ: when
+the controller has a better uplink than the hosts (a push sends one copy per
+child over the sender's link), a wide first level and narrow agents below it
+spread the copies over many links: with root_fanout r, host j's children are
+hosts r + k*j .. r + k*j + k-1.
 """
 
 from __future__ import annotations
@@ -20,17 +26,18 @@ from typing import Any, Iterator
 Subtree = dict[str, Any]
 
 
-def layout(hosts: list[dict[str, Any]], fanout: int) -> list[Subtree]:
+def layout(hosts: list[dict[str, Any]], fanout: int, root_fanout: int | None = None) -> list[Subtree]:
     """The list of subtrees hanging directly below the root."""
-    if fanout < 1:
-        raise ValueError(f"fanout must be at least 1, got {fanout}")
+    root_fanout = fanout if root_fanout is None else root_fanout
+    if fanout < 1 or root_fanout < 1:
+        raise ValueError(f"fanout must be at least 1, got {min(fanout, root_fanout)}")
     n = len(hosts)
 
     def subtree(j: int) -> Subtree:
-        first = fanout * (j + 1)
+        first = root_fanout + fanout * j
         return {"host": hosts[j], "children": [subtree(c) for c in range(first, min(first + fanout, n))]}
 
-    return [subtree(j) for j in range(min(fanout, n))]
+    return [subtree(j) for j in range(min(root_fanout, n))]
 
 
 def names(subtree: Subtree) -> Iterator[str]:

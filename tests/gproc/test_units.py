@@ -93,6 +93,11 @@ def test_layout_is_a_heap_with_few_inner_agents():
         return sum((1 if st["children"] else 0) + inner(st["children"]) for st in sts)
     # 128 hosts, fanout 8: 15 agents relay, 113 are leaves.
     assert inner(tree.layout(_hosts(128), 8)) == 15
+    # A wider first level: 16 below the root, then 3 per agent.
+    wide = tree.layout(_hosts(64), 3, root_fanout=16)
+    assert len(wide) == 16 and [c["host"]["name"] for c in wide[0]["children"]] == ["h16", "h17", "h18"]
+    assert sorted(n for st in wide for n in tree.names(st)) == sorted(f"h{i}" for i in range(64))
+    assert tree.depth(wide) == 2 and inner(wide) == 16
     with pytest.raises(ValueError, match="fanout"):
         tree.layout(_hosts(3), 0)
 
