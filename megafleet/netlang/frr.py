@@ -1,7 +1,8 @@
 """FRR configuration for routers that run OSPF or BGP, generated from the graph.
 
-One file per daemon (zebra, ospfd, bgpd), as FRR 8 reads them with `-f`. OSPF
-(IPv4, ospfd) runs on every addressed interface of the router in its area, with
+One file per daemon (zebra, ospfd, ospf6d, bgpd), as FRR 8 reads them with `-f`.
+OSPF runs on every addressed interface of the router in its area (ospfd for
+IPv4, ospf6d for IPv6), with
 short hello/dead timers (1 s / 4 s) so that an emulated network converges and
 notices a cut link in seconds; connected networks are redistributed. BGP peers
 with every other BGP router that shares a network with it (eBGP when the AS
@@ -35,20 +36,32 @@ def configs(net: Net, router: str) -> dict[str, str]:
     if "ospf" in props:
         ospf = props["ospf"]
         lines = [f"hostname {router}", "!"]
+        lines6 = [f"hostname {router}", "!"]
         for eth, iface, addrs in view.ifaces:
-            if 4 not in addrs:
-                continue
-            lines += [f"interface {eth}", f" ip ospf area {ospf['area']}"]
-            if iface.switch is None:
-                # A point-to-point link: no designated-router election to wait for.
-                lines.append(" ip ospf network point-to-point")
-            lines += [
-                      " ip ospf hello-interval 1", " ip ospf dead-interval 4"]
-            if "cost" in ospf:
-                lines.append(f" ip ospf cost {ospf['cost']}")
-            lines.append("!")
+            p2p = iface.switch is None
+            if 4 in addrs:
+                lines += [f"interface {eth}", f" ip ospf area {ospf['area']}"]
+                if p2p:
+                    # A point-to-point link: no designated-router election to wait for.
+                    lines.append(" ip ospf network point-to-point")
+                lines += [" ip ospf hello-interval 1", " ip ospf dead-interval 4"]
+                if "cost" in ospf:
+                    lines.append(f" ip ospf cost {ospf['cost']}")
+                lines.append("!")
+            if 6 in addrs:
+                lines6 += [f"interface {eth}", f" ipv6 ospf6 area {ospf['area']}"]
+                if p2p:
+                    lines6.append(" ipv6 ospf6 network point-to-point")
+                lines6 += [" ipv6 ospf6 hello-interval 1", " ipv6 ospf6 dead-interval 4"]
+                if "cost" in ospf:
+                    lines6.append(f" ipv6 ospf6 cost {ospf['cost']}")
+                lines6.append("!")
         lines += ["router ospf", f" ospf router-id {rid}", " redistribute connected",
                   " redistribute static", "!"]
+        if len(lines6) > 2:
+            lines6 += ["router ospf6", f" ospf6 router-id {rid}", " redistribute connected",
+                       " redistribute static", "!"]
+            out["ospf6d"] = "\n".join(lines6) + "\n"
         out["ospfd"] = "\n".join(lines) + "\n"
     if "bgp" in props:
         my_as = props["bgp"]["as"]

@@ -240,3 +240,14 @@ def test_group_routes_are_copied_per_member():
                        "  host a on s route 10.8.0.0/16 via 10.0.0.1\n  host b on s\n}\n")
     assert [d for d, _ in net.node("a").routes] == ["10.9.0.0/16", "10.8.0.0/16"]
     assert [d for d, _ in net.node("b").routes] == ["10.9.0.0/16"]
+
+
+def test_ospf6_for_ipv6_networks():
+    net = compile_text("pool p 10.0.0.0/16\npool q fd00::/48\nswitch lan\nrouter a on lan ospf\nrouter b ospf\n"
+                       "link a -- b\n")
+    conf = frr.configs(net, "a")
+    assert "interface eth0\n ipv6 ospf6 area 0\n" in conf["ospf6d"]
+    assert "interface eth1\n ipv6 ospf6 area 0\n ipv6 ospf6 network point-to-point" in conf["ospf6d"]
+    assert "router ospf6\n ospf6 router-id 10.0.0.1" in conf["ospf6d"]
+    v4only = compile_text("pool p 10.0.0.0/16\nswitch lan\nrouter a on lan ospf\n")
+    assert "ospf6d" not in frr.configs(v4only, "a")

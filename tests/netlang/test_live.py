@@ -178,24 +178,27 @@ def test_three_frr_routers_converge_and_survive_a_cut(testbed):
     live.up(net, name)
     recorded = [(r.data["pid"], r.data["start"]) for r in Ledger().list(live.OWNER, "process")
                 if r.key.startswith(name + "/frr/")]
-    assert len(recorded) == 6       # zebra + ospfd on three routers
+    assert len(recorded) == 9       # zebra, ospfd and ospf6d on three routers
     b = addr_of(net, "b")
+    b6 = net.node("b").ifaces[0][2][6].split("/")[0]
 
-    def reaches(deadline_s: float) -> bool:
+    def reaches(deadline_s: float, addr: str = b) -> bool:
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
-            if ping(f"{name}-a", b, timeout=1).returncode == 0:
+            if ping(f"{name}-a", addr, timeout=1).returncode == 0:
                 return True
             time.sleep(0.5)
         return False
 
     assert reaches(60), "OSPF did not converge"
+    assert reaches(60, b6), "OSPFv3 (IPv6) did not converge"
     routes = proc.run(["ip", "-n", f"{name}-r1", "route"]).stdout
     assert "proto ospf" in routes
     # Cut the direct link r1 -- r3 (r1's eth2): traffic must go round through r2.
     direct = next(eth for eth, i, _ in net.node("r1").ifaces if i.peer == "r3")
     proc.run(["ip", "-n", f"{name}-r1", "link", "del", direct])
     assert reaches(60), "no path after the cut"
+    assert reaches(60, b6), "no IPv6 path after the cut"
     trace = proc.run(["ip", "-n", f"{name}-r1", "route", "get", b]).stdout
     r2_side = next(a[4].split("/")[0] for _, i, a in net.node("r2").ifaces if i.peer == "r1")
     assert f"via {r2_side}" in trace
