@@ -67,7 +67,8 @@ ATTACH is `SWITCH-REF [ADDRESS|auto|none]... [vlan N] [LINK-PROPS]`:
   no address (layer 2 only);
 - an explicit address `10.0.0.10` (or `10.0.0.10/24`, `fd00::10/64`): for a
   counted group, the first address; members get consecutive ones;
-- `vlan N` (1-4094): an untagged access port in VLAN N (the bridge filters VLANs);
+- `vlan N` (1-4094): an access port in VLAN N, isolated from the switch's other
+  VLANs (each VLAN is its own bridge on the host);
 - LINK-PROPS: `rate 100mbit` (tbf), `delay 20ms`, `jitter 2ms`, `loss 0.1%` (netem),
   `mtu N` (must equal the switch's MTU).
 
@@ -89,7 +90,8 @@ Links
 - node -- node: a point-to-point link with its own /30 (and /126), addresses
   explicit or automatic. Patterns on both sides link every pair.
 Delay, jitter, loss and rate apply in each direction: a `delay 50ms` link adds
-100 ms to a ping's round trip.
+100 ms to a ping's round trip. (Delay, jitter and loss run through VDE's
+wirefilter on this host, whose kernel has no netem; rate is tc tbf.)
 
 Routing
 -------
@@ -97,9 +99,11 @@ Hosts and vms get a default gateway: the first router on the first of their
 networks that has one (IPv4 and IPv6 separately). Routers without `ospf` or
 `bgp` get static routes computed from the graph: to every subnet they are not on,
 via the first router on a shortest path. `ospf` runs FRR's ospfd on every
-IPv4 interface of the router (hello 1 s, dead 4 s, connected networks
-redistributed); `bgp AS` runs bgpd, peering with every other BGP router on a
-shared network. A router is a network namespace, or a VM when given an image.
+IPv4 interface of the router and ospf6d on every IPv6 one (hello 1 s, dead 4 s,
+point-to-point on links, connected networks redistributed); `bgp AS` runs bgpd,
+peering over IPv4 with every other BGP router on a shared network. A router is
+a network namespace, or a VM when given an image (the VM is booted on its taps;
+routing inside the guest is not configured yet).
 
 Assertions
 ----------
