@@ -121,6 +121,29 @@ def expand_dest(dest: str, host: str | None) -> str:
     return dest.replace("{host}", host) if host else dest
 
 
+def push_tempfile(dest: str) -> tuple[int, str]:
+    """Open the temporary file a push writes before renaming it to `dest`: in the
+    same directory (so the rename is atomic), named after this process. Temporary
+    files of the same destination left by a writer that died (an agent killed
+    mid-push) are removed first."""
+    directory, base = os.path.split(dest)
+    prefix = f".{base}.mfpush."
+    try:
+        for name in os.listdir(directory or "."):
+            if name.startswith(prefix):
+                pid = name[len(prefix):].split(".", 1)[0]
+                if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                    try:
+                        os.unlink(os.path.join(directory, name))
+                    except FileNotFoundError:
+                        pass
+    except FileNotFoundError:
+        pass
+    import tempfile
+
+    return tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", dir=directory or ".")
+
+
 @handler("gproc.have")
 def _have(payload: Any, ctx: Context) -> bool:
     """Whether `path` exists with content hash `sha256` (push skips those hosts)."""

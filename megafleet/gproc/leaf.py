@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import tempfile
 import threading
 import time
 from typing import Any
@@ -181,9 +180,8 @@ class Leaf:
 
     def open_push(self, op_id: str, req: dict[str, Any]) -> None:
         dest = handlers.expand_dest(req["dest"], self.me)
-        directory, base = os.path.split(dest)
         try:
-            fd, path = tempfile.mkstemp(prefix=f".{base}.", suffix=".mfpush", dir=directory)
+            fd, path = handlers.push_tempfile(dest)
         except OSError as e:
             self.result(op_id, "failed", error=f"cannot write {dest}: {e.strerror or e}")
             return

@@ -433,8 +433,7 @@ class Node:
     def _open_sink(self, req: dict[str, Any], local: bool) -> PushSink:
         dest = handlers.expand_dest(req["dest"], self.me)
         if local:
-            directory, base = os.path.split(dest)
-            fd, path = tempfile.mkstemp(prefix=f".{base}.", suffix=".mfpush", dir=directory)
+            fd, path = handlers.push_tempfile(dest)
         else:
             fd, path = tempfile.mkstemp(prefix="mfpush-spool-")
         send, recv = trio.open_memory_channel(QUEUE_FRAMES)

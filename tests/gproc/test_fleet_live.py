@@ -96,7 +96,7 @@ def test_inner_agent_killed_mid_push_children_reattached(testfleet, tmp_path):
 
             async def kill_when_receiving():
                 # The victim is receiving (its temporary file exists): kill its agent.
-                while not any(f.endswith(".mfpush") for f in os.listdir(tmp_path / victim)):
+                while not any(".mfpush." in f for f in os.listdir(tmp_path / victim)):
                     await trio.sleep(0.01)
                 os.kill(pid, signal.SIGKILL)
 
@@ -124,6 +124,17 @@ def test_inner_agent_killed_mid_push_children_reattached(testfleet, tmp_path):
     # The tree keeps working for later operations.
     assert after.hosts("ok") == [n for n in names if n != victim]
     assert after.results[victim].status == "unreachable"
+    assert wait_no_agents(testfleet) == {}
+    # The killed agent left its temporary file; the next push there removes it
+    # and delivers the file.
+    assert any(".mfpush." in f for f in os.listdir(tmp_path / victim))
+
+    async def again():
+        async with Fleet.connect(inv, hosts=[victim]) as fleet:
+            return await fleet.push(str(src), dest)
+
+    assert trio.run(again).ok
+    assert os.listdir(tmp_path / victim) == ["blob.bin"] and _sha(tmp_path / victim / "blob.bin") == want
     assert wait_no_agents(testfleet) == {}
 
 
