@@ -397,6 +397,8 @@ def run_command(obj: _Context, host_name: str | None, duration: float | None, in
       megafleet telemetry run --duration 60 --interval 5
       megafleet telemetry --telemetry mongodb://127.0.0.1:27017/fleet run --switch br0
     """
+    import math
+    import signal
     import socket
 
     import trio
@@ -431,20 +433,33 @@ def run_command(obj: _Context, host_name: str | None, duration: float | None, in
     except InvalidName as exc:
         raise click.BadParameter(str(exc)) from None
 
+    async def report_progress(started: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            c = collector.pipeline.counters
+            click.echo(f"[{time.monotonic() - started:6.1f}s] accepted={c.accepted} "
+                       f"stored={c.stored} dropped={c.dropped} spooled={c.spooled} "
+                       f"replayed={c.replayed} queued={collector.pipeline.pending()}", err=True)
+
     async def main() -> None:
         started = time.monotonic()
         async with trio.open_nursery() as nursery:
             await nursery.start(collector.run)
-            try:
-                while duration is None or time.monotonic() - started < duration:
-                    await trio.sleep(min(interval, duration or interval))
-                    c = collector.pipeline.counters
-                    click.echo(f"[{time.monotonic() - started:6.1f}s] accepted={c.accepted} "
-                               f"stored={c.stored} dropped={c.dropped} spooled={c.spooled} "
-                               f"replayed={c.replayed} queued={collector.pipeline.pending()}",
-                               err=True)
-            finally:
-                collector.stop()
+            # SIGTERM (how `megafleet down` stops us) and Ctrl-C both end in a
+            # flush: what is queued is stored, or spooled if the store is away.
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                with trio.move_on_after(duration if duration is not None else math.inf):
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(report_progress, started)
+                        async for signum in signals:
+                            click.echo(f"{signal.Signals(signum).name}: stopping, flushing "
+                                       "telemetry", err=True)
+                            break
+                        inner.cancel_scope.cancel()
+            collector.stop()
+        c = collector.pipeline.counters
+        click.echo(f"stopped: accepted={c.accepted} stored={c.stored} dropped={c.dropped} "
+                   f"spooled={c.spooled} (spool: {collector.spool.dir})", err=True)
 
     try:
         trio.run(main)

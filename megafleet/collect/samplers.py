@@ -38,6 +38,12 @@ class GuestInfo:
     image: str | None = None
     cpu_s: float | None = None      # if the source knows it (libvirt stats)
     rss_kb: int | None = None
+    # Lifecycle, when the engine records it (the vm engine's state does): the
+    # sampler turns each new (state, changed_ms) into a boot event, so boots are
+    # reported even when the engine runs in another process.
+    boot_s: float | None = None     # ready-line time of the successful boot
+    reason: str | None = None       # why it failed
+    changed_ms: int | None = None   # when the engine last changed this guest
 
 
 GuestSource = Callable[[], Iterable[GuestInfo]]
@@ -124,17 +130,43 @@ class GuestSampler(Sampler):
         self.proc = Path(proc)
         self.slice_size = slice_size
         self._last: dict[str, tuple[int, float, int | None]] = {}  # name -> (ms, cpu, start)
+        self._known: set[str] = set()                  # guests seen in the last interval
+        self._lifecycle: dict[str, tuple[str, int]] = {}  # name -> (state, changed_ms) reported
 
     def sample(self, now_ms: int) -> list[dict[str, Any]]:
         """All guests at once (blocking)."""
         guests = list(self.source())
         docs = self.read(guests, now_ms)
-        self._forget_gone(guests)
-        return docs
+        return docs + self._forget_gone(guests, now_ms)
 
-    def _forget_gone(self, guests: list[GuestInfo]) -> None:
+    def _forget_gone(self, guests: list[GuestInfo], now_ms: int) -> list[dict[str, Any]]:
+        """Drop what we kept about guests that are gone; each is a teardown event."""
         names = {g.name for g in guests}
+        gone = sorted(self._known - names)
+        self._known = names
         self._last = {n: v for n, v in self._last.items() if n in names}
+        self._lifecycle = {n: v for n, v in self._lifecycle.items() if n in names}
+        return [D.event("teardown", self.host, guest=name, ok=True, time_ms=now_ms,
+                        reason="no longer listed by the engine") for name in gone]
+
+    def _lifecycle_event(self, g: GuestInfo) -> dict[str, Any] | None:
+        """A boot event the first time a guest is seen running (with its boot
+        time) or failed (with its reason) after a change. Its id comes from the
+        engine's change time, so a restarted collector re-sends the same id and
+        the store keeps one."""
+        if g.changed_ms is None or g.state not in ("running", "failed"):
+            return None
+        mark = (g.state, g.changed_ms)
+        if self._lifecycle.get(g.name) == mark:
+            return None
+        self._lifecycle[g.name] = mark
+        if g.state == "running":
+            if g.boot_s is None:
+                return None
+            return D.event("boot", self.host, guest=g.name, image=g.image, ok=True,
+                           duration_s=round(g.boot_s, 3), time_ms=g.changed_ms)
+        return D.event("boot", self.host, level="error", guest=g.name, image=g.image, ok=False,
+                       reason=g.reason or "failed", time_ms=g.changed_ms)
 
     def read(self, guests: list[GuestInfo], now_ms: int) -> list[dict[str, Any]]:
         """Documents for these guests, read now (blocking)."""
@@ -163,12 +195,21 @@ class GuestSampler(Sampler):
                 fields["rss_kb"] = int(rss_kb)
             out.append(D.sample(D.GUEST, self.host, fields, time_ms=now_ms, guest=g.name,
                                 image=g.image))
+            event = self._lifecycle_event(g)
+            if event is not None:
+                out.append(event)
         return out
 
     async def run(self, submit: Callable[[dict[str, Any]], None], *,
                   submit_event: Callable[[dict[str, Any]], None] | None = None,
                   limiter: trio.CapacityLimiter | None = None,
                   on_error: Callable[[str, Exception], None] | None = None) -> None:
+        submit_event = submit_event or submit
+
+        def deliver(docs: list[dict[str, Any]]) -> None:
+            for doc in docs:
+                (submit_event if doc["meta"]["kind"] == "event" else submit)(doc)
+
         next_at = trio.current_time()
         while True:
             try:
@@ -189,11 +230,10 @@ class GuestSampler(Sampler):
                     if on_error is not None:
                         on_error(self.name, exc)
                     docs = []
-                for doc in docs:
-                    submit(doc)
+                deliver(docs)
                 if k + 1 < slices:
                     await trio.sleep_until(next_at + (k + 1) * step)
-            self._forget_gone(guests)
+            deliver(self._forget_gone(guests, D.now_ms()))
             next_at += self.interval
             now = trio.current_time()
             if next_at < now:

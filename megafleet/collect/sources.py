@@ -1,8 +1,11 @@
 """Where the collector's guest information comes from, and how engines report to it.
 
 - `vm_guest_source(engine)`: the guests of the vm engine's per-host state
-  (`Engine.list()`: name, image, state reconciled with /proc, pid, RSS), as the
-  `GuestSource` the guest sampler reads every interval.
+  (`Engine.list()`: name, image, state reconciled with /proc, pid, RSS, boot
+  time, failure reason), as the `GuestSource` the guest sampler reads every
+  interval. The sampler turns new `running`/`failed` records into boot events,
+  and guests that vanish into teardown events, so a collector in its own process
+  (`megafleet telemetry run`, as host.py starts it) reports boots too.
 - `vm_agent_logs(engine)`: (guest, agent.log path) of each guest the qemu driver
   started, for the agent-log sampler (the guest agent's lines land there).
 - `boot_progress(collector, specs)`: a `progress` callback for
@@ -29,8 +32,12 @@ def vm_guest_source(engine: Any = None, pattern: str = "*") -> Callable[[], list
         engine = Engine()
 
     def guests() -> list[GuestInfo]:
+        # The record's last change gives boot events a time (and so an id) that
+        # is the same whoever reads it, however often.
+        changed = {r.name: int(r.updated * 1000) for r in engine.state.list(pattern)}
         return [GuestInfo(name=v.name, state=v.state, pid=v.pid, image=v.image,
-                          rss_kb=v.rss_bytes // 1024 if v.rss_bytes is not None else None)
+                          rss_kb=v.rss_bytes // 1024 if v.rss_bytes is not None else None,
+                          boot_s=v.boot_s, reason=v.reason, changed_ms=changed.get(v.name))
                 for v in engine.list(pattern)]
 
     return guests

@@ -97,3 +97,38 @@ def test_same_output_on_ferretdb(sqlite_uri, ferretdb):
     finally:
         store.client.drop_database(store.db.name)
         store.close()
+
+
+def test_run_flushes_on_sigterm(tmp_path):
+    """`telemetry run` as host.py starts it: SIGTERM stops it cleanly, with what
+    it had queued stored and its final counters written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megafleet.collect import docs as D
+    from megafleet.proc import RecordedProcess
+
+    db = tmp_path / "t.sqlite"
+    env = dict(os.environ, MEGAFLEET_STATE=str(tmp_path / "state"))
+    child = subprocess.Popen([sys.executable, "-m", "megafleet", "telemetry", "--telemetry",
+                              f"sqlite:{db}", "run", "--host", "mfc-run", "--no-vm",
+                              "--interval", "0.5", "--spool", str(tmp_path / "spool")],
+                             env=env, stderr=subprocess.PIPE, text=True)
+    proc = RecordedProcess.of(child.pid)
+    try:
+        time.sleep(3)
+        proc.signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=30)
+    finally:
+        proc.stop()
+    assert child.returncode == 0, err
+    assert "SIGTERM: stopping, flushing telemetry" in err and "stopped: accepted=" in err
+    store = SqliteStore(db)
+    assert store.count(D.SAMPLES, {"meta.kind": "host", "meta.host": "mfc-run"}) >= 3
+    final = store.find(D.SAMPLES, {"meta.kind": "pipeline"})[-1]
+    assert final["queued"] == 0 and final["dropped"] == 0
+    assert not list((tmp_path / "spool").glob("*.seg"))
+    store.close()

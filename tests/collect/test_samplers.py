@@ -51,3 +51,46 @@ def test_interfaces_and_host():
     assert set(docs[0]) >= {"rx_bytes", "tx_bytes", "rx_packets", "rx_dropped", "tx_errors"}
     host = HostSampler("mfc-h").sample(1000)[0]
     assert host["mem_total_kb"] > host["mem_available_kb"] > 0 and host["load1"] >= 0
+
+
+def test_lifecycle_from_engine_state_becomes_events():
+    listing = [GuestInfo("mfc-g1", "starting", None, "tiny", changed_ms=1000)]
+    sampler = GuestSampler("mfc-h", lambda: listing)
+
+    def events(now):
+        return [d for d in sampler.sample(now) if d["meta"]["kind"] == "event"]
+
+    assert events(1500) == []
+    listing[:] = [GuestInfo("mfc-g1", "running", None, "tiny", boot_s=4.25, changed_ms=2000),
+                  GuestInfo("mfc-g2", "failed", None, "tiny", reason="timeout", changed_ms=2100)]
+    boot = events(2500)
+    assert [(e["event"], e["ok"], e.get("duration_s"), e.get("reason")) for e in boot] == [
+        ("boot", True, 4.25, None), ("boot", False, None, "timeout")]
+    assert boot[0]["_id"] == "event:mfc-h:mfc-g1:boot:2000"  # from the engine's change time
+    assert events(3500) == []  # reported once
+    listing[:] = listing[:1]
+    gone = events(4500)
+    assert [(e["event"], e["meta"]["guest"]) for e in gone] == [("teardown", "mfc-g2")]
+    # A new sampler (a restarted collector) reports the same boot with the same id.
+    again = GuestSampler("mfc-h", lambda: listing).sample(5000)
+    assert [d["_id"] for d in again if d["meta"]["kind"] == "event"] == [boot[0]["_id"]]
+
+
+def test_boot_progress_hook_reports_engine_results():
+    manifest = __import__("pytest").importorskip("megafleet.vm.manifest")
+    from megafleet.collect.sources import boot_progress
+
+    seen = []
+
+    class Recorder:
+        def boot(self, guest, **kw):
+            seen.append((guest, kw))
+
+    specs = [manifest.GuestSpec(name="mfc-a", image="tiny"), manifest.GuestSpec(name="mfc-b", image="big")]
+    progress = boot_progress(Recorder(), specs)
+    progress(1, 2, manifest.GuestResult("mfc-a", "qemu", "ready", boot_s=3.5, attempts=1))
+    progress(2, 2, manifest.GuestResult("mfc-b", "qemu", "failed", attempts=2, reason="no ready line"))
+    progress(2, 2, manifest.GuestResult("mfc-c", "qemu", "already"))
+    assert seen == [("mfc-a", {"ok": True, "duration_s": 3.5, "image": "tiny", "reason": None}),
+                    ("mfc-b", {"ok": False, "duration_s": None, "image": "big",
+                               "reason": "no ready line"})]
