@@ -169,10 +169,10 @@ class HostManifest:
             raise ManifestError(f"malformed host manifest: {exc}") from None
 
     def digest(self) -> str:
-        """What decides whether a running testbed matches this manifest."""
-        body = dataclasses.asdict(self)
-        for volatile in ("state_dir", "run_dir", "vm_options", "source"):
-            body.pop(volatile, None)
+        """What decides whether a running testbed matches this manifest: its network
+        and guests (daemon settings may change between two applies)."""
+        body = {"testbed": self.testbed, "host": self.host, "net": self.net,
+                "vxlan": [dataclasses.asdict(x) for x in self.vxlan]}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def counts(self) -> dict[str, int]:

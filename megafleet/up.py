@@ -289,7 +289,7 @@ def _underlay_address(address: str) -> str:
 
 async def up(path: Path, target: Target, *, name: str | None = None, defines: dict[str, str] | None = None,
              telemetry: str | None = None, ksm: bool = True, vm_options: dict[str, Any] | None = None,
-             out: Output | None = None, fanout: int = 8) -> dict[str, Any]:
+             out: Output | None = None, fanout: int = 8, collect_interval: float = 5.0) -> dict[str, Any]:
     """Bring a testbed up; returns the summary (also for partial failures)."""
     from megafleet import host as host_side
     from megafleet import manifest
@@ -318,7 +318,8 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     images = await trio.to_thread.run_sync(build_images, net, plan, out)
     t = phase_done("images", t)
     image_names = {k: img.name for k, img in images.items()}
-    common = {"ksm": ksm, "telemetry": telemetry, "vm_options": vm_options or {}, "source": str(path)}
+    common = {"ksm": ksm, "telemetry": telemetry, "vm_options": vm_options or {}, "source": str(path),
+              "collect_interval": collect_interval}
 
     ledger = Ledger()
     results: dict[str, dict[str, Any]] = {}
@@ -573,6 +574,8 @@ def _run(fn, *args, **kwargs):
               help=f"Guest memory budget per host for placement (default: 80% of available "
                    f"memory locally, {DEFAULT_HOST_MEM_MB} MB per inventory host).")
 @click.option("--ksm/--no-ksm", default=True, show_default=True, help="Run the KSM tuning daemon on every host.")
+@click.option("--telemetry-interval", type=click.FloatRange(0.5, 3600), default=5, show_default=True,
+              metavar="SECONDS", help="Seconds between telemetry samples on each host.")
 @click.option("--boot-timeout", type=click.FloatRange(1), default=60, show_default=True,
               help="Seconds a guest may take to print its ready line, per attempt.")
 @click.option("--retries", type=click.IntRange(0, 10), default=1, show_default=True,
@@ -581,7 +584,7 @@ def _run(fn, *args, **kwargs):
               help="gproc tree fanout.")
 @_host_state_option
 @_json_option
-def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm, boot_timeout, retries, fanout,
+def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm, telemetry_interval, boot_timeout, retries, fanout,
                host_state, json_mode):
     """Bring up the testbed described in TESTBED (a .fleet file).
 
@@ -616,7 +619,7 @@ def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm, boot_tim
         target.inventory()          # a bad inventory fails before anything starts
     summary = _run(up, testbed, target, name=name, defines=parse_defines(defines), telemetry=telemetry,
                    ksm=ksm, vm_options={"timeout_s": boot_timeout, "retries": retries}, out=out,
-                   fanout=fanout)
+                   fanout=fanout, collect_interval=telemetry_interval)
     if json_mode:
         click.echo(json.dumps(summary))
     else:

@@ -5,26 +5,32 @@ other through a router, and `down` leaves nothing on either host."""
 from __future__ import annotations
 
 import subprocess
+import time
 
 from megafleet.netlang import compile_file
 
-from .conftest import TAG, links_in, megafleet, megafleet_json, netns_with
+from .conftest import REPO, TAG, links_in, megafleet, megafleet_json, netns_with
 
 TESTBED = f"mfu{TAG}"
 
-# The inventory gives each test host room for 10 nodes: lanA (r1 + 12 hosts)
-# cannot fit on one host and is split over both; r1's second segment, lanB, then
-# spans too. Pings from b* (lanB) to a* (lanA) cross hosts and the router.
-FLEET = """\
+# The inventory gives each test host room for 10 nodes: lanA (r1, 10 namespace
+# hosts, 2 container guests) cannot fit on one host and is split over both
+# (VXLAN); lanB may span too, depending on where r1 lands. Pings from lanB
+# (a container guest, a namespace host) to lanA nodes on the other host cross
+# the router and the tunnel; a lanA container pings across the tunnel directly.
+FLEET = f"""\
+image tiny from "{REPO}/examples/images/tiny.toml"
 pool p 10.149.0.0/16
 switch lanA
 switch lanB
-router r1 {
+router r1 {{
   iface lanA auto
   iface lanB auto
-}
-host a[1..12] on lanA
+}}
+host a[1..10] on lanA
 host b[1..4] on lanB
+vm g[1..2] image tiny driver container mem 64M on lanA
+vm k[1..2] image tiny driver container mem 64M on lanB
 """
 
 
@@ -39,6 +45,26 @@ def daemons_in(fleet, host: str) -> list[str]:
         if b"telemetry" in words or b"ksm" in words:
             found.append(b" ".join(words).decode(errors="replace"))
     return found
+
+
+def wait_for_guests(path, count: int, timeout: float = 30.0) -> list[tuple[str, str]]:
+    """(host, guest) of the guests the telemetry store has samples of, once it
+    has `count` of them (or the timeout passed)."""
+    from megafleet.collect.queries import latest_guests
+    from megafleet.collect.stores import open_store
+
+    deadline = time.monotonic() + timeout
+    while True:
+        store = open_store(f"sqlite:{path}")
+        try:
+            seen = [(d["meta"]["host"], d["meta"]["guest"]) for d in latest_guests(store, None)]
+        except Exception:
+            seen = []            # the collectors may not have created the store yet
+        finally:
+            getattr(store, "close", lambda: None)()
+        if len(seen) >= count or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)
 
 
 def address(net, node: str) -> str:
@@ -57,18 +83,16 @@ def test_two_hosts_vxlan_router_ping_and_clean_down(fleet2, tmp_path):
     assert "lanA" in spanning and spanning["lanA"]["hosts"] == sorted(fleet2.names)
     assert len({s["vni"] for s in spanning.values()}) == len(spanning)   # one VNI per segment
     homes = plan["node_host"]
-    a_nodes = [f"a{i}" for i in range(1, 13)]
-    # Pairs on different hosts: a -- a over the tunnel (layer 2), b -- a through r1.
-    pairs = [(a, b) for a in a_nodes for b in a_nodes if homes[a] < homes[b]][:1]
-    pairs += [(b, next(a for a in a_nodes if homes[a] != homes[b])) for b in ("b1", "b4")]
-    assert len(pairs) == 3
+    a_nodes = [f"a{i}" for i in range(1, 11)]
+    pairs = [(src, next(a for a in a_nodes if homes[a] != homes[src])) for src in ("k1", "b1", "g1")]
 
     telemetry = tmp_path / "telemetry.sqlite"
     try:
         summary = megafleet_json("up", str(fleet_file), "--hosts", inv, "-N", TESTBED, "--no-ksm",
-                                 "--telemetry", f"sqlite:{telemetry}", *hs)
+                                 "--telemetry", f"sqlite:{telemetry}", "--telemetry-interval", "1", *hs)
         assert summary["ok"], summary
-        assert summary["namespaces"] == 17
+        assert summary["namespaces"] == 15
+        assert summary["guests"] == 4 and summary["ready"] == 4
         assert sorted(h["host"] for h in summary["hosts"]) == sorted(fleet2.names)
         for phase in ("compile", "place", "connect", "probe", "apply", "host_net"):
             assert phase in summary["phases"]
@@ -80,13 +104,15 @@ def test_two_hosts_vxlan_router_ping_and_clean_down(fleet2, tmp_path):
                                  capture_output=True, text=True, check=True).stdout
             assert out.count("vxlan id") == sum(host in s["hosts"] for s in spanning.values()), out
             assert "mtu 1450" in out
-        eth = megafleet("exec", "a1", "--", "ip", "-o", "link", "show", "eth0").stdout
+        eth = megafleet("exec", "g1", "--", "ip", "-o", "link", "show", "eth0").stdout
         assert "mtu 1450" in eth
         assert netns_with(TESTBED + "-", fleet2, homes["a1"]) != []
 
         for src, dst in pairs:
             r = megafleet("exec", src, "--", "ping", "-c", "2", "-W", "3", address(net, dst), check=False)
             assert r.returncode == 0 and " 0% packet loss" in r.stdout, (src, dst, r.stdout + r.stderr)
+            if src.startswith("k") or src.startswith("g"):
+                continue            # busybox ping in the guests has no -M
             # A full-size packet for the lowered MTU, don't fragment: right end to end.
             r = megafleet("exec", src, "--", "ping", "-c", "1", "-W", "3", "-M", "do", "-s", "1422",
                           address(net, dst), check=False)
@@ -98,8 +124,16 @@ def test_two_hosts_vxlan_router_ping_and_clean_down(fleet2, tmp_path):
             assert [b["testbed"] for b in beds] == [TESTBED]
             assert beds[0]["failures"] == []
             assert beds[0]["telemetry"]["collector"] == "running"
-        assert sum(b["nodes"].get("up", 0) for h in status["hosts"].values()
-                   for b in h["value"]["testbeds"]) == 17
+        nodes = {}
+        for h in status["hosts"].values():
+            for b in h["value"]["testbeds"]:
+                for state, n in b["nodes"].items():
+                    nodes[state] = nodes.get(state, 0) + n
+        assert nodes == {"up": 15, "running": 4}
+
+        # Telemetry: every guest is in the store, sampled by its own host.
+        assert sorted(wait_for_guests(telemetry, 4)) == sorted(
+            (homes[g], g) for g in ("g1", "g2", "k1", "k2"))
 
         # Applying the same testbed again changes nothing.
         again = megafleet_json("up", str(fleet_file), "--hosts", inv, "-N", TESTBED, "--no-ksm",
