@@ -213,8 +213,8 @@ def run_regime(name: str, args, sysfs: KsmSysfs, keeper: KnobKeeper, image) -> d
                 break
             time.sleep(max(0.0, 1.0 - (time.monotonic() - t0 - now)))
         alive = len(guests.alive())
-        for name, why in guests.dead().items():
-            log(f"{name} died during the run: {why}")
+        for guest, why in guests.dead().items():
+            log(f"{guest} died during the run: {why}")
         own_cpu = controller.own_cpu_s()
     finally:
         controller.stop()

@@ -61,6 +61,10 @@ class KnobKeeper:
         current = {knob: self._current(knob) for knob in wanted
                    if (self.sysfs.root / knob).exists()}
         changes = {k: v for k, v in wanted.items() if current.get(k) != v}
+        # Leaving the advisor resets pages_to_scan to the kernel default: write
+        # the wanted value after it even if it reads as already set now.
+        if changes.get("advisor_mode") == "none" and "pages_to_scan" in wanted:
+            changes["pages_to_scan"] = wanted["pages_to_scan"]
         if not changes:
             return {}
         self.sysfs.check_can_write(list(changes))

@@ -47,7 +47,7 @@ def qemu_argv(name: str, kernel: Path, initramfs: Path, mem_mb: int, pidfile: Pa
             "-machine", "pc,mem-merge=on", "-m", str(mem_mb), "-nodefaults",
             "-display", "none", "-no-reboot", "-serial", "stdio",
             "-pidfile", str(pidfile), "-kernel", str(kernel), "-initrd", str(initramfs),
-            "-append", f"console=ttyS0 quiet panic=-1 megafleet.name={name} megafleet.agent=0"]
+            "-append", f"console=ttyS0 quiet panic=-1 no_timer_check megafleet.name={name} megafleet.agent=0"]
 
 
 @dataclass
