@@ -404,6 +404,7 @@ def run_command(obj: _Context, host_name: str | None, duration: float | None, in
     import trio
 
     from megafleet.collect.collector import Collector
+    from megafleet.collect.spool import SpoolBusy
     from megafleet.names import InvalidName
 
     host_name = host_name or socket.gethostname().split(".")[0]
@@ -432,6 +433,8 @@ def run_command(obj: _Context, host_name: str | None, duration: float | None, in
                               switches=switches)
     except InvalidName as exc:
         raise click.BadParameter(str(exc)) from None
+    except SpoolBusy as exc:
+        raise click.ClickException(str(exc)) from None
 
     async def report_progress(started: float) -> None:
         while True:

@@ -33,8 +33,10 @@ from megafleet.names import check_name
 log = logging.getLogger("megafleet.collect")
 
 
-def default_spool_dir() -> Path:
-    return paths.state_dir() / "telemetry-spool"
+def default_spool_dir(host: str) -> Path:
+    """One spool per host name in the state directory (a spool is locked by
+    the collector that uses it)."""
+    return paths.state_dir() / "telemetry-spool" / check_name(host, "host")
 
 
 class Collector:
@@ -45,7 +47,7 @@ class Collector:
                  agent_logs=None, agent_interval: float = 5.0,
                  iface_select=None, spool_max_bytes: int = 512 << 20, **pipeline_options: Any):
         self.host = check_name(host, "host")
-        self.spool = Spool(spool_dir or default_spool_dir(), max_bytes=spool_max_bytes)
+        self.spool = Spool(spool_dir or default_spool_dir(self.host), max_bytes=spool_max_bytes)
         self.pipeline = Pipeline(store, self.spool, host=self.host, **pipeline_options)
         self.samplers: list[Any] = [HostSampler(self.host, host_interval),
                                     InterfaceSampler(self.host, iface_interval, iface_select)]

@@ -21,6 +21,7 @@ the oldest segment, which is harmless because documents have deterministic ids.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -37,11 +38,32 @@ HEADER = struct.Struct(">4sII")
 SUFFIX = ".seg"
 
 
+class SpoolBusy(RuntimeError):
+    """Another collector holds this spool directory."""
+
+
 class Spool:
+    """One collector's spool. The directory is locked (flock on its `lock`
+    file) for as long as the Spool is open: two writers would interleave
+    segments and replay each other's."""
+
     def __init__(self, directory: Path | str, *, segment_bytes: int = 8 << 20,
                  max_bytes: int = 512 << 20, warn: Callable[[str], None] | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / "lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "?"
+            self._lock.close()
+            raise SpoolBusy(f"telemetry spool {self.dir} is in use by another collector "
+                            f"(pid {holder}): give each collector its own spool directory") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
         self.warn = warn or log.warning
@@ -191,3 +213,5 @@ class Spool:
 
     def close(self) -> None:
         self._close_writer()
+        if not self._lock.closed:
+            self._lock.close()  # releases the flock

@@ -85,3 +85,13 @@ def test_corrupt_segment_skipped_with_warning(tmp_path, damage):
     assert got == [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15, 16, 17, 18, 19]
     assert len(warnings) == 1 and str(victim) in warnings[0] and "corrupt" in warnings[0]
     assert reopened.corrupt_segments == 1 and reopened.segments() == []
+
+
+def test_one_collector_per_spool_directory(tmp_path):
+    from megafleet.collect.spool import SpoolBusy
+
+    first = Spool(tmp_path / "spool")
+    with pytest.raises(SpoolBusy, match="in use by another collector"):
+        Spool(tmp_path / "spool")
+    first.close()
+    Spool(tmp_path / "spool").close()  # free again once closed
