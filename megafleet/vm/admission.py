@@ -5,7 +5,7 @@ Boot storms are CPU-bound (under TCG a guest kernel burns ~4-5 s of CPU before i
 is ready), so starting every guest at once only makes them all slow and starves
 the host (minimega issue #3). The engine instead keeps a bounded number of guests
 *booting* (started, not yet ready); the bound follows the CPU count and shrinks
-while the host's run queue is longer than its CPUs.
+(to half at most) while other work keeps more tasks runnable than there are CPUs.
 
 The memory budget is checked before anything starts: guest RAM plus a per-guest
 overhead, minus what KSM already saves on this host (pages_sharing), must fit.
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Guests booting at once per CPU, by how much CPU a boot costs. A TCG boot keeps
-# a CPU busy for seconds; a KVM boot mostly waits; a container's init is a few
-# milliseconds of work.
-BOOTS_PER_CPU = {"tcg": 2, "kvm": 8, "container": 64}
+# a CPU busy for seconds, but not all the time (timers, calibration waits), so a
+# few per CPU keep the CPUs full; a KVM boot mostly waits; a container's init is
+# a few milliseconds of work.
+BOOTS_PER_CPU = {"tcg": 4, "kvm": 16, "container": 64}
 MAX_PARALLEL = 256
 
 # Host memory a guest costs beyond its RAM (QEMU's own heap, the TCG translation
@@ -38,26 +39,47 @@ def boots_per_cpu(kind: str) -> int:
     return BOOTS_PER_CPU[kind]
 
 
-def parallel_boots(kind: str, ncpu: int, load1: float, *, maximum: int | None = None) -> int:
+def parallel_boots(kind: str, ncpu: int, others_runnable: float, *,
+                   maximum: int | None = None) -> int:
     """How many guests of `kind` ("tcg", "kvm", "container") may be booting now.
 
-    Starts from ncpu * BOOTS_PER_CPU[kind]; each runnable task beyond the CPU count
-    (1-minute load average minus CPUs) removes one CPU's worth of boots, never
-    going below one boot per CPU so progress continues on a busy host."""
+    Starts from ncpu * BOOTS_PER_CPU[kind]. `others_runnable` is the number of
+    runnable tasks on the host that are not our booting guests: each one beyond
+    the CPU count takes one boot away, down to half the full number, so a busy
+    host gets room while our boots still progress."""
     per_cpu = BOOTS_PER_CPU[kind]
     ncpu = max(1, ncpu)
-    overload = max(0.0, load1 - ncpu)
-    value = int(round(per_cpu * (ncpu - overload)))
-    value = max(ncpu, value)
+    full = per_cpu * ncpu
+    overload = max(0.0, others_runnable - ncpu)
+    value = max(full // 2, int(round(full - overload)))
     return max(1, min(value, maximum or MAX_PARALLEL))
 
 
-def host_load() -> tuple[int, float]:
-    """(CPUs usable by this process, 1-minute load average)."""
+def host_runnable() -> tuple[int, int]:
+    """(CPUs usable by this process, runnable tasks on the host right now).
+
+    The instantaneous count (/proc/loadavg, 4th field) rather than the load
+    average: the average lags by a minute and would still count a boot storm
+    that has ended."""
     ncpu = len(os.sched_getaffinity(0))
     with open("/proc/loadavg") as f:
-        load1 = float(f.read().split()[0])
-    return ncpu, load1
+        running = int(f.read().split()[3].split("/")[0])
+    return ncpu, running
+
+
+class LoadTracker:
+    """Smoothed count of other runnable tasks (exponential average of samples)."""
+
+    def __init__(self, weight: float = 0.3):
+        self.weight = weight
+        self.value: float | None = None
+
+    def update(self, runnable: int, ours: int) -> float:
+        # Minus our own booting guests and the sampling process itself.
+        others = max(0.0, float(runnable - ours - 1))
+        self.value = others if self.value is None else (
+            self.weight * others + (1 - self.weight) * self.value)
+        return self.value
 
 
 def guest_cost_mb(driver: str, mem_mb: int) -> int:

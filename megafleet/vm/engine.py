@@ -271,11 +271,13 @@ class Engine:
 
     async def _adapt(self, limiter: trio.CapacityLimiter, kind: str) -> None:
         """Follow CPU count and load: recompute the number of concurrent boots."""
+        tracker = admission.LoadTracker()
         while True:
-            ncpu, load1 = admission.host_load()
-            limiter.total_tokens = admission.parallel_boots(kind, ncpu, load1,
+            ncpu, runnable = admission.host_runnable()
+            others = tracker.update(runnable, limiter.borrowed_tokens)
+            limiter.total_tokens = admission.parallel_boots(kind, ncpu, others,
                                                             maximum=self.max_parallel)
-            await trio.sleep(1.0)
+            await trio.sleep(0.5)
 
     async def _boot_one(self, driver: Driver, limiter: trio.CapacityLimiter, spec: GuestSpec,
                         image: Any, gdir: Path) -> GuestResult:

@@ -19,9 +19,9 @@ For each request, with ``gdir`` the guest's directory (already recorded):
    ``gdir/pid`` at once.
 3. The init-to-be unshares mount, UTS, IPC and network namespaces and waits
    while the launcher moves its NICs (veth ends) into that network namespace
-   with ``ip link set ... netns PID name ethN address MAC``.
+   with ``ip link set ... netns /proc/PID/ns/net name ethN address MAC``.
 4. It mounts the overlay (image rootfs as read-only lower dir, ``upper`` and
-   ``work``) on ``root``, a tmpfs /dev with the harmless host devices bound in,
+   ``work``) on ``root``, a read-only sysfs of its own network namespace, a tmpfs /dev with the harmless host devices bound in,
    pivots into it and detaches the old root, so the host's mounts are not held
    by the container; then it execs the image's init with MEGAFLEET_CONTAINER=1,
    stdout and stderr to ``gdir/console.log``.
@@ -41,7 +41,8 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = 155  # x86_64
 
@@ -80,6 +81,9 @@ def guest_init(req, console_fd, ready_w, go_r):
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("overlay", root, "overlay", 0,
           f"lowerdir={req['lower']},upperdir={gdir}/upper,workdir={gdir}/work")
+    # sysfs of the container's own network namespace (read-only): the init finds
+    # its NICs by MAC under /sys/class/net.
+    mount("sysfs", root + "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID, "mode=0755,size=64k")
     for dev in DEVICES:
         target = f"{root}/dev/{dev}"
@@ -121,7 +125,10 @@ def launcher(req, console_fd, report_w):
         if os.read(ready_r, 1) != b"u":
             raise RuntimeError("container init died before its namespaces were ready")
         for nic in req.get("nics", ()):
-            result = subprocess.run(["ip", "link", "set", "dev", nic["dev"], "netns", str(pid),
+            # By the namespace file, not the pid: `ip` forked here already lives in
+            # the new PID namespace, where the host pid means nothing.
+            result = subprocess.run(["ip", "link", "set", "dev", nic["dev"],
+                                     "netns", f"/proc/{pid}/ns/net",
                                      "name", nic["name"], "address", nic["mac"]],
                                     capture_output=True, text=True)
             if result.returncode != 0:

@@ -17,14 +17,21 @@ from megafleet.vm.state import GuestRecord, VmState
 
 
 def test_parallel_boots_follows_cpus_and_load():
-    assert admission.parallel_boots("tcg", 2, 0.0) == 4
-    assert admission.parallel_boots("kvm", 4, 1.0) == 32
+    assert admission.parallel_boots("tcg", 2, 0.0) == 8
+    assert admission.parallel_boots("kvm", 4, 1.0) == 64
     assert admission.parallel_boots("container", 2, 0.5) == 128
-    # One runnable task beyond the CPUs removes one CPU's worth of boots...
-    assert admission.parallel_boots("tcg", 4, 5.0) == 6
-    # ...but a busy host still boots one guest per CPU.
-    assert admission.parallel_boots("tcg", 2, 40.0) == 2
+    # Each runnable task of others beyond the CPUs takes one boot away...
+    assert admission.parallel_boots("tcg", 4, 7.0) == 13
+    # ...down to half, so our boots still progress on a busy host.
+    assert admission.parallel_boots("tcg", 2, 40.0) == 4
     assert admission.parallel_boots("container", 2, 0.0, maximum=10) == 10
+
+
+def test_load_tracker_discounts_our_boots_and_smooths():
+    tracker = admission.LoadTracker(weight=0.5)
+    assert tracker.update(runnable=9, ours=8) == 0.0   # only us (and the sampler)
+    assert tracker.update(runnable=13, ours=8) == 2.0  # others: 4, averaged with 0
+    assert admission.host_runnable()[1] >= 1
 
 
 def test_budget_refuses_before_anything_and_credits_ksm():
