@@ -84,9 +84,13 @@ class LibvirtDriver(Driver):
 
     def __init__(self, uri: str | None = None) -> None:
         self.uri = uri or default_uri()
-        self.accel = host_accel()
         self._conn = None
         self._limiter = trio.CapacityLimiter(8)
+
+    @property
+    def accel(self) -> str:
+        """'kvm' or 'tcg' (probed on first use only: `vm ls` never boots a probe)."""
+        return host_accel()
 
     def admission_kind(self) -> str:
         return self.accel

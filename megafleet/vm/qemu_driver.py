@@ -66,11 +66,15 @@ class QemuDriver(Driver):
     name = "qemu"
 
     def __init__(self) -> None:
-        self.accel = host_accel()
         # Spawning forks the engine: bounded so a storm of forks does not pile up.
         self._spawn_limiter = trio.CapacityLimiter(4)
         self._qmp_limiter = trio.CapacityLimiter(32)
         self._children: dict[int, subprocess.Popen] = {}
+
+    @property
+    def accel(self) -> str:
+        """'kvm' or 'tcg' (probed on first use only: `vm ls` never boots a probe)."""
+        return host_accel()
 
     def admission_kind(self) -> str:
         return self.accel

@@ -77,6 +77,11 @@ def _boot_check_teardown(engine, specs):
     assert [r.outcome for r in again.results] == ["already"] * 4
     assert {v.pid for v in engine.list("mfvq[1-4]")} == {views[f"mfvq{i}"].pid for i in range(1, 5)}
 
+    # `vm stop` stops through QMP and keeps the record.
+    assert trio.run(lambda: engine.stop("mfvq3")) == ["mfvq3"]
+    assert live_pids([views["mfvq3"].pid]) == []
+    assert [(v.state, v.pid) for v in engine.list("mfvq3")] == [("stopped", None)]
+
     pids = [views[f"mfvq{i}"].pid for i in range(1, 5)]
     removed = trio.run(lambda: engine.teardown("mfvq*"))
     assert sorted(removed) == ["mfvq1", "mfvq2", "mfvq3", "mfvq4", "mfvqpanic"]
