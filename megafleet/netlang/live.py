@@ -117,6 +117,7 @@ class Plan:
     swlinks: list[tuple[str, str, str, str, list[int], int, LinkProps]] = field(default_factory=list)
     wires: list["Wire"] = field(default_factory=list)
     ns_ops: dict[str, list[netlink.Op]] = field(default_factory=dict)  # namespace -> its configuration
+    ns_sysctls: dict[str, dict[str, str]] = field(default_factory=dict)  # namespace -> /proc/sys/net values
     routers: list[str] = field(default_factory=list)             # namespace routers (forwarding)
     frr: dict[str, dict[str, str]] = field(default_factory=dict)  # router -> daemon -> config text
     vms: list = field(default_factory=list)                      # GuestSpec list
@@ -206,6 +207,16 @@ def plan(net: Net, name: str) -> Plan:
                 ops.append(netlink.RouteAdd(net_.version, int(net_.network_address), net_.prefixlen,
                                             int(ipaddress.ip_address(via))))
             p.ns_ops[ns] = ops
+            sysctls = {}
+            if g.kind == "router":
+                sysctls.update({"ipv4/ip_forward": "1", "ipv6/conf/all/forwarding": "1"})
+            # No duplicate address detection: the kernel's link-local addresses
+            # (used for IPv6 neighbour discovery) are usable at once, not ~1 s later.
+            for op in ops:
+                if isinstance(op, netlink.AddrAdd) and op.family == 6:
+                    sysctls[f"ipv6/conf/{op.dev}/accept_dad"] = "0"
+            if sysctls:
+                p.ns_sysctls[ns] = sysctls
             if g.kind == "router":
                 p.routers.append(node)
                 if is_dynamic(net, node):
@@ -215,7 +226,7 @@ def plan(net: Net, name: str) -> Plan:
     p.digest = hashlib.sha256(json.dumps(
         [sorted(p.netns.items()), sorted(map(repr, p.bridges.items())), sorted(map(str, p.vde.items())),
          [repr(x) for x in p.ports], [repr(x) for x in p.p2p], [repr(x) for x in p.swlinks], [repr(x) for x in p.wires],
-         sorted(map(repr, p.ns_ops.items())), sorted(p.frr.items()), [repr(v) for v in p.vms]],
+         sorted(map(repr, p.ns_ops.items())), sorted(map(repr, p.ns_sysctls.items())), sorted(p.frr.items()), [repr(v) for v in p.vms]],
         default=str).encode()).hexdigest()
     return p
 
@@ -255,13 +266,18 @@ def run_base(testbed: str) -> Path:
     return base / "net" / testbed
 
 
+_DIE_WITH_US = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
 def _batch(argv: list[str], lines: list[str], force: bool = False) -> None:
     if not lines:
         return
     if force:
         # Teardown: carry on past what is already gone (a veth whose peer went first).
         argv = argv[:1] + ["-force"] + argv[1:]
-    proc.run(argv + ["-batch", "-"], input="\n".join(lines) + "\n", check=not force)
+    # If we are killed, the batch must die with us: a batch that kept creating
+    # namespaces after a crash would race the `down` that cleans up after it.
+    proc.run(_DIE_WITH_US + argv + ["-batch", "-"], input="\n".join(lines) + "\n", check=not force)
 
 
 def existing_links() -> set[str]:
@@ -364,7 +380,7 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
         # namespace (see netlink.py). One thread is plenty.
         for i, (ns, ops) in enumerate(ns_items, 1):
             try:
-                netlink.apply(str(NETNS_DIR / ns), ops)
+                netlink.apply(str(NETNS_DIR / ns), ops, p.ns_sysctls.get(ns))
             except OSError as err:
                 failures.append(f"{ns}: {err}")
             if i % 500 == 0 or i == len(ns_items):
@@ -573,9 +589,6 @@ def _shape_and_route(p: Plan) -> None:
     _batch(["tc"], host_tc)
     for ns, lines in ns_tc.items():
         _batch(["tc", "-n", ns], lines)
-    for router in p.routers:
-        proc.run(["ip", "netns", "exec", p.netns[router], "sysctl", "-q", "-w",
-                  "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
 
 
 def _start_frr(p: Plan, ledger: Ledger) -> None:

@@ -105,14 +105,19 @@ def _setns(fd: int) -> None:
         raise NetlinkError(err, f"setns: {os.strerror(err)}")
 
 
-def _open_in(ns_path: str, devs: set[str]) -> tuple[socket.socket, dict[str, int]]:
+def _open_in(ns_path: str, devs: set[str], sysctls: dict[str, str]) -> tuple[socket.socket, dict[str, int]]:
     """A netlink socket living in the namespace at ns_path, and the indexes of
-    devs there. The calling thread is back in its own namespace on return."""
+    devs there; sysctls (paths under /proc/sys/net) are written while inside:
+    /proc/sys/net shows the namespace of the thread that opens it. The calling
+    thread is back in its own namespace on return."""
     own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(ns_path, os.O_RDONLY)
     try:
         _setns(target)
         try:
+            for key, value in sysctls.items():
+                with open(f"/proc/sys/net/{key}", "w") as f:
+                    f.write(value)
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
             index = {}
             for dev in devs:
@@ -140,12 +145,13 @@ def describe(op: Op) -> str:
     return f"route add {dst} via {fmt(op.family, op.via)}"
 
 
-def apply(ns_path: str, ops: list[Op]) -> None:
-    """Apply ops in order inside the namespace; raise NetlinkError naming the
-    first operation the kernel refused."""
+def apply(ns_path: str, ops: list[Op], sysctls: dict[str, str] | None = None) -> None:
+    """Write sysctls (e.g. {"ipv4/ip_forward": "1"}), then apply ops in order
+    inside the namespace; raise NetlinkError naming the first operation the
+    kernel refused."""
     devs = {op.dev for op in ops if not isinstance(op, RouteAdd)}
     with _lock:     # one namespace switch at a time per process keeps it simple
-        sock, index = _open_in(ns_path, devs)
+        sock, index = _open_in(ns_path, devs, sysctls or {})
     with sock:
         sock.bind((0, 0))
         batch = b"".join(_message(op, index, seq) for seq, op in enumerate(ops, 1))

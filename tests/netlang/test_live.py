@@ -78,9 +78,12 @@ def test_two_subnets_joined_by_a_router(testbed):
         for b in ("b1", "b2", "b3"):
             r = ping(f"{name}-{a}", addr_of(net, b))
             assert r.returncode == 0, r.stdout + r.stderr
-    # IPv6 too (global addresses without duplicate detection, default route via
-    # the router); the kernel's link-local addresses, used for neighbour
-    # discovery, become usable about a second after the interfaces come up.
+    # IPv6 too: no duplicate address detection (so link-local addresses work at
+    # once), default route via the router, forwarding on in the router.
+    for ns, key in ((f"{name}-a1", "net.ipv6.conf.eth0.accept_dad"), (f"{name}-gw", "net.ipv6.conf.all.forwarding"),
+                    (f"{name}-gw", "net.ipv4.ip_forward")):
+        value = proc.run(["ip", "netns", "exec", ns, "sysctl", "-n", key]).stdout.strip()
+        assert value == ("0" if "dad" in key else "1"), (ns, key, value)
     b3_v6 = net.node("b3").ifaces[0][2][6].split("/")[0]
     argv = ["ip", "netns", "exec", f"{name}-a1", "ping", "-6", "-n", "-c1", "-W1", b3_v6]
     deadline = time.monotonic() + 10
@@ -295,13 +298,15 @@ def test_netlink_configures_a_namespace_and_names_what_the_kernel_refused():
     proc.run(["ip", "netns", "add", ns])
     try:
         proc.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"])
-        netlink.apply(f"/run/netns/{ns}", [
+        netlink.apply(f"/run/netns/{ns}", sysctls={"ipv4/ip_forward": "1"}, ops=[
             netlink.LinkUp("lo"), netlink.LinkUp("eth0", mtu=1400), netlink.LinkUp("eth1"),
             netlink.AddrAdd("eth0", 4, 0x0A530001, 24), netlink.AddrAdd("eth0", 6, 0xFD83 << 112 | 1, 64),
             netlink.RouteAdd(4, 0x0A540000, 16, 0x0A530002)])
         out = proc.run(["ip", "-n", ns, "addr", "show", "eth0"]).stdout
         assert "mtu 1400" in out and "10.83.0.1/24" in out and "fd83::1/64" in out and "UP" in out
         assert "10.84.0.0/16 via 10.83.0.2 dev eth0" in proc.run(["ip", "-n", ns, "route"]).stdout
+        # The sysctl landed in the namespace, not on the host.
+        assert proc.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "1"
         with pytest.raises(netlink.NetlinkError, match=r"mfnn-x: route add default via 10.99.0.1: "
                                                        r"Network is unreachable"):
             netlink.apply(f"/run/netns/{ns}", [netlink.RouteAdd(4, 0, 0, 0x0A630001)])
