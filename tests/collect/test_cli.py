@@ -119,7 +119,16 @@ def test_run_flushes_on_sigterm(tmp_path):
                              env=env, stderr=subprocess.PIPE, text=True)
     proc = RecordedProcess.of(child.pid)
     try:
-        time.sleep(3)
+        # Signal it once it is collecting (startup may be slow on a loaded machine).
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            if db.exists():
+                probe = SqliteStore(db)
+                ready = probe.count(D.SAMPLES, {"meta.kind": "host"}) >= 3
+                probe.close()
+                if ready:
+                    break
+            time.sleep(0.2)
         proc.signal(signal.SIGTERM)
         _, err = child.communicate(timeout=30)
     finally:

@@ -134,7 +134,8 @@ def test_collector_samples_a_real_host(testnet, tmp_path):
         {"host": "mfc-host", "state": "failed", "guests": 1},
         {"host": "mfc-host", "state": "running", "guests": 1}]
     busy_row = Q.top(store, "cpu", since, limit=1)[0]
-    assert busy_row["guest"] == "mfc-g1" and busy_row["cpu_pct"] > 5 and busy_row["rss_kb"] > 1000
+    # > 0, not more: on a loaded shared machine the busy loop may get little CPU.
+    assert busy_row["guest"] == "mfc-g1" and busy_row["cpu_pct"] > 0 and busy_row["rss_kb"] > 1000
     # Host and KSM (when the kernel has it).
     host_docs = store.find(D.SAMPLES, {"meta.kind": "host"})
     assert host_docs and host_docs[0]["mem_total_kb"] > 0
