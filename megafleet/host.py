@@ -229,7 +229,7 @@ async def apply_net(p, tunnels: list[Vxlan], ledger: Ledger, progress: Callable[
         from megafleet.netlang import netlink
         for ns, ops in sorted(p.ns_ops.items()):
             try:
-                netlink.apply(str(live.NETNS_DIR / ns), ops)
+                netlink.apply(str(live.NETNS_DIR / ns), ops, getattr(p, "ns_sysctls", {}).get(ns))
             except OSError as err:
                 failures.append(f"{ns}: {err}")
 
@@ -364,7 +364,12 @@ async def down(testbed: str | None = None, emit: Emit = _quiet, ledger: Ledger |
     ledger = ledger or Ledger()
     from megafleet.netlang import live
 
-    names = [testbed] if testbed else testbeds(ledger)
+    names = testbeds(ledger)
+    if testbed:
+        # Also a testbed whose own record is gone but whose network is not.
+        recorded = testbed in names or any(r.key == testbed or r.key.startswith(testbed + "/")
+                                           for r in ledger.list(live.OWNER))
+        names = [testbed] if recorded else []
     t0 = time.monotonic()
     out = {}
     for t in names:

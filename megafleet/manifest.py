@@ -64,24 +64,53 @@ def _props(d: dict | None):
     return LinkProps(**(d or {}))
 
 
+# Fields of netlang's Plan that need converting; every other field is plain JSON
+# (str, int, dicts and lists of them) and travels as it is, so a field netlang
+# adds later (like `ns_sysctls`) needs no change here.
+_TO_JSON = {
+    "bridges": lambda v: [[sw, vlan, br, mtu] for (sw, vlan), (br, mtu) in v.items()],
+    "vde": lambda v: {sw: str(path) for sw, path in v.items()},
+    "ports": lambda v: [{**dataclasses.asdict(port), "props": port.props.to_json()} for port in v],
+    "p2p": lambda v: [[*x[:-1], x[-1].to_json()] for x in v],
+    "swlinks": lambda v: [[*x[:-1], x[-1].to_json()] for x in v],
+    "wires": lambda v: [{"key": w.key, "ends": [list(e) for e in w.ends], "mtu": w.mtu,
+                         "props": w.props.to_json()} for w in v],
+    "ns_ops": lambda v: {ns: [_op_to_json(op) for op in ops] for ns, ops in v.items()},
+    "vms": lambda v: [g.to_dict() for g in v],
+}
+
+
 def plan_to_json(p) -> dict[str, Any]:
     """A `netlang.live.Plan` as JSON-able data."""
-    return {
-        "name": p.name,
-        "netns": dict(p.netns),
-        "bridges": [[sw, vlan, br, mtu] for (sw, vlan), (br, mtu) in p.bridges.items()],
-        "vde": {sw: str(path) for sw, path in p.vde.items()},
-        "ports": [{**dataclasses.asdict(port), "props": port.props.to_json()} for port in p.ports],
-        "p2p": [[a, ea, b, eb, mtu, props.to_json()] for a, ea, b, eb, mtu, props in p.p2p],
-        "swlinks": [[*x[:-1], x[-1].to_json()] for x in p.swlinks],
-        "wires": [{"key": w.key, "ends": [list(e) for e in w.ends], "mtu": w.mtu,
-                   "props": w.props.to_json()} for w in p.wires],
-        "ns_ops": {ns: [_op_to_json(op) for op in ops] for ns, ops in p.ns_ops.items()},
-        "routers": list(p.routers),
-        "frr": dict(p.frr),
-        "vms": [v.to_dict() for v in p.vms],
-        "digest": p.digest,
+    out = {}
+    for f in dataclasses.fields(p):
+        value = getattr(p, f.name)
+        out[f.name] = _TO_JSON[f.name](value) if f.name in _TO_JSON else value
+    return out
+
+
+def plan_from_json(d: dict[str, Any]):
+    """The `netlang.live.Plan` that `plan_to_json` wrote."""
+    from megafleet.netlang import live
+    from megafleet.vm.manifest import GuestSpec
+
+    convert = {
+        "bridges": lambda v: {(sw, vlan): (br, mtu) for sw, vlan, br, mtu in v},
+        "vde": lambda v: {sw: Path(path) for sw, path in v.items()},
+        "ports": lambda v: [live.Port(**{**port, "props": _props(port["props"])}) for port in v],
+        "p2p": lambda v: [(*x[:-1], _props(x[-1])) for x in v],
+        "swlinks": lambda v: [(*x[:-1], _props(x[-1])) for x in v],
+        "wires": lambda v: [live.Wire(w["key"], [tuple(e) for e in w["ends"]], w["mtu"], _props(w["props"]))
+                            for w in v],
+        "ns_ops": lambda v: {ns: [_op_from_json(op) for op in ops] for ns, ops in v.items()},
+        "vms": lambda v: [GuestSpec.from_dict(g) for g in v],
     }
+    known = {f.name for f in dataclasses.fields(live.Plan)}
+    unknown = set(d) - known
+    if unknown:
+        raise ManifestError(f"manifest network has fields this host's netlang does not know: "
+                            f"{', '.join(sorted(unknown))} (different megafleet versions?)")
+    return live.Plan(**{k: convert[k](v) if k in convert else v for k, v in d.items()})
 
 
 def _op_to_json(op) -> list:
@@ -99,28 +128,6 @@ def _op_from_json(item: list):
 
 
 NETLINK_OPS = ("LinkUp", "AddrAdd", "RouteAdd")
-
-
-def plan_from_json(d: dict[str, Any]):
-    """The `netlang.live.Plan` that `plan_to_json` wrote."""
-    from megafleet.netlang import live
-    from megafleet.vm.manifest import GuestSpec
-
-    p = live.Plan(d["name"])
-    p.netns = dict(d["netns"])
-    p.bridges = {(sw, vlan): (br, mtu) for sw, vlan, br, mtu in d["bridges"]}
-    p.vde = {sw: Path(path) for sw, path in d["vde"].items()}
-    p.ports = [live.Port(**{**port, "props": _props(port["props"])}) for port in d["ports"]]
-    p.p2p = [(a, ea, b, eb, mtu, _props(props)) for a, ea, b, eb, mtu, props in d["p2p"]]
-    p.swlinks = [(*x[:-1], _props(x[-1])) for x in d["swlinks"]]
-    p.wires = [live.Wire(w["key"], [tuple(e) for e in w["ends"]], w["mtu"], _props(w["props"]))
-               for w in d["wires"]]
-    p.ns_ops = {ns: [_op_from_json(op) for op in ops] for ns, ops in d["ns_ops"].items()}
-    p.routers = list(d["routers"])
-    p.frr = {r: dict(daemons) for r, daemons in d["frr"].items()}
-    p.vms = [GuestSpec.from_dict(v) for v in d["vms"]]
-    p.digest = d.get("digest", "")
-    return p
 
 
 # ---------------------------------------------------------------------------
@@ -376,7 +383,10 @@ def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
             if key in mtu_of and port.mtu > mtu_of[key]:
                 port = dataclasses.replace(port, mtu=mtu_of[key])
             host_ports.append(port)
-        ns_ops = {ns: _fix_mtu_ops(p.ns_ops.get(ns, []), ns, host_ports) for ns in netns.values()}
+        local_ns = set(netns.values())
+        per_ns = {f.name: {ns: v for ns, v in getattr(p, f.name).items() if ns in local_ns}
+                  for f in dataclasses.fields(p) if f.name.startswith("ns_")}
+        per_ns["ns_ops"] = {ns: _fix_mtu_ops(ops, ns, host_ports) for ns, ops in per_ns["ns_ops"].items()}
         guests = []
         for name in sorted(mine & vms.keys()):
             guests.append(_guest_for_host(vms[name], host_ports, p.name, images, GuestSpec, NicSpec))
@@ -388,7 +398,7 @@ def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
             bridges={k: v for k, v in p.bridges.items() if host in bridge_hosts[k]},
             vde={sw: path for sw, path in p.vde.items() if host in vde_hosts.get(sw, ())},
             ports=host_ports, p2p=p2p[host], swlinks=swlinks[host], wires=wires[host],
-            ns_ops=ns_ops, routers=[r for r in p.routers if r in mine],
+            **per_ns, routers=[r for r in p.routers if r in mine],
             frr={r: c for r, c in p.frr.items() if r in mine}, vms=guests, digest="")
         tunnels = []
         for key in spanning:

@@ -1,0 +1,79 @@
+"""`megafleet up` on the local machine (no inventory: controller and host in one
+process): a small testbed with namespace hosts, a router and container guests,
+one of which cannot boot. It is retried, then reported; the rest is up; status,
+exec and down work without the description; nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from .conftest import REPO, TAG, links_in, megafleet, megafleet_json, netns_with
+
+TESTBED = f"mfl{TAG}"
+
+FLEET = f"""
+image tiny from "{REPO}/examples/images/tiny.toml"
+image panic from "{REPO}/tests/vm/images/panic.toml"
+pool p 10.150.0.0/16
+switch lanA
+switch lanB
+router gw {{
+  iface lanA auto
+  iface lanB auto
+}}
+host pc[1..2] on lanA
+vm web[1..2] image tiny driver container mem 64M on lanB
+vm broken image panic driver container mem 64M on lanB
+"""
+
+
+@pytest.fixture
+def fleet_file(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, bridges, containers)")
+    path = tmp_path / "local.fleet"
+    path.write_text(FLEET)
+    return path
+
+
+def test_local_up_status_exec_down(fleet_file):
+    plan = megafleet_json("plan", str(fleet_file), "-N", TESTBED)
+    assert [h["host"] for h in plan["hosts"]] == ["local"] and plan["spanning"] == []
+    try:
+        r = megafleet("up", str(fleet_file), "-N", TESTBED, "--no-ksm", "--boot-timeout", "20",
+                      "--retries", "1", "--json", check=False)
+        assert r.returncode == 1, r.stderr            # one guest failed: exit status 1
+        summary = json.loads(r.stdout)
+        assert summary["guests"] == 3 and summary["ready"] == 2
+        (failed,) = summary["failed"]
+        assert failed["node"] == "broken" and failed["reason"]
+        assert "vm" in summary["phases"] or "host_vm" in summary["phases"]
+        # Progress went to stderr, per phase and host.
+        assert "net      local:" in r.stderr and "vm       local:" in r.stderr
+
+        status = megafleet_json("status", TESTBED)
+        (bed,) = status["hosts"]["local"]["value"]["testbeds"]
+        assert bed["nodes"] == {"up": 3, "running": 2, "failed": 1}
+        assert [f["node"] for f in bed["failures"]] == ["broken"]
+        text = megafleet("status").stdout
+        assert TESTBED in text and "broken" in text
+
+        # A guest pings a namespace host on the other LAN, through the router.
+        pc1 = subprocess.run(["ip", "-n", f"{TESTBED}-pc1", "-o", "-4", "addr", "show", "eth0"],
+                             capture_output=True, text=True, check=True).stdout.split()[3].split("/")[0]
+        r = megafleet("exec", "web*", "--", "ping", "-c", "1", "-W", "3", pc1, check=False)
+        assert r.returncode == 0 and r.stdout.count("1 packets received") == 2, r.stdout + r.stderr
+        hostname = json.loads(megafleet("exec", "--json", "web1", "--", "hostname").stdout)
+        assert hostname["nodes"][0]["stdout"].strip() == "web1"
+    finally:
+        down = megafleet_json("down", TESTBED, check=False)
+    assert down["ok"], down
+    assert netns_with(TESTBED + "-") == []
+    assert links_in(None, TESTBED) == []
+    # Idempotent: nothing is left to do.
+    again = megafleet_json("down", TESTBED)
+    assert again["ok"] and not again["results"][TESTBED]["local"]["value"]["testbeds"]
