@@ -119,10 +119,11 @@ class SwitchSniffer:
         sock = open_socket(self.ifname)
         buf = bytearray(HEAD)
         view = memoryview(buf)
+        summary, started = Summary(), trio.current_time()
         try:
             kernel_drops(sock)  # reset the kernel's counters
             task_status.started()
-            summary, started = Summary(), trio.current_time()
+            started = trio.current_time()
             deadline = started + self.interval
             while True:
                 with trio.move_on_at(deadline):
@@ -145,4 +146,11 @@ class SwitchSniffer:
                     deadline = now + self.interval
                 await trio.lowlevel.checkpoint()
         finally:
+            # Stopping (cancelled) still reports the last, partial interval:
+            # submit only enqueues, so it is safe here.
+            if summary.packets:
+                now = trio.current_time()
+                submit(D.sample(D.SNIFF, self.host,
+                                summary.fields(now - started, kernel_drops(sock)),
+                                switch=self.switch))
             sock.close()

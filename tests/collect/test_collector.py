@@ -109,8 +109,19 @@ def test_collector_samples_a_real_host(testnet, tmp_path):
             await trio.run_process(["ip", "netns", "exec", testnet.ns["a"], "ping", "-c", "20",
                                     "-i", "0.05", "-q", testnet.addr["b"]],
                                    capture_stdout=True)
-            await trio.sleep(1.2)
+            # Wait until the samplers have seen the traffic (a condition, not a
+            # fixed time: the machine may be loaded).
+            with trio.fail_after(120):
+                while not seen_traffic():
+                    await trio.sleep(0.3)
             collector.stop()
+
+    def seen_traffic() -> bool:
+        since = D.ms_to_datetime(0)
+        icmp = sum(r["packets"] for r in Q.sniff(store, since) if r["protocol"] == "ipv4_icmp")
+        veth = [r for r in Q.net(store, since, limit=0) if r["iface"] == testnet.host_end["a"]]
+        cpu = store.count(D.SAMPLES, {"meta.guest": "mfc-g1", "cpu_pct": {"$gt": 0}})
+        return icmp >= 40 and bool(veth) and veth[0]["bytes"] >= 20 * 98 * 2 and cpu > 0
 
     try:
         trio.run(main)

@@ -57,10 +57,18 @@ def test_collector_follows_a_real_guest(tiny_image, tmp_path):
                 # for a collector running in its own process.
                 report = await engine.apply(specs)
                 assert [r.outcome for r in report.results] == ["ready"], report.to_dict()
-                await trio.sleep(4)  # a few guest samples and agent lines
+                # Until the guest was sampled running and its agent spoke (a
+                # condition, not a fixed time: TCG on a loaded machine is slow).
+                with trio.fail_after(180):
+                    while not (store.count(D.SAMPLES, {"meta.kind": "agent"})
+                               and store.count(D.SAMPLES, {"state": "running",
+                                                           "rss_kb": {"$gt": 10_000}})):
+                        await trio.sleep(0.5)
             finally:
                 await engine.teardown("mfc-*")
-                await trio.sleep(1.5)  # the sampler notices the guest is gone
+                with trio.fail_after(60):  # the sampler notices the guest is gone
+                    while not store.count(D.EVENTS, {"event": "teardown"}):
+                        await trio.sleep(0.3)
                 collector.stop()
 
     trio.run(main)
