@@ -122,6 +122,10 @@ def resolve(wanted: list[str], exclude: list[str] = ()) -> list[Package]:
     """The dependency closure of `wanted` (Depends and Pre-Depends, first satisfiable
     alternative of each or-group), sorted by name. Packages in `exclude` are neither
     included nor followed. Raises PackageError naming a package that is unknown."""
+    lists = Path("/var/lib/apt/lists")
+    if not any(lists.glob("*_Packages*")) if lists.is_dir() else True:
+        raise PackageError("apt has no package lists on this host: run 'apt-get update' first",
+                           wanted[0] if wanted else "")
     excluded = set(exclude)
     chosen: dict[str, Package] = {}
     top = _show(wanted)
