@@ -53,6 +53,7 @@ DRIVER_NIC_KINDS = {"qemu": ("tap", "vde"), "libvirt": ("tap",), "container": ("
 
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_HASH_RE = re.compile(r"[0-9a-f]{12,64}")
 
 
 class SpecError(ValueError):
@@ -71,6 +72,8 @@ class NicSpec:
 
 @dataclass(frozen=True)
 class GuestSpec:
+    """One guest. `image` is an image name or its content hash (>= 12 hex digits)."""
+
     name: str
     image: str
     driver: str = "qemu"
@@ -109,7 +112,8 @@ def validate(spec: GuestSpec) -> GuestSpec:
     """Check one spec completely; raise SpecError naming guest and field."""
     try:
         check_name(spec.name, "guest name")
-        check_name(spec.image, "image name")
+        if not _HASH_RE.fullmatch(str(spec.image)):  # an image by name, or by content hash
+            check_name(spec.image, "image name")
     except ValueError as exc:
         raise SpecError(f"guest {spec.name!r}: {exc}") from None
     where = f"guest {spec.name}"

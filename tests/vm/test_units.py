@@ -77,6 +77,12 @@ def test_bad_specs_name_guest_and_field(spec, message):
         validate(spec)
 
 
+def test_image_by_hash_accepted_and_odd_names_refused():
+    validate(GuestSpec(name="ok", image="117ae40fe7d3d447"))
+    with pytest.raises(SpecError, match="invalid image name"):
+        validate(GuestSpec(name="ok", image="../etc"))
+
+
 def test_duplicate_names_refused():
     with pytest.raises(SpecError, match="listed twice"):
         validate_all([GuestSpec(name="a", image="tiny"), GuestSpec(name="a", image="tiny")])
