@@ -8,5 +8,6 @@ answer the questions fleet operators ask, identically on both stores.
 
 Modules: `docs` (document shapes and ids), `filters` (MongoDB filters on SQLite),
 `stores` (MongoDB and SQLite), `spool`, `pipeline`, `samplers`, `sniff`,
+`sources` (the vm engine's guests, agent logs and boot results),
 `collector` (wiring on one host), `queries`, `plot`, `cli`.
 """
