@@ -147,3 +147,31 @@ def test_cli_reports_spec_errors(tmp_path):
     result = CliRunner().invoke(image_cli, ["build", str(spec)])
     assert result.exit_code == 1
     assert f"Error: {spec}:2: key 'kernal': unknown key" in result.output
+
+
+def test_exclude_packages_prunes_the_dependency_closure():
+    """frr's closure pulls perl and cron through logrotate; excluding them prunes
+    the subtree (apt-cache, no download)."""
+    full = {p.name for p in debs.resolve(["frr"])}
+    pruned = {p.name for p in debs.resolve(["frr"], ["logrotate", "perl-base", "perl"])}
+    assert "frr" in pruned and "libyang2" in pruned
+    assert "logrotate" in full and "logrotate" not in pruned
+    assert not {"perl-base", "perl", "cron"} & pruned
+
+
+def test_local_kernel_and_modules_dir(tmp_path, monkeypatch, tiny_image):
+    """kernel.vmlinuz + kernel.modules_dir instead of a package: here the unpacked
+    Debian kernel from the cache serves as a local kernel."""
+    pkg = next(p for p in tiny_image.manifest["packages"] if p.get("role") == "kernel")
+    tree = paths.cache_dir() / "unpacked" / pkg["sha256"]
+    version = tiny_image.manifest["kernel"]["version"]
+    spec = tmp_path / "local.toml"
+    spec.write_text(f'name = "mfi-local"\ncompress_level = 3\n[kernel]\n'
+                    f'vmlinuz = "{tree}/boot/vmlinuz-{version}"\n'
+                    f'modules_dir = "{tree}/lib/modules/{version}"\nmodules = ["virtio_console"]\n')
+    monkeypatch.setenv("MEGAFLEET_DEB_CACHE", str(debs.deb_cache_dir()))
+    monkeypatch.setenv("MEGAFLEET_CACHE", str(tmp_path / "cache"))
+    img = store.build(spec)
+    assert img.kernel.read_bytes() == tiny_image.kernel.read_bytes()
+    assert img.manifest["kernel"]["package"] is None
+    assert img.manifest["modules"]["load_order"] == ["virtio_ring", "virtio", "virtio_console"]
