@@ -4,6 +4,7 @@ other through a router, and `down` leaves nothing on either host."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -150,3 +151,37 @@ def test_two_hosts_vxlan_router_ping_and_clean_down(fleet2, tmp_path):
     again = megafleet_json("down", "--hosts", inv, *hs)
     assert again["ok"]
     assert all(not r["value"]["testbeds"] for r in again["results"]["*"].values())
+
+
+def test_dead_host_fails_its_nodes_the_rest_comes_up_and_down_cleans_the_rest(fleet2, tmp_path):
+    """Runs last in this module: it stops host 1's sshd for good."""
+    fleet_file = tmp_path / "two.fleet"
+    fleet_file.write_text(FLEET)
+    inv = str(fleet2.inventory_path)
+    hs = ["--host-state", fleet2.host_state]
+    alive, dead = fleet2.names
+    fleet2.stop_sshd(1)
+    try:
+        r = megafleet("up", str(fleet_file), "--hosts", inv, "-N", TESTBED, "--no-ksm", *hs, "--json",
+                      check=False)
+        assert r.returncode == 1
+        summary = json.loads(r.stdout)
+        by_host = {h["host"]: h for h in summary["hosts"]}
+        assert by_host[dead]["status"] == "failed" and "unreachable" in by_host[dead]["error"]
+        assert by_host[alive]["status"] == "ok" and by_host[alive]["failed"] == 0
+        dead_nodes = {f["node"] for f in summary["failed"]}
+        assert dead_nodes and all(f["host"] == dead for f in summary["failed"])
+        assert netns_with(TESTBED + "-", fleet2, alive) != []
+        status = megafleet_json("status", check=False)
+        assert status["hosts"][dead]["status"] == "unreachable"
+        assert status["hosts"][alive]["value"]["testbeds"][0]["failures"] == []
+    finally:
+        result = megafleet_json("down", check=False)
+    # The reachable host is clean; the dead one is reported, and the controller
+    # keeps the testbed so that a later `down` can finish the job.
+    assert result["results"][TESTBED][alive]["status"] == "ok"
+    assert result["results"][TESTBED][dead]["status"] == "unreachable"
+    assert not result["ok"]
+    assert netns_with(TESTBED + "-", fleet2, alive) == []
+    assert links_in(alive, TESTBED) == []
+    assert daemons_in(fleet2, alive) == []
