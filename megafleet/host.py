@@ -379,6 +379,7 @@ async def down(testbed: str | None = None, emit: Emit = _quiet, ledger: Ledger |
         # The collector flushes its pipeline on SIGTERM: give it time.
         await trio.to_thread.run_sync(_stop_daemons, daemons)
         ledger.forget_many(OWNER, "process", [r.key for r in daemons])
+        await _teardown_guests(t, ledger, emit)
         result = await live.adown(t, lambda text: emit({"phase": "down", "text": text}), ledger)
         for r in ledger.list(OWNER, "file"):
             if r.key.startswith(t + "/"):
@@ -390,6 +391,21 @@ async def down(testbed: str | None = None, emit: Emit = _quiet, ledger: Ledger |
     seconds = time.monotonic() - t0
     emit({"phase": "down", "state": "done", "seconds": round(seconds, 3)})
     return {"testbeds": out, "seconds": round(seconds, 3)}
+
+
+async def _teardown_guests(testbed: str, ledger: Ledger, emit: Emit) -> None:
+    """All the testbed's guests in one engine call (in parallel), before netlang
+    removes their network; netlang's own teardown goes guest by guest."""
+    from megafleet.netlang import live
+    from megafleet.vm.engine import Engine
+
+    records = [r for r in ledger.list(live.OWNER, "vms") if r.key == testbed]
+    names = {n for r in records for n in r.data["names"]}
+    if names:
+        t0 = time.monotonic()
+        await Engine(ledger=ledger)._remove(names)
+        emit({"phase": "down", "text": f"removed {len(names)} guests ({time.monotonic() - t0:.1f} s)"})
+    ledger.forget_many(live.OWNER, "vms", [r.key for r in records])
 
 
 def _stop_daemons(records) -> None:

@@ -1,0 +1,142 @@
+"""Benchmark of `megafleet up` / `down`: prints one JSON line.
+
+    campus_up_s, campus_down_s   examples/campus-ospf.fleet on this machine (embedded)
+    k1000_up_s, k1000_down_s     examples/lan1000.fleet on 4 namespace hosts with sshd
+                                 (gproc test fleet), the switch spanning them by VXLAN
+    phases                       seconds per phase of each `up`
+    overhead_fraction            campus: (up - reference) / up, where the reference is
+                                 the same host's work done by the packages directly in
+                                 the same run: netlang's network instantiation of the
+                                 same manifest + the vm engine booting the same guests
+    k1000_overhead_fraction      (up - slowest host's net + vm time) / up: what the
+                                 controller, gproc and the daemons add
+
+Targets (2-core machine): overhead_fraction <= 0.10; k1000 up <= 90 s, down <= 45 s.
+Run as root:  .venv/bin/python bench/up.py [--guests 1000] [--staff 60 --lab 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _dirs(base: Path) -> None:
+    # Own state and run directories: nothing here touches a user's testbeds.
+    for name, env in (("state", "MEGAFLEET_STATE"), ("run", "MEGAFLEET_RUN")):
+        (base / name).mkdir(parents=True, exist_ok=True)
+        os.environ[env] = str(base / name)
+
+
+async def campus(staff: int, lab: int) -> dict:
+    from megafleet import host, manifest, up
+    from megafleet.ledger import Ledger
+    from megafleet.netlang import live
+    from megafleet.vm.manifest import apply as vm_apply
+
+    path = REPO / "examples" / "campus-ospf.fleet"
+    defines = {"staff": str(staff), "lab": str(lab)}
+    out = up.Output(quiet=True)
+
+    # Reference: the same host's work, done by the packages directly.
+    net = up.compile_testbed(path, defines)
+    plan, placed = up.make_plan(net, "mfubref", up.Target())
+    images = up.build_images(net, plan, out)
+    (m,) = manifest.split(plan, placed, images={k: i.name for k, i in images.items()}).values()
+    p = manifest.plan_from_json(m.net)
+    p.digest = m.digest()
+    ledger = Ledger()
+    t = time.monotonic()
+    await host.apply_net(p, [], ledger, lambda s: None)
+    ref_net = time.monotonic() - t
+    ledger.record(live.OWNER, "vms", p.name, names=[v.name for v in p.vms])
+    t = time.monotonic()
+    report = await vm_apply(p.vms)
+    ref_vm = time.monotonic() - t
+    await live.adown(p.name, lambda s: None, ledger)
+    assert not report.failed, [r.reason for r in report.failed][:3]
+
+    t = time.monotonic()
+    summary = await up.up(path, up.Target(), name="mfubcamp", defines=defines, ksm=False, out=out)
+    up_s = time.monotonic() - t
+    t = time.monotonic()
+    result = await up.down("mfubcamp", None, out)
+    down_s = time.monotonic() - t
+    reference = ref_net + ref_vm
+    return {"campus_guests": summary["guests"], "campus_ready": summary["ready"],
+            "campus_up_s": round(up_s, 2), "campus_down_s": round(down_s, 2),
+            "campus_down_ok": result["ok"],
+            "campus_reference_s": {"net": round(ref_net, 2), "vm": round(ref_vm, 2)},
+            "overhead_fraction": round((up_s - reference) / up_s, 3),
+            "campus_phases": summary["phases"]}
+
+
+async def k1000(guests: int, hosts: int, work: Path) -> dict:
+    from megafleet import up
+    from megafleet.gproc import inventory
+    from megafleet.gproc.testfleet import TestFleet, leftovers
+
+    fleet = TestFleet("mfub", hosts, work / "fleet", subnet="10.148.251.0/24")
+    try:
+        inv = await trio.to_thread.run_sync(fleet.up)
+        # Room for the whole LAN: a quarter of it per host and some slack.
+        per_host = -(-(guests + 2) // hosts) + 8
+        fleet.inventory_path.write_text(inventory.render(
+            [h.__class__(**{**h.__dict__, "capacity": per_host}) for h in inv.hosts],
+            identity=inv.identity, known_hosts=inv.known_hosts))
+        target = up.Target(str(fleet.inventory_path), host_state=str(work / "h" / "{host}"))
+        out = up.Output(quiet=True)
+        path = REPO / "examples" / "lan1000.fleet"
+        t = time.monotonic()
+        summary = await up.up(path, target, name="mfubk", defines={"guests": str(guests)}, ksm=False,
+                              out=out, telemetry=f"sqlite:{work / 'telemetry.sqlite'}")
+        up_s = time.monotonic() - t
+        t = time.monotonic()
+        result = await up.down("mfubk", None, out)
+        down_s = time.monotonic() - t
+        slowest = max((h["phases"].get("net", 0) + h["phases"].get("vm", 0))
+                      for h in summary["hosts"] if "phases" in h)
+        return {"k1000_guests": summary["guests"], "k1000_ready": summary["ready"],
+                "k1000_hosts": hosts, "k1000_up_s": round(up_s, 2), "k1000_down_s": round(down_s, 2),
+                "k1000_down_ok": result["ok"], "k1000_phases": summary["phases"],
+                "k1000_overhead_fraction": round((up_s - slowest) / up_s, 3)}
+    finally:
+        await trio.to_thread.run_sync(fleet.down)
+        assert leftovers("mfub") == []
+
+
+async def main(args) -> dict:
+    result: dict = {"cpus": os.cpu_count(), "load_before": round(os.getloadavg()[0], 2)}
+    if not args.skip_campus:
+        result.update(await campus(args.staff, args.lab))
+    if not args.skip_k1000:
+        result.update(await k1000(args.guests, args.hosts, Path(args.work)))
+    result["phases"] = {k: result.pop(f"{k}_phases") for k in ("campus", "k1000") if f"{k}_phases" in result}
+    result["targets"] = {"overhead_fraction": 0.10, "k1000_up_s": 90, "k1000_down_s": 45}
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--guests", type=int, default=1000)
+    parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--staff", type=int, default=60, help="campus staff guests per LAN")
+    parser.add_argument("--lab", type=int, default=40, help="campus lab guests per LAN")
+    parser.add_argument("--skip-campus", action="store_true")
+    parser.add_argument("--skip-k1000", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/up.py needs root (namespaces, containers)")
+    base = Path(tempfile.mkdtemp(prefix="mfub-"))
+    _dirs(base)
+    args.work = str(base)
+    print(json.dumps(trio.run(main, args)))
