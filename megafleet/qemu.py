@@ -28,7 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +158,10 @@ def wait_for_line(path: Path, marker: str, deadline: float, proc: subprocess.Pop
 
 
 def _probe_kvm(kernel: Path, initrd: Path, timeout: float) -> tuple[bool, str]:
-    work = Path(tempfile.mkdtemp(prefix="mfi-probe-", dir=paths.run_dir()))
+    from megafleet.imagegen import scratch
+
+    scratch.sweep(paths.run_dir(), "mfi-probe")
+    work = scratch.make(paths.run_dir(), "mfi-probe")
     log = work / "console.log"
     argv = qemu_argv(kernel, initrd, "quiet megafleet.name=mfi-kvmprobe megafleet.agent=0",
                      name="mfi-kvmprobe", mem_mb=96, accel="kvm", console_log=log)

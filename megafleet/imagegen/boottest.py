@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from megafleet import paths, qemu
 from megafleet.imagegen.contract import (AGENT_MARKER, READY_MARKER, AgentLine, GuestConfig,
                                          NicConfig, ReadyLine, parse_line)
+from megafleet.imagegen import scratch
 from megafleet.imagegen.store import Image
 from megafleet.ledger import Ledger
 from megafleet.proc import RecordedProcess
@@ -71,7 +71,8 @@ def boot_test(image: Image, *, config: GuestConfig | None = None, accel: str | N
                              nics=(NicConfig(mac="52:54:00:6d:66:01", addresses=("10.199.0.2/24",)),))
     ledger = Ledger()
     qemu.cleanup_leftovers(ledger)
-    work = Path(tempfile.mkdtemp(prefix="mfi-boot-", dir=paths.run_dir()))
+    scratch.sweep(paths.run_dir(), "mfi-boot")
+    work = scratch.make(paths.run_dir(), "mfi-boot")
     console, agent = work / "console.log", work / "agent.log"
     argv = qemu.qemu_argv(image.kernel, image.initramfs, "quiet " + " ".join(config.kernel_args()),
                           name=config.name, mem_mb=mem_mb, accel=accel, machine=machine,

@@ -18,11 +18,11 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from megafleet import paths
+from megafleet.imagegen import scratch
 from megafleet.proc import CommandFailed, run
 
 # apt refuses to drop privileges into a directory its _apt user cannot write; we
@@ -175,7 +175,8 @@ def fetch(pkg: Package) -> Path:
     target = cache / pkg.filename
     if target.exists():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=cache))
+    scratch.sweep(cache, ".dl")
+    tmp = scratch.make(cache, ".dl")
     try:
         # apt-get download writes into its working directory; argv only, no shell.
         proc = subprocess.run(["apt-get", "download", *_APT_OPTS, f"{pkg.name}={pkg.version}"],
@@ -200,7 +201,8 @@ def unpack(deb: Path, sha256: str) -> Path:
     target = root / sha256
     if target.is_dir():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=".x-", dir=root))
+    scratch.sweep(root, ".x")
+    tmp = scratch.make(root, ".x")
     try:
         run(["dpkg-deb", "-x", str(deb), str(tmp)])
         os.chmod(tmp, 0o755)

@@ -40,7 +40,7 @@ from typing import Callable
 
 from megafleet import paths
 from megafleet.imagegen import build as _build
-from megafleet.imagegen import cpio
+from megafleet.imagegen import cpio, scratch
 from megafleet.imagegen.spec import SpecError, load
 from megafleet.names import check_name
 
@@ -92,7 +92,8 @@ class Image:
         target = _dir("rootfs") / self.hash
         if target.is_dir():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        scratch.sweep(target.parent, ".tmp")
+        tmp = scratch.make(target.parent, ".tmp")
         try:
             import subprocess
             raw = subprocess.run(["zstd", "-q", "-d", "-c", str(self.initramfs)],
@@ -136,7 +137,8 @@ def build(spec_path: str | Path, *, progress: Callable[[str], None] = lambda s: 
         except ImageNotFound:
             pass  # the image was removed: build it again
     images = _dir("images")
-    work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=images))
+    scratch.sweep(images, ".tmp")
+    work = scratch.make(images, ".tmp")
     try:
         manifest = _build.assemble(spec, work, progress)
         target = images / manifest["hash"]

@@ -108,3 +108,20 @@ def test_qemu_argv_rejects_bad_names():
         qemu.qemu_argv("/k", "/i", "", name="bad name")
     with pytest.raises(ValueError):
         qemu.qemu_argv("/k", "/i", "", name="mfi-a", nics=[qemu.Nic("52:54:00:00:00:01", tap="x;rm")])
+
+
+def test_scratch_sweep_removes_only_dead_creators(tmp_path):
+    import subprocess
+
+    from megafleet.imagegen import scratch
+
+    mine = scratch.make(tmp_path, ".tmp")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".tmp-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "half-written").write_text("x")
+    other = tmp_path / f".x-{dead.pid}-abc"
+    other.mkdir()
+    assert scratch.sweep(tmp_path, ".tmp") == 1
+    assert mine.exists() and other.exists() and not stale.exists()
