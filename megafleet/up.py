@@ -235,33 +235,35 @@ def build_images(net, plan, out: Output) -> dict[str, Any]:
 
 
 async def push_images(fleet, images: dict[str, Any], probes: dict[str, Any], out: Output) -> dict[str, str]:
-    """Copy image files to the hosts that lack them; returns host -> error for
-    hosts where that failed."""
+    """Copy image files to the hosts that lack them, and point each host's name of
+    the image at this build (gproc skips hosts that already have the same bytes).
+    Returns host -> error for hosts where that failed."""
     import tempfile
 
     failed: dict[str, str] = {}
+
+    async def push(path: str, relative: str, hosts: list[str], **kwargs) -> None:
+        # One push (one trip down the tree) per cache directory in use.
+        by_cache: dict[str, list[str]] = {}
+        for h in hosts:
+            if h not in failed:
+                by_cache.setdefault(probes[h]["cache_dir"], []).append(h)
+        for cache, group in sorted(by_cache.items()):
+            r = await fleet.push(path, f"{cache}/{relative}", hosts=group, **kwargs)
+            for h, res in r.results.items():
+                if res.status != "ok":
+                    failed[h] = res.error or "push failed"
+
     for image in images.values():
         need = [h for h, p in probes.items() if image.hash in p.get("missing_images", ())]
-        if not need:
-            continue
-        out.line(f"push     {image.name}: to {len(need)} hosts")
-        caches = {h: probes[h]["cache_dir"] for h in need}
-        for fname in ("vmlinuz", "initramfs.img", "manifest.json"):
-            for h in need:     # cache directories may differ between hosts
-                if h in failed:
-                    continue
-                r = await fleet.push(str(image.dir / fname), f"{caches[h]}/images/{image.hash}/{fname}",
-                                     hosts=[h])
-                if not r.ok:
-                    failed[h] = r.results[h].error or "push failed"
+        if need:
+            out.line(f"push     {image.name} {image.short}: to {len(need)} hosts")
+            for fname in ("vmlinuz", "initramfs.img", "manifest.json"):
+                await push(str(image.dir / fname), f"images/{image.hash}/{fname}", need)
         with tempfile.NamedTemporaryFile("w", delete=False) as f:
             f.write(image.hash + "\n")
         try:
-            for h in need:
-                if h not in failed:
-                    r = await fleet.push(f.name, f"{caches[h]}/names/{image.name}", hosts=[h], mode=0o644)
-                    if not r.ok:
-                        failed[h] = r.results[h].error or "push failed"
+            await push(f.name, f"names/{image.name}", list(probes), mode=0o644)
         finally:
             os.unlink(f.name)
     return failed
