@@ -55,12 +55,24 @@ def check_ksm() -> dict:
     return {"ok": True, "detail": f"sysfs writable (run={current})", "run": current}
 
 
+def _remove_stale_namespaces(ledger: Ledger) -> None:
+    """Namespaces of doctor runs that crashed (their pid is in the name)."""
+    for res in ledger.list(owner="imagegen", kind="netns"):
+        pid = res.key.rsplit("-", 1)[-1]
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue  # a doctor running right now
+        if Path(f"/run/netns/{res.key}").exists():
+            proc.run(["ip", "netns", "del", check_name(res.key, "namespace")], check=False, timeout=10)
+        ledger.forget("imagegen", "netns", res.key)
+
+
 def check_network() -> dict:
     """Create a namespace with a bridge and a tap in it, then remove it."""
     if not shutil.which("ip"):
         return {"ok": False, "detail": "iproute2 ('ip') not found"}
     ns = check_name(f"mfi-doctor-{os.getpid()}", "namespace")
     ledger = Ledger()
+    _remove_stale_namespaces(ledger)
     ledger.record("imagegen", "netns", ns, what="doctor check")
     done = []
     try:

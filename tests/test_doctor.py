@@ -44,3 +44,22 @@ def test_table_output():
     lines = result.output.splitlines()
     assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
     assert [l.split()[0] for l in lines[1:]] == ["qemu", "accel", "ksm", "network", "libvirtd", "telemetry"]
+
+
+def test_network_check_removes_a_crashed_runs_namespace(root_only):
+    import subprocess
+
+    from megafleet import proc
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"mfi-doctor-{dead.pid}"
+    ledger = Ledger()
+    ledger.record("imagegen", "netns", stale, what="doctor check")
+    proc.run(["ip", "netns", "add", stale])
+    try:
+        assert doctor.check_network()["ok"]
+        assert not Path(f"/run/netns/{stale}").exists()
+        assert not ledger.list(owner="imagegen", kind="netns")
+    finally:
+        proc.run(["ip", "netns", "del", stale], check=False)
