@@ -18,7 +18,8 @@ org.megafleet.agent, or on the console if there is none)::
 (one line; wrapped here). Fields are space-separated key=value tokens; values
 contain no spaces. Unknown keys are kept (forward compatible). `mem` is
 total,free,available in kB; `if` is name:rx_bytes:rx_packets:tx_bytes:tx_packets
-per interface; `addr` is name:cidr per address.
+per interface; `addr` is name:cidr per address. The image's agent also sends
+`mtu=eth0:1500,lo:65536` (name:mtu per interface), kept in `fields`.
 
 Kernel command-line parameters understood by the guest init:
 

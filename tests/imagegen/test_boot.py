@@ -56,6 +56,7 @@ def test_tiny_boots_and_applies_hostname_and_address(tiny_image):
     assert agent.name == "mfi-b1"
     assert "eth0" in agent.interfaces
     assert agent.addresses["eth0"] == ("10.199.7.5/24",)  # address matched by MAC
+    assert "eth0:1400" in agent.fields["mtu"].split(",")  # mtu= item applied
     assert agent.mem_total_kb > 0
     assert result.guest_rss_bytes > 0
     assert result.accel in ("kvm", "tcg")
