@@ -14,6 +14,11 @@ reference exists and the guest hangs ("tsc: Unable to calibrate against PIT").
 q35 always has those references, so it is the default; `machine="microvm"`
 (virtio-mmio devices) stays available.
 
+Memory: a guest with the Debian cloud kernel and the tiny image needs at least
+80 MiB (measured: 80 boots, 72 stops before the kernel prints anything). QEMU's
+resident set after boot is about guest memory + 80 MiB under TCG (QEMU itself
+~50 MiB, the translation cache up to TCG_TB_SIZE_MB).
+
 `probe_accel()` answers "does KVM really run a guest here?" by booting the
 tiny kernel under KVM with a short timeout and watching the console for the
 readiness line. On PVM hosts /dev/kvm opens but ordinary guest kernels hang after

@@ -172,8 +172,9 @@ def rm(name: str, json_out: bool) -> None:
               show_default=True, help="auto: KVM if the probe shows it really runs guests.")
 @click.option("--machine", type=click.Choice(["q35", "microvm", "pc"]), default="q35",
               show_default=True, help="QEMU machine type.")
-@click.option("--mem", "mem_mb", type=click.IntRange(48, 65536), default=128, show_default=True,
-              help="Guest memory in MiB.")
+@click.option("--mem", "mem_mb", type=click.IntRange(80, 65536), default=128, show_default=True,
+              help="Guest memory in MiB (Debian's cloud kernel needs 80: with 72 it "
+                   "stops before printing anything).")
 @click.option("--timeout", type=float, default=90.0, show_default=True,
               help="Seconds to wait for the readiness line.")
 @click.option("--json", "json_out", is_flag=True, help="Print the measurements as JSON.")
