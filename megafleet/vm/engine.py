@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from megafleet.ledger import Ledger
 from megafleet.proc import RecordedProcess
 from megafleet.vm import admission
 from megafleet.vm.driver import (Driver, StartFailed, become_subreaper, process_from_pidfile,
-                                 reap, stop_processes)
+                                 stop_processes)
 from megafleet.vm.manifest import (BootReport, GuestResult, GuestSpec, Progress, SpecError,
                                    validate_all)
 from megafleet.vm.state import OWNER, GuestRecord, VmState
@@ -391,7 +392,6 @@ class Engine:
                 proc = process_from_pidfile(Path(data["pidfile"]))
             if proc is not None:
                 procs.append(proc)
-        import signal
         await stop_processes(procs, sig=signal.SIGKILL if force else signal.SIGTERM, grace=3.0)
 
     async def teardown(self, pattern: str = "*") -> list[str]:
@@ -467,8 +467,3 @@ def _fresh_dir(gdir: Path) -> None:
 def _remove_dirs(dirs: list[str]) -> None:
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
-
-
-def reap_all(pids: list[int]) -> None:
-    for pid in pids:
-        reap(pid)

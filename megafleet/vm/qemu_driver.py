@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from megafleet.proc import RecordedProcess
-from megafleet.qemu import QEMU, TCG_TB_SIZE_MB, Nic, probe_accel, qemu_argv
+from megafleet.qemu import Nic, probe_accel, qemu_argv
 from megafleet.vm import qmp
 from megafleet.vm.driver import Driver, StartFailed, process_from_pidfile, reap, stop_processes
 
