@@ -33,6 +33,7 @@ class Leaf:
         self.procs: dict[str, subprocess.Popen] = {}
         self.cancelled: set[str] = set()
         self.pushes: dict[str, dict[str, Any]] = {}
+        self.calls: dict[str, tuple[Any, Any]] = {}    # op id -> (trio token, cancel scope)
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         data = memoryview(protocol.encode(header, payload))
@@ -92,6 +93,13 @@ class Leaf:
         proc = self.procs.pop(op_id, None)
         if proc is not None and proc.poll() is None:
             proc.kill()
+        call = self.calls.pop(op_id, None)
+        if call is not None:
+            token, scope = call
+            try:
+                token.run_sync_soon(scope.cancel)
+            except RuntimeError:
+                pass      # that trio run has already finished
         push = self.pushes.pop(op_id, None)
         if push is not None:
             _discard(push)
@@ -168,13 +176,20 @@ class Leaf:
                                                           "data": data})
 
         async def run() -> Any:
-            with trio.fail_after(timeout) if timeout else trio.CancelScope():
-                return await fn(payload, handlers.Context(self.me, emit))
+            with trio.CancelScope() as scope:       # cancelled by a `cancel` request
+                self.calls[op_id] = (trio.lowlevel.current_trio_token(), scope)
+                if op_id in self.cancelled:
+                    scope.cancel()
+                with trio.fail_after(timeout) if timeout else trio.CancelScope():
+                    return await fn(payload, handlers.Context(self.me, emit))
+            raise RuntimeError("cancelled")
 
         try:
             return trio.run(run)
         except trio.TooSlowError:
             raise TimeoutError from None
+        finally:
+            self.calls.pop(op_id, None)
 
     # --- push --------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import struct
 from typing import Any, Protocol
 
 PREFIX = struct.Struct(">II")
-MAX_HEADER = 1 << 20       # 1 MiB of JSON: a manifest for one host fits easily
+MAX_HEADER = 16 << 20      # 16 MiB of JSON: a call carries the manifests of a whole subtree
 MAX_PAYLOAD = 4 << 20      # 4 MiB of raw bytes per frame (push chunks are 256 KiB)
 
 

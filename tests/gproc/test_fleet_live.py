@@ -202,6 +202,11 @@ async def apply(payload, ctx):
     if payload.get("fail"):
         raise RuntimeError("manifest refused: " + payload["fail"])
     return {"host": ctx.host, "vms": payload["vms"] * 2}
+
+@handlers.handler("mfgtest.slow")
+async def slow(payload, ctx):
+    import trio
+    await trio.sleep(600)
 '''
 
 
@@ -223,9 +228,14 @@ def test_call_carries_per_host_manifests_to_registered_handlers(testfleet, tmp_p
                                       on_event=lambda h, data: events.append((h, data)))
             unknown = await fleet.call("mfgtest.nothing", {}, hosts=[hosts[0].name])
             ping = await fleet.call("gproc.ping")
-            return report, unknown, ping
+            # A handler that overruns its timeout: failed on every host (inner
+            # agents and leaves alike), nothing hangs.
+            slow = await fleet.call("mfgtest.slow", {}, modules=["mfg_test_handlers"], timeout=2)
+            return report, unknown, ping, slow
 
-    report, unknown, ping = trio.run(main)
+    report, unknown, ping, slow = trio.run(main)
+    assert slow.counts() == {"ok": 0, "failed": 7, "unreachable": 0}
+    assert {r.error for r in slow.results.values()} == {"timed out after 2 s"}
     for i, h in enumerate(hosts):
         r = report.results[h.name]
         if i == 3:
