@@ -54,13 +54,16 @@ def _quiet(_: dict[str, Any]) -> None:
     pass
 
 
-def use_dirs(state_dir: str | None, run_dir: str | None) -> None:
-    """Point this process's state and run directories somewhere else: the hosts of
-    a test fleet share one filesystem, so each keeps its records apart."""
+def use_dirs(state_dir: str | None, run_dir: str | None, cache_dir: str | None = None) -> None:
+    """Point this process's state, run (and image cache) directories somewhere
+    else: the hosts of a test fleet share one filesystem, so each keeps its records
+    (and, to be a faithful remote host, its images) apart."""
     if state_dir:
         os.environ["MEGAFLEET_STATE"] = state_dir
     if run_dir:
         os.environ["MEGAFLEET_RUN"] = run_dir
+    if cache_dir:
+        os.environ["MEGAFLEET_CACHE"] = cache_dir
 
 
 def manifest_path(testbed: str) -> Path:
@@ -100,7 +103,7 @@ def underlay_mtu(peers: list[str]) -> int:
 def probe(payload: dict[str, Any]) -> dict[str, Any]:
     """This host's underlay MTU towards `peers`, its memory, its cache and which of
     the `images` (hashes) it lacks."""
-    use_dirs(payload.get("state_dir"), payload.get("run_dir"))
+    use_dirs(payload.get("state_dir"), payload.get("run_dir"), payload.get("cache_dir"))
     mem_kb = 0
     with open("/proc/meminfo") as f:
         for line in f:
@@ -126,7 +129,7 @@ async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = No
     and reboots only guests that are not running."""
     if os.geteuid() != 0:
         raise HostError("applying a testbed needs root (namespaces, bridges, guests)")
-    use_dirs(m.state_dir, m.run_dir)
+    use_dirs(m.state_dir, m.run_dir, m.cache_dir)
     ledger = ledger or Ledger()
     t = check_name(m.testbed, "testbed name")
     t0 = time.monotonic()
@@ -301,6 +304,7 @@ def _daemon_env() -> dict[str, str]:
     env = dict(os.environ)
     env["MEGAFLEET_STATE"] = str(paths.state_dir())
     env["MEGAFLEET_RUN"] = str(paths.run_dir())
+    env["MEGAFLEET_CACHE"] = str(paths.cache_dir())
     return env
 
 

@@ -159,6 +159,7 @@ class HostManifest:
     vm_options: dict[str, Any] = field(default_factory=dict)   # timeout_s, retries, ...
     state_dir: str | None = None              # override $MEGAFLEET_STATE (test fleets)
     run_dir: str | None = None                # override $MEGAFLEET_RUN
+    cache_dir: str | None = None              # override $MEGAFLEET_CACHE
     source: str = ""                          # the description file, for status
 
     def to_json(self) -> dict[str, Any]:

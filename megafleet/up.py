@@ -163,9 +163,9 @@ class Target:
 
     def dirs(self, host: str) -> dict[str, str | None]:
         if not self.host_state:
-            return {"state_dir": None, "run_dir": None}
+            return {"state_dir": None, "run_dir": None, "cache_dir": None}
         base = self.host_state.replace("{host}", host)
-        return {"state_dir": f"{base}/state", "run_dir": f"{base}/run"}
+        return {"state_dir": f"{base}/state", "run_dir": f"{base}/run", "cache_dir": f"{base}/cache"}
 
     def to_json(self) -> dict[str, Any]:
         return {"inventory": self.inventory_path, "hosts": self.hosts,
@@ -372,7 +372,7 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
                                        images=image_names, **common)
             for h, m in manifests.items():
                 d = target.dirs(h)
-                m.state_dir, m.run_dir = d["state_dir"], d["run_dir"]
+                m.state_dir, m.run_dir, m.cache_dir = d["state_dir"], d["run_dir"], d["cache_dir"]
             lowered = {x.segment: x.mtu for m in manifests.values() for x in m.vxlan}
             if lowered:
                 out.line(f"vxlan    {len(lowered)} spanning segments, underlay MTU {mtu}, "
@@ -552,8 +552,8 @@ _hosts_option = click.option(
     help="gproc host inventory (TOML); without it, the local machine runs everything.")
 _host_state_option = click.option(
     "--host-state", metavar="DIR", hidden=True,
-    help="Per-host state and run directories, '{host}' replaced by the host's name "
-         "(for test fleets whose hosts share one filesystem).")
+    help="Per-host state, run and image cache directories, '{host}' replaced by the "
+         "host's name (for test fleets whose hosts share one filesystem).")
 _json_option = click.option("--json", "json_mode", is_flag=True, help="Print one JSON object, for scripts.")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,4 +69,5 @@ def fleet2():
         yield fleet
     finally:
         fleet.down()
+        shutil.rmtree(work, ignore_errors=True)
     assert leftovers(prefix) == []

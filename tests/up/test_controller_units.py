@@ -30,9 +30,10 @@ def test_defines():
 
 def test_target_dirs_and_round_trip():
     t = up.Target("hosts.toml", ["h1"], 4096, "/tmp/x/{host}")
-    assert t.dirs("h1") == {"state_dir": "/tmp/x/h1/state", "run_dir": "/tmp/x/h1/run"}
+    assert t.dirs("h1") == {"state_dir": "/tmp/x/h1/state", "run_dir": "/tmp/x/h1/run",
+                            "cache_dir": "/tmp/x/h1/cache"}
     assert up.Target.from_json(t.to_json()) == t
-    assert up.Target().dirs("local") == {"state_dir": None, "run_dir": None}
+    assert up.Target().dirs("local") == {"state_dir": None, "run_dir": None, "cache_dir": None}
     assert up.Target().embedded and not t.embedded
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 from megafleet.netlang import compile_file
 
@@ -95,8 +96,14 @@ def test_two_hosts_vxlan_router_ping_and_clean_down(fleet2, tmp_path):
         assert summary["namespaces"] == 15
         assert summary["guests"] == 4 and summary["ready"] == 4
         assert sorted(h["host"] for h in summary["hosts"]) == sorted(fleet2.names)
-        for phase in ("compile", "place", "connect", "probe", "apply", "host_net"):
+        for phase in ("compile", "place", "connect", "probe", "push", "apply", "host_net"):
             assert phase in summary["phases"]
+        # Each test host has its own, empty image cache: the image was pushed.
+        for host in fleet2.names:
+            cache = Path(fleet2.host_state.replace("{host}", host)) / "cache"
+            (image,) = (cache / "images").iterdir()
+            assert (image / "initramfs.img").stat().st_size > 0
+            assert (cache / "names" / "tiny").read_text().strip() == image.name
 
         # A VXLAN device per spanning segment on each host, MTU lowered for the
         # 50 bytes of encapsulation, and the nodes' interfaces agree.
