@@ -77,3 +77,38 @@ def test_local_up_status_exec_down(fleet_file):
     # Idempotent: nothing is left to do.
     again = megafleet_json("down", TESTBED)
     assert again["ok"] and not again["results"][TESTBED]["local"]["value"]["testbeds"]
+
+
+def test_down_after_up_was_killed_midway(tmp_path):
+    """`megafleet up` killed (SIGKILL) while guests boot: `down`, from the ledger
+    alone, removes the guests already started, the router and the network."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, bridges, containers)")
+    import signal
+    import sys
+    import time
+
+    name = f"mfk{TAG}"
+    path = tmp_path / "crash.fleet"
+    path.write_text(FLEET.replace("vm broken image panic driver container mem 64M on lanB\n", "")
+                         .replace("web[1..2]", "web[1..40]"))
+    child = subprocess.Popen([sys.executable, "-m", "megafleet", "up", str(path), "-N", name, "--no-ksm"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        # Wait until guests are booting (the vm phase has started), then kill.
+        deadline = time.monotonic() + 120
+        for line in child.stdout:
+            if "vm       local:" in line and "guests (" in line or time.monotonic() > deadline:
+                break
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL          # killed, not finished
+    assert netns_with(name + "-") != []            # something was left running
+    down = megafleet_json("down", name)
+    assert down["ok"], down
+    assert netns_with(name + "-") == []
+    assert links_in(None, name) == []
+    from megafleet.vm.engine import Engine
+    assert [g.name for g in Engine().list("web*")] == []
