@@ -98,10 +98,12 @@ def boot_test(image: Image, *, config: GuestConfig | None = None, accel: str | N
         rss = _rss_bytes(proc.pid)
         agent_line = None
         if wait_agent and config.agent_interval:
-            got = qemu.wait_for_line(agent, AGENT_MARKER, time.monotonic() + max(10.0, 4 * config.agent_interval), proc)
+            # A busy host can delay the first agent line well past its interval.
+            wait = max(30.0, 4 * config.agent_interval)
+            got = qemu.wait_for_line(agent, AGENT_MARKER, time.monotonic() + wait, proc)
             if got is None:
                 raise BootFailed(f"image {image.name}: ready, but no {AGENT_MARKER} line on the "
-                                 "agent port", text)
+                                 f"agent port within {wait:.0f} s", text)
             agent_line = parse_line(got)
         return BootResult(image=image.name, hash=image.hash, accel=accel, machine=machine,
                           boot_to_ready_s=round(ready_at - start, 3),

@@ -81,6 +81,15 @@ def test_rootfs_is_the_unpacked_initramfs(tiny_image):
     assert tiny_image.rootfs() == root  # unpacked once
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """An image cache of this test alone (teammates' tests may build into the
+    shared one meanwhile), sharing the .deb cache."""
+    monkeypatch.setenv("MEGAFLEET_DEB_CACHE", str(debs.deb_cache_dir()))
+    monkeypatch.setenv("MEGAFLEET_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def build_error(tmp_path, text: str) -> tuple[Path, str]:
     spec = tmp_path / "bad.toml"
     spec.write_text(text)
@@ -91,20 +100,20 @@ def build_error(tmp_path, text: str) -> tuple[Path, str]:
     return spec, str(info.value)
 
 
-def test_misspelled_package_is_named_and_cache_untouched(tmp_path, tiny_image):
+def test_misspelled_package_is_named_and_cache_untouched(tmp_path, tiny_image, private_cache):
     spec, msg = build_error(tmp_path, 'name = "mfi-bad"\npackages = ["frrr"]\n' + KERNEL)
     assert msg == (f"{spec}:2: key 'packages': unknown Debian package 'frrr' (apt-cache knows "
                    "no such package; check the spelling, or run apt-get update)")
 
 
-def test_missing_module_is_named_and_cache_untouched(tmp_path, tiny_image):
+def test_missing_module_is_named_and_cache_untouched(tmp_path, tiny_image, private_cache):
     spec, msg = build_error(tmp_path, 'name = "mfi-bad"\n[kernel]\n'
                             'package = "linux-image-cloud-amd64"\nmodules = ["virtio_nett"]\n')
     assert msg.startswith(f"{spec}:4: key 'kernel.modules': module 'virtio_nett' not found in kernel 6.")
     assert msg.endswith("(neither in modules.dep nor built in)")
 
 
-def test_misspelled_kernel_package(tmp_path):
+def test_misspelled_kernel_package(tmp_path, private_cache):
     spec, msg = build_error(tmp_path, 'name = "mfi-bad"\n[kernel]\npackage = "linux-image-cloudd-amd64"\n')
     assert msg == f"{spec}:3: key 'kernel.package': unknown Debian package 'linux-image-cloudd-amd64'"
 
