@@ -140,6 +140,7 @@ class Target:
     hosts: list[str] = field(default_factory=list)
     host_mem_mb: int | None = None
     host_state: str | None = None      # "{host}" template: per-host state/run dirs
+    ksm_sharing: float = 0.3           # share of guest memory KSM is expected to merge
 
     def inventory(self):
         from megafleet.gproc import inventory
@@ -169,14 +170,16 @@ class Target:
 
     def to_json(self) -> dict[str, Any]:
         return {"inventory": self.inventory_path, "hosts": self.hosts,
-                "host_mem_mb": self.host_mem_mb, "host_state": self.host_state}
+                "host_mem_mb": self.host_mem_mb, "host_state": self.host_state,
+                "ksm_sharing": self.ksm_sharing}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Target":
-        return cls(d.get("inventory"), list(d.get("hosts") or []), d.get("host_mem_mb"), d.get("host_state"))
+        return cls(d.get("inventory"), list(d.get("hosts") or []), d.get("host_mem_mb"), d.get("host_state"),
+                   d.get("ksm_sharing", 0.3))
 
 
-def make_plan(net, testbed: str, target: Target, ksm_sharing: float = 0.3):
+def make_plan(net, testbed: str, target: Target):
     """netlang's plan of the whole testbed and the placement of its nodes."""
     from megafleet import manifest, placement
     from megafleet.netlang import live
@@ -186,7 +189,7 @@ def make_plan(net, testbed: str, target: Target, ksm_sharing: float = 0.3):
     except live.LiveError as exc:
         raise UpError(str(exc)) from None
     try:
-        placed = placement.place(manifest.demands(net, plan), target.offers(), ksm_sharing=ksm_sharing)
+        placed = placement.place(manifest.demands(net, plan), target.offers(), ksm_sharing=target.ksm_sharing)
     except placement.PlacementError as exc:
         raise UpError(f"placement: {exc}") from None
     try:
@@ -508,8 +511,8 @@ async def down(testbed: str | None, hosts: str | None, out: Output, host_state: 
             if name is not None:
                 ledger.forget(CONTROLLER, "testbed", name)
             else:
-                for key in deployments(ledger):
-                    if Target.from_json(deployments(ledger)[key]["target"]).inventory_path == target.inventory_path:
+                for key, record in deployments(ledger).items():
+                    if Target.from_json(record["target"]).inventory_path == target.inventory_path:
                         ledger.forget(CONTROLLER, "testbed", key)
         else:
             ok = False
@@ -575,6 +578,9 @@ def _run(fn, *args, **kwargs):
 @click.option("--host-mem", type=click.IntRange(64), metavar="MB",
               help=f"Guest memory budget per host for placement (default: 80% of available "
                    f"memory locally, {DEFAULT_HOST_MEM_MB} MB per inventory host).")
+@click.option("--ksm-sharing", type=click.FloatRange(0, 0.9), default=0.3, show_default=True,
+              metavar="FRACTION", help="Share of guest memory KSM is expected to merge, for the "
+                                       "memory budgets of placement.")
 @click.option("--ksm/--no-ksm", default=True, show_default=True, help="Run the KSM tuning daemon on every host.")
 @click.option("--telemetry-interval", type=click.FloatRange(0.5, 3600), default=5, show_default=True,
               metavar="SECONDS", help="Seconds between telemetry samples on each host.")
@@ -586,7 +592,7 @@ def _run(fn, *args, **kwargs):
               help="gproc tree fanout.")
 @_host_state_option
 @_json_option
-def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm, telemetry_interval, boot_timeout, retries, fanout,
+def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm_sharing, ksm, telemetry_interval, boot_timeout, retries, fanout,
                host_state, json_mode):
     """Bring up the testbed described in TESTBED (a .fleet file).
 
@@ -616,7 +622,7 @@ def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm, telemetr
     Exit status: 0 when every node is up, 1 when some failed.
     """
     out = Output(json_mode)
-    target = Target(hosts, host_mem_mb=host_mem, host_state=host_state)
+    target = Target(hosts, host_mem_mb=host_mem, host_state=host_state, ksm_sharing=ksm_sharing)
     if hosts is not None:
         target.inventory()          # a bad inventory fails before anything starts
     summary = _run(up, testbed, target, name=name, defines=parse_defines(defines), telemetry=telemetry,
@@ -637,9 +643,12 @@ def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm, telemetr
 @click.option("-D", "defines", multiple=True, metavar="NAME=VALUE", help="Set a parameter of the description.")
 @click.option("--host-mem", type=click.IntRange(64), metavar="MB",
               help="Guest memory budget per host (as for `up`).")
+@click.option("--ksm-sharing", type=click.FloatRange(0, 0.9), default=0.3, show_default=True,
+              metavar="FRACTION", help="Share of guest memory KSM is expected to merge, for the "
+                                       "memory budgets of placement.")
 @click.option("--nodes", "show_nodes", is_flag=True, help="List the nodes of each host too.")
 @_json_option
-def plan_command(testbed, hosts, name, defines, host_mem, show_nodes, json_mode):
+def plan_command(testbed, hosts, name, defines, host_mem, ksm_sharing, show_nodes, json_mode):
     """Show where `megafleet up` would put each node of TESTBED, doing nothing.
 
     Placement is deterministic (the same description and inventory always give
@@ -650,7 +659,7 @@ def plan_command(testbed, hosts, name, defines, host_mem, show_nodes, json_mode)
     one host are listed with their VXLAN VNI.
     """
     name = testbed_name(testbed, name)
-    target = Target(hosts, host_mem_mb=host_mem)
+    target = Target(hosts, host_mem_mb=host_mem, ksm_sharing=ksm_sharing)
     net = compile_testbed(testbed, parse_defines(defines))
     plan, placed = make_plan(net, name, target)
     rows = placement_rows(plan, placed)

@@ -29,7 +29,7 @@ def test_defines():
 
 
 def test_target_dirs_and_round_trip():
-    t = up.Target("hosts.toml", ["h1"], 4096, "/tmp/x/{host}")
+    t = up.Target("hosts.toml", ["h1"], 4096, "/tmp/x/{host}", 0.5)
     assert t.dirs("h1") == {"state_dir": "/tmp/x/h1/state", "run_dir": "/tmp/x/h1/run",
                             "cache_dir": "/tmp/x/h1/cache"}
     assert up.Target.from_json(t.to_json()) == t
