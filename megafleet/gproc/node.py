@@ -32,6 +32,7 @@ own copy (written while forwarding) once that copy is complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -370,7 +371,7 @@ class Node:
         start = time.monotonic()
         with op.scope:      # cancelled by a `cancel` request: then no result is due
             try:
-                with trio.fail_after(timeout) if timeout else _nothing():
+                with trio.fail_after(timeout) if timeout else contextlib.nullcontext():
                     if req["op"] == "exec":
                         fields = await self._exec(op)
                     else:
@@ -543,14 +544,6 @@ class Node:
                 for child in list(self.children.values()):
                     n.start_soon(child.session.aclose)
         self.children.clear()
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _write_all(fd: int, data: bytes) -> None:
