@@ -85,8 +85,11 @@ def test_rootfs_is_the_unpacked_initramfs(tiny_image):
 def private_cache(tmp_path, monkeypatch):
     """An image cache of this test alone (teammates' tests may build into the
     shared one meanwhile), sharing the .deb cache."""
+    shared_unpacked = paths.cache_dir() / "unpacked"  # trees of .debs: inputs, like the .debs
     monkeypatch.setenv("MEGAFLEET_DEB_CACHE", str(debs.deb_cache_dir()))
     monkeypatch.setenv("MEGAFLEET_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "unpacked").symlink_to(shared_unpacked)
     return tmp_path / "cache"
 
 
