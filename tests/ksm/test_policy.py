@@ -205,3 +205,23 @@ def test_steady_can_hand_over_to_the_kernel_advisor():
     assert calm.knobs["advisor_mode"] == "scan-time"
     assert calm.knobs["advisor_target_scan_time"] == Config().steady_scan_time_s
     assert calm.knobs["run"] == 1
+
+
+def test_a_held_storm_simmers_while_full_scans_do_not_pay():
+    """Boot grace and memory growth hold the storm, but at full rate only while
+    the last full scan paid; otherwise at `simmer` of the CPU share."""
+    cfg = Config()
+    pairs = replay(load("storm12.jsonl"), cfg)
+    simmering = [(i, d) for i, (_, d) in enumerate(pairs) if "simmering" in d.reason]
+    assert simmering, "the recorded storm has scans that did not pay"
+    for i, decision in simmering:
+        assert decision.mode == "storm"
+        assert decision.pay_mb_per_cpu_s is not None
+        assert decision.pay_mb_per_cpu_s < cfg.pay_mb_per_cpu_s
+        full = next(d.knobs["pages_to_scan"] for _, d in reversed(pairs[:i])
+                    if d.mode == "storm" and "simmering" not in d.reason)
+        assert decision.knobs["pages_to_scan"] <= full * cfg.simmer * 1.3
+    # a paying scan brings the full rate back
+    i, _ = simmering[0]
+    back = next(d for _, d in pairs[i + 1:] if d.mode == "storm" and "simmering" not in d.reason)
+    assert back.knobs["pages_to_scan"] > 3 * pairs[i][1].knobs["pages_to_scan"]
