@@ -15,6 +15,7 @@ Each figure is measured against its reference in the same run:
 - containers: 1,000 container guests up (all ready) and down (teardown complete).
 
 Usage: .venv/bin/python bench/boot.py [--qemu-n 32] [--libvirt-n 8] [--containers-n 1000]
+       [--phases containers,libvirt,qemu]
 (as root; starts libvirtd with scripts/libvirtd-up). The host is shared: other
 load on it shows in every figure, which is why each is compared within the run.
 """
@@ -222,6 +223,8 @@ def main() -> None:
     parser.add_argument("--libvirt-n", type=int, default=8)
     parser.add_argument("--containers-n", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=600.0, help="per-guest / per-phase seconds")
+    parser.add_argument("--phases", default="containers,libvirt,qemu",
+                        help="comma-separated subset to run (the others' keys print null)")
     args = parser.parse_args()
     base = _isolate()
     from megafleet.imagegen import store
@@ -231,9 +234,13 @@ def main() -> None:
     store.build(REPO / "examples" / "images" / "tiny.toml")
     result: dict = {}
     try:
-        result.update(bench_containers(args.containers_n, args.timeout))
-        result.update(bench_libvirt(args.libvirt_n, args.timeout))
-        result.update(bench_qemu(args.qemu_n, args.timeout))
+        phases = set(args.phases.split(","))
+        if "containers" in phases:
+            result.update(bench_containers(args.containers_n, args.timeout))
+        if "libvirt" in phases:
+            result.update(bench_libvirt(args.libvirt_n, args.timeout))
+        if "qemu" in phases:
+            result.update(bench_qemu(args.qemu_n, args.timeout))
     finally:
         while True:  # collect any exited child
             try:
