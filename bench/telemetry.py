@@ -231,7 +231,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mfc-bench-"))
     os.environ.setdefault("MEGAFLEET_STATE", str(workdir / "state"))
     server = Server(workdir)
-    result: dict = {"docs": args.docs, "batch": BATCH, "rounds": args.rounds}
+    # The machine is shared: the load says how much CPU the figures had to share.
+    result: dict = {"docs": args.docs, "batch": BATCH, "rounds": args.rounds,
+                    "load1_at_start": float(open("/proc/loadavg").read().split()[0])}
     try:
         raw, piped, sqlite = [], [], []
         for r in range(args.rounds):
