@@ -5,7 +5,10 @@ other through a router, and `down` leaves nothing on either host."""
 from __future__ import annotations
 
 import json
+import re
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -158,6 +161,88 @@ def test_two_hosts_vxlan_router_ping_and_clean_down(fleet2, tmp_path):
     again = megafleet_json("down", "--hosts", inv, *hs)
     assert again["ok"]
     assert all(not r["value"]["testbeds"] for r in again["results"]["*"].values())
+
+
+def test_host_agent_killed_during_up_then_down_cleans_both_hosts(fleet2, tmp_path):
+    """The agent of one host dies while its guests boot: that host's nodes are
+    reported failed, the other host's are up; `down` then cleans both (the dead
+    agent's host from its own ledger)."""
+    import signal
+
+    from megafleet.gproc import inventory
+
+    inv = inventory.load(fleet2.inventory_path)
+    roomy = tmp_path / "hosts.toml"
+    roomy.write_text(inventory.render([h.__class__(**{**h.__dict__, "capacity": 40}) for h in inv.hosts],
+                                      identity=inv.identity, known_hosts=inv.known_hosts))
+    name = f"mfa{TAG}"
+    fleet_file = tmp_path / "big.fleet"
+    fleet_file.write_text(f"""
+image tiny from "{REPO}/examples/images/tiny.toml"
+pool p 10.151.0.0/16
+switch lanA
+switch lanB
+router r1 {{
+  iface lanA auto
+  iface lanB auto
+}}
+vm {name}x[1..30] image tiny driver container mem 64M on lanA
+vm {name}y[1..30] image tiny driver container mem 64M on lanB
+""")
+    plan = megafleet_json("plan", str(fleet_file), "--hosts", str(roomy), "-N", name)
+    victim = plan["node_host"][f"{name}y1"]
+    survivor = plan["node_host"][f"{name}x1"]
+    assert victim != survivor
+    hs = ["--host-state", fleet2.host_state]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "megafleet", "up", str(fleet_file), "--hosts", str(roomy), "-N", name,
+         "--no-ksm", "--json", *hs],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    killed = None
+    try:
+        for line in child.stderr:
+            if re.search(rf"\bvm +{victim}: \d+/\d+ guests", line):
+                killed = fleet2.agent_pid(fleet2.names.index(victim))
+                os.kill(killed, signal.SIGKILL)
+                break
+        out, _ = child.communicate(timeout=300)
+        assert killed is not None, "never saw the victim's guests boot"
+        assert child.returncode == 1
+        summary = json.loads(out)
+        by_host = {h["host"]: h for h in summary["hosts"]}
+        assert by_host[victim]["status"] == "failed"
+        assert by_host[survivor]["status"] == "ok" and by_host[survivor]["failed"] == 0
+        assert {f["host"] for f in summary["failed"]} == {victim}
+    finally:
+        if child.poll() is None:
+            child.kill()
+        result = megafleet_json("down", name, check=False)
+    assert result["ok"], result
+    for host in fleet2.names:
+        assert netns_with(name + "-", fleet2, host) == []
+        assert links_in(host, name) == []
+        assert daemons_in(fleet2, host) == []
+    # No container guest outlived the dead agent.
+    assert container_guests(name) == []
+
+
+def container_guests(prefix: str) -> list[str]:
+    """Names of running container guests whose name starts with prefix (read from
+    the guest's own /etc/megafleet/cmdline through /proc/PID/root)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if b"MEGAFLEET_CONTAINER=1" not in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                continue
+            words = open(f"/proc/{pid}/root/etc/megafleet/cmdline").read().split()
+        except OSError:
+            continue
+        found += [w.split("=", 1)[1] for w in words
+                  if w.startswith("megafleet.name=") and w.split("=", 1)[1].startswith(prefix)]
+    return found
 
 
 def test_dead_host_fails_its_nodes_the_rest_comes_up_and_down_cleans_the_rest(fleet2, tmp_path):
