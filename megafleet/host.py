@@ -8,7 +8,8 @@ this module applies it locally, in this order:
    the work, on this host's share of the plan;
 2. vm: the guests, through the vm engine (bounded parallel boots, each failed
    boot retried, then reported);
-3. ksm: the KSM tuning daemon (one per host), told about the boot storm;
+3. ksm: the KSM tuning daemon (one per host: KSM's knobs are global), which
+   probes what the freshly booted guests share and tunes ksmd accordingly;
 4. collect: the telemetry collector (`megafleet telemetry run`), sampling this
    host and its guests into the store.
 
@@ -321,6 +322,7 @@ def _start_daemon(ledger: Ledger, key: str, argv: list[str], log: Path) -> proc.
     running = _running(ledger, key)
     if running is not None:
         return running
+    ledger.record(OWNER, "file", f"{key}.log", path=str(log))
     ledger.record(OWNER, "process", key, log=str(log))
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:

@@ -112,3 +112,25 @@ def test_down_after_up_was_killed_midway(tmp_path):
     assert links_in(None, name) == []
     from megafleet.vm.engine import Engine
     assert [g.name for g in Engine().list("web*")] == []
+
+
+def test_ksm_daemon_runs_with_the_testbed_and_restores_knobs(tmp_path):
+    if os.geteuid() != 0 or not os.access("/sys/kernel/mm/ksm/run", os.W_OK):
+        pytest.skip("needs root and a writable /sys/kernel/mm/ksm")
+    from megafleet.ksm.sysfs import KsmSysfs
+
+    knobs = ("run", "pages_to_scan", "sleep_millisecs")
+    before = {k: KsmSysfs().read_one(k) for k in knobs}
+    name = f"mfq{TAG}"
+    path = tmp_path / "ksm.fleet"
+    path.write_text("pool p 10.152.0.0/16\nswitch s\nhost a[1..2] on s\n")
+    try:
+        megafleet("up", str(path), "-N", name, "--ksm")
+        status = megafleet_json("status", name)["hosts"]["local"]["value"]
+        assert [b["testbed"] for b in status["testbeds"]] == [name]
+        assert status["ksm"]["daemon"] == "running" and "saved_mb" in status["ksm"]
+    finally:
+        down = megafleet_json("down", name, check=False)
+    assert down["ok"] and down["results"][name]["local"]["value"]["testbeds"][name]["processes"] >= 2
+    assert {k: KsmSysfs().read_one(k) for k in knobs} == before
+    assert megafleet_json("status")["hosts"]["local"]["value"]["ksm"]["daemon"] == "stopped"
