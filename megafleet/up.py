@@ -446,6 +446,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         click.echo(f"  failed: {f['node']} on {f['host']}: {f['reason']}")
     if len(failed_guests) > 10:
         click.echo(f"  ... and {len(failed_guests) - 10} more (see --json or megafleet status)")
+    click.echo(f"the testbed stays up: 'megafleet status' shows it, 'megafleet exec NODE -- CMD' "
+               f"runs commands in it, 'megafleet down {summary['testbed']}' removes it")
 
 
 # ---------------------------------------------------------------------------
