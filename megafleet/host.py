@@ -463,11 +463,14 @@ def status(testbed: str | None = None, *, state_dir: str | None = None,
                     failures.append({"node": v["name"], "state": state,
                                      "reason": (view.reason if view else None) or "not running"})
         collector = _running(ledger, f"{t}/collect")
+        telemetry = {"collector": "running" if collector else "stopped",
+                     "store": m.telemetry if m and m.telemetry else "sqlite (state dir)",
+                     "log": _tail(paths.state_dir() / "up" / f"{t}.collect.log")}
+        if m is not None:
+            telemetry.update(_telemetry_seen(m))
         beds.append({"testbed": t, "complete": record.get("complete", False),
                      "source": record.get("source"), "nodes": states, "failures": failures,
-                     "telemetry": {"collector": "running" if collector else "stopped",
-                                   "store": m.telemetry if m and m.telemetry else "sqlite (state dir)",
-                                   "log": _tail(paths.state_dir() / "up" / f"{t}.collect.log")}})
+                     "telemetry": telemetry})
     ksm = {"daemon": "running" if any(r.key.endswith("/ksm") and _running(ledger, r.key)
                                       for r in ledger.list(OWNER, "process")) else "stopped"}
     try:
@@ -477,6 +480,28 @@ def status(testbed: str | None = None, *, state_dir: str | None = None,
     except Exception as exc:   # KSM missing or unreadable: report it, status goes on
         ksm["error"] = str(exc)
     return {"testbeds": beds, "ksm": ksm}
+
+
+def _telemetry_seen(m: HostManifest) -> dict[str, Any]:
+    """How many of this host's guests the store has a recent sample of: the
+    telemetry's health as a user sees it. Best effort: a store that is away is
+    reported, not waited for."""
+    from datetime import datetime, timedelta, timezone
+
+    try:
+        from megafleet.collect.queries import latest_guests
+        from megafleet.collect.stores import open_store
+
+        store = open_store(m.telemetry, timeout_ms=1000)
+        try:
+            since = datetime.now(timezone.utc) - timedelta(seconds=max(60.0, 3 * m.collect_interval))
+            names = {v["name"] for v in m.net["vms"]}
+            seen = {d["meta"]["guest"] for d in latest_guests(store, since, m.host)} & names
+        finally:
+            store.close()
+        return {"guests_seen": len(seen), "guests": len(names)}
+    except Exception as exc:      # store away or not created yet: say so, go on
+        return {"store_error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
 def _tail(path: Path, lines: int = 2) -> str:

@@ -753,8 +753,11 @@ def status_command(testbed, hosts, host_state, json_mode):
         ksm_text = f"{ksm.get('saved_mb', '?')} MB saved ({ksm['daemon']})"
         for b in v["testbeds"]:
             nodes = ", ".join(f"{n} {s}" for s, n in sorted(b["nodes"].items()))
+            tel = b["telemetry"]
+            seen = (f", {tel['guests_seen']}/{tel['guests']} guests seen" if "guests_seen" in tel
+                    else f", store: {tel['store_error']}" if "store_error" in tel else "")
             rows.append([h, b["testbed"], "complete" if b["complete"] else "incomplete", nodes, ksm_text,
-                         f"collector {b['telemetry']['collector']}"])
+                         f"collector {tel['collector']}{seen}"])
             failures += [[h, b["testbed"], f["node"], f["state"], f["reason"]] for f in b["failures"]]
         if not v["testbeds"]:
             rows.append([h, "", "nothing up", "", ksm_text, ""])

@@ -145,6 +145,11 @@ def test_two_hosts_vxlan_router_ping_and_clean_down(fleet2, tmp_path):
         # Telemetry: every guest is in the store, sampled by its own host.
         assert sorted(wait_for_guests(telemetry, 4)) == sorted(
             (homes[g], g) for g in ("g1", "g2", "k1", "k2"))
+        status = megafleet_json("status")
+        for host in fleet2.names:
+            tel = status["hosts"][host]["value"]["testbeds"][0]["telemetry"]
+            on_host = sum(homes[g] == host for g in ("g1", "g2", "k1", "k2"))
+            assert (tel["guests_seen"], tel["guests"]) == (on_host, on_host)
 
         # Applying the same testbed again changes nothing.
         again = megafleet_json("up", str(fleet_file), "--hosts", inv, "-N", TESTBED, "--no-ksm",
