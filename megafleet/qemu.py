@@ -48,6 +48,14 @@ TCG_TB_SIZE_MB = 32  # QEMU's default translation cache is up to 1 GiB per guest
 PROBE_TIMEOUT_S = 12.0
 LEDGER_OWNER = "imagegen"
 
+# Kernel parameters that make a headless RAM guest boot faster, added by
+# qemu_argv unless the caller's command line already sets them. Measured on an
+# idle host under TCG with the tiny image: boot-to-ready 2.47/2.56/3.89 s with
+# them against 3.89/2.88/4.30 s without (3 boots each). Crypto self-tests are the
+# largest saving; PS/2 probing, extra UARTs, audit and AppArmor are not needed.
+FAST_BOOT_ARGS = ("cryptomgr.notests", "no_timer_check", "i8042.noaux", "i8042.nokbd",
+                  "i8042.nopnp", "8250.nr_uarts=1", "audit=0", "apparmor=0")
+
 
 @dataclass(frozen=True)
 class Nic:
@@ -70,8 +78,8 @@ def qemu_argv(kernel: str | Path, initrd: str | Path, append: str, *, name: str,
               agent_socket: str | Path | None = None, agent_log: str | Path | None = None,
               nics: list[Nic | dict] = (), machine: str = "q35") -> list[str]:
     """The argv of one guest. `append` is the kernel command line (megafleet.*
-    parameters from contract.GuestConfig.kernel_args); `console=ttyS0` and
-    `panic=-1` are added when absent. The agent port goes to a unix socket that
+    parameters from contract.GuestConfig.kernel_args); `console=ttyS0`,
+    `panic=-1` and FAST_BOOT_ARGS are added when absent. The agent port goes to a unix socket that
     QEMU listens on (`agent_socket`, connect to read it) or to a file
     (`agent_log`)."""
     check_name(name, "guest name")
@@ -85,6 +93,8 @@ def qemu_argv(kernel: str | Path, initrd: str | Path, append: str, *, name: str,
         params.insert(0, "console=ttyS0")
     if not any(p.startswith("panic=") for p in params):
         params.append("panic=-1")
+    present = {p.split("=", 1)[0] for p in params}
+    params += [a for a in FAST_BOOT_ARGS if a.split("=", 1)[0] not in present]
     machine_opts = [machine, "mem-merge=on"]
     argv = [QEMU, "-name", f"{name},process=mf-{name}", "-nodefaults", "-no-user-config",
             "-no-reboot", "-display", "none", "-vga", "none", "-machine", ",".join(machine_opts),

@@ -91,7 +91,7 @@ def test_qemu_argv_is_lean_and_complete():
     joined = " ".join(argv)
     for part in ("-nodefaults", "-no-user-config", "-display none", "-vga none",
                  "q35,mem-merge=on", "tcg,tb-size=", "-m 64",
-                 "console=ttyS0 quiet megafleet.name=mfi-a panic=-1",
+                 "console=ttyS0 quiet megafleet.name=mfi-a panic=-1 cryptomgr.notests",
                  "file,id=con0,path=/r/c.log", "unix:/r/q.sock,server=on,wait=off",
                  "socket,id=agent0,path=/r/a.sock,server=on,wait=off",
                  "virtserialport,chardev=agent0,name=org.megafleet.agent",
@@ -101,6 +101,13 @@ def test_qemu_argv_is_lean_and_complete():
     micro = " ".join(qemu.qemu_argv("/k", "/i", "", name="mfi-a", machine="microvm",
                                     nics=[qemu.Nic("52:54:00:00:00:01")]))
     assert "virtio-net-device" in micro and "user,id=n0,restrict=on" in micro
+
+
+def test_qemu_argv_keeps_the_callers_kernel_parameters():
+    argv = qemu.qemu_argv("/k", "/i", "console=hvc0 audit=1 megafleet.name=mfi-a", name="mfi-a")
+    append = argv[argv.index("-append") + 1].split()
+    assert append.count("audit=1") == 1 and "audit=0" not in append
+    assert "console=ttyS0" not in append and "i8042.nokbd" in append
 
 
 def test_qemu_argv_rejects_bad_names():
