@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -161,4 +162,7 @@ if __name__ == "__main__":
     base = Path(tempfile.mkdtemp(prefix="mfub-"))
     _dirs(base)
     args.work = str(base)
-    print(json.dumps(trio.run(main, args)))
+    try:
+        print(json.dumps(trio.run(main, args)))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
