@@ -433,7 +433,9 @@ def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
     ledger.record_many(OWNER, "link", [(f"{t}/{name}", {"ifname": name}) for name in links])
     lines = [f"netns add {ns}" for ns in p.netns.values()]
     for br, mtu in p.bridges.values():
-        lines.append(f"link add {br} type bridge" + (f" mtu {mtu}" if mtu != 1500 else ""))
+        # iproute2 reads everything after "type bridge" as bridge options, so the
+        # generic "mtu" must come before the type.
+        lines.append(f"link add {br}" + (f" mtu {mtu}" if mtu != 1500 else "") + " type bridge")
         lines.append(f"link set {br} up")
     for port in p.ports:
         if port.kind == "veth":

@@ -109,6 +109,21 @@ def test_two_subnets_joined_by_a_router(testbed):
     live.down(name)     # twice is fine
 
 
+def test_a_jumbo_switch_carries_full_size_frames(testbed):
+    """A switch with its own MTU: the bridge, both veth ends and the hosts'
+    interfaces get it, and a frame of exactly that size crosses unfragmented."""
+    name = testbed("mfnj")
+    net = compile_text("pool p 10.73.0.0/16\nswitch lan mtu 9000\nhost a on lan\nhost b on lan\n")
+    live.up(net, name)
+    for ns in (f"{name}-a", f"{name}-b"):
+        out = proc.run(["ip", "-n", ns, "-o", "link", "show", "eth0"]).stdout
+        assert " mtu 9000 " in out, out
+    # 9000 - 20 (IPv4) - 8 (ICMP) bytes of payload, don't-fragment set.
+    r = proc.run(["ip", "netns", "exec", f"{name}-a", "ping", "-n", "-q", "-c1", "-W2", "-M", "do",
+                  "-s", "8972", addr_of(net, "b")], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_names_of_others_are_never_taken(testbed):
     name = testbed("mfnk")
     from megafleet.names import ifname
