@@ -71,8 +71,22 @@ def console_tail(path: Path | str | None, lines: int = CONSOLE_TAIL_LINES) -> st
     except OSError:
         return ""
     text = text.replace("\r", "")
-    tail = "\n".join(text.rstrip("\n").splitlines()[-lines:])
-    return tail[-CONSOLE_TAIL_CHARS:]
+    tail = "\n".join(text.rstrip("\n").splitlines()[-lines:])[-CONSOLE_TAIL_CHARS:]
+    # A panic's call trace pushes the one line that says why out of the window:
+    # keep that line at the top.
+    panic = kernel_panic(text)
+    if panic and panic not in tail:
+        tail = f"{panic}\n...\n{tail}"
+    return tail
+
+
+def kernel_panic(text: str) -> str | None:
+    """The guest kernel's "Kernel panic - not syncing: ..." message, if any."""
+    start = text.find("Kernel panic - not syncing:")
+    if start < 0:
+        return None
+    end = text.find("\n", start)
+    return text[start:end if end >= 0 else None].strip()
 
 
 def find_ready(path: Path | str) -> ReadyLine | None:
@@ -306,8 +320,9 @@ class Engine:
                         state="running", boot_s=result.boot_s, attempts=attempt,
                         reason=None, console_tail=None))
                     return result
-            result.reason = reason
             result.console_tail = console_tail(gdir / "console.log")
+            panic = kernel_panic(result.console_tail)
+            result.reason = f"{reason} ({panic})" if panic and panic not in reason else reason
             if handle is not None:
                 await driver.stop(spec.name, handle, force=True)
         await self._db(self._note_state, spec.name, dict(

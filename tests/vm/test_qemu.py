@@ -57,6 +57,7 @@ def _boot_check_teardown(engine, specs):
     [failed] = report.failed
     assert failed.name == "mfvqpanic" and "exited before the ready line" in failed.reason
     assert "Kernel panic - not syncing: Attempted to kill init" in failed.console_tail
+    assert "Kernel panic - not syncing: Attempted to kill init" in failed.reason
     assert seen[-1] == (5, 5)
     assert report.percentile(50) > 0
 

@@ -10,7 +10,7 @@ import pytest
 
 from megafleet.imagegen.contract import GuestConfig, NicConfig
 from megafleet.vm import admission
-from megafleet.vm.engine import ConsoleWatcher, console_tail, find_ready
+from megafleet.vm.engine import ConsoleWatcher, console_tail, kernel_panic, find_ready
 from megafleet.vm.manifest import (BootReport, GuestResult, GuestSpec, NicSpec, SpecError,
                                    percentile, validate, validate_all)
 from megafleet.vm.state import GuestRecord, VmState
@@ -172,3 +172,16 @@ def test_libvirt_domain_xml(tmp_path):
     assert dom.find("features/tcg/tb-cache").text == "32"
     kvm = ET.fromstring(domain_xml(spec, Path("/k"), Path("/i"), tmp_path, "kvm"))
     assert kvm.get("type") == "kvm" and kvm.find("features") is None
+
+
+def test_console_tail_keeps_the_panic_line_above_a_long_call_trace(tmp_path):
+    log = tmp_path / "console.log"
+    trace = "".join(f"[    3.30{i:04d}]  frame_{i}+0x44/0x5c\n" for i in range(200))
+    log.write_text("[    3.1] Run /init as init process\n"
+                   "[    3.3] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n"
+                   + trace + "[    3.4] ---[ end Kernel panic ]---\n")
+    tail = console_tail(log)
+    assert tail.startswith("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n...\n")
+    assert tail.endswith("---[ end Kernel panic ]---") and "frame_0+" not in tail
+    assert kernel_panic(tail) == "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100"
+    assert kernel_panic("no panic here") is None
