@@ -350,6 +350,10 @@ def _start_collector(m: HostManifest, ledger: Ledger) -> None:
     if m.telemetry:
         argv += ["--telemetry", m.telemetry]
     argv += ["run", "--host", m.host, "--interval", f"{m.collect_interval:g}"]
+    # Sniff every switch bridge of this host's share, named as in the description
+    # (a VLAN's bridge as SWITCH.VLAN): traffic by protocol per switch.
+    for sw, vlan, bridge, _mtu in m.net["bridges"]:
+        argv += ["--switch", f"{sw}={bridge}" if vlan is None else f"{sw}.{vlan}={bridge}"]
     log = paths.state_dir() / "up" / f"{m.testbed}.collect.log"
     _start_daemon(ledger, f"{m.testbed}/collect", argv, log)
 

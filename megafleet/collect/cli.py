@@ -373,7 +373,9 @@ def prune(obj: _Context, older_than: str, with_events: bool, as_json: bool) -> N
 @click.option("--host", "host_name", default=None, help="Host name in the documents (default: this machine's).")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
 @click.option("--interval", type=float, default=10.0, show_default=True, help="Seconds between samples.")
-@click.option("--switch", "switches", multiple=True, help="Sniff this bridge (repeatable; needs root).")
+@click.option("--switch", "switches", multiple=True, metavar="[NAME=]BRIDGE",
+              help="Sniff this bridge, reported as switch NAME (default: the bridge's name); "
+                   "repeatable; needs root.")
 @click.option("--vm/--no-vm", "with_vm", default=True, show_default=True,
               help="Sample the guests of the vm engine on this host.")
 @click.option("--spool", "spool_dir", type=click.Path(file_okay=False), default=None,

@@ -39,6 +39,12 @@ def default_spool_dir(host: str) -> Path:
     return paths.state_dir() / "telemetry-spool" / check_name(host, "host")
 
 
+def _switch_and_bridge(spec: str) -> tuple[str, str]:
+    """ "NAME=BRIDGE" or just "BRIDGE" (then the bridge names the switch too)."""
+    name, _, bridge = spec.partition("=")
+    return name, bridge or name
+
+
 class Collector:
     def __init__(self, host: str, store: Any, *, spool_dir: Path | str | None = None,
                  guest_source: GuestSource | None = None, guest_interval: float = 10.0,
@@ -55,7 +61,9 @@ class Collector:
             self.samplers.append(GuestSampler(self.host, guest_source, guest_interval))
         if agent_logs is not None:
             self.samplers.append(AgentLogSampler(self.host, agent_logs, agent_interval))
-        self.sniffers = [SwitchSniffer(self.host, s, interval=sniff_interval) for s in switches]
+        # "lan1=mfbr-lan1": the switch's name in the documents, then its bridge.
+        self.sniffers = [SwitchSniffer(self.host, *_switch_and_bridge(s), interval=sniff_interval)
+                         for s in switches]
         self._stop = trio.Event()
         self._seq = 0
 

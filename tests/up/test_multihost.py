@@ -72,6 +72,25 @@ def wait_for_guests(path, count: int, timeout: float = 30.0) -> list[tuple[str, 
         time.sleep(0.5)
 
 
+def wait_for_icmp_sniffed(path, want: set[tuple[str, str]], timeout: float = 30.0) -> set[tuple[str, str]]:
+    """(host, switch) pairs whose bridge sniff reported ICMP, once `want` are
+    among them (or the timeout passed)."""
+    from megafleet.collect.queries import sniff
+    from megafleet.collect.stores import open_store
+
+    deadline = time.monotonic() + timeout
+    while True:
+        store = open_store(f"sqlite:{path}")
+        try:
+            seen = {(r["host"], r["switch"]) for r in sniff(store, None)
+                    if r["protocol"] == "ipv4_icmp" and r["packets"] > 0}
+        finally:
+            getattr(store, "close", lambda: None)()
+        if want <= seen or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)
+
+
 def address(net, node: str) -> str:
     return next(iter(net.node(node).ifaces[0][2].values())).split("/")[0]
 
@@ -128,6 +147,11 @@ def test_two_hosts_vxlan_router_ping_and_clean_down(fleet2, tmp_path):
             r = megafleet("exec", src, "--", "ping", "-c", "1", "-W", "3", "-M", "do", "-s", "1422",
                           address(net, dst), check=False)
             assert r.returncode == 0, (src, dst, r.stdout + r.stderr)
+
+        # The pings crossed lanA on both hosts: each host's collector sniffed
+        # its lanA bridge and stored the ICMP under the switch's own name.
+        want = {(host, "lanA") for host in fleet2.names}
+        assert want <= wait_for_icmp_sniffed(telemetry, want)
 
         status = megafleet_json("status")
         for host in fleet2.names:
