@@ -11,14 +11,12 @@ One SQLite file (WAL) in the state directory; each package uses its own `owner`
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from megafleet import paths
+from megafleet import paths, sqlitedb
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -44,18 +42,9 @@ class Resource:
 class Ledger:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else paths.state_dir() / "ledger.sqlite"
-        self._local = threading.local()
+        self._db = sqlitedb.PerThread(self.path)
         with self._db() as db:
             db.executescript(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
 
     def record(self, owner: str, kind: str, key: str, **data: Any) -> None:
         self.record_many(owner, kind, [(key, data)])
@@ -95,7 +84,4 @@ class Ledger:
                 for o, k, key, d, c in self._db().execute(sql, args)]
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self._db.close()

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
-from megafleet import paths
+from megafleet import paths, sqlitedb
 from megafleet.collect.docs import COLLECTIONS, EVENTS, SAMPLES, datetime_to_ms, ms_to_datetime
 from megafleet.collect.filters import to_sql
 
@@ -69,9 +69,9 @@ class SqliteStore:
 
     def __init__(self, path: Path | str | None = None):
         self.path = Path(path) if path else paths.state_dir() / "telemetry.sqlite"
-        self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._db = self._connections()
         db = self._db()
         with db:
             for name in COLLECTIONS:
@@ -86,17 +86,12 @@ class SqliteStore:
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
 
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
+    def _connections(self) -> sqlitedb.PerThread:
+        """One connection per thread; all of them remembered, for close()."""
+        def remember(db: sqlite3.Connection) -> None:
             with self._lock:
                 self._all.append(db)
-        return db
+        return sqlitedb.PerThread(self.path, check_same_thread=False, on_open=remember)
 
     def ping(self) -> None:
         try:
@@ -166,7 +161,7 @@ class SqliteStore:
             for db in self._all:
                 db.close()
             self._all.clear()
-        self._local = threading.local()
+        self._db = self._connections()
 
 
 def _project(doc: dict[str, Any], fields: list[str]) -> dict[str, Any]:

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from megafleet import paths
+from megafleet import paths, sqlitedb
 
 OWNER = "vm"
 
@@ -78,17 +76,8 @@ class VmState:
 
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else paths.state_dir() / "vm.sqlite"
-        self._local = threading.local()
+        self._db = sqlitedb.PerThread(self.path)
         self._db().executescript(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
 
     def put_many(self, records: Iterable[GuestRecord]) -> None:
         """Insert or replace whole rows, in one transaction."""
@@ -136,10 +125,7 @@ class VmState:
             db.executemany("DELETE FROM guests WHERE name=?", [(n,) for n in names])
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self._db.close()
 
 
 def _record(row: tuple) -> GuestRecord:
