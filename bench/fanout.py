@@ -129,6 +129,18 @@ async def megafleet_session(inv: Inventory, names: list[str], fanout: int, root_
     return out
 
 
+def settle(tf: TestFleet, n: int, baseline: dict[int, int], timeout: float = 60.0) -> None:
+    """Wait until the first n hosts run only what they ran at the start (their
+    sshd): the sessions of the previous tool must not slow the next one down."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = [i for i in range(n) if len(tf.pids_in(i)) > baseline[i]]
+        if not busy:
+            return
+        time.sleep(0.2)
+    log(f"hosts still busy after {timeout:.0f} s: {busy[:5]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="16,64,128", help="fleet sizes (comma-separated)")
@@ -156,6 +168,7 @@ def main() -> None:
         blob.write_bytes(os.urandom(args.size_mb << 20))
         push_dir = work / "push"
         names_all = [h.name for h in inv.hosts]
+        baseline = {i: len(tf.pids_in(i)) for i in range(len(names_all))}
         addr_all = [h.address for h in inv.hosts]
 
         log("push to a single host")
@@ -167,8 +180,10 @@ def main() -> None:
             for tool, fn in (("pdsh", run_pdsh), ("clush", run_clush), ("pssh", run_pssh)):
                 if tool in skip:
                     continue
+                settle(tf, n, baseline)
                 log(f"{n} hosts: {tool} one-shot `true`")
                 result["exec_s"][tool][n] = round(fn(tf, addrs), 3)
+            settle(tf, n, baseline)
             log(f"{n} hosts: megafleet tree (root fanout {args.root_fanout}, then {args.fanout})")
             tree_run = trio.run(megafleet_session, inv, names, args.fanout, args.root_fanout, blob, push_dir,
                                 args.exec_runs)
@@ -176,6 +191,7 @@ def main() -> None:
             result["exec_s"]["megafleet_tree"][n] = round(tree_run["exec_s"], 4)
             result["push_s"]["megafleet_tree"][n] = round(tree_run["push_s"], 3)
             result["controller_cpu_s"]["megafleet_tree"][n] = round(tree_run["cpu_s"], 2)
+            settle(tf, n, baseline)
             log(f"{n} hosts: megafleet flat")
             flat_run = trio.run(megafleet_session, inv, names, n, None, blob, push_dir, args.exec_runs)
             result["exec_s"]["megafleet_flat"][n] = round(flat_run["exec_s"], 4)

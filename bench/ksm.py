@@ -183,13 +183,60 @@ def true_saved_mb(pids: list[int]) -> float:
     return round(kb / 1024, 1)
 
 
+def ksmtuned_free_kb() -> int:
+    """Free memory as ksmtuned counts it (MemFree + Buffers + Cached)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return sum(int(fields[k].split()[0]) for k in ("MemFree", "Buffers", "Cached"))
+
+
+HOG = """
+import mmap, sys
+size = int(sys.argv[1])
+# Private anonymous memory, never MADV_MERGEABLE, so KSM does not scan it. Not
+# mmap's default MAP_SHARED: shared anonymous memory is shmem, which /proc/meminfo
+# counts under Cached - and ksmtuned counts Cached as free.
+m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for off in range(0, size, 4096):
+    m[off] = 1                 # touch every page: resident, not just reserved
+print("ready", flush=True)
+sys.stdin.read()               # until the bench closes our stdin (or kills us)
+"""
+
+
+def start_hog(guests: int, mem_mb: int) -> tuple[subprocess.Popen, int]:
+    """Memory pressure: hold enough memory that, once the guests are up, free
+    memory is below ksmtuned's threshold (20 % of MemTotal) - the condition
+    under which ksmtuned starts ksmd at all - with headroom left (three quarters of the
+    threshold stays free, so nothing is pushed towards the OOM killer)."""
+    total_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    thres_kb = max(total_kb * 20 // 100, 2048)
+    guests_kb = guests * mem_mb * 1024    # measured: a tiny guest touches ~110 of its 128 MB by ready
+    hog_kb = ksmtuned_free_kb() - guests_kb - thres_kb * 3 // 4
+    if hog_kb <= 0:
+        raise RuntimeError("--pressure: free memory is already below ksmtuned's threshold")
+    hog = subprocess.Popen([sys.executable, "-c", HOG, str(hog_kb * 1024)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    if hog.stdout.readline().strip() != "ready":
+        hog.kill()
+        raise RuntimeError("--pressure: the memory hog did not start")
+    return hog, hog_kb // 1024
+
+
+def stop_hog(hog: subprocess.Popen | None) -> None:
+    if hog is not None:
+        hog.kill()
+        hog.wait()
+
+
 def run_regime(name: str, args, sysfs: KsmSysfs, keeper: KnobKeeper, image) -> dict:
     reset(sysfs, keeper)
+    hog, hog_mb = start_hog(args.guests, args.mem) if args.pressure else (None, 0)
     workdir = Path(tempfile.mkdtemp(prefix=f"mfk-bench-{name}-", dir="/tmp"))
     controller = Controller(name, keeper, workdir, args.guests)
     guests = Guests(f"mfk-b{name[:4]}")
     samples = []
     true_saved: dict = {}
+    free_after_boot_mb = None
     try:
         controller.start()
         controller.before_boot()
@@ -204,6 +251,7 @@ def run_regime(name: str, args, sysfs: KsmSysfs, keeper: KnobKeeper, image) -> d
             own = own_merging_pages(pids)
             if ready_at is None and guests.ready() == args.guests:
                 ready_at = now
+                free_after_boot_mb = ksmtuned_free_kb() // 1024
             samples.append((now, snap.saved_mb, (snap.ksmd_cpu_s or 0.0) - cpu0, own))
             for mark in MARKS:
                 if mark <= args.window and now >= mark and mark not in true_saved:
@@ -219,6 +267,7 @@ def run_regime(name: str, args, sysfs: KsmSysfs, keeper: KnobKeeper, image) -> d
     finally:
         controller.stop()
         guests.stop()
+        stop_hog(hog)
         trace = workdir / "megafleet-trace.jsonl"
         if args.keep_trace and trace.exists():
             trace.replace(args.keep_trace)
@@ -229,6 +278,8 @@ def run_regime(name: str, args, sysfs: KsmSysfs, keeper: KnobKeeper, image) -> d
     result.update(guests_ready_s=None if ready_at is None else round(ready_at, 1),
                   guests_alive_at_end=alive, controller_cpu_s=round(own_cpu, 2),
                   true_saved_mb={str(k): v for k, v in true_saved.items()})
+    if args.pressure:
+        result.update(hog_mb=hog_mb, free_after_boot_mb=free_after_boot_mb)
     log(f"{name}: {json.dumps(result)}")
     return result
 
@@ -289,6 +340,10 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=300)
     parser.add_argument("--mem", type=int, default=128, help="MB per guest")
     parser.add_argument("--regimes", default=",".join(REGIMES))
+    parser.add_argument("--pressure", action="store_true",
+                        help="hold memory so that free memory is below ksmtuned's threshold once "
+                             "the guests are up (without it, ksmtuned never starts ksmd on a host "
+                             "with more than 20%% of its memory free)")
     parser.add_argument("--keep-trace", help="save the megafleet daemon's trace (JSON lines) here")
     args = parser.parse_args()
     chosen = args.regimes.split(",")
@@ -313,7 +368,7 @@ def main() -> None:
         keeper.restore()
         teardown_leftovers()
         state.rmdir()
-    print(json.dumps({"bench": "ksm", "guests": args.guests, "mem_mb": args.mem,
+    print(json.dumps({"bench": "ksm", "guests": args.guests, "mem_mb": args.mem, "pressure": args.pressure,
                       "window_s": args.window, "wall_s": round(time.time() - started),
                       "regimes": regimes, "targets": targets(regimes),
                       "caveat": "shared 2-CPU host: teammates' tests compete for CPU and "
