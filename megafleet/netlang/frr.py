@@ -28,6 +28,19 @@ def router_id(net: Net, router: str) -> str:
         hashlib.blake2s(router.encode(), digest_size=4).digest(), "big") | 1))
 
 
+def _ospf_interface(eth: str, ospf: dict, p2p: bool, prefix: str) -> list[str]:
+    """One interface stanza; prefix is "ip ospf" (ospfd) or "ipv6 ospf6" (ospf6d),
+    whose interface commands are otherwise the same."""
+    lines = [f"interface {eth}", f" {prefix} area {ospf['area']}"]
+    if p2p:
+        # A point-to-point link: no designated-router election to wait for.
+        lines.append(f" {prefix} network point-to-point")
+    lines += [f" {prefix} hello-interval 1", f" {prefix} dead-interval 4"]
+    if "cost" in ospf:
+        lines.append(f" {prefix} cost {ospf['cost']}")
+    return lines + ["!"]
+
+
 def configs(net: Net, router: str) -> dict[str, str]:
     view = net.node(router)
     props = view.props
@@ -40,22 +53,9 @@ def configs(net: Net, router: str) -> dict[str, str]:
         for eth, iface, addrs in view.ifaces:
             p2p = iface.switch is None
             if 4 in addrs:
-                lines += [f"interface {eth}", f" ip ospf area {ospf['area']}"]
-                if p2p:
-                    # A point-to-point link: no designated-router election to wait for.
-                    lines.append(" ip ospf network point-to-point")
-                lines += [" ip ospf hello-interval 1", " ip ospf dead-interval 4"]
-                if "cost" in ospf:
-                    lines.append(f" ip ospf cost {ospf['cost']}")
-                lines.append("!")
+                lines += _ospf_interface(eth, ospf, p2p, "ip ospf")
             if 6 in addrs:
-                lines6 += [f"interface {eth}", f" ipv6 ospf6 area {ospf['area']}"]
-                if p2p:
-                    lines6.append(" ipv6 ospf6 network point-to-point")
-                lines6 += [" ipv6 ospf6 hello-interval 1", " ipv6 ospf6 dead-interval 4"]
-                if "cost" in ospf:
-                    lines6.append(f" ipv6 ospf6 cost {ospf['cost']}")
-                lines6.append("!")
+                lines6 += _ospf_interface(eth, ospf, p2p, "ipv6 ospf6")
         lines += ["router ospf", f" ospf router-id {rid}", " redistribute connected",
                   " redistribute static", "!"]
         if len(lines6) > 2:

@@ -52,13 +52,19 @@ def _sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_push_20mb_to_20_hosts_then_skip(testfleet, tmp_path):
-    inv = testfleet.inventory
+def _blob_and_dest(inv, tmp_path) -> tuple:
+    """A 20 MB random file, a directory per host, and the push destination
+    template that puts the file in its host's directory."""
     src = tmp_path / "blob.bin"
     src.write_bytes(os.urandom(20 << 20))
     for h in inv.hosts:
         (tmp_path / h.name).mkdir()
-    dest = str(tmp_path / "{host}" / "blob.bin")
+    return src, str(tmp_path / "{host}" / "blob.bin")
+
+
+def test_push_20mb_to_20_hosts_then_skip(testfleet, tmp_path):
+    inv = testfleet.inventory
+    src, dest = _blob_and_dest(inv, tmp_path)
 
     async def main():
         async with Fleet.connect(inv, fanout=4) as fleet:
@@ -79,11 +85,7 @@ def test_push_20mb_to_20_hosts_then_skip(testfleet, tmp_path):
 
 def test_inner_agent_killed_mid_push_children_reattached(testfleet, tmp_path):
     inv = testfleet.inventory
-    src = tmp_path / "blob.bin"
-    src.write_bytes(os.urandom(20 << 20))
-    for h in inv.hosts:
-        (tmp_path / h.name).mkdir()
-    dest = str(tmp_path / "{host}" / "blob.bin")
+    src, dest = _blob_and_dest(inv, tmp_path)
     names = [h.name for h in inv.hosts]
     # fanout 4 over 20 hosts: heads are hosts 0..3; host 1's children are 8..11.
     victim, orphans = names[1], names[8:12]
