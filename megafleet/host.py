@@ -6,10 +6,11 @@ this module applies it locally, in this order:
 1. net: namespaces, bridges, veths, taps, VXLAN tunnels of spanning segments,
    namespace configuration, shaping, routers (FRR) -- netlang's live layer does
    the work, on this host's share of the plan;
-2. vm: the guests, through the vm engine (bounded parallel boots, each failed
+2. ksm: the KSM tuning daemon (one per host: KSM's knobs are global), started
+   before the guests so that it hears the vm engine announce their boot and
+   merges them while they come up;
+3. vm: the guests, through the vm engine (bounded parallel boots, each failed
    boot retried, then reported);
-3. ksm: the KSM tuning daemon (one per host: KSM's knobs are global), which
-   probes what the freshly booted guests share and tunes ksmd accordingly;
 4. collect: the telemetry collector (`megafleet telemetry run`), sampling this
    host and its guests into the store.
 
@@ -154,6 +155,14 @@ async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = No
     net_result = await apply_net(p, m.vxlan, ledger, lambda text: emit({"phase": "net", "text": text}))
     phases["net"] = time.monotonic() - t0
 
+    # The KSM daemon before the guests: the vm engine announces the boot to it,
+    # and it scans hard while the guests fill their memory.
+    t2 = time.monotonic()
+    if m.ksm:
+        emit({"phase": "ksm", "state": "start"})
+        await trio.to_thread.run_sync(_start_ksm, t, ledger, bool(p.vms))
+    phases["ksm"] = time.monotonic() - t2
+
     t1 = time.monotonic()
     report = None
     if p.vms:
@@ -177,11 +186,6 @@ async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = No
         report = await vm_apply(p.vms, progress=progress, **m.vm_options)
     phases["vm"] = time.monotonic() - t1
 
-    t2 = time.monotonic()
-    if m.ksm:
-        emit({"phase": "ksm", "state": "start"})
-        await trio.to_thread.run_sync(_start_ksm, t, ledger)
-    phases["ksm"] = time.monotonic() - t2
     t3 = time.monotonic()
     emit({"phase": "collect", "state": "start"})
     await trio.to_thread.run_sync(_start_collector, m, ledger)
@@ -335,14 +339,22 @@ def _start_daemon(ledger: Ledger, key: str, argv: list[str], log: Path) -> proc.
     return rp
 
 
-def _start_ksm(testbed: str, ledger: Ledger) -> None:
+def _start_ksm(testbed: str, ledger: Ledger, guests_follow: bool) -> None:
     # KSM's knobs are global to the kernel: one daemon per host, whichever testbed
     # started it; the others leave it alone.
     for r in ledger.list(OWNER, "process"):
         if r.key.endswith("/ksm") and _running(ledger, r.key):
             return
     log = paths.state_dir() / "up" / f"{testbed}.ksm.log"
-    _start_daemon(ledger, f"{testbed}/ksm", [sys.executable, "-m", "megafleet", "ksm", "run"], log)
+    daemon = _start_daemon(ledger, f"{testbed}/ksm", [sys.executable, "-m", "megafleet", "ksm", "run"], log)
+    if not guests_follow:
+        return
+    # Wait (briefly) until it listens, so that the boot announcement reaches it.
+    from megafleet.ksm.daemon import socket_path
+
+    deadline = time.monotonic() + 10
+    while not socket_path().exists() and daemon.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _start_collector(m: HostManifest, ledger: Ledger) -> None:

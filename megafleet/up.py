@@ -421,7 +421,7 @@ def summarize(testbed, placed, plan, results, host_errors, phases, seconds) -> d
             hosts.append({"host": h, "status": "failed", "nodes": len(nodes), "guests": guests,
                           "ready": 0, "failed": len(nodes), "error": why})
     # Per-host phases, as the slowest host saw them (they run in parallel).
-    for phase in ("net", "vm", "ksm", "collect"):
+    for phase in ("net", "ksm", "vm", "collect"):
         values = [p.get(phase, 0.0) for p in host_phases.values()]
         if values:
             phases[f"host_{phase}"] = round(max(values), 3)

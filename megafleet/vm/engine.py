@@ -5,7 +5,8 @@ budget, records every guest and everything it will create, then starts guests
 under admission control (a bounded, load-adapted number booting at once, per
 driver kind), waits for each guest's ready line with a per-attempt timeout,
 retries a bounded number of times, and records every failure with its reason and
-console tail. `Engine.teardown` removes guests and everything recorded for them
+console tail. A bulk boot and a teardown are announced to the host's KSM daemon,
+when one runs. `Engine.teardown` removes guests and everything recorded for them
 in parallel; `Engine.list` reconciles the record with /proc.
 """
 
@@ -235,6 +236,7 @@ class Engine:
             await self._db(self.ledger.record_many, OWNER, kind, items)
         await self._db(self.state.put_many, rows)
 
+        await _tell_ksm("boot", len(to_boot))
         total = len(to_boot) + len(report.results)
         done = [len(report.results)]
         by_driver: dict[str, list[GuestSpec]] = {}
@@ -417,6 +419,8 @@ class Engine:
             if guest and fnmatch.fnmatchcase(guest, pattern):
                 names.add(guest)
         await self._remove(names)
+        if names:
+            await _tell_ksm("teardown", len(names))
         return sorted(names)
 
     async def _remove(self, names: set[str]) -> None:
@@ -470,6 +474,20 @@ class Engine:
                                    pid if alive else None, rss, rec.boot_s, rec.attempts,
                                    rec.reason))
         return views
+
+
+async def _tell_ksm(kind: str, count: int) -> None:
+    """Tell this host's KSM daemon of a bulk boot or teardown, so that it scans
+    hard while the new guests fill their memory (or rescans once they are gone).
+    Best effort: with no daemon listening, or a daemon that does not answer,
+    the guests boot all the same."""
+    from megafleet.ksm.daemon import send_event
+    from megafleet.ksm.sysfs import KsmError
+
+    try:
+        await trio.to_thread.run_sync(send_event, kind, count)
+    except (KsmError, OSError):
+        pass
 
 
 def _fresh_dir(gdir: Path) -> None:

@@ -194,7 +194,7 @@ def test_set_and_bad_values(ksm_untouched):
     try:
         result = cli("ksm", "set", "sleep_millisecs=37")
         assert result.returncode == 0, result.stderr
-        assert f"sleep_millisecs" in result.stdout and "-> 37" in result.stdout
+        assert "sleep_millisecs" in result.stdout and "-> 37" in result.stdout
         assert KsmSysfs().read_one("sleep_millisecs") == 37
         bad = cli("ksm", "set", "sleep_millisecs=41", "run=7")
         assert bad.returncode == 1 and "run='7'" in bad.stderr
@@ -207,3 +207,36 @@ def test_announce_without_daemon_is_a_clear_error():
     result = cli("ksm", "announce", "boot", "4")
     assert result.returncode == 1 and "no daemon listens" in result.stderr
     assert send_event("boot", 4) is False
+
+
+@pytest.mark.timeout(180)
+def test_vm_engine_announces_its_bulk_boot_and_teardown(ksm_untouched, image):
+    """The vm engine tells the host's daemon of a bulk boot and of a teardown.
+    Container guests: the announcement is the engine's, whatever the driver, and
+    containers boot in about a second."""
+    from megafleet.vm.engine import Engine
+    from megafleet.vm.manifest import GuestSpec
+    from tests.vm.vmhelpers import assert_nothing_left
+
+    daemon = subprocess.Popen(PY + ["ksm", "run", "--json", "--interval", "0.3"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = RecordedProcess.of(daemon.pid)
+    engine = Engine(timeout_s=120)
+    specs = [GuestSpec(name=f"mfka{i}", image="tiny", driver="container") for i in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_path().exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert socket_path().exists(), "daemon never listened"
+        report = trio.run(lambda: engine.apply(specs))
+        assert len(report.ready) == 2, [(r.name, r.reason) for r in report.failed]
+        assert trio.run(lambda: engine.teardown("mfka*")) == ["mfka0", "mfka1"]
+        time.sleep(1)                  # the daemon takes events in on its next tick
+        assert process.signal(signal.SIGTERM)
+        out, err = daemon.communicate(timeout=30)
+    finally:
+        trio.run(lambda: engine.teardown("mfka*"))
+        process.stop()
+    assert daemon.returncode == 0, err
+    assert "boot of 2" in out and "teardown of 2" in out
+    assert_nothing_left("mfka")
