@@ -28,7 +28,7 @@ The idea, for fleets of near-identical guests:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 MB = 2**20

@@ -109,7 +109,6 @@ def show(file: str, defines: tuple[str, ...], as_json: bool) -> None:
     the graph, OSPF or BGP through FRR) and whether it runs as a namespace or a
     VM.
     """
-    from megafleet.netlang.routing import is_dynamic
 
     net_ = _compile(file, defines, graph=False)
     networks = []

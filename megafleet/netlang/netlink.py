@@ -110,7 +110,7 @@ def _open_in(ns_path: str, devs: set[str], sysctls: dict[str, str]) -> tuple[soc
     devs there; sysctls (paths under /proc/sys/net) are written while inside:
     /proc/sys/net shows the namespace of the thread that opens it. The calling
     thread is back in its own namespace on return."""
-    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(ns_path, os.O_RDONLY)
     try:
         _setns(target)

@@ -95,7 +95,6 @@ def boot(image, count, prefix, driver, mem_mb, vcpus, timeout_s, retries, max_pa
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     show = sys.stderr.isatty() and not as_json
-    started = [0.0]
 
     def progress(done: int, total: int, result: GuestResult) -> None:
         if as_json:
