@@ -129,7 +129,7 @@ def set_knobs(assignments: tuple[str, ...], as_json: bool) -> None:
 @ksm.command(context_settings=_HELP_CTX)
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.2, 60),
               help="Seconds between samples and decisions.")
-@click.option("--storm-cpu", default=0.5, show_default=True, type=click.FloatRange(0.05, 0.95),
+@click.option("--storm-cpu", default=0.9, show_default=True, type=click.FloatRange(0.05, 0.95),
               help="Share of one CPU ksmd may use while merging a bulk boot.")
 @click.option("--pay", "pay_mb", default=20.0, show_default=True, type=click.FloatRange(0),
               help="MB saved per ksmd CPU-second below which scanning stops paying.")
