@@ -531,48 +531,55 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
                      timeout: float = 30.0, state_dir: str | None = None,
                      run_dir: str | None = None) -> list[dict[str, Any]]:
     """Run argv inside every node matching `pattern`: in a namespace node's
-    namespace (`ip netns exec`), in a container guest's namespaces (`nsenter`).
-    QEMU guests have no exec channel (their agent only reports): reported."""
+    namespace (`ip netns exec`), in a container guest's namespaces (`nsenter`),
+    in a QEMU or libvirt guest through its exec channel (`vm.guestexec`)."""
     use_dirs(state_dir, run_dir)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise HostError("exec needs a command (a list of words)")
+    from megafleet.vm.engine import guests_dir
+    from megafleet.vm.guestexec import GuestExecError, exec_in_guest
+
     ledger = Ledger()
-    targets: list[tuple[str, list[str] | None, str | None]] = []
+    # (node, host argv to run, exec socket of a guest, error)
+    targets: list[tuple[str, list[str] | None, Path | None, str | None]] = []
     for t in ([testbed] if testbed else testbeds(ledger)):
         m = load_manifest(t)
         if m is None:
             continue
         for node, ns in sorted(m.net["netns"].items()):
             if fnmatch.fnmatchcase(node, pattern):
-                targets.append((node, ["ip", "netns", "exec", ns, *argv], None))
+                targets.append((node, ["ip", "netns", "exec", ns, *argv], None, None))
         vms = [v for v in m.net["vms"] if fnmatch.fnmatchcase(v["name"], pattern)]
         views = _guest_views({v["name"] for v in vms})
         for v in sorted(vms, key=lambda v: v["name"]):
             view = views.get(v["name"])
-            if v["driver"] != "container":
-                targets.append((v["name"], None, f"exec into {v['driver']} guests is not "
-                                "supported (the guest agent has no command channel)"))
-            elif view is None or view.pid is None:
-                targets.append((v["name"], None, "guest is not running"))
-            else:
+            if view is None or view.state != "running":
+                targets.append((v["name"], None, None, "guest is not running"))
+            elif v["driver"] == "container":
                 targets.append((v["name"], ["nsenter", "-t", str(view.pid), "-m", "-u", "-i", "-n",
-                                            "-p", "-r", "-w", *argv], None))
+                                            "-p", "-r", "-w", *argv], None, None))
+            else:
+                targets.append((v["name"], None, guests_dir() / v["name"] / "exec.sock", None))
     results: list[dict[str, Any]] = []
     limiter = trio.CapacityLimiter(8)
 
-    async def one(node: str, full: list[str] | None, error: str | None) -> None:
-        if full is None:
-            results.append({"node": node, "rc": None, "stdout": "", "stderr": "", "error": error})
-            return
+    async def one(node: str, full: list[str] | None, sock: Path | None, error: str | None) -> None:
+        rc, stdout, stderr = None, "", ""
         async with limiter:
-            with trio.move_on_after(timeout) as scope:
-                r = await proc.arun(full, check=False)
-        if scope.cancelled_caught:
-            results.append({"node": node, "rc": None, "stdout": "", "stderr": "",
-                            "error": f"timed out after {timeout:g} s"})
-        else:
-            results.append({"node": node, "rc": r.returncode, "stdout": r.stdout,
-                            "stderr": r.stderr, "error": None})
+            if error is None and sock is not None:
+                try:
+                    r = await exec_in_guest(sock, argv, timeout)
+                    rc, stdout, stderr = r.rc, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+                except GuestExecError as exc:
+                    error = str(exc)
+            elif error is None:
+                with trio.move_on_after(timeout) as scope:
+                    r = await proc.arun(full, check=False)
+                if scope.cancelled_caught:
+                    error = f"timed out after {timeout:g} s"
+                else:
+                    rc, stdout, stderr = r.returncode, r.stdout, r.stderr
+        results.append({"node": node, "rc": rc, "stdout": stdout, "stderr": stderr, "error": error})
 
     async with trio.open_nursery() as nursery:
         for target in targets:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megafleet import paths
-from megafleet.imagegen.contract import AGENT_PORT_NAME, READY_MARKER
+from megafleet.imagegen.contract import AGENT_PORT_NAME, EXEC_PORT_NAME, READY_MARKER
 from megafleet.ledger import Ledger
 from megafleet.names import check_name
 from megafleet.proc import RecordedProcess
@@ -76,12 +76,14 @@ def qemu_argv(kernel: str | Path, initrd: str | Path, append: str, *, name: str,
               mem_mb: int = 128, vcpus: int = 1, accel: str = "tcg",
               qmp_socket: str | Path | None = None, console_log: str | Path | None = None,
               agent_socket: str | Path | None = None, agent_log: str | Path | None = None,
+              exec_socket: str | Path | None = None,
               nics: list[Nic | dict] = (), machine: str = "q35") -> list[str]:
     """The argv of one guest. `append` is the kernel command line (megafleet.*
     parameters from contract.GuestConfig.kernel_args); `console=ttyS0`,
     `panic=-1` and FAST_BOOT_ARGS are added when absent. The agent port goes to a unix socket that
     QEMU listens on (`agent_socket`, connect to read it) or to a file
-    (`agent_log`)."""
+    (`agent_log`); the exec port (`exec_socket`) to a unix socket QEMU listens
+    on, through which `megafleet.vm.guestexec` runs commands in the guest."""
     check_name(name, "guest name")
     if machine not in ("microvm", "q35", "pc"):
         raise ValueError(f"unsupported machine type {machine!r} (microvm, q35 or pc)")
@@ -110,13 +112,17 @@ def qemu_argv(kernel: str | Path, initrd: str | Path, append: str, *, name: str,
         argv += ["-serial", "null"]
     if qmp_socket:
         argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
-    if agent_socket or agent_log:
+    if agent_socket or agent_log or exec_socket:
         argv += ["-device", "virtio-serial-pci" if pci else "virtio-serial-device"]
+    if agent_socket or agent_log:
         if agent_socket:
             argv += ["-chardev", f"socket,id=agent0,path={agent_socket},server=on,wait=off"]
         else:
             argv += ["-chardev", f"file,id=agent0,path={agent_log}"]
         argv += ["-device", f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME}"]
+    if exec_socket:
+        argv += ["-chardev", f"socket,id=exec0,path={exec_socket},server=on,wait=off",
+                 "-device", f"virtserialport,chardev=exec0,name={EXEC_PORT_NAME}"]
     for i, nic in enumerate(_nic(n) for n in nics):
         if nic.tap and nic.vde:
             raise ValueError(f"NIC {nic.mac}: give a tap or a vde switch, not both")

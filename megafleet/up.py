@@ -784,7 +784,9 @@ def exec_command(pattern, command, testbed, hosts, timeout, host_state, json_mod
     \b
     Namespace nodes (hosts, routers): `ip netns exec`.
     Container guests: `nsenter` into the guest's namespaces and root.
-    QEMU guests: not supported (their agent reports, it takes no commands).
+    QEMU and libvirt guests: through the guest's exec channel (a virtio-serial
+    port the image's init serves); the command runs from / with no stdin, and
+    its output comes back when it has finished.
     Put `--` before the command: megafleet exec 'pc*' -- ping -c1 10.1.0.1
     Output is printed per node; the exit status is 1 when any node failed.
     """

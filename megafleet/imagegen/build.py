@@ -33,7 +33,7 @@ from megafleet.proc import run
 # Bump when the layout or the init changes in a way the cache key cannot see.
 BUILDER_VERSION = "1"
 BASE_PACKAGES = ["busybox-static"]
-GUEST_FILES = ("init", "agent")
+GUEST_FILES = ("init", "agent", "exec")
 
 Progress = Callable[[str], None]
 
@@ -225,6 +225,7 @@ def assemble(spec: Spec, workdir: Path, progress: Progress = lambda s: None) -> 
     tree.add_file("init", guest_file("init"), 0o755)
     tree.add_file("sbin/megafleet-init", guest_file("init"), 0o755)
     tree.add_file("usr/lib/megafleet/agent", guest_file("agent"), 0o755)
+    tree.add_file("usr/lib/megafleet/exec", guest_file("exec"), 0o755)
 
     for name, svc in sorted(spec.services.items()):
         tree.add_file(f"etc/megafleet/services/{name}", f"{svc.command}\n".encode(), 0o755)

@@ -21,6 +21,16 @@ total,free,available in kB; `if` is name:rx_bytes:rx_packets:tx_bytes:tx_packets
 per interface; `addr` is name:cidr per address. The image's agent also sends
 `mtu=eth0:1500,lo:65536` (name:mtu per interface), kept in `fields`.
 
+Exec (QEMU and libvirt guests: the host runs a command in the guest over the
+virtio-serial port org.megafleet.exec; one request line, one answer line)::
+
+    host -> guest:  ID WORDS
+    guest -> host:  MEGAFLEET-EXEC id=ID rc=RC out=STDOUT err=STDERR
+
+ID is lowercase hex; WORDS is base64 of the argv quoted word by word for the
+shell (shlex.join), which the guest evaluates: exactly that argv runs, from /,
+with no stdin. STDOUT and STDERR are base64 (empty when there was none).
+
 Kernel command-line parameters understood by the guest init:
 
 =========================== ==================================================
@@ -45,6 +55,8 @@ from megafleet.names import check_name
 READY_MARKER = "MEGAFLEET-READY"
 AGENT_MARKER = "MEGAFLEET-AGENT"
 AGENT_PORT_NAME = "org.megafleet.agent"
+EXEC_PORT_NAME = "org.megafleet.exec"
+EXEC_MARKER = "MEGAFLEET-EXEC"
 
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 

@@ -2,7 +2,8 @@
 
 The domain XML is generated from the guest spec (`domain_xml`) with the same
 image (direct kernel boot), kernel command line, console log file, agent channel
-(virtio-serial port org.megafleet.agent to ``agent.log``) and NICs (existing taps,
+(virtio-serial port org.megafleet.agent to ``agent.log``), exec channel (port
+org.megafleet.exec on ``exec.sock``) and NICs (existing taps,
 ``<interface type='ethernet'>`` with managed='no') as the qemu driver. Transient
 domains vanish from libvirt when destroyed, so nothing stays defined.
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import trio
 
-from megafleet.imagegen.contract import AGENT_PORT_NAME
+from megafleet.imagegen.contract import AGENT_PORT_NAME, EXEC_PORT_NAME
 from megafleet.proc import RecordedProcess
 from megafleet.vm.driver import Driver, StartFailed, rss_bytes
 from megafleet.qemu import QEMU, TCG_TB_SIZE_MB
@@ -65,6 +66,9 @@ def domain_xml(spec, kernel: Path, initramfs: Path, gdir: Path, accel: str) -> s
     channel = ET.SubElement(devices, "channel", type="file")
     ET.SubElement(channel, "source", path=str(gdir / "agent.log"))
     ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT_NAME)
+    exec_channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(exec_channel, "source", mode="bind", path=str(gdir / "exec.sock"))
+    ET.SubElement(exec_channel, "target", type="virtio", name=EXEC_PORT_NAME)
     for nic in spec.nics:
         iface = ET.SubElement(devices, "interface", type="ethernet")
         ET.SubElement(iface, "mac", address=nic.mac.lower())
@@ -127,7 +131,7 @@ class LibvirtDriver(Driver):
         except libvirt.libvirtError as exc:
             raise StartFailed(f"libvirt could not create domain {name}: {exc}") from None
         handle: dict[str, Any] = {"domain": name, "uri": self.uri, "console": str(gdir / "console.log"),
-                                  "agent": str(gdir / "agent.log")}
+                                  "agent": str(gdir / "agent.log"), "exec": str(gdir / "exec.sock")}
         proc = _qemu_process(name)
         if proc is not None:
             handle.update(pid=proc.pid, pid_start=proc.start)

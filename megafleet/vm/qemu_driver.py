@@ -4,7 +4,8 @@ Direct kernel boot of an imagegen image (kernel + initramfs, the whole guest in
 RAM); the accelerator comes from the host probe (KVM only when it really runs a
 guest, else TCG). Per guest, in its directory: ``qmp.sock`` (status and stop),
 ``console.log`` (serial console: boot messages and the ready line),
-``agent.log`` (the virtio-serial port org.megafleet.agent: agent lines), ``pid``
+``agent.log`` (the virtio-serial port org.megafleet.agent: agent lines),
+``exec.sock`` (the port org.megafleet.exec: `megafleet exec` into the guest), ``pid``
 (QEMU's pidfile) and ``qemu.log`` (QEMU's own stderr).
 
 Lean defaults (from `megafleet.qemu.qemu_argv`): no default devices, no VGA, no
@@ -60,7 +61,8 @@ def guest_argv(spec, kernel: Path, initramfs: Path, gdir: Path, accel: str) -> l
                 vde=n.vde_socket if n.kind == "vde" else None) for n in spec.nics]
     argv = qemu_argv(kernel, initramfs, append, name=spec.name, mem_mb=spec.mem_mb,
                      vcpus=spec.vcpus, accel=accel, qmp_socket=gdir / "qmp.sock",
-                     console_log=gdir / "console.log", agent_log=gdir / "agent.log", nics=nics)
+                     console_log=gdir / "console.log", agent_log=gdir / "agent.log",
+                     exec_socket=gdir / "exec.sock", nics=nics)
     return argv + ["-pidfile", str(gdir / "pid")]
 
 
@@ -100,6 +102,7 @@ class QemuDriver(Driver):
             raise StartFailed(f"qemu exited at once: {_tail(gdir / 'qemu.log')}") from None
         return {"pid": proc.pid, "pid_start": proc.start, "console": str(gdir / "console.log"),
                 "agent": str(gdir / "agent.log"), "qmp": str(gdir / "qmp.sock"),
+                "exec": str(gdir / "exec.sock"),
                 "log": str(gdir / "qemu.log")}
 
     def alive(self, handle: dict[str, Any]) -> bool:

@@ -7,7 +7,8 @@ import subprocess
 import pytest
 import trio
 
-from megafleet.vm.engine import Engine
+from megafleet.vm.engine import Engine, guests_dir
+from megafleet.vm.guestexec import exec_in_guest
 from megafleet.vm.manifest import GuestSpec
 from megafleet.vm.state import VmState
 
@@ -43,6 +44,9 @@ def test_two_libvirt_domains_boot_and_tear_down(tiny, libvirtd, root_only):
         cmdline = open(f"/proc/{views[0].pid}/cmdline").read().replace("\0", " ")
         assert tiny.hash in cmdline and "megafleet.name=mfvl1" in cmdline
         assert VmState().get("mfvl1").handle["domain"] == "mfvl1"
+        # The exec channel works the same under libvirt.
+        r = trio.run(exec_in_guest, guests_dir() / "mfvl2" / "exec.sock", ["hostname"])
+        assert (r.rc, r.stdout, r.stderr) == (0, b"mfvl2\n", b"")
 
         trio.run(lambda: engine.teardown("mfvl*"))
         assert not {"mfvl1", "mfvl2"} & set(_domains())

@@ -1,5 +1,6 @@
-"""Real QEMU guests (TCG on this host): a bulk boot with one failing guest, the
-teardown, and an engine killed with SIGKILL in the middle of a boot."""
+"""Real QEMU guests (TCG on this host): a bulk boot with one failing guest, a
+command run inside a guest, the teardown, and an engine killed with SIGKILL in
+the middle of a boot."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from megafleet.imagegen.contract import GuestConfig, NicConfig
 from megafleet.ledger import Ledger
 from megafleet.vm.driver import reap
 from megafleet.vm.engine import Engine, guests_dir
+from megafleet.vm.guestexec import exec_in_guest
 from megafleet.vm.manifest import GuestSpec, NicSpec
 from megafleet.vm.state import OWNER, VmState
 
@@ -72,6 +74,12 @@ def _boot_check_teardown(engine, specs):
     # QMP answers for a running guest.
     qemu = engine.driver("qemu")
     assert trio.run(qemu.status, VmState().get("mfvq1").handle) == "running"
+    # A command runs inside the guest through its exec channel, its argv intact.
+    word = "it's a \"word\" $HOME `id`\nand a line"
+    r = trio.run(exec_in_guest, guests_dir() / "mfvq4" / "exec.sock",
+                 ["sh", "-c", 'hostname; ip -o -4 addr show eth0; echo "$1" >&2; exit 3', "sh", word])
+    assert r.rc == 3 and r.stdout.decode().startswith("mfvq4\n"), r
+    assert "10.251.0.2/24" in r.stdout.decode() and r.stderr.decode() == word + "\n"
 
     # Applying the same manifest again leaves the running guests alone.
     again = trio.run(lambda: engine.apply(specs[:4]))

@@ -185,3 +185,40 @@ def test_console_tail_keeps_the_panic_line_above_a_long_call_trace(tmp_path):
     assert tail.endswith("---[ end Kernel panic ]---") and "frame_0+" not in tail
     assert kernel_panic(tail) == "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100"
     assert kernel_panic("no panic here") is None
+
+
+def test_guest_exec_words_survive_the_guest_shell():
+    """The request carries the argv quoted for the shell; the guest's busybox sh
+    evaluates it (as the image's exec script does) into exactly that argv."""
+    import base64
+    import shutil
+    import subprocess
+
+    from megafleet.vm.guestexec import request_line
+
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed (scripts/setup installs busybox-static)")
+    argv = ["printf", "%s|", "a  b", "it's", "$HOME", "`id`", "x\ny", "", "*"]
+    request_id, words = request_line("0af3", argv).decode().rstrip("\n").split(" ")
+    assert request_id == "0af3"
+    script = 'CMD=$(echo "$1" | base64 -d); eval "exec $CMD"'
+    out = subprocess.run([busybox, "sh", "-c", script, "sh", words], capture_output=True,
+                         text=True, check=True, cwd="/").stdout
+    assert out == "a  b|it's|$HOME|`id`|x\ny||*|"
+    assert base64.b64decode(words)        # one base64 word: no newline in the request
+
+
+def test_guest_exec_answers_matched_by_id():
+    import base64
+
+    from megafleet.vm.guestexec import GuestExecError, parse_answer
+
+    out, err = base64.b64encode(b"hi\n").decode(), ""
+    line = f"MEGAFLEET-EXEC id=ab12 rc=3 out={out} err={err}".encode()
+    result = parse_answer(line, "ab12")
+    assert (result.rc, result.stdout, result.stderr) == (3, b"hi\n", b"")
+    assert parse_answer(line, "ffff") is None                     # an earlier request's answer
+    assert parse_answer(b"MEGAFLEET-AGENT v=1 name=x", "ab12") is None
+    with pytest.raises(GuestExecError, match="malformed"):
+        parse_answer(b"MEGAFLEET-EXEC id=ab12 rc=x out= err=", "ab12")
