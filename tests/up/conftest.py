@@ -71,3 +71,7 @@ def fleet2():
         fleet.down()
         shutil.rmtree(work, ignore_errors=True)
     assert leftovers(prefix) == []
+
+
+# The collect tests' FerretDB (a real MongoDB-protocol server), for `up --telemetry mongodb://...`.
+from tests.collect.conftest import ferretdb  # noqa: E402,F401

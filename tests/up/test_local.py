@@ -134,3 +134,53 @@ def test_ksm_daemon_runs_with_the_testbed_and_restores_knobs(tmp_path):
     assert down["ok"] and down["results"][name]["local"]["value"]["testbeds"][name]["processes"] >= 2
     assert {k: KsmSysfs().read_one(k) for k in knobs} == before
     assert megafleet_json("status")["hosts"]["local"]["value"]["ksm"]["daemon"] == "stopped"
+
+
+def test_up_with_ksm_and_telemetry_in_a_mongodb_server(tmp_path, ferretdb):
+    """The main job with every part on: container and QEMU guests; the KSM daemon
+    runs before the guests and hears the vm engine announce their boot; the
+    collector writes to a real MongoDB-protocol server (FerretDB), and the
+    telemetry queries answer from it; `exec` reaches into both kinds of guest."""
+    if os.geteuid() != 0 or not os.access("/sys/kernel/mm/ksm/run", os.W_OK):
+        pytest.skip("needs root and a writable /sys/kernel/mm/ksm")
+    import time
+
+    from megafleet import paths
+    from megafleet.ksm.sysfs import KsmSysfs
+
+    knobs = ("run", "pages_to_scan", "sleep_millisecs")
+    before = {k: KsmSysfs().read_one(k) for k in knobs}
+    name = f"mfm{TAG}"
+    uri = ferretdb.uri
+    path = tmp_path / "observed.fleet"
+    path.write_text(f'image tiny from "{REPO}/examples/images/tiny.toml"\n'
+                    "pool p 10.153.0.0/16\nswitch s\nhost h1 on s\n"
+                    "vm g[1..2] image tiny driver container mem 64M on s\n"
+                    "vm q1 image tiny driver qemu mem 128M on s\n")
+    try:
+        up = megafleet_json("up", str(path), "-N", name, "--ksm", "--telemetry", uri,
+                            "--telemetry-interval", "1")
+        assert up["ok"] and up["ready"] == 3, up
+        ksm_log = paths.state_dir() / "up" / f"{name}.ksm.log"
+        deadline = time.monotonic() + 30
+        rows: list = []
+        while time.monotonic() < deadline:
+            r = megafleet("telemetry", "--telemetry", uri, "status", "--json", check=False)
+            rows = json.loads(r.stdout) if r.returncode == 0 else [r.stderr]
+            if rows == [{"host": "local", "state": "running", "guests": 3}] and "boot of 3" in ksm_log.read_text():
+                break
+            time.sleep(1)
+        assert rows == [{"host": "local", "state": "running", "guests": 3}]
+        assert "boot of 3" in ksm_log.read_text()
+        (boots,) = megafleet_json("telemetry", "--telemetry", uri, "boot-times", "--since", "all")
+        assert (boots["host"], boots["image"], boots["boots"], boots["failures"]) == ("local", "tiny", 3, 0)
+        # exec: nsenter into the container, the exec channel into the QEMU guest.
+        ran = json.loads(megafleet("exec", "--json", "-t", name, "[gq]1", "--",
+                                   "sh", "-c", 'hostname; echo "$1"', "sh", "a  b").stdout)
+        assert [(n["node"], n["rc"], n["stdout"]) for n in ran["nodes"]] == [
+            ("g1", 0, "g1\na  b\n"), ("q1", 0, "q1\na  b\n")], ran
+    finally:
+        down = megafleet_json("down", name, check=False)
+    assert down["ok"], down
+    assert netns_with(name + "-") == [] and links_in(None, name) == []
+    assert {k: KsmSysfs().read_one(k) for k in knobs} == before
