@@ -84,7 +84,8 @@ class Port:
     vlan: int | None
     mtu: int
     props: LinkProps
-    kind: str               # veth | tap | vde
+    kind: str               # veth | tap | vde | guest-vde (a VM's NIC on a VDE switch: QEMU
+                            # connects to the switch itself, nothing is made on the host)
 
 
 @dataclass
@@ -168,7 +169,14 @@ def plan(net: Net, name: str) -> Plan:
         for eth, iface, addrs in view.ifaces:
             mtu = iface.props.mtu or iface.domain.mtu
             if iface.switch is not None:
-                kind = "tap" if is_vm else ("vde" if iface.switch in p.vde else "veth")
+                on_vde = iface.switch in p.vde
+                if is_vm:
+                    kind = "guest-vde" if on_vde else "tap"
+                else:
+                    kind = "vde" if on_vde else "veth"
+                if kind == "guest-vde" and (impaired(iface.props) or iface.props.rate_bit is not None):
+                    raise LiveError(f"{iface.loc}: rate, delay, jitter or loss on a vm's port of a VDE "
+                                    "switch is not supported; put them on a host's port or use a bridge switch")
                 host_if = ifname(name, node, str(iface.index))
                 if ns is not None and impaired(iface.props):
                     kind = "wire"
@@ -222,7 +230,7 @@ def plan(net: Net, name: str) -> Plan:
                 if is_dynamic(net, node):
                     p.frr[node] = frr.configs(net, node)
         else:
-            p.vms.append(_guest_spec(net, name, node, view, nics))
+            p.vms.append(_guest_spec(net, name, node, view, nics, p.vde))
     p.digest = hashlib.sha256(json.dumps(
         [sorted(p.netns.items()), sorted(map(repr, p.bridges.items())), sorted(map(str, p.vde.items())),
          [repr(x) for x in p.ports], [repr(x) for x in p.p2p], [repr(x) for x in p.swlinks], [repr(x) for x in p.wires],
@@ -231,7 +239,7 @@ def plan(net: Net, name: str) -> Plan:
     return p
 
 
-def _guest_spec(net: Net, testbed: str, node: str, view, nics):
+def _guest_spec(net: Net, testbed: str, node: str, view, nics, vde: dict[str, Path]):
     from megafleet.imagegen.contract import GuestConfig, NicConfig
     from megafleet.vm.manifest import GuestSpec, NicSpec
 
@@ -239,7 +247,10 @@ def _guest_spec(net: Net, testbed: str, node: str, view, nics):
     specs, configs = [], []
     for eth, iface, addrs, mtu in nics:
         mac = mac_for(testbed, node, iface.index)
-        specs.append(NicSpec(mac=mac, kind="tap", ifname=ifname(testbed, node, str(iface.index))))
+        if iface.switch in vde:
+            specs.append(NicSpec(mac=mac, kind="vde", vde_socket=str(vde[iface.switch])))
+        else:
+            specs.append(NicSpec(mac=mac, kind="tap", ifname=ifname(testbed, node, str(iface.index))))
         configs.append(NicConfig(mac, tuple(addrs[f] for f in sorted(addrs)), mtu if mtu != 1500 else None))
     config = GuestConfig(name=node, nics=tuple(configs), gateway=view.gateways.get(4),
                          gateway6=view.gateways.get(6), routes=tuple(view.routes))

@@ -332,3 +332,30 @@ def test_netlink_configures_a_namespace_and_names_what_the_kernel_refused():
     finally:
         proc.run(["ip", "netns", "del", ns])
     assert ns not in live.existing_netns()
+
+
+def test_a_vm_node_on_a_vde_switch(testbed, tmp_path):
+    """A real QEMU guest whose NIC is a port of a VDE switch (QEMU's vde
+    netdev), reached from a namespace host plugged into the same switch."""
+    import shutil
+    if not shutil.which("qemu-system-x86_64") or not shutil.which("vde_switch"):
+        pytest.skip("qemu-system-x86_64 or vde_switch is not installed")
+    name = testbed("mfnw")
+    desc = tmp_path / "vde.fleet"
+    desc.write_text(f'image tiny from "{REPO}/examples/images/tiny.toml"\npool p 10.83.0.0/16\n'
+                    "switch s vde\nvm mfnwv1 image tiny mem 128M on s\nhost h on s\n")
+    net = compile_file(str(desc))
+    live.up(net, name, vm_options={"timeout_s": 240})
+    from megafleet.vm.engine import Engine
+    from megafleet.vm.state import VmState
+    (guest,) = Engine().list("mfnwv1")
+    cmdline = open(f"/proc/{guest.pid}/cmdline").read().split("\0")
+    assert any(arg.startswith("vde,") for arg in cmdline), cmdline
+    assert VmState().get("mfnwv1").spec["nics"][0]["kind"] == "vde"
+    vm_addr = addr_of(net, "mfnwv1")
+    deadline = time.monotonic() + 30
+    while ping(f"{name}-h", vm_addr, timeout=1).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ping(f"{name}-h", vm_addr).returncode == 0
+    live.down(name)
+    assert Engine().list("mfnwv1") == []
