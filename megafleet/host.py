@@ -184,6 +184,10 @@ async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = No
                          if result.outcome == "failed" else {})})
 
         report = await vm_apply(p.vms, progress=progress, **m.vm_options)
+        ready = {r.name for r in report.results if r.outcome in ("ready", "already")}
+        p.vm_frr = {r: c for r, c in p.vm_frr.items() if r in ready}
+        if p.vm_frr:
+            await live.start_vm_frr(p)
     phases["vm"] = time.monotonic() - t1
 
     t3 = time.monotonic()

@@ -400,7 +400,8 @@ def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
             vde={sw: path for sw, path in p.vde.items() if host in vde_hosts.get(sw, ())},
             ports=host_ports, p2p=p2p[host], swlinks=swlinks[host], wires=wires[host],
             **per_ns, routers=[r for r in p.routers if r in mine],
-            frr={r: c for r, c in p.frr.items() if r in mine}, vms=guests, digest="")
+            frr={r: c for r, c in p.frr.items() if r in mine},
+            vm_frr={r: c for r, c in p.vm_frr.items() if r in mine}, vms=guests, digest="")
         tunnels = []
         for key in spanning:
             if host not in bridge_hosts[key]:

@@ -41,6 +41,7 @@ megafleet.gw=IP             default IPv4 gateway (megafleet.gw6 for IPv6)
 megafleet.route=CIDR,VIA    a static route. Repeatable
 megafleet.agent=SECONDS     agent interval; 0 disables the agent
 megafleet.svc=a,b           extra services to start (as named in the image)
+megafleet.forward=1         forward IPv4 and IPv6 packets (a router)
 =========================== ==================================================
 """
 
@@ -79,6 +80,7 @@ class GuestConfig:
     routes: tuple[tuple[str, str], ...] = ()
     agent_interval: float = 5.0
     services: tuple[str, ...] = ()
+    forward: bool = False                     # a router: forward IPv4 and IPv6
 
     def kernel_args(self) -> list[str]:
         """The `megafleet.*` kernel parameters, validated, in a stable order."""
@@ -98,6 +100,8 @@ class GuestConfig:
         for dest, via in self.routes:
             args.append(f"megafleet.route={ipaddress.ip_network(dest)},{ipaddress.ip_address(via)}")
         args.append(f"megafleet.agent={self.agent_interval:g}")
+        if self.forward:
+            args.append("megafleet.forward=1")
         if self.services:
             args.append("megafleet.svc=" + ",".join(check_name(s, "service") for s in self.services))
         return args

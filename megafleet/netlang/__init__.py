@@ -102,8 +102,11 @@ via the first router on a shortest path. `ospf` runs FRR's ospfd on every
 IPv4 interface of the router and ospf6d on every IPv6 one (hello 1 s, dead 4 s,
 point-to-point on links, connected networks redistributed); `bgp AS` runs bgpd,
 peering over IPv4 with every other BGP router on a shared network. A router is
-a network namespace, or a VM when given an image (the VM is booted on its taps;
-routing inside the guest is not configured yet).
+a network namespace, or a VM when given an image (on switches only): the guest
+forwards, gets its static routes on the kernel command line, and with `ospf` or
+`bgp` the generated FRR configuration is written into it and its daemons
+started there through the guest's exec channel (the image must hold FRR, as
+examples/images/router.toml does).
 
 Assertions
 ----------

@@ -121,6 +121,7 @@ class Plan:
     ns_sysctls: dict[str, dict[str, str]] = field(default_factory=dict)  # namespace -> /proc/sys/net values
     routers: list[str] = field(default_factory=list)             # namespace routers (forwarding)
     frr: dict[str, dict[str, str]] = field(default_factory=dict)  # router -> daemon -> config text
+    vm_frr: dict[str, dict[str, str]] = field(default_factory=dict)  # the same, for VM routers
     vms: list = field(default_factory=list)                      # GuestSpec list
     digest: str = ""
 
@@ -231,10 +232,12 @@ def plan(net: Net, name: str) -> Plan:
                     p.frr[node] = frr.configs(net, node)
         else:
             p.vms.append(_guest_spec(net, name, node, view, nics, p.vde))
+            if g.kind == "router" and is_dynamic(net, node):
+                p.vm_frr[node] = frr.configs(net, node)
     p.digest = hashlib.sha256(json.dumps(
         [sorted(p.netns.items()), sorted(map(repr, p.bridges.items())), sorted(map(str, p.vde.items())),
          [repr(x) for x in p.ports], [repr(x) for x in p.p2p], [repr(x) for x in p.swlinks], [repr(x) for x in p.wires],
-         sorted(map(repr, p.ns_ops.items())), sorted(map(repr, p.ns_sysctls.items())), sorted(p.frr.items()), [repr(v) for v in p.vms]],
+         sorted(map(repr, p.ns_ops.items())), sorted(map(repr, p.ns_sysctls.items())), sorted(p.frr.items()), sorted(p.vm_frr.items()), [repr(v) for v in p.vms]],
         default=str).encode()).hexdigest()
     return p
 
@@ -253,7 +256,8 @@ def _guest_spec(net: Net, testbed: str, node: str, view, nics, vde: dict[str, Pa
             specs.append(NicSpec(mac=mac, kind="tap", ifname=ifname(testbed, node, str(iface.index))))
         configs.append(NicConfig(mac, tuple(addrs[f] for f in sorted(addrs)), mtu if mtu != 1500 else None))
     config = GuestConfig(name=node, nics=tuple(configs), gateway=view.gateways.get(4),
-                         gateway6=view.gateways.get(6), routes=tuple(view.routes))
+                         gateway6=view.gateways.get(6), routes=tuple(view.routes),
+                         forward=g.kind == "router")
     return GuestSpec(name=node, image=g.props["image"], driver=g.props.get("driver", "qemu"),
                      mem_mb=g.props.get("mem_mib", 128), vcpus=g.props.get("vcpus", 1),
                      nics=tuple(specs), config=config)
@@ -418,6 +422,9 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
             raise LiveError(f"{len(failed)} of {len(specs)} vms did not boot (first: {failed[0].name}: "
                             f"{failed[0].reason or failed[0].outcome}); 'megafleet net down {testbed}' removes everything")
         progress(f"{len(specs)} vms ready")
+        if p.vm_frr:
+            await start_vm_frr(p)
+            progress(f"started FRR in {len(p.vm_frr)} VM routers")
     ledger.record(OWNER, "testbed", testbed, digest=p.digest, file=net.files[0], complete=True,
                   counts={"namespaces": len(p.netns), "bridges": len(p.bridges), "vde": len(p.vde),
                           "ports": len(p.ports), "p2p": len(p.p2p), "frr": len(p.frr), "vms": len(p.vms)})
@@ -647,6 +654,33 @@ def _start_frr(p: Plan, ledger: Ledger) -> None:
                                         f"see {d / 'zebra.log'}")
                     time.sleep(0.02)
     return None
+
+
+async def start_vm_frr(p: Plan, timeout: float = 60.0) -> None:
+    """FRR in the VM routers: each daemon's generated configuration is written
+    into the guest and the daemon started there, through the guest's exec
+    channel. The image's zebra is already running (it is an autostart service of
+    the router image); the daemons live and die with the guest, so nothing is
+    recorded on the host."""
+    import base64
+
+    from megafleet.vm.engine import guests_dir
+    from megafleet.vm.guestexec import GuestExecError, exec_in_guest
+
+    script = ('umask 027; echo "$2" | base64 -d > "/etc/frr/$1.conf" && chown frr:frr "/etc/frr/$1.conf" '
+              '&& exec "/usr/lib/frr/$1" -d -f "/etc/frr/$1.conf"')
+    for router, daemons in sorted(p.vm_frr.items()):
+        sock = guests_dir() / router / "exec.sock"
+        for daemon in sorted(d for d in daemons if d != "zebra"):
+            text = base64.b64encode(daemons[daemon].encode()).decode()
+            try:
+                r = await exec_in_guest(sock, ["sh", "-c", script, "sh", daemon, text], timeout)
+            except GuestExecError as exc:
+                raise LiveError(f"router {router}: cannot start {daemon} in the guest: {exc}") from None
+            if r.rc != 0:
+                raise LiveError(f"router {router}: {daemon} did not start in the guest (exit {r.rc}): "
+                                f"{(r.stderr or r.stdout).decode(errors='replace').strip()[-300:]} "
+                                "(is it the router image, with FRR?)")
 
 
 def _intact(testbed: str, ledger: Ledger) -> bool:

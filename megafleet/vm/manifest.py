@@ -102,7 +102,8 @@ class GuestSpec:
                 gateway=config.get("gateway"), gateway6=config.get("gateway6"),
                 routes=tuple(tuple(r) for r in config.get("routes", ())),
                 agent_interval=config.get("agent_interval", 5.0),
-                services=tuple(config.get("services", ())))
+                services=tuple(config.get("services", ())),
+                forward=bool(config.get("forward", False)))
         return cls(name=data["name"], image=data["image"], driver=data.get("driver", "qemu"),
                    mem_mb=int(data.get("mem_mb", 128)), vcpus=int(data.get("vcpus", 1)),
                    nics=tuple(NicSpec(**n) for n in data.get("nics", ())), config=config)

@@ -5,6 +5,7 @@ process, no ledger record. Only addresses inside our own namespaces are pinged."
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
@@ -359,3 +360,44 @@ def test_a_vm_node_on_a_vde_switch(testbed, tmp_path):
     assert ping(f"{name}-h", vm_addr).returncode == 0
     live.down(name)
     assert Engine().list("mfnwv1") == []
+
+
+def test_a_vm_router_runs_ospf_with_a_namespace_router(testbed, tmp_path):
+    """A router that is a QEMU guest of the router image forwards and runs
+    OSPF (configuration written into it through its exec channel) with a
+    namespace router: hosts behind each reach each other only through both."""
+    import shutil
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is not installed")
+    name = testbed("mfno")
+    desc = tmp_path / "vmrouter.fleet"
+    desc.write_text(f'image router from "{REPO}/examples/images/router.toml"\npool p 10.84.0.0/16\n'
+                    "switch lan[1..3]\n"
+                    "router rv image router mem 256M ospf {\n  iface lan1 auto\n  iface lan2 auto\n}\n"
+                    "router rn ospf {\n  iface lan2 auto\n  iface lan3 auto\n}\n"
+                    "host h1 on lan1\nhost h3 on lan3\nreachable h1 h3\n")
+    net = compile_file(str(desc))
+    live.up(net, name, vm_options={"timeout_s": 240})
+    try:
+        import trio
+
+        from megafleet.vm.engine import guests_dir
+        from megafleet.vm.guestexec import exec_in_guest
+
+        # h1 reaches h3 only if rv forwards and has learnt lan3 from rn over OSPF
+        # (rv has no static route to it: it runs OSPF instead).
+        target = addr_of(net, "h3")
+        deadline = time.monotonic() + 90
+        while ping(f"{name}-h1", target, timeout=1).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(1)
+        routes = trio.run(exec_in_guest, guests_dir() / "rv" / "exec.sock", ["ip", "route"])
+        assert ping(f"{name}-h1", target).returncode == 0, routes.stdout.decode()
+        # The route to lan3 is in rv's table though rv was given no static route.
+        from megafleet.vm.state import VmState
+        assert VmState().get("rv").spec["config"]["routes"] == []
+        lan3 = str(ipaddress.ip_interface(f"{target}/24").network)
+        assert any(line.startswith(lan3 + " via ") for line in routes.stdout.decode().splitlines())
+        assert trio.run(exec_in_guest, guests_dir() / "rv" / "exec.sock", ["pidof", "ospfd"]).rc == 0
+    finally:
+        live.down(name)
+    assert leftovers(name) == clean(name)
