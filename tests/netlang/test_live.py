@@ -51,6 +51,17 @@ def ping(ns: str, addr: str, count: int = 1, timeout: int = 2) -> subprocess.Com
                      "-W", str(timeout), addr], check=False)
 
 
+def ping_within(ns: str, addr: str, seconds: float) -> bool:
+    """Whether addr answers a ping from ns within `seconds` (a guest booting,
+    routers converging)."""
+    deadline = time.monotonic() + seconds
+    while ping(ns, addr, timeout=1).returncode != 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def addr_of(net, node: str, iface: int = 0) -> str:
     return net.node(node).ifaces[iface][2][4].split("/")[0]
 
@@ -298,10 +309,7 @@ def test_a_vm_node_on_a_bridge_with_namespace_hosts(testbed, tmp_path):
     from megafleet.vm.engine import Engine
     assert [g.name for g in Engine().list("mfnqv1")] == ["mfnqv1"]
     vm_addr = addr_of(net, "mfnqv1")
-    deadline = time.monotonic() + 30
-    while ping(f"{name}-h", vm_addr, timeout=1).returncode != 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ping(f"{name}-h", vm_addr).returncode == 0
+    assert ping_within(f"{name}-h", vm_addr, 30)
     live.down(name)
     assert Engine().list("mfnqv1") == []
 
@@ -354,10 +362,7 @@ def test_a_vm_node_on_a_vde_switch(testbed, tmp_path):
     assert any(arg.startswith("vde,") for arg in cmdline), cmdline
     assert VmState().get("mfnwv1").spec["nics"][0]["kind"] == "vde"
     vm_addr = addr_of(net, "mfnwv1")
-    deadline = time.monotonic() + 30
-    while ping(f"{name}-h", vm_addr, timeout=1).returncode != 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ping(f"{name}-h", vm_addr).returncode == 0
+    assert ping_within(f"{name}-h", vm_addr, 30)
     live.down(name)
     assert Engine().list("mfnwv1") == []
 
@@ -387,11 +392,9 @@ def test_a_vm_router_runs_ospf_with_a_namespace_router(testbed, tmp_path):
         # h1 reaches h3 only if rv forwards and has learnt lan3 from rn over OSPF
         # (rv has no static route to it: it runs OSPF instead).
         target = addr_of(net, "h3")
-        deadline = time.monotonic() + 90
-        while ping(f"{name}-h1", target, timeout=1).returncode != 0 and time.monotonic() < deadline:
-            time.sleep(1)
+        reached = ping_within(f"{name}-h1", target, 90)
         routes = trio.run(exec_in_guest, guests_dir() / "rv" / "exec.sock", ["ip", "route"])
-        assert ping(f"{name}-h1", target).returncode == 0, routes.stdout.decode()
+        assert reached, routes.stdout.decode()
         # The route to lan3 is in rv's table though rv was given no static route.
         from megafleet.vm.state import VmState
         assert VmState().get("rv").spec["config"]["routes"] == []
