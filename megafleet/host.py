@@ -185,9 +185,7 @@ async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = No
 
         report = await vm_apply(p.vms, progress=progress, **m.vm_options)
         ready = {r.name for r in report.results if r.outcome in ("ready", "already")}
-        p.vm_frr = {r: c for r, c in p.vm_frr.items() if r in ready}
-        if p.vm_frr:
-            await live.start_vm_frr(p)
+        await live.start_vm_frr({r: c for r, c in p.vm_frr.items() if r in ready})
     phases["vm"] = time.monotonic() - t1
 
     t3 = time.monotonic()
@@ -540,8 +538,8 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
     use_dirs(state_dir, run_dir)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise HostError("exec needs a command (a list of words)")
-    from megafleet.vm.engine import guests_dir
-    from megafleet.vm.guestexec import GuestExecError, exec_in_guest
+    from megafleet.vm.guestexec import GuestExecError, exec_in_guest, exec_socket
+    from megafleet.vm.state import VmState
 
     ledger = Ledger()
     # (node, host argv to run, exec socket of a guest, error)
@@ -555,6 +553,7 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
                 targets.append((node, ["ip", "netns", "exec", ns, *argv], None, None))
         vms = [v for v in m.net["vms"] if fnmatch.fnmatchcase(v["name"], pattern)]
         views = _guest_views({v["name"] for v in vms})
+        handles = {r.name: r.handle for r in VmState().list() if r.name in views}
         for v in sorted(vms, key=lambda v: v["name"]):
             view = views.get(v["name"])
             if view is None or view.state != "running":
@@ -563,7 +562,10 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
                 targets.append((v["name"], ["nsenter", "-t", str(view.pid), "-m", "-u", "-i", "-n",
                                             "-p", "-r", "-w", *argv], None, None))
             else:
-                targets.append((v["name"], None, guests_dir() / v["name"] / "exec.sock", None))
+                try:
+                    targets.append((v["name"], None, exec_socket(v["name"], handles.get(v["name"])), None))
+                except GuestExecError as exc:
+                    targets.append((v["name"], None, None, str(exc)))
     results: list[dict[str, Any]] = []
     limiter = trio.CapacityLimiter(8)
 

@@ -423,7 +423,7 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
                             f"{failed[0].reason or failed[0].outcome}); 'megafleet net down {testbed}' removes everything")
         progress(f"{len(specs)} vms ready")
         if p.vm_frr:
-            await start_vm_frr(p)
+            await start_vm_frr(p.vm_frr)
             progress(f"started FRR in {len(p.vm_frr)} VM routers")
     ledger.record(OWNER, "testbed", testbed, digest=p.digest, file=net.files[0], complete=True,
                   counts={"namespaces": len(p.netns), "bridges": len(p.bridges), "vde": len(p.vde),
@@ -656,25 +656,27 @@ def _start_frr(p: Plan, ledger: Ledger) -> None:
     return None
 
 
-async def start_vm_frr(p: Plan, timeout: float = 60.0) -> None:
-    """FRR in the VM routers: each daemon's generated configuration is written
-    into the guest and the daemon started there, through the guest's exec
-    channel. The image's zebra is already running (it is an autostart service of
-    the router image); the daemons live and die with the guest, so nothing is
-    recorded on the host."""
-    import base64
+async def start_vm_frr(vm_frr: dict[str, dict[str, str]], timeout: float = 60.0) -> None:
+    """FRR in the VM routers (router -> daemon -> configuration): each daemon's
+    configuration is written into the guest and the daemon started there,
+    through the guest's exec channel. The image's zebra is already running (it
+    is an autostart service of the router image); the daemons live and die with
+    the guest, so nothing is recorded on the host."""
+    from megafleet.vm.guestexec import GuestExecError, exec_in_guest, exec_socket
+    from megafleet.vm.state import VmState
 
-    from megafleet.vm.engine import guests_dir
-    from megafleet.vm.guestexec import GuestExecError, exec_in_guest
-
-    script = ('umask 027; echo "$2" | base64 -d > "/etc/frr/$1.conf" && chown frr:frr "/etc/frr/$1.conf" '
+    # The configuration is the second word: the exec channel carries any word intact.
+    script = ('umask 027; printf %s "$2" > "/etc/frr/$1.conf" && chown frr:frr "/etc/frr/$1.conf" '
               '&& exec "/usr/lib/frr/$1" -d -f "/etc/frr/$1.conf"')
-    for router, daemons in sorted(p.vm_frr.items()):
-        sock = guests_dir() / router / "exec.sock"
+    if not vm_frr:
+        return
+    records = {r.name: r for r in await trio.to_thread.run_sync(lambda: VmState().list())}
+    for router, daemons in sorted(vm_frr.items()):
+        record = records.get(router)
         for daemon in sorted(d for d in daemons if d != "zebra"):
-            text = base64.b64encode(daemons[daemon].encode()).decode()
             try:
-                r = await exec_in_guest(sock, ["sh", "-c", script, "sh", daemon, text], timeout)
+                sock = exec_socket(router, record.handle if record else None)
+                r = await exec_in_guest(sock, ["sh", "-c", script, "sh", daemon, daemons[daemon]], timeout)
             except GuestExecError as exc:
                 raise LiveError(f"router {router}: cannot start {daemon} in the guest: {exc}") from None
             if r.rc != 0:

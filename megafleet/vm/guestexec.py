@@ -37,6 +37,16 @@ class GuestExecResult:
     stderr: bytes
 
 
+def exec_socket(guest: str, handle: dict | None) -> Path:
+    """The exec channel of a QEMU or libvirt guest, as its driver recorded it in
+    the guest's handle (None: no record of the guest)."""
+    path = (handle or {}).get("exec")
+    if not path:
+        raise GuestExecError(f"{guest}: no exec channel recorded (not a QEMU or libvirt guest, "
+                             "or booted by a megafleet without one)")
+    return Path(path)
+
+
 def request_line(request_id: str, argv: list[str]) -> bytes:
     if not argv or not all(isinstance(a, str) for a in argv):
         raise ValueError("exec needs a command (a list of words)")

@@ -222,3 +222,12 @@ def test_guest_exec_answers_matched_by_id():
     assert parse_answer(b"MEGAFLEET-AGENT v=1 name=x", "ab12") is None
     with pytest.raises(GuestExecError, match="malformed"):
         parse_answer(b"MEGAFLEET-EXEC id=ab12 rc=x out= err=", "ab12")
+
+
+def test_guest_exec_socket_comes_from_the_recorded_handle():
+    from megafleet.vm.guestexec import GuestExecError, exec_socket
+
+    assert exec_socket("q1", {"exec": "/run/g/q1/exec.sock"}) == Path("/run/g/q1/exec.sock")
+    for handle in ({"pid": 1}, None):      # a container's handle; no record at all
+        with pytest.raises(GuestExecError, match="q1: no exec channel recorded"):
+            exec_socket("q1", handle)
