@@ -248,8 +248,7 @@ async def apply_net(p, tunnels: list[Vxlan], ledger: Ledger, progress: Callable[
         raise HostError(f"configuring {len(failures)} namespaces failed (first: {failures[0]})")
     await trio.to_thread.run_sync(live._shape_and_route, p, limiter=limiter)
     if p.frr:
-        await trio.to_thread.run_sync(live._start_frr, p, ledger)
-        progress(f"started FRR on {len(p.frr)} routers")
+        await live.start_routers(p, ledger, progress)
     ledger.record(live.OWNER, "testbed", t, digest=p.digest, file="megafleet up", complete=True,
                   counts={"namespaces": len(p.netns), "bridges": len(p.bridges),
                           "ports": len(p.ports), "frr": len(p.frr), "vms": len(p.vms),

@@ -31,6 +31,7 @@ import trio
 
 from megafleet.ledger import Ledger
 from megafleet.names import InvalidName, check_name
+from megafleet.names import testbed_name as names_testbed_name
 
 CONTROLLER = "up-controller"
 LOCAL = "local"
@@ -89,18 +90,13 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
 # ---------------------------------------------------------------------------
 
 def testbed_name(path: Path, name: str | None) -> str:
-    """The testbed's name: given, or the file's stem cut to 8 characters (it
+    """The testbed's name: given, or derived from the file name as `net up`
+    derives it (`megafleet.names.testbed_name`: at most 8 characters, since it
     prefixes interface names, which Linux limits to 15 bytes)."""
-    if name is None:
-        stem = "".join(c for c in path.stem if c.isalnum())
-        name = (stem if stem[:1].isalpha() else "t" + stem)[:8] or "testbed"
     try:
-        check_name(name, "testbed name")
+        return names_testbed_name(path, name)
     except InvalidName as exc:
         raise UpError(str(exc)) from None
-    if len(name) > 8:
-        raise UpError(f"testbed name {name!r} is longer than 8 characters (it prefixes interface names)")
-    return name
 
 
 def compile_testbed(path: Path, defines: dict[str, str]):

@@ -43,13 +43,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _default_name(file: str, name: str | None) -> str:
-    if name:
-        return name
-    stem = Path(file).stem
-    if len(stem) > 8:
-        raise click.UsageError(f"testbed name from the file name ({stem!r}) is longer than 8 characters; "
-                               f"give a short one with -N NAME")
-    return stem
+    """-N NAME, or the name `megafleet up` derives from the file name."""
+    from megafleet.names import InvalidName, testbed_name
+
+    try:
+        return testbed_name(file, name)
+    except InvalidName as exc:
+        raise click.UsageError(str(exc))
 
 
 @click.group()
@@ -166,6 +166,8 @@ def draw(file: str, output: str, defines: tuple[str, ...]) -> None:
         draw_net(net_, Path(output))
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err))
+    except OSError as err:
+        raise click.ClickException(f"cannot write {output}: {err.strerror or err}")
     click.echo(f"wrote {output}")
 
 
@@ -181,7 +183,10 @@ def export(file: str, defines: tuple[str, ...], as_json: bool, output: str | Non
     from megafleet.netlang.export import to_json
 
     net_ = _compile(file, defines, graph=False)
-    out = open(output, "w") if output else sys.stdout
+    try:
+        out = open(output, "w") if output else sys.stdout
+    except OSError as err:
+        raise click.ClickException(f"cannot write {output}: {err.strerror or err}")
     try:
         json.dump(to_json(net_), out)
         out.write("\n")
@@ -233,7 +238,7 @@ def down(target: str, as_json: bool) -> None:
     files. Works after a crash and when run twice."""
     from megafleet.netlang import live
 
-    testbed = Path(target).stem if target.endswith(".fleet") else target
+    testbed = _default_name(target, None) if target.endswith(".fleet") else target
     progress = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     try:
         result = live.down(testbed, progress)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megafleet.names import NAME_RE
-from megafleet.netlang import ipam, values
+from megafleet.netlang import ipam, ospftimers, values
 from megafleet.netlang.errors import CompileError, Diagnostics, Loc
 from megafleet.netlang.model import (Domain, Iface, LinkProps, Net, NodeGroup, Switch,
                                      SwitchLink)
@@ -127,6 +127,42 @@ def _attach(key: Word, cur: Cursor) -> Attach:
     return att
 
 
+OSPF_WORDS = ("area", "cost", "hello", "dead", "spf", "lsa", "daemon")
+OSPF_DAEMONS = ("frr", "bird", "auto")
+
+
+def _seconds(text: str, what: str) -> int:
+    """Whole seconds: `10` or `10s`."""
+    return values.integer(text[:-1] if text.endswith("s") and not text.endswith("ms") else text,
+                          1, ospftimers.HELLO_MAX_S, what + " (seconds)")
+
+
+def _ms(text: str, hi: int, what: str) -> int:
+    us = values.duration_us(text)
+    if us % 1000 or us > hi * 1000:
+        raise ValueError(f"invalid {what} {text!r} (whole milliseconds from 0 to {hi}ms)")
+    return us // 1000
+
+
+def _ospf_option(sub: Word, w: Word, cur: Cursor, ospf: dict) -> None:
+    """`hello S`, `dead S`, `spf DELAY HOLD MAX`, `lsa T`, `daemon frr|bird|auto`
+    after `ospf` (see ospftimers and the language reference)."""
+    k = sub.text
+    if k in ("hello", "dead"):
+        ospf[k] = _value(w, lambda t: _seconds(t, f"OSPF {k} interval"))
+    elif k == "spf":
+        words = [w, cur.value(w, "the SPF hold time (spf DELAY HOLD MAX)")]
+        words.append(cur.value(words[1], "the SPF maximum hold time (spf DELAY HOLD MAX)"))
+        ospf["spf"] = tuple(_value(x, lambda t: _ms(t, ospftimers.SPF_MAX_MS, "OSPF spf time"))
+                            for x in words)
+    elif k == "lsa":
+        ospf["lsa"] = _value(w, lambda t: _ms(t, ospftimers.LSA_MAX_MS, "OSPF lsa interval"))
+    elif w.text not in OSPF_DAEMONS:
+        raise PropError(w.loc, f"unknown OSPF daemon {w.text!r} (use {', '.join(OSPF_DAEMONS)})")
+    elif w.text != "auto":
+        ospf["daemon"] = w.text
+
+
 def _node_prop(kind: str, key: Word, cur: Cursor, props: dict[str, Any], attaches: list[Attach]) -> None:
     k = key.text
     if k not in NODE_PROPS[kind]:
@@ -147,15 +183,20 @@ def _node_prop(kind: str, key: Word, cur: Cursor, props: dict[str, Any], attache
         props["driver"] = w.text
     elif k == "ospf":
         ospf = {"area": "0"}
-        while cur.more() and cur.peek().text in ("area", "cost"):
+        while cur.more() and cur.peek().text in OSPF_WORDS:
             sub = cur.take()
             w = cur.value(sub, f"a value for ospf {sub.text}")
             if sub.text == "area":
                 if not (w.text.isdigit() or ipam.parse_addr(w.text) is not None):
                     raise PropError(w.loc, f"invalid OSPF area {w.text!r} (a number or A.B.C.D)")
                 ospf["area"] = w.text
-            else:
+            elif sub.text == "cost":
                 ospf["cost"] = _value(w, lambda t: values.integer(t, 1, 65535, "OSPF cost"))
+            else:
+                _ospf_option(sub, w, cur, ospf)
+        why = ospftimers.check(ospf)
+        if why is not None:
+            raise PropError(key.loc, why)
         props["ospf"] = ospf
     elif k == "bgp":
         w = cur.value(key, "an AS number")
@@ -304,6 +345,11 @@ class Compiler:
             self._props(kind, Cursor(sub.words, 0), props, attaches)
         if kind == "vm" and "image" not in props:
             self.err(stmt.words[1].loc, f"vm {stmt.words[1].text} needs an image ('image NAME')")
+        if props.get("ospf", {}).get("daemon") == "bird" and ("image" in props or "bgp" in props):
+            # BIRD runs OSPF only, in namespace routers; VM routers run their image's FRR.
+            self.err(stmt.words[1].loc, f"router {stmt.words[1].text}: 'ospf daemon bird' is for namespace "
+                                        f"routers without bgp (this one has "
+                                        f"{'an image' if 'image' in props else 'bgp'}); use daemon frr")
         if names is None:
             return
         g = NodeGroup(kind, names, stmt.words[1].loc, props, group=group[0] if group else None)

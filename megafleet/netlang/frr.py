@@ -2,9 +2,11 @@
 
 One file per daemon (zebra, ospfd, ospf6d, bgpd), as FRR 8 reads them with `-f`.
 OSPF runs on every addressed interface of the router in its area (ospfd for
-IPv4, ospf6d for IPv6), with
-short hello/dead timers (1 s / 4 s) so that an emulated network converges and
-notices a cut link in seconds; connected networks are redistributed. BGP peers
+IPv4, ospf6d for IPv6), with short hello/dead timers (1 s / 4 s) in small
+testbeds so that an emulated network converges and notices a cut link in
+seconds, longer ones and a throttled SPF in large ones (`ospftimers`; explicit
+values in the description win); connected networks are redistributed. A router
+whose OSPF runs in BIRD (`bird.runs_bird`) gets one file, "bird", instead. BGP peers
 with every other BGP router that shares a network with it (eBGP when the AS
 numbers differ, iBGP otherwise) and announces its connected networks.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from megafleet.netlang import bird, ospftimers
 from megafleet.netlang.ipam import fmt
 from megafleet.netlang.model import Net
 
@@ -28,39 +31,57 @@ def router_id(net: Net, router: str) -> str:
         hashlib.blake2s(router.encode(), digest_size=4).digest(), "big") | 1))
 
 
-def _ospf_interface(eth: str, ospf: dict, p2p: bool, prefix: str) -> list[str]:
+def _ospf_interface(eth: str, ospf: dict, p2p: bool, prefix: str,
+                    timers: ospftimers.OspfTimers = ospftimers.OspfTimers()) -> list[str]:
     """One interface stanza; prefix is "ip ospf" (ospfd) or "ipv6 ospf6" (ospf6d),
     whose interface commands are otherwise the same."""
     lines = [f"interface {eth}", f" {prefix} area {ospf['area']}"]
     if p2p:
         # A point-to-point link: no designated-router election to wait for.
         lines.append(f" {prefix} network point-to-point")
-    lines += [f" {prefix} hello-interval 1", f" {prefix} dead-interval 4"]
+    lines += [f" {prefix} hello-interval {timers.hello_s}", f" {prefix} dead-interval {timers.dead_s}"]
     if "cost" in ospf:
         lines.append(f" {prefix} cost {ospf['cost']}")
     return lines + ["!"]
 
 
+def _throttle(timers: ospftimers.OspfTimers, v6: bool) -> list[str]:
+    """SPF throttling and LSA pacing lines of `router ospf` / `router ospf6`."""
+    lines = []
+    if timers.spf_delay_ms is not None:
+        lines.append(f" timers throttle spf {timers.spf_delay_ms} {timers.spf_hold_ms} {timers.spf_max_ms}")
+    if timers.lsa_ms is not None:
+        if not v6:
+            lines.append(f" timers throttle lsa all {timers.lsa_ms}")
+        lines.append(f" timers lsa min-arrival {timers.lsa_ms}")
+    return lines
+
+
 def configs(net: Net, router: str) -> dict[str, str]:
+    """daemon -> configuration text for one router: FRR's zebra, ospfd, ospf6d,
+    bgpd as the router needs them, or {"bird": ...} when its OSPF runs in BIRD."""
+    if bird.runs_bird(net, router):
+        return {"bird": bird.config(net, router)}
     view = net.node(router)
     props = view.props
     rid = router_id(net, router)
     out = {"zebra": f"hostname {router}\n!\n"}
     if "ospf" in props:
         ospf = props["ospf"]
+        timers = ospftimers.effective(ospf, ospftimers.ospf_router_count(net))
         lines = [f"hostname {router}", "!"]
         lines6 = [f"hostname {router}", "!"]
         for eth, iface, addrs in view.ifaces:
             p2p = iface.switch is None
             if 4 in addrs:
-                lines += _ospf_interface(eth, ospf, p2p, "ip ospf")
+                lines += _ospf_interface(eth, ospf, p2p, "ip ospf", timers)
             if 6 in addrs:
-                lines6 += _ospf_interface(eth, ospf, p2p, "ipv6 ospf6")
+                lines6 += _ospf_interface(eth, ospf, p2p, "ipv6 ospf6", timers)
         lines += ["router ospf", f" ospf router-id {rid}", " redistribute connected",
-                  " redistribute static", "!"]
+                  " redistribute static"] + _throttle(timers, False) + ["!"]
         if len(lines6) > 2:
             lines6 += ["router ospf6", f" ospf6 router-id {rid}", " redistribute connected",
-                       " redistribute static", "!"]
+                       " redistribute static"] + _throttle(timers, True) + ["!"]
             out["ospf6d"] = "\n".join(lines6) + "\n"
         out["ospfd"] = "\n".join(lines) + "\n"
     if "bgp" in props:

@@ -407,8 +407,7 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
                         f"'megafleet net down {testbed}' removes what was created")
     await trio.to_thread.run_sync(_shape_and_route, p, limiter=limiter)
     if p.frr:
-        await trio.to_thread.run_sync(_start_frr, p, ledger)
-        progress(f"started FRR on {len(p.frr)} routers")
+        await start_routers(p, ledger, progress)
     if p.vms:
         from megafleet.vm.manifest import apply
 
@@ -611,49 +610,14 @@ def _shape_and_route(p: Plan) -> None:
         _batch(["tc", "-n", ns], lines)
 
 
-def _start_frr(p: Plan, ledger: Ledger) -> None:
-    import grp
-    import pwd
+async def start_routers(p: Plan, ledger: Ledger, progress: Progress = _quiet) -> None:
+    """The routing daemons (FRR or BIRD) of the namespace routers, started with
+    admission control and progress lines (netlang.routers)."""
+    from megafleet.netlang import routers
 
-    uid, gid = pwd.getpwnam("frr").pw_uid, grp.getgrnam("frr").gr_gid
-    base = run_base(p.name) / "frr"
-    ledger.record(OWNER, "dir", f"{p.name}/frr", path=str(base))
-    # Parents must let the frr user through; the router directories belong to it.
-    for d in (base.parent.parent, base.parent, base):
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o711)
-    for router, daemons in p.frr.items():
-        d = base / router
-        d.mkdir(exist_ok=True)
-        os.chown(d, uid, gid)
-        os.chmod(d, 0o700)
-        for daemon in ["zebra"] + [x for x in daemons if x != "zebra"]:
-            conf = d / f"{daemon}.conf"
-            conf.write_text(daemons[daemon])
-            os.chown(conf, uid, gid)
-            pidfile = d / f"{daemon}.pid"
-            key = f"{p.name}/frr/{router}/{daemon}"
-            ledger.record(OWNER, "process", key, pidfile=str(pidfile))
-            # -d: the daemon detaches (it is not our child, so nothing is left to
-            # reap in a long-lived caller) and writes its pid file, which we record.
-            result = proc.run(
-                ["ip", "netns", "exec", p.netns[router], str(FRR_BIN / daemon), "-d", "-f", str(conf),
-                 "-i", str(pidfile), "-z", str(d / "zserv.api"), "--vty_socket", str(d),
-                 "-u", "frr", "-g", "frr", "-P", "0", "--log", f"file:{d / (daemon + '.log')}"],
-                check=False)
-            if result.returncode != 0:
-                raise LiveError(f"{daemon} for router {router} did not start: "
-                                f"{(result.stderr or result.stdout).strip()[-300:]}")
-            _record_pidfile(ledger, key, pidfile)
-            if daemon == "zebra":
-                # The other daemons connect to zebra's socket: wait for it.
-                deadline = time.monotonic() + 10
-                while not (d / "zserv.api").exists():
-                    if time.monotonic() > deadline:
-                        raise LiveError(f"zebra for router {router} did not open {d / 'zserv.api'}; "
-                                        f"see {d / 'zebra.log'}")
-                    time.sleep(0.02)
-    return None
+    report = await routers.start(p, ledger, progress)
+    progress(f"started {report.daemons} routing daemons on {report.routers} routers "
+             f"({report.seconds:.1f} s)")
 
 
 async def start_vm_frr(vm_frr: dict[str, dict[str, str]], timeout: float = 60.0) -> None:

@@ -1,0 +1,174 @@
+"""Benchmark: a mesh of OSPF routers (a ring plus random chords) brought up on
+this host through `megafleet net up`; prints one JSON line:
+
+    routers_n              OSPF routers in the mesh (--routers, default 750)
+    routers_daemon         frr | bird | auto (--daemon: `ospf daemon X` on every router)
+    routers_links          point-to-point links (ring + chords)
+    routers_up_s           `net up` until it returned (namespaces, links, daemons started)
+    routers_converged_s    `net up` started until a host behind the first router
+                           answers a ping from a host behind the router half way
+                           round the ring (from inside our own namespaces only)
+    routers_down_s         `net down` of the whole testbed
+    routers_max_load1      highest 1-minute load average seen while converging
+    load1_before           load average when the run started (others' work)
+    leftovers              namespaces and daemons of the testbed left after down (0)
+
+Target (issue 12): 750 routers converged in <= 300 s on a 2-core host.
+The mesh: routers r1..rN in a ring, N/2 chords between random pairs (fixed
+seed, so every run builds the same mesh; diameter ~log N, within ping's TTL),
+IPv4 point-to-point /30s; host LAN `lana` (host ha) at r1 and `lanb` (host hb)
+at r(N/2+1). `--ipv6` adds an IPv6 pool (ospf6d / OSPFv3 too).
+
+Run as root, alone (it loads both CPUs):
+    flock /tmp/megafleet-heavy.lock .venv/bin/python bench/density_routers.py
+    .venv/bin/python bench/density_routers.py --quick        (40 routers)
+`run(args)` returns the dict; the testbed is always torn down, also on errors
+and timeouts, and the run fails if anything is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+NAME = "mfrbench"
+
+
+def mesh(n: int, daemon: str = "auto", ipv6: bool = False, seed: int = 1) -> tuple[str, int]:
+    """The description of an n-router ring plus n/2 random chords, and its
+    number of point-to-point links."""
+    rng = random.Random(seed)
+    edges = {(i, i % n + 1) if i < i % n + 1 else (i % n + 1, i) for i in range(1, n + 1)}
+    want = len(edges) + n // 2
+    while len(edges) < want:
+        a, b = sorted(rng.sample(range(1, n + 1), 2))
+        edges.add((a, b))
+    far = n // 2 + 1
+    lines = ["pool core 10.128.0.0/11", "pool lans 10.127.0.0/16"]
+    if ipv6:
+        lines.append("pool core6 fd7f::/48")
+    lines += [f"router r[1..{n}] ospf area 0" + ("" if daemon == "auto" else f" daemon {daemon}"),
+              "switch lana subnet 10.127.1.0/24", "switch lanb subnet 10.127.2.0/24",
+              "host ha on lana", "host hb on lanb", "link r1 -- lana", f"link r{far} -- lanb"]
+    lines += [f"link r{a} -- r{b}" for a, b in sorted(edges)]
+    lines.append("reachable ha hb")
+    return "\n".join(lines) + "\n", len(edges)
+
+
+def _megafleet(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "megafleet", *args], cwd=REPO, **kw)
+
+
+def _load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def _leftovers() -> dict:
+    from megafleet.netlang import live
+
+    namespaces = [n for n in live.existing_netns() if n.startswith(NAME + "-")]
+    return {"namespaces": len(namespaces), "processes": len(live.pids_in_netns(namespaces))}
+
+
+def _ping(src_ns: str, addr: str) -> bool:
+    return subprocess.run(["ip", "netns", "exec", src_ns, "ping", "-n", "-q", "-c1", "-W1", addr],
+                          capture_output=True).returncode == 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build, wait for convergence, tear down; returns the JSON fields above.
+    args: routers, daemon, ipv6, timeout (seconds for the whole up+converge)."""
+    from megafleet.netlang import live
+    from megafleet.netlang.compiler import compile_file
+
+    if os.geteuid() != 0:
+        raise SystemExit("density_routers needs root (namespaces, daemons)")
+    result: dict = {"routers_n": args.routers, "routers_daemon": args.daemon, "load1_before": _load1()}
+    with tempfile.TemporaryDirectory(prefix="mfr-bench-") as tmp:
+        path = Path(tmp) / "mesh.fleet"
+        text, links = mesh(args.routers, args.daemon, args.ipv6)
+        path.write_text(text)
+        result["routers_links"] = links
+        net = compile_file(str(path), graph=False)
+        dst = net.node("ha").ifaces[0][2][4].split("/")[0]
+        src_ns = f"{NAME}-hb"
+        if _leftovers()["namespaces"]:
+            _megafleet("net", "down", NAME).wait()
+        t0 = time.monotonic()
+        up = _megafleet("net", "up", str(path), "-N", NAME, stdout=subprocess.DEVNULL)
+        converged = up_s = None
+        max_load = 0.0
+        try:
+            deadline = t0 + args.timeout
+            while time.monotonic() < deadline:
+                max_load = max(max_load, _load1())
+                if up_s is None and up.poll() is not None:
+                    if up.returncode != 0:
+                        raise SystemExit(f"net up failed (exit {up.returncode})")
+                    up_s = time.monotonic() - t0
+                if (NETNS / src_ns).exists() and _ping(src_ns, dst):
+                    converged = time.monotonic() - t0
+                    if up_s is not None:
+                        break
+                    # Converged before `up` returned (small meshes): wait for it.
+                    up.wait()
+                    up_s = time.monotonic() - t0
+                    break
+                time.sleep(1)
+        finally:
+            if up.poll() is None:
+                # Out of time: stop `up` (our child) before `down` removes its work.
+                up.send_signal(signal.SIGINT)
+                try:
+                    up.wait(30)
+                except subprocess.TimeoutExpired:
+                    up.kill()
+                    up.wait()
+            t1 = time.monotonic()
+            down = _megafleet("net", "down", NAME, stdout=subprocess.DEVNULL)
+            down.wait()
+            result["routers_down_s"] = round(time.monotonic() - t1, 2)
+            result["leftovers"] = _leftovers()
+            if live.status(NAME) is not None:
+                result["leftovers"]["ledger"] = 1
+    result["routers_up_s"] = None if up_s is None else round(up_s, 2)
+    result["routers_converged_s"] = None if converged is None else round(converged, 2)
+    result["routers_max_load1"] = max_load
+    return result
+
+
+NETNS = Path("/run/netns")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--routers", type=int, default=750, help="routers in the mesh (default 750)")
+    ap.add_argument("--quick", action="store_true", help="40 routers")
+    ap.add_argument("--daemon", choices=("auto", "frr", "bird"), default="auto",
+                    help="`ospf daemon X` on every router (auto: megafleet chooses by count)")
+    ap.add_argument("--ipv6", action="store_true", help="an IPv6 pool too (OSPFv3)")
+    ap.add_argument("--timeout", type=float, default=480,
+                    help="seconds from `up` to giving up on convergence (default 480)")
+    args = ap.parse_args()
+    if args.quick:
+        args.routers = 40
+    result = run(args)
+    print(json.dumps(result))
+    left = result["leftovers"]
+    if any(left.values()):
+        raise SystemExit(f"left behind: {left}")
+
+
+if __name__ == "__main__":
+    main()
