@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megafleet.names import NAME_RE
-from megafleet.netlang import ipam, ospftimers, values
+from megafleet.netlang import ipam, limits, ospftimers, values
 from megafleet.netlang.errors import CompileError, Diagnostics, Loc
 from megafleet.netlang.model import (Domain, Iface, LinkProps, Net, NodeGroup, Switch,
                                      SwitchLink)
@@ -239,6 +239,25 @@ class _PendingLink:
     props: LinkProps
     vlans: list[int]
     subnet: list[tuple[str, Any, Loc]]
+    # `NODE:IFNAME` endpoints: the interface's name inside that node (None: ethN).
+    a_ifname: Word | None = None
+    b_ifname: Word | None = None
+
+
+# A Linux interface name: at most 15 bytes, no '/', ':' or white space.
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def _endpoint(word: Word) -> tuple[Word, Word | None]:
+    """`r1:eth3` -> (r1, eth3); `r1` -> (r1, None). Node names never hold ':'."""
+    if ":" not in word.text:
+        return word, None
+    node, _, name = word.text.partition(":")
+    ifw = Word(name, Loc(word.loc.file, word.loc.line, word.loc.col + len(node) + 1))
+    if not _IFNAME_RE.fullmatch(name) or name in (".", ".."):
+        raise PropError(ifw.loc, f"invalid interface name {name!r} in {word.text!r}: at most 15 "
+                                 f"letters, digits, '_', '-' or '.'")
+    return Word(node, word.loc), ifw
 
 
 class Compiler:
@@ -253,6 +272,7 @@ class Compiler:
         self.group_loc: dict[str, Loc] = {}
         self.first_loc: dict[str, Loc] = {}    # node name -> group loc (for duplicates)
         self._node_names: list[str] | None = None
+        self.declared = 0                      # names declared so far (limits.max_names)
         # layer-2 union-find over (switch, vlan)
         self.parent: dict[tuple[str, int | None], tuple[str, int | None]] = {}
         self.domain_by_root: dict[tuple[str, int | None], Domain] = {}
@@ -312,6 +332,23 @@ class Compiler:
         lo, hi = int(lo_t), int(hi_t)
         if lo > hi:
             self.err(word.loc, f"invalid range [{lo_t}..{hi_t}]: the first number is larger than the last")
+            return None
+        # Bounded before anything is built: `-D n=99999999999` must be an error,
+        # not a MemoryError after gigabytes (limits.max_names, settable).
+        count = hi - lo + 1
+        try:
+            limit = limits.max_names()
+        except ValueError as exc:
+            self.err(word.loc, str(exc))
+            return None
+        if what != "reference":
+            self.declared += count
+        if count > limit or self.declared > limit:
+            self.err(word.loc, f"too many names: {word.text} declares {count:,}"
+                               + (f" ({self.declared:,} in all)" if self.declared > count else "")
+                               + f", over the limit of {limit:,} names per description "
+                                 f"(set {limits.MAX_NAMES_ENV} to raise it)")
+            self.declared = min(self.declared, limit)
             return None
         width = len(lo_t) if lo_t.startswith("0") and len(lo_t) > 1 else 0
         last = f"{base}{hi:0{width}d}{suffix}"
@@ -497,12 +534,12 @@ class Compiler:
             raise PropError(stmt.loc, "expected 'link A -- B [properties]'") from None
         if dash < 2 or dash + 1 >= len(words):
             raise PropError(stmt.loc, "expected 'link A -- B [properties]'")
-        a, a_addrs = words[1], words[2:dash]
+        (a, a_if), a_addrs = _endpoint(words[1]), words[2:dash]
         for w in a_addrs:
             if not ipam.looks_like_address(w.text):
                 raise PropError(w.loc, f"expected an address or '--' after {a.text!r}, got {w.text!r}")
         cur = Cursor(words, dash + 1)
-        b = cur.take()
+        b, b_if = _endpoint(cur.take())
         b_addrs = []
         while cur.more() and ipam.looks_like_address(cur.peek().text):
             b_addrs.append(cur.take())
@@ -513,14 +550,19 @@ class Compiler:
                 _link_prop(key, cur, props)
             elif key.text == "vlan":
                 w = cur.value(key, "VLAN ids")
-                vlans = [_value(Word(t, w.loc), lambda t: values.integer(t, 1, 4094, "VLAN id"))
+                vlans = [_value(Word(t, w.loc), lambda t: values.integer(t, limits.VLAN_MIN, limits.VLAN_MAX,
+                                                                         "VLAN id"))
                          for t in w.text.split(",")]
+                twice = sorted({v for v in vlans if vlans.count(v) > 1})
+                if twice:
+                    raise PropError(w.loc, f"VLAN {twice[0]} is listed twice in {w.text!r}")
             elif key.text == "subnet":
                 subnet.append(self._subnet_word(cur.value(key, "a subnet, a pool name, auto or none")))
             else:
                 raise PropError(key.loc, f"unknown property {key.text!r} for link "
                                          f"(known: {', '.join(sorted(LINK_PROPS | {'vlan', 'subnet'}))})")
-        self.pending_links.append(_PendingLink(stmt.loc, a, a_addrs, b, b_addrs, props, vlans, subnet))
+        self.pending_links.append(_PendingLink(stmt.loc, a, a_addrs, b, b_addrs, props, vlans, subnet,
+                                               a_if, b_if))
 
     # -- references -------------------------------------------------------------
     def node_names(self) -> list[str]:
@@ -609,7 +651,7 @@ class Compiler:
             if a and b:
                 self.reachable_resolved.append((wa, wb, loc, a, b))
         links_p2p: list[tuple[_PendingLink, list[str], list[str]]] = []
-        links_edge: list[tuple[_PendingLink, str, str, list[Word]]] = []
+        links_edge: list[tuple[_PendingLink, str, str, list[Word], Word | None]] = []
         # Switch-to-switch links first: they merge layer-2 domains.
         for link in self.pending_links:
             a = self.resolve(link.a, "any")
@@ -621,6 +663,8 @@ class Compiler:
             if (a_sw and len(a_sw) != len(a)) or (b_sw and len(b_sw) != len(b)):
                 self.err(link.loc, "a link pattern must match only switches or only nodes")
                 continue
+            if not self._ifnames_fit(link, a, b, a_sw, b_sw):
+                continue
             if a_sw and b_sw:
                 for x in a:
                     for y in b:
@@ -629,10 +673,11 @@ class Compiler:
                             continue
                         self._switch_link(x, y, link)
             elif a_sw or b_sw:
-                sws, nodes, addrs = (a, b, link.b_addrs) if a_sw else (b, a, link.a_addrs)
+                sws, nodes, addrs, ifw = (a, b, link.b_addrs, link.b_ifname) if a_sw else \
+                    (b, a, link.a_addrs, link.a_ifname)
                 for s in sws:
                     for n in nodes:
-                        links_edge.append((link, n, s, addrs))
+                        links_edge.append((link, n, s, addrs, ifw))
             else:
                 links_p2p.append((link, a, b))
         for sw in self.net.switches.values():
@@ -649,10 +694,10 @@ class Compiler:
                     self._iface(pn.group, range(len(pn.group)), s, att.vlan, att.props, att.addrs, att.ref.loc)
         # Single nodes linked to a switch, then point-to-point links: their interface
         # numbers come after the group's.
-        for link, n, s, addrs in links_edge:
+        for link, n, s, addrs, ifw in links_edge:
             gi, k = self.net.index[n]
             self._iface(self.net.groups[gi], range(k, k + 1), s, link.vlans[0] if link.vlans else None,
-                        link.props, addrs, link.loc, extra=n)
+                        link.props, addrs, link.loc, extra=n, name=ifw)
         for link, a_names, b_names in links_p2p:
             for x in a_names:
                 for y in b_names:
@@ -663,11 +708,46 @@ class Compiler:
                     dom.mtu = link.props.mtu or 1500
                     self.net.domains.append(dom)
                     self.link_subnets[dom.id] = link.subnet
-                    for me, other, addrs in ((x, y, link.a_addrs), (y, x, link.b_addrs)):
+                    for me, other, addrs, ifw in ((x, y, link.a_addrs, link.a_ifname),
+                                                  (y, x, link.b_addrs, link.b_ifname)):
                         gi, k = self.net.index[me]
                         self._iface(self.net.groups[gi], range(k, k + 1), None, None, link.props,
                                     addrs if len(a_names) == len(b_names) == 1 else [],
-                                    link.loc, extra=me, domain=dom, peer=other)
+                                    link.loc, extra=me, domain=dom, peer=other, name=ifw)
+        self._check_ifnames()
+
+    def _ifnames_fit(self, link: _PendingLink, a: list[str], b: list[str], a_sw: list[str],
+                     b_sw: list[str]) -> bool:
+        """`NODE:IFNAME` names one interface of one host or router."""
+        for ifw, names, sws in ((link.a_ifname, a, a_sw), (link.b_ifname, b, b_sw)):
+            if ifw is None:
+                continue
+            if sws:
+                self.err(ifw.loc, f"{names[0]!r} is a switch: only a host's or router's interface "
+                                  f"takes a name")
+                return False
+            if len(names) != 1:
+                self.err(ifw.loc, f"an interface name needs one node, but the reference matches "
+                                  f"{len(names)}")
+                return False
+            if self.kind(names[0]) == "vm":
+                self.err(ifw.loc, f"{names[0]!r} is a vm: its guest names its NICs in order "
+                                  f"(eth0, eth1, ...); interface names are for hosts and routers")
+                return False
+        return True
+
+    def _check_ifnames(self) -> None:
+        """Named interfaces must not collide with each other or with ethN ones."""
+        for node, extra in self.net.extra_ifaces.items():
+            if all(i.name is None for i in extra):
+                continue
+            gi, _ = self.net.index[node]
+            seen: dict[str, Iface] = {}
+            for iface in list(self.net.groups[gi].ifaces) + extra:
+                first = seen.setdefault(iface.ifname, iface)
+                if first is not iface:
+                    self.err(iface.loc, f"interface name {iface.ifname!r} used twice on {node} "
+                                        f"(first at {first.loc})")
 
     def _switch_link(self, x: str, y: str, link: _PendingLink) -> None:
         sx, sy = self.net.switches[x], self.net.switches[y]
@@ -679,11 +759,16 @@ class Compiler:
             ra, rb = self.find((x, v)), self.find((y, v))
             if ra != rb:
                 self.parent[rb] = ra
+        # A trunk carries its VLANs whether or not a port uses them on either side
+        # (an empty VLAN is legitimate): both switches have them.
+        sx.vlans.update(link.vlans)
+        sy.vlans.update(link.vlans)
         self.net.switch_links.append(SwitchLink(x, y, link.loc, link.vlans, link.props))
 
     def _iface(self, g: NodeGroup, members: range, switch: str | None, vlan: int | None,
                props: LinkProps, addrs: list[Word], loc: Loc, extra: str | None = None,
-               domain: Domain | None = None, peer: str | None = None) -> None:
+               domain: Domain | None = None, peer: str | None = None,
+               name: Word | None = None) -> None:
         dom = domain or self.domain_for(switch, vlan, loc)
         if switch is not None:
             sw = self.net.switches[switch]
@@ -694,7 +779,8 @@ class Compiler:
             index = len(g.ifaces)
         else:
             index = len(g.ifaces) + len(self.net.extra_ifaces.get(extra, ()))
-        iface = Iface(g, members, index, dom, loc, switch=switch, peer=peer, vlan=vlan, props=props)
+        iface = Iface(g, members, index, dom, loc, switch=switch, peer=peer, vlan=vlan, props=props,
+                      name=name.text if name is not None else None)
         for w in addrs:
             if w.text in ("auto", "none"):
                 iface.want[0] = (w.text, 0, None)
@@ -897,7 +983,17 @@ class Compiler:
 
 def compile_file(path: str | Path, defines: dict[str, str] | None = None, text: str | None = None,
                  graph: bool = True) -> Net:
-    """Compile a description. Raises CompileError with every problem found."""
+    """Compile a description. Raises CompileError with every problem found.
+    containerlab, GraphML, GML, netlab and GNS3 files are read through their
+    importer (megafleet.netlang.importers), recognised by extension or content."""
+    if text is None and not str(path).endswith(".fleet"):
+        from megafleet.netlang.importers import ImportFailed, fleet_source
+        try:
+            imported = fleet_source(path)
+        except ImportFailed as err:
+            raise CompileError(err.diagnostics()) from None
+        if imported is not None:
+            path, text = imported
     # A big description allocates millions of small objects (names, index
     # entries, graph dicts) that never form cycles; the cyclic collector would
     # rescan them over and over, which costs more than the compile itself at a

@@ -86,20 +86,32 @@ def configs(net: Net, router: str) -> dict[str, str]:
         out["ospfd"] = "\n".join(lines) + "\n"
     if "bgp" in props:
         my_as = props["bgp"]["as"]
+        # Sessions per family: over IPv4 on networks where both ends have an IPv4
+        # address, over IPv6 where both have an IPv6 one; each session carries its
+        # own family only (an IPv6-only link still peers and announces).
         lines = [f"hostname {router}", "!", f"router bgp {my_as}", f" bgp router-id {rid}",
-                 " no bgp ebgp-requires-policy", " no bgp network import-check"]
-        neighbors = []
-        for _, iface, _ in view.ifaces:
+                 " no bgp ebgp-requires-policy", " no bgp network import-check",
+                 " no bgp default ipv4-unicast"]
+        neighbors: dict[int, list[tuple[str, int]]] = {4: [], 6: []}
+        for _, iface, mine in view.ifaces:
             for other, addrs in iface.domain.routers:
-                if other == router or 4 not in addrs:
+                if other == router:
                     continue
                 og = net.groups[net.index[other][0]]
-                if "bgp" in og.props:
-                    neighbors.append((fmt(4, addrs[4]), og.props["bgp"]["as"]))
-        for addr, asn in neighbors:
+                if "bgp" not in og.props:
+                    continue
+                for fam in (4, 6):
+                    if fam in addrs and fam in mine:
+                        neighbors[fam].append((fmt(fam, addrs[fam]), og.props["bgp"]["as"]))
+        for addr, asn in neighbors[4] + neighbors[6]:
             lines.append(f" neighbor {addr} remote-as {asn}")
             lines.append(f" neighbor {addr} timers 1 3")
             lines.append(f" neighbor {addr} timers connect 1")
-        lines += [" address-family ipv4 unicast", "  redistribute connected", " exit-address-family", "!"]
+        for fam in (4, 6):
+            if fam == 4 or neighbors[6]:
+                lines += [f" address-family ipv{fam} unicast", "  redistribute connected"]
+                lines += [f"  neighbor {addr} activate" for addr, _ in neighbors[fam]]
+                lines += [" exit-address-family"]
+        lines += ["!"]
         out["bgpd"] = "\n".join(lines) + "\n"
     return out
