@@ -89,6 +89,10 @@ Links
 - node -- switch: one more interface on that node (like `on`);
 - node -- node: a point-to-point link with its own /30 (and /126), addresses
   explicit or automatic. Patterns on both sides link every pair.
+- `NODE:IFNAME` on either side (`link r1:e1-1 -- r2:eth3`) names that node's
+  interface (at most 15 bytes; hosts and routers only, one node, unique within
+  it); unnamed interfaces are eth0, eth1, ... by their order (imported
+  containerlab, netlab and GNS3 labs keep their interface names this way).
 Delay, jitter, loss and rate apply in each direction: a `delay 50ms` link adds
 100 ms to a ping's round trip. (Delay, jitter and loss run through VDE's
 wirefilter on this host, whose kernel has no netem; rate is tc tbf.)

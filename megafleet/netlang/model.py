@@ -78,6 +78,12 @@ class Iface:
     # None); 0 -> ('auto'|'none', 0, None) for every family; -4/-6 -> ('loc', Loc
     # of the explicit address, None), for messages.
     want: dict[int, tuple] = field(default_factory=dict)
+    # `link r1:eth3 -- ...` names the interface inside the node; None: eth{index}.
+    name: str | None = None
+
+    @property
+    def ifname(self) -> str:
+        return self.name or f"eth{self.index}"
 
     def address(self, family: int, member: int) -> int | None:
         seq = self.addrs.get(family)
@@ -186,7 +192,7 @@ class Net:
             for fam, seq in iface.addrs.items():
                 sub = iface.domain.subnets[fam]
                 addrs[fam] = f"{fmt(fam, seq[k - iface.members.start])}/{sub.plen}"
-            ifaces.append((f"eth{iface.index}", iface, addrs))
+            ifaces.append((iface.ifname, iface, addrs))
         ifaces.sort(key=lambda t: t[1].index)
         gateways: dict[int, str] = {}
         if g.kind != "router":
