@@ -29,6 +29,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "plan": "megafleet.up:plan_command",
     "status": "megafleet.up:status_command",
     "exec": "megafleet.up:exec_command",
+    "web": "megafleet.web.cli:web",
 }
 
 

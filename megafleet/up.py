@@ -325,8 +325,8 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     ledger = Ledger()
     results: dict[str, dict[str, Any]] = {}
     host_errors: dict[str, str] = {}
-    record = {"source": str(path.resolve()), "target": target.to_json(), "hosts": used,
-              "started": time.time()}
+    record = {"source": str(path.resolve()), "defines": defines or {}, "target": target.to_json(),
+              "hosts": used, "started": time.time()}
     # Record before create: `down` must find this testbed even if we crash now.
     ledger.record(CONTROLLER, "testbed", testbed, **record)
 

@@ -1,0 +1,440 @@
+"""What the dashboard and the API show, read from the same places as the CLI.
+
+Testbeds come from the controller's record (`up.deployments`), the topology from
+compiling the testbed's own source file (cached by modification time), node
+states from the hosts' status (`up.status`, the function behind `megafleet
+status`), telemetry from the store (`collect.queries`, as `megafleet telemetry`).
+Nothing here keeps state of its own beyond caches: the CLI and the web answer the
+same question the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+# Above this many nodes the guests of one group on one switch are drawn as one
+# node (their count and worst state): 10,000 single dots tell a person less than
+# 40 labelled clusters, and a click on a cluster expands it.
+COLLAPSE_ABOVE = 2000
+
+# Node states as `megafleet status` names them, and the colour class of each.
+HEALTH = {"running": "ok", "up": "ok", "booting": "busy", "starting": "busy", "stopped": "off",
+          "failed": "bad", "exited": "bad", "missing": "bad", "killed": "bad"}
+
+
+class NotFound(LookupError):
+    """An unknown testbed or node: the API answers 404 with the field named."""
+
+    def __init__(self, field_name: str, value: str):
+        super().__init__(f"{field_name} {value!r} not found")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class TestbedInfo:
+    """One testbed the controller brought up."""
+
+    name: str
+    source: str
+    defines: dict[str, str]
+    hosts: list[str]
+    started: float | None
+    summary: dict[str, Any] | None
+
+
+@dataclass
+class NodeInfo:
+    """One vertex of the topology: a node (host, router, vm) or a switch.
+    `count` > 1 for a collapsed cluster of guests; `states` then counts them."""
+
+    id: str
+    name: str
+    kind: str
+    host: str | None = None
+    state: str = "up"
+    group: str | None = None
+    addresses: list[str] = field(default_factory=list)
+    count: int = 1
+    states: dict[str, int] = field(default_factory=dict)
+    x: float = 0.0
+    y: float = 0.0
+
+
+@dataclass
+class LinkInfo:
+    """One edge: a node's port on a switch, a point-to-point link or a switch
+    link, with its impairments (`delay`, `loss`, ... as written) and state."""
+
+    id: str
+    a: str
+    b: str
+    kind: str
+    iface: str | None = None
+    props: dict[str, Any] = field(default_factory=dict)
+    state: str = "up"
+    count: int = 1
+
+
+@dataclass
+class Topology:
+    testbed: str
+    nodes: list[NodeInfo]
+    links: list[LinkInfo]
+    collapsed: bool
+    total_nodes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"testbed": self.testbed, "collapsed": self.collapsed, "total_nodes": self.total_nodes,
+                "nodes": [asdict(n) for n in self.nodes], "links": [asdict(link) for link in self.links]}
+
+
+# ---------------------------------------------------------------------------
+# Testbeds and their compiled networks
+# ---------------------------------------------------------------------------
+
+def testbeds() -> list[TestbedInfo]:
+    """The testbeds the controller's ledger records, by name."""
+    from megafleet.up import deployments
+
+    out = []
+    for name, d in sorted(deployments().items()):
+        out.append(TestbedInfo(name, d.get("source", ""), dict(d.get("defines") or {}),
+                               list(d.get("hosts") or []), d.get("started"), d.get("summary")))
+    return out
+
+
+def testbed(name: str) -> TestbedInfo:
+    for t in testbeds():
+        if t.name == name:
+            return t
+    raise NotFound("testbed", name)
+
+
+_compiled: dict[str, tuple[tuple[float, str], Any]] = {}
+
+
+def compiled(t: TestbedInfo):
+    """The testbed's compiled Net (with the -D values `up` was given),
+    recompiled only when its source or those values changed."""
+    from megafleet.up import compile_testbed
+
+    path = Path(t.source)
+    try:
+        key = (path.stat().st_mtime, repr(sorted(t.defines.items())))
+    except OSError:
+        raise NotFound("source", t.source) from None
+    hit = _compiled.get(t.name)
+    if hit is None or hit[0] != key:
+        hit = (key, compile_testbed(path, t.defines))
+        _compiled[t.name] = hit
+    return hit[1]
+
+
+def placement_of(t: TestbedInfo, net) -> dict[str, str]:
+    """node -> host. One host: every node is local; several: the placement
+    `up` computed (it is deterministic for the same net and inventory)."""
+    from megafleet.up import LOCAL, Target, deployments, make_plan
+
+    record = deployments().get(t.name, {})
+    target = Target.from_json(record.get("target") or {})
+    if target.embedded:
+        return {n: LOCAL for _, _, n in net.iter_nodes()}
+    _, placed = make_plan(net, t.name, target)
+    return {n: h for h, nodes in placed.hosts.items() for n in nodes}
+
+
+# ---------------------------------------------------------------------------
+# Node states
+# ---------------------------------------------------------------------------
+
+async def host_status(name: str | None) -> dict[str, Any]:
+    """`megafleet status --json` for one testbed (or all): {host: {status, value}}."""
+    from megafleet.up import Output, status
+
+    return (await status(name, None, Output(quiet=True)))["hosts"]
+
+
+def node_states(status_hosts: dict[str, Any], testbed_name: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """From `status` output: the state of every node that is not healthy, and
+    per host {state: count} of the testbed's nodes. Healthy nodes are not listed
+    one by one by `status` (at 10,000 guests that is the point)."""
+    bad: dict[str, str] = {}
+    per_host: dict[str, dict] = {}
+    for h, r in status_hosts.items():
+        if r.get("status") != "ok":
+            per_host[h] = {"error": r.get("error") or r.get("status")}
+            continue
+        for b in r["value"]["testbeds"]:
+            if b["testbed"] != testbed_name:
+                continue
+            per_host[h] = {"nodes": b["nodes"], "complete": b["complete"], "telemetry": b["telemetry"]}
+            for f in b["failures"]:
+                bad[f["node"]] = f["state"]
+    return bad, per_host
+
+
+def hosts_view(status_hosts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the hosts table: nodes by state, KSM saving, telemetry health."""
+    rows = []
+    for h, r in sorted(status_hosts.items()):
+        if r.get("status") != "ok":
+            rows.append({"host": h, "status": r.get("status"), "error": r.get("error"), "testbeds": []})
+            continue
+        v = r["value"]
+        rows.append({"host": h, "status": "ok", "ksm": v["ksm"], "memory": memory_mb(),
+                     "testbeds": [{"testbed": b["testbed"], "nodes": b["nodes"], "complete": b["complete"],
+                                   "telemetry": b["telemetry"], "failed": len(b["failures"])}
+                                  for b in v["testbeds"]]})
+    return rows
+
+
+def memory_mb() -> dict[str, int]:
+    """This machine's memory (MB): total and available, from /proc/meminfo."""
+    values = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                values[key] = int(rest.split()[0]) // 1024
+    return {"total_mb": values.get("MemTotal", 0), "available_mb": values.get("MemAvailable", 0)}
+
+
+# ---------------------------------------------------------------------------
+# Topology, laid out for drawing
+# ---------------------------------------------------------------------------
+
+def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = None,
+             link_states: dict[tuple[str, str], str] | None = None) -> Topology:
+    """The testbed's graph with positions and states. `collapse` None means
+    automatic (above COLLAPSE_ABOVE nodes). `link_states` maps sorted (a, b) to
+    "down" for links taken down at run time."""
+    net = compiled(t)
+    where = placement_of(t, net)
+    link_states = link_states or {}
+    kinds: dict[str, str] = {}
+    group_of: dict[str, str] = {}
+    for gi, grp in enumerate(net.groups):
+        label = grp.names[0] if len(grp.names) == 1 else f"{grp.names[0]}..{grp.names[-1]}"
+        for n in grp.names:
+            kinds[n] = grp.kind
+            group_of[n] = label
+    total = len(kinds) + len(net.switches)
+    if collapse is None:
+        collapse = total > COLLAPSE_ABOVE
+
+    def healthy(kind: str) -> str:
+        return "running" if kind == "vm" else "up"
+
+    nodes: dict[str, NodeInfo] = {s: NodeInfo(s, s, "switch") for s in net.switches}
+    links: list[LinkInfo] = []
+    attach: dict[str, list[str]] = defaultdict(list)     # node -> what it is wired to
+    edges: list[tuple[str, str, str, str | None, dict[str, Any]]] = []
+    for name, kind in kinds.items():
+        view = net.node(name)
+        for ifname, iface, addrs in view.ifaces:
+            other = iface.switch or iface.peer
+            if other is None:
+                continue
+            attach[name].append(other)
+            edge_kind = "port" if iface.switch else "p2p"
+            if edge_kind == "p2p" and name > other:
+                continue                                 # one edge per link, from its first end
+            edges.append((name, other, edge_kind, ifname, iface.props.to_json()))
+    for link in net.switch_links:
+        edges.append((link.a, link.b, "switch-link", None, link.props.to_json()))
+
+    # Clusters: guests of one group whose only wire is one switch.
+    cluster_of: dict[str, str] = {}
+    if collapse:
+        for name, kind in kinds.items():
+            if kind == "vm" and len(attach[name]) == 1 and attach[name][0] in net.switches:
+                cluster_of[name] = f"{group_of[name]}@{attach[name][0]}"
+    for name, kind in kinds.items():
+        state = bad.get(name, healthy(kind))
+        cid = cluster_of.get(name)
+        if cid is None:
+            addresses = [a for _, _, addrs in net.node(name).ifaces for a in addrs.values()]
+            nodes[name] = NodeInfo(name, name, kind, where.get(name), state, group_of[name], addresses)
+            continue
+        c = nodes.get(cid)
+        if c is None:
+            c = nodes[cid] = NodeInfo(cid, group_of[name], "cluster", where.get(name), state, group_of[name])
+            c.count = 0
+        c.count += 1
+        c.states[state] = c.states.get(state, 0) + 1
+        if HEALTH.get(state) == "bad" or (HEALTH.get(c.state) == "ok" and state != c.state):
+            c.state = state
+    seen_cluster_edges: dict[tuple[str, str], LinkInfo] = {}
+    for a, b, kind, ifname, props in edges:
+        a2, b2 = cluster_of.get(a, a), cluster_of.get(b, b)
+        state = link_states.get(tuple(sorted((a, b))), "up")
+        if a2 != a or b2 != b:
+            key = (a2, b2)
+            if key in seen_cluster_edges:
+                seen_cluster_edges[key].count += 1
+                continue
+            link = seen_cluster_edges[key] = LinkInfo(f"{a2}--{b2}", a2, b2, kind, None, props, state)
+        else:
+            link = LinkInfo(f"{a}:{ifname}--{b}" if ifname else f"{a}--{b}", a, b, kind, ifname, props, state)
+        links.append(link)
+    _layout(nodes, links)
+    return Topology(t.name, list(nodes.values()), links, bool(cluster_of), total)
+
+
+def _layout(nodes: dict[str, NodeInfo], links: list[LinkInfo]) -> None:
+    """Positions in place. The core (switches, routers, clusters and anything
+    wired to more than one thing) is laid out by breadth-first rings from its
+    best-connected vertex (O(n), readable for trees, rings and meshes); a leaf
+    (one wire) sits on a sunflower spiral around what it is wired to."""
+    neighbours: dict[str, list[str]] = defaultdict(list)
+    for link in links:
+        neighbours[link.a].append(link.b)
+        neighbours[link.b].append(link.a)
+    leaves = {n for n, nb in neighbours.items() if len(nb) == 1 and nodes[n].kind in ("vm", "host")}
+    core = [n for n in nodes if n not in leaves]
+    placed: dict[str, tuple[float, float]] = {}
+    ring_gap = 10.0
+    remaining = sorted(core, key=lambda n: (-len(neighbours[n]), n))
+    offset = 0.0
+    while remaining:
+        start = remaining[0]
+        rings = [[start]]
+        seen = {start}
+        while True:
+            nxt = []
+            for n in rings[-1]:
+                for m in sorted(neighbours[n]):
+                    if m not in seen and m not in leaves:
+                        seen.add(m)
+                        nxt.append(m)
+            if not nxt:
+                break
+            rings.append(nxt)
+        for depth, ring in enumerate(rings):
+            for i, n in enumerate(ring):
+                angle = 2 * math.pi * i / len(ring) + depth * 0.3
+                placed[n] = (offset + depth * ring_gap * math.cos(angle), depth * ring_gap * math.sin(angle))
+        remaining = [n for n in remaining if n not in seen]
+        offset += (len(rings) + 1) * ring_gap * 2
+    by_anchor: dict[str, list[str]] = defaultdict(list)
+    for n in sorted(leaves):
+        by_anchor[neighbours[n][0]].append(n)
+    golden = math.pi * (3 - math.sqrt(5))
+    for anchor, members in by_anchor.items():
+        ax, ay = placed.get(anchor, (0.0, 0.0))
+        scale = 1.2
+        for i, n in enumerate(members):
+            r = scale * math.sqrt(i + 4)
+            placed[n] = (ax + r * math.cos(i * golden), ay + r * math.sin(i * golden))
+    for n, info in nodes.items():
+        info.x, info.y = placed.get(n, (0.0, 0.0))
+
+
+# ---------------------------------------------------------------------------
+# One node
+# ---------------------------------------------------------------------------
+
+def node_detail(t: TestbedInfo, name: str, bad: dict[str, str]) -> dict[str, Any]:
+    """A node's page: kind, host, state, addresses, links, console tail and last
+    agent line (guests on this machine)."""
+    net = compiled(t)
+    if name not in net.index:
+        raise NotFound("node", name)
+    view = net.node(name)
+    where = placement_of(t, net)
+    state = bad.get(name, "running" if view.kind == "vm" else "up")
+    detail: dict[str, Any] = {"testbed": t.name, "host": where.get(name), "state": state, **view.to_json()}
+    detail["console_tail"] = None
+    detail["agent"] = None
+    if view.kind == "vm":
+        from megafleet.up import LOCAL
+        if where.get(name) == LOCAL:
+            detail["console_tail"] = _console_tail(name)
+        detail["agent"] = _last_agent_sample(name)
+    return detail
+
+
+def _console_tail(name: str) -> str | None:
+    from megafleet.vm.engine import console_tail, guests_dir
+
+    path = guests_dir() / name / "console.log"
+    return console_tail(path) if path.exists() else None
+
+
+def _last_agent_sample(name: str) -> dict[str, Any] | None:
+    try:
+        with open_telemetry() as store:
+            from megafleet.collect.queries import latest_guests
+
+            since = datetime.now(timezone.utc) - timedelta(minutes=10)
+            found = [d for d in latest_guests(store, since) if d["meta"].get("guest") == name]
+    except Exception:       # telemetry is best effort: the page shows what it has
+        return None
+    return _plain(found[-1]) if found else None
+
+
+# ---------------------------------------------------------------------------
+# Telemetry
+# ---------------------------------------------------------------------------
+
+class open_telemetry:
+    """The telemetry store `megafleet telemetry` reads: $MEGAFLEET_TELEMETRY
+    (set by `megafleet web --telemetry`), else the SQLite store in the state dir."""
+
+    def __enter__(self):
+        from megafleet.collect.stores import open_store
+
+        self.store = open_store(os.environ.get("MEGAFLEET_TELEMETRY") or None, timeout_ms=2000)
+        return self.store
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "_id"}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def since(window_s: float) -> datetime:
+    return datetime.now(timezone.utc) - timedelta(seconds=window_s)
+
+
+def telemetry_query(kind: str, window_s: float, limit: int = 10) -> Any:
+    """The data behind `megafleet telemetry KIND` (and its `--plot`): kind is one
+    of boot-times, boot-cdf, ksm, top-cpu, top-mem, net, events."""
+    from megafleet.collect import queries
+
+    with open_telemetry() as store:
+        start = since(window_s)
+        if kind == "boot-times":
+            rows: Any = queries.boot_times(store, start)
+        elif kind == "boot-cdf":
+            rows = queries.boot_durations(store, start)
+        elif kind == "ksm":
+            rows = queries.ksm(store, start)
+        elif kind == "top-cpu":
+            rows = queries.top(store, "cpu", start, limit)
+        elif kind == "top-mem":
+            rows = queries.top(store, "mem", start, limit)
+        elif kind == "net":
+            rows = queries.net(store, start, limit)
+        elif kind == "events":
+            rows = queries.events(store, start, limit=limit)
+        else:
+            raise NotFound("query", kind)
+    return _plain(rows)
+
+
+TELEMETRY_KINDS = ("boot-times", "boot-cdf", "ksm", "top-cpu", "top-mem", "net", "events")

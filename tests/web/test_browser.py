@@ -1,0 +1,66 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright):
+the graph shows every node, a killed guest turns red with no reload, the
+boot-time plot draws. Each test saves a screenshot in its temporary directory."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+
+from .conftest import CHROMIUM, CHROMIUM_ARGS, TESTBED, megafleet
+
+pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no /usr/bin/chromium (scripts/setup installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(f"{server.base}/?testbed={TESTBED}")
+    page.wait_for_function("window.megafleet && window.megafleet.drawnAt !== null", timeout=30000)
+    yield page
+    page.screenshot(path=str(tmp_path / "page.png"))
+    page.close()
+
+
+def test_graph_shows_every_node(page, server):
+    topo = httpx.get(f"{server.base}/api/v1/testbeds/{TESTBED}/graph").json()
+    assert topo["collapsed"] is False
+    shown = set(page.evaluate("window.megafleet.graph.nodes()"))
+    assert shown == {n["id"] for n in topo["nodes"]}
+    assert {"core", "dist1", "edge", "q1", "pc1_1", "www1", "monitor"} <= shown
+    assert page.evaluate("window.megafleet.graph.size") == len(topo["links"])
+
+
+def test_killed_guest_turns_failed_without_reload(page, tmp_path):
+    colour = "window.megafleet.graph.getNodeAttribute('www2', 'color')"
+    assert page.evaluate(colour) == "#2e9e44"
+    page.evaluate("window.__marker = 1")                     # gone if the page reloaded
+    megafleet("vm", "kill", "www2")
+    t0 = time.monotonic()
+    page.wait_for_function(f"{colour} === '#d0312d'", timeout=5000)
+    assert time.monotonic() - t0 < 5
+    assert page.evaluate("window.__marker") == 1
+    assert page.evaluate("window.megafleet.graph.getNodeAttribute('www2', 'state')") in ("exited", "failed")
+    page.screenshot(path=str(tmp_path / "killed.png"))
+
+
+def test_boot_time_plot_draws(page, tmp_path):
+    page.click("a[data-tab=plots]")
+    page.wait_for_selector("#plot-boot canvas", timeout=10000)
+    assert page.evaluate("window.megafleet.plots").count("plot-boot") == 1
+    page.screenshot(path=str(tmp_path / "plots.png"))
