@@ -67,16 +67,45 @@ def _props(d: dict | None):
 # Fields of netlang's Plan that need converting; every other field is plain JSON
 # (str, int, dicts and lists of them) and travels as it is, so a field netlang
 # adds later (like `ns_sysctls`) needs no change here.
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _plain(obj: Any) -> Any:
+    """`dataclasses.asdict` without its deep copies of every leaf (which made it
+    most of the cost of cutting a million-guest plan): dataclasses become dicts,
+    lists and tuples keep their type, everything else is shared as it is."""
+    cls = type(obj)
+    if cls in (str, int, float, bool) or obj is None:
+        return obj
+    names = _FIELDS.get(cls)
+    if names is None and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(obj))
+    if names is not None:
+        return {name: _plain(getattr(obj, name)) for name in names}
+    if cls in (list, tuple):
+        return cls(_plain(x) for x in obj)
+    if cls is dict:
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _guest_json(g) -> dict[str, Any]:
+    """`GuestSpec.to_dict`, the fast way."""
+    d = _plain(g)
+    d["nics"] = list(d["nics"])
+    return d
+
+
 _TO_JSON = {
     "bridges": lambda v: [[sw, vlan, br, mtu] for (sw, vlan), (br, mtu) in v.items()],
     "vde": lambda v: {sw: str(path) for sw, path in v.items()},
-    "ports": lambda v: [{**dataclasses.asdict(port), "props": port.props.to_json()} for port in v],
+    "ports": lambda v: [{**_plain(port), "props": port.props.to_json()} for port in v],
     "p2p": lambda v: [[*x[:-1], x[-1].to_json()] for x in v],
     "swlinks": lambda v: [[*x[:-1], x[-1].to_json()] for x in v],
     "wires": lambda v: [{"key": w.key, "ends": [list(e) for e in w.ends], "mtu": w.mtu,
                          "props": w.props.to_json()} for w in v],
     "ns_ops": lambda v: {ns: [_op_to_json(op) for op in ops] for ns, ops in v.items()},
-    "vms": lambda v: [g.to_dict() for g in v],
+    "vms": lambda v: [_guest_json(g) for g in v],
 }
 
 
@@ -163,7 +192,11 @@ class HostManifest:
     source: str = ""                          # the description file, for status
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """The manifest as JSON-able data. `net` is shared, not copied (it is
+        already plain data): do not modify the result's `net`."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["vxlan"] = [dataclasses.asdict(x) for x in self.vxlan]
+        d["vm_options"] = dict(self.vm_options)
         d["digest"] = self.digest()
         return d
 
@@ -374,51 +407,88 @@ def split(p, placement: Placement, *, addresses: dict[str, str] | None = None,
         mtu_of[key] = min(mtu_of[key], underlay_mtu - VXLAN_OVERHEAD)
 
     images = images or {}
+    # Everything grouped by host once: selecting each host's share from the
+    # whole plan for every host was hosts x nodes steps (4,480 x 1,000,000).
+    node_host = placement.node_host
+    netns_of: dict[str, dict[str, str]] = {h: {} for h in hosts}
+    ns_host: dict[str, str] = {}
+    for n, ns in p.netns.items():
+        netns_of[node_host[n]][n] = ns
+        ns_host[ns] = node_host[n]
+    per_ns_of: dict[str, dict[str, dict]] = {h: {} for h in hosts}
+    for f in dataclasses.fields(p):
+        if f.name.startswith("ns_"):
+            for h in hosts:
+                per_ns_of[h][f.name] = {}
+            for ns, v in getattr(p, f.name).items():
+                h = ns_host.get(ns)
+                if h is not None:
+                    per_ns_of[h][f.name][ns] = v
+    bridges_of: dict[str, dict] = {h: {} for h in hosts}
+    for k, v in p.bridges.items():
+        for h in bridge_hosts[k]:
+            bridges_of[h][k] = v
+    vde_of: dict[str, dict] = {h: {} for h in hosts}
+    for sw, path in p.vde.items():
+        for h in vde_hosts.get(sw, ()):
+            vde_of[h][sw] = path
+    routers_of: dict[str, list] = {h: [] for h in hosts}
+    for r in p.routers:
+        routers_of[node_host[r]].append(r)
+    frr_of: dict[str, dict] = {h: {} for h in hosts}
+    for r, c in p.frr.items():
+        frr_of[node_host[r]][r] = c
+    vm_frr_of: dict[str, dict] = {h: {} for h in hosts}
+    for r, c in p.vm_frr.items():
+        vm_frr_of[node_host[r]][r] = c
+    vms_of: dict[str, list] = {h: [] for h in hosts}
+    for name in sorted(vms):
+        vms_of[node_host[name]].append(vms[name])
+    tunnels_of: dict[str, list] = {h: [] for h in hosts}
+    for key in spanning:
+        members = sorted(bridge_hosts[key])
+        for host in members:
+            tunnels_of[host].append(Vxlan(
+                bridge=p.bridges[key][0], segment=segment_key(*key), vni=vni[key],
+                ifname=ifname(p.name, "x", str(vni[key])), local=addresses[host],
+                remotes=[addresses[h] for h in members if h != host],
+                mtu=mtu_of[key]))
+
     manifests: dict[str, HostManifest] = {}
     for host in hosts:
-        mine = set(placement.hosts[host])
-        netns = {n: ns for n, ns in p.netns.items() if n in mine}
+        netns = netns_of[host]
         host_ports = []
         for port in ports[host]:
             key = (port.switch, port.vlan)
             if key in mtu_of and port.mtu > mtu_of[key]:
                 port = dataclasses.replace(port, mtu=mtu_of[key])
             host_ports.append(port)
-        local_ns = set(netns.values())
-        per_ns = {f.name: {ns: v for ns, v in getattr(p, f.name).items() if ns in local_ns}
-                  for f in dataclasses.fields(p) if f.name.startswith("ns_")}
-        per_ns["ns_ops"] = {ns: _fix_mtu_ops(ops, ns, host_ports) for ns, ops in per_ns["ns_ops"].items()}
-        guests = []
-        for name in sorted(mine & vms.keys()):
-            guests.append(_guest_for_host(vms[name], host_ports, p.name, images, GuestSpec, NicSpec))
+        mtu_by_ns: dict[str, dict[str, int]] = {}
+        ports_by_node: dict[str, list] = {}
+        for port in host_ports:
+            mtu_by_ns.setdefault(port.ns, {})[port.eth] = port.mtu
+            ports_by_node.setdefault(port.node, []).append(port)
+        per_ns = per_ns_of[host]
+        per_ns["ns_ops"] = {ns: _fix_mtu_ops(ops, mtu_by_ns.get(ns, {})) for ns, ops in per_ns["ns_ops"].items()}
+        guests = [_guest_for_host(spec, ports_by_node.get(spec.name, []), p.name, images, GuestSpec, NicSpec)
+                  for spec in vms_of[host]]
         sub = dataclasses.replace(
             p, netns=netns,
             # Bridges keep the switch's MTU: a Linux bridge follows the smallest of
             # its ports (all lowered together), and `ip` reads `mtu` after
             # `type bridge` as a bridge option.
-            bridges={k: v for k, v in p.bridges.items() if host in bridge_hosts[k]},
-            vde={sw: path for sw, path in p.vde.items() if host in vde_hosts.get(sw, ())},
+            bridges=bridges_of[host], vde=vde_of[host],
             ports=host_ports, p2p=p2p[host], swlinks=swlinks[host], wires=wires[host],
-            **per_ns, routers=[r for r in p.routers if r in mine],
-            frr={r: c for r, c in p.frr.items() if r in mine},
-            vm_frr={r: c for r, c in p.vm_frr.items() if r in mine}, vms=guests, digest="")
-        tunnels = []
-        for key in spanning:
-            if host not in bridge_hosts[key]:
-                continue
-            tunnels.append(Vxlan(
-                bridge=p.bridges[key][0], segment=segment_key(*key), vni=vni[key],
-                ifname=ifname(p.name, "x", str(vni[key])), local=addresses[host],
-                remotes=[addresses[h] for h in sorted(bridge_hosts[key]) if h != host],
-                mtu=mtu_of[key]))
+            **per_ns, routers=routers_of[host], frr=frr_of[host], vm_frr=vm_frr_of[host],
+            vms=guests, digest="")
         manifests[host] = HostManifest(testbed=p.name, host=host, net=plan_to_json(sub),
-                                       vxlan=tunnels, **common)
+                                       vxlan=tunnels_of[host], **common)
     return manifests
 
 
-def _fix_mtu_ops(ops: list, ns: str, ports: list) -> list:
-    """The namespace's configuration with each port's (possibly lowered) MTU."""
-    want = {port.eth: port.mtu for port in ports if port.ns == ns}
+def _fix_mtu_ops(ops: list, want: dict[str, int]) -> list:
+    """The namespace's configuration with each port's (possibly lowered) MTU
+    (`want`: the namespace's interface -> MTU)."""
     out = []
     for op in ops:
         if type(op).__name__ == "LinkUp" and op.dev in want:
@@ -427,12 +497,13 @@ def _fix_mtu_ops(ops: list, ns: str, ports: list) -> list:
     return out
 
 
-def _guest_for_host(spec, host_ports: list, testbed: str, images: dict[str, str], GuestSpec, NicSpec):
+def _guest_for_host(spec, node_ports: list, testbed: str, images: dict[str, str], GuestSpec, NicSpec):
     """The guest spec as this host runs it: container NICs as veths, NIC MTUs as
-    the segment has them, the image as the store names it."""
+    the segment has them, the image as the store names it. `node_ports`: this
+    guest's ports on the host."""
     from megafleet.imagegen.contract import NicConfig
 
-    port_of = {port.host_if: port for port in host_ports if port.node == spec.name}
+    port_of = {port.host_if: port for port in node_ports}
     nics, configs = [], []
     config = spec.guest_config()
     for i, nic in enumerate(spec.nics):

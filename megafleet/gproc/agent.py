@@ -41,15 +41,29 @@ def _check_setup(header: dict[str, Any]) -> dict[str, Any]:
 
 async def serve_tree(setup: dict[str, Any], already_read: bytes, in_fd: int, out_fd: int) -> None:
     """An inner agent: trio, a Node, and an SSH transport for its children."""
+    import trio
+
+    from megafleet.gproc.transport import open_transport
+
+    stdin, stdout = trio.lowlevel.FdStream(in_fd), trio.lowlevel.FdStream(out_fd)
+    await run_agent(setup, protocol.FrameReader(stdin, initial=already_read), stdout, open_transport)
+
+
+async def run_agent(setup: dict[str, Any], reader: protocol.FrameReader, stdout: protocol.ByteStream,
+                    open_transport: Any, lookup: Any = None) -> None:
+    """The agent's life once `setup` is read: build its subtree, answer `ready`,
+    serve the parent's frames from `reader` until it ends, then close the
+    children. `open_transport(identity, known_hosts, connect_timeout)` is an
+    async context manager giving the object whose `connect(spec)` reaches a
+    child (SSH here; the simulator's in-memory links in `gproc.sim`); `lookup`
+    replaces `handlers.lookup` (the simulator's hosts). Frames up are written
+    to `stdout` whole, one at a time."""
     from contextlib import AsyncExitStack
 
     import trio
 
     from megafleet.gproc.node import Node
-    from megafleet.gproc.transport import open_transport
 
-    stdin, stdout = trio.lowlevel.FdStream(in_fd), trio.lowlevel.FdStream(out_fd)
-    reader = protocol.FrameReader(stdin, initial=already_read)
     me = setup["host"]["name"]
     lock = trio.Lock()
 
@@ -66,7 +80,8 @@ async def serve_tree(setup: dict[str, Any], already_read: bytes, in_fd: int, out
     async with AsyncExitStack() as stack:
         transport = await stack.enter_async_context(
             open_transport(creds["identity"], creds["known_hosts"], connect_timeout))
-        node = Node(me, emit_up, transport.connect, creds=creds, connect_timeout=connect_timeout)
+        node = Node(me, emit_up, transport.connect, creds=creds, connect_timeout=connect_timeout,
+                    lookup=lookup)
         async with trio.open_nursery() as nursery:
             node.nursery = nursery
             try:

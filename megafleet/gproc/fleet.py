@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -128,27 +127,34 @@ class Fleet:
     async def connect(cls, inventory: Inventory, *, hosts: list[str] | None = None,
                       labels: list[str] | None = None, fanout: int = 8,
                       root_fanout: int | None = None,
-                      connect_timeout: float = 15.0) -> AsyncIterator["Fleet"]:
+                      connect_timeout: float = 15.0, transport: Any = None,
+                      lookup: Any = None) -> AsyncIterator["Fleet"]:
         """Build the agent tree over the selected hosts (all by default) and keep it
         for the block. Unreachable hosts do not fail the connection: they are in
         `fleet.status` and answer every operation with "unreachable".
         `root_fanout` (default: fanout) is how many sessions the controller itself
-        opens (see `tree`)."""
-        from megafleet.gproc.transport import open_transport
+        opens (see `tree`). `transport` replaces SSH: a function
+        (identity, known_hosts, connect_timeout) -> async context manager of an
+        object with `async connect(host spec) -> byte stream` (the simulator,
+        `gproc.sim`, passes its in-memory links); `lookup` replaces the handler
+        registry for the controller's own node."""
+        if transport is None:
+            from megafleet.gproc.transport import open_transport as transport
 
         selected = inventory.select(hosts, labels)
         fleet = cls(inventory, [h.name for h in selected], fanout)
         fleet.layout = tree.layout([h.spec() for h in selected], fanout, root_fanout)
-        async with open_transport(inventory.identity, inventory.known_hosts, connect_timeout) as transport:
+        async with transport(inventory.identity, inventory.known_hosts, connect_timeout) as links:
             async with trio.open_nursery() as nursery:
-                node = Node(None, fleet._on_message, transport.connect, connect_timeout=connect_timeout,
-                            creds={"identity": inventory.identity, "known_hosts": inventory.known_hosts})
+                node = Node(None, fleet._on_message, links.connect, connect_timeout=connect_timeout,
+                            creds={"identity": inventory.identity, "known_hosts": inventory.known_hosts},
+                            lookup=lookup)
                 node.nursery = nursery
                 fleet.node = node
                 try:
-                    start = time.monotonic()
+                    start = trio.current_time()
                     up, down, _ = await node.attach(fleet.layout)
-                    fleet.setup_seconds = time.monotonic() - start
+                    fleet.setup_seconds = trio.current_time() - start
                     fleet.status = {name: HostState("up") for name in up}
                     fleet.status.update({name: HostState("unreachable", why) for name, why in down.items()})
                     yield fleet
@@ -170,6 +176,11 @@ class Fleet:
             return
         pending = self._ops.get(header["id"])
         if pending is None:
+            return
+        if kind == "evs":
+            if pending.on_event is not None:
+                for host, data in header.get("events", []):
+                    pending.on_event(host, data)
             return
         host = header["host"]
         if kind == "out":
@@ -207,7 +218,7 @@ class Fleet:
         op_id = str(next(self._ids))
         pending = _Pending(set(targets), on_output=on_output, on_event=on_event)
         self._ops[op_id] = pending
-        start = time.monotonic()
+        start = trio.current_time()
         finished = False
         try:
             with trio.move_on_after(timeout):
@@ -229,7 +240,7 @@ class Fleet:
                 if host not in pending.results:
                     pending.results[host] = HostResult(host, "failed", f"timed out after {timeout:g} s")
         ordered = {h: pending.results[h] for h in targets}
-        return Report(op, ordered, time.monotonic() - start)
+        return Report(op, ordered, trio.current_time() - start)
 
     async def exec(self, argv: list[str] | str, *, hosts: list[str] | None = None, shell: bool = False,
                    timeout: float = 60.0, on_output: OutputCallback | None = None) -> Report:
@@ -269,7 +280,7 @@ class Fleet:
             st = os.stat(path)
         except OSError as e:
             raise FleetError(f"{path}: {e.strerror}") from None
-        start = time.monotonic()
+        start = trio.current_time()
         digest = await trio.to_thread.run_sync(_sha256, path)
         targets = self._targets(hosts)
         have = await self.call("gproc.have", {"path": dest, "sha256": digest}, hosts=targets,
@@ -283,7 +294,7 @@ class Fleet:
                 need.append(host)
             else:
                 results[host] = r
-        remaining = max(1.0, timeout - (time.monotonic() - start))
+        remaining = max(1.0, timeout - (trio.current_time() - start))
 
         async def feed(op_id: str) -> None:
             assert self.node is not None
@@ -296,7 +307,7 @@ class Fleet:
                   "mode": mode if mode is not None else (st.st_mode & 0o777)}
         sent = await self._run("push", fields, need, remaining, source=path, feed=feed)
         results.update(sent.results)
-        return Report("push", {h: results[h] for h in targets}, time.monotonic() - start)
+        return Report("push", {h: results[h] for h in targets}, trio.current_time() - start)
 
 
 def _sha256(path: str) -> str:

@@ -18,7 +18,8 @@ Messages up (agent -> parent):
 
     ready    {up: [names], down: {name: why}}      answer to setup
     out      {id, host, fd} + payload              exec output (fd 1 or 2)
-    ev       {id, host, data}                      progress from a call handler
+    ev       {id, host, data}                      progress from a call handler (leaf)
+    evs      {id, events: [[host, data], ...]}     progress of a subtree, coalesced
     res      {id, host, status, ...}               the final result of one host
     reattach {lost, up, down}                      a child died; its subtree re-attached
 
@@ -28,6 +29,13 @@ the node marks that host failed for the operations in flight, then connects
 each subtree is built again from the same layout) and re-sends every operation in
 flight to the hosts that have no result yet. A push is re-sent from this node's
 own copy (written while forwarding) once that copy is complete.
+
+Progress is coalesced per subtree: a handler's events are snapshots (the latest
+one says all), so each node keeps only the latest event of each host of its
+subtree and sends them up together, at most every EV_FLUSH_S, in one `evs`
+frame (and before that host's result). The controller then gets about
+hosts / EV_FLUSH_S events a second at most, in few frames, whatever the number
+of guests or how often hosts report.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from megafleet.gproc.protocol import ConnectFailed
 
 CHUNK = 256 * 1024
 QUEUE_FRAMES = 32        # frames buffered per child before the sender applies back-pressure
+EV_FLUSH_S = 0.5         # progress of a subtree goes up at most this often
 Emit = Callable[[dict[str, Any], bytes], Awaitable[None]]
 Connect = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -108,13 +117,18 @@ class Op:
     sink: PushSink | None = None
     source: str | None = None           # a complete local copy to re-send from
     complete: trio.Event = field(default_factory=trio.Event)
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=trio.current_time)
 
 
 class Node:
     def __init__(self, me: str | None, emit_up: Emit, connect: Connect | None, *,
-                 creds: dict[str, Any], connect_timeout: float = 15.0):
-        self.me = me                       # this host's name; None at the root
+                 creds: dict[str, Any], connect_timeout: float = 15.0,
+                 lookup: Callable[[str, list[str]], handlers.Handler] | None = None):
+        self.me = me
+        # How a `call` finds its handler: the registry, or the simulator's hosts.
+        self.lookup = lookup or handlers.lookup
+        self._events: dict[str, dict[str, Any]] = {}   # op id -> {host: latest progress}
+        self._flush_scheduled = False                       # this host's name; None at the root
         self.emit_up = emit_up
         self.connect = connect
         self.creds = creds                 # identity / known_hosts passed to children
@@ -274,9 +288,17 @@ class Node:
             if op is not None and header.get("host") in child.names:
                 fields = {k: v for k, v in header.items() if k not in ("t", "id", "host", "status")}
                 await self.result(op, header["host"], header["status"], **fields)
-        elif kind in ("out", "ev"):
+        elif kind == "out":
             if header.get("id") in self.ops and header.get("host") in child.names:
                 await self.emit_up(header, payload)
+        elif kind == "ev":
+            if header.get("id") in self.ops and header.get("host") in child.names:
+                await self.progress(header["id"], header["host"], header.get("data"))
+        elif kind == "evs":
+            if header.get("id") in self.ops:
+                for host, data in header.get("events", []):
+                    if host in child.names:
+                        await self.progress(header["id"], host, data)
         elif kind == "reattach":
             await self.emit_up(header, payload)
         else:
@@ -300,15 +322,37 @@ class Node:
         """Record and pass up the one result of `host` for `op` (later ones are dropped)."""
         if host not in op.pending or self.ops.get(op.id) is not op:
             return
+        if host in self._events.get(op.id, ()):
+            await self._flush_events(op.id)     # a host's last progress before its result
         op.pending.discard(host)
         await self.emit_up({"t": "res", "id": op.id, "host": host, "status": status, **fields}, b"")
         if not op.pending:
             self._finish(op)
 
+    async def progress(self, op_id: str, host: str, data: Any) -> None:
+        """Keep `host`'s latest progress for `op_id`; it goes up with its
+        subtree's within EV_FLUSH_S."""
+        self._events.setdefault(op_id, {})[host] = data
+        if not self._flush_scheduled and self.nursery is not None:
+            self._flush_scheduled = True
+            self.nursery.start_soon(self._flush_later)
+
+    async def _flush_later(self) -> None:
+        await trio.sleep(EV_FLUSH_S)
+        self._flush_scheduled = False
+        for op_id in list(self._events):
+            await self._flush_events(op_id)
+
+    async def _flush_events(self, op_id: str) -> None:
+        batch = self._events.pop(op_id, None)
+        if batch and op_id in self.ops:
+            await self.emit_up({"t": "evs", "id": op_id, "events": [[h, d] for h, d in batch.items()]}, b"")
+
     def _finish(self, op: Op) -> None:
         # Every target has its result, so the local task (if any) is done too;
         # it must not be cancelled here: it may still be sending its own result.
         self.ops.pop(op.id, None)
+        self._events.pop(op.id, None)
         if op.sink is not None and op.sink.final is None:
             _unlink(op.sink.path)    # a spool copy is not needed any more
 
@@ -368,7 +412,7 @@ class Node:
     async def _run_local(self, op: Op) -> None:
         req = op.req
         timeout = req.get("timeout")
-        start = time.monotonic()
+        start = trio.current_time()
         with op.scope:      # cancelled by a `cancel` request: then no result is due
             try:
                 with trio.fail_after(timeout) if timeout else contextlib.nullcontext():
@@ -380,7 +424,7 @@ class Node:
                 fields = {"status": "failed", "error": f"timed out after {timeout:g} s"}
         if op.scope.cancelled_caught:
             return
-        fields["seconds"] = round(time.monotonic() - start, 3)
+        fields["seconds"] = round(trio.current_time() - start, 3)
         await self.result(op, self.me, fields.pop("status"), **fields)
 
     async def _exec(self, op: Op) -> dict[str, Any]:
@@ -415,10 +459,10 @@ class Node:
         payload = req["per_host"].get(self.me) if "per_host" in req else req.get("payload")
 
         async def emit(data: Any) -> None:
-            await self.emit_up({"t": "ev", "id": op.id, "host": self.me, "data": data}, b"")
+            await self.progress(op.id, self.me, data)
 
         try:
-            fn = handlers.lookup(req["handler"], req.get("modules", []))
+            fn = self.lookup(req["handler"], req.get("modules", []))
             ctx = handlers.Context(self.me, emit)
             if handlers.is_async(fn):
                 value = await fn(payload, ctx)
@@ -477,7 +521,7 @@ class Node:
                 await self.result(op, self.me, "failed", error=error)
             else:
                 await self.result(op, self.me, "ok", bytes=sink.size,
-                                  seconds=round(time.monotonic() - op.started, 3))
+                                  seconds=round(trio.current_time() - op.started, 3))
         elif self.ops.get(op.id) is not op and sink.final is None:
             _unlink(sink.path)
 
