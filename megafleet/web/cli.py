@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 import trio
@@ -40,8 +41,12 @@ def is_loopback(host: str) -> bool:
                    "Without any, one token of each level is made and printed.")
 @click.option("--poll", "poll_s", type=click.FloatRange(0.2, 60), default=1.0, show_default=True,
               help="Seconds between reads of the fleet's state (the live view's resolution).")
+@click.option("--preview", "previews", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FILE.fleet", help="Also show this description, not up, with its nodes 'planned'. Repeatable.")
+@click.option("-D", "--define", "defines", multiple=True, metavar="NAME=VALUE",
+              help="Parameter values for --preview files, as for `megafleet up`.")
 @click.option("--json", "json_mode", is_flag=True, help="Print the URLs and tokens as one JSON line at start.")
-def web(listen, telemetry_uri, cert, key, tokens, poll_s, json_mode):
+def web(listen, telemetry_uri, cert, key, tokens, poll_s, previews, defines, json_mode):
     """Serve the fleet's dashboard and JSON API (/api/v1/...).
 
     \b
@@ -68,7 +73,13 @@ def web(listen, telemetry_uri, cert, key, tokens, poll_s, json_mode):
     from megafleet.web.auth import SCOPES, Auth
     from megafleet.web.events import Broker
 
+    from megafleet.up import parse_defines
+    from megafleet.web import state
+
     host, port = parse_listen(listen)
+    values = parse_defines(defines)
+    for path in previews:
+        state.add_preview(path, values)
     if bool(cert) != bool(key):
         raise click.UsageError("--cert and --key go together")
     if telemetry_uri:

@@ -24,7 +24,7 @@ from typing import Any
 COLLAPSE_ABOVE = 2000
 
 # Node states as `megafleet status` names them, and the colour class of each.
-HEALTH = {"running": "ok", "up": "ok", "booting": "busy", "starting": "busy", "stopped": "off",
+HEALTH = {"running": "ok", "up": "ok", "planned": "off", "booting": "busy", "starting": "busy", "stopped": "off",
           "failed": "bad", "exited": "bad", "missing": "bad", "killed": "bad"}
 
 
@@ -46,6 +46,7 @@ class TestbedInfo:
     hosts: list[str]
     started: float | None
     summary: dict[str, Any] | None
+    planned: bool = False
 
 
 @dataclass
@@ -98,15 +99,32 @@ class Topology:
 # Testbeds and their compiled networks
 # ---------------------------------------------------------------------------
 
+# Descriptions shown as planned, not up (`megafleet web --preview FILE`): name -> info.
+PREVIEWS: dict[str, TestbedInfo] = {}
+
+
+def add_preview(path: Path, defines: dict[str, str]) -> TestbedInfo:
+    """Show a description that is not up (its nodes are 'planned'): to look at a
+    topology before `up`. Raises UpError for a file that does not compile."""
+    from megafleet.up import testbed_name
+
+    name = testbed_name(path, None)
+    info = TestbedInfo(name, str(path.resolve()), defines, [], None, None, planned=True)
+    compiled(info)
+    PREVIEWS[name] = info
+    return info
+
+
 def testbeds() -> list[TestbedInfo]:
-    """The testbeds the controller's ledger records, by name."""
+    """The testbeds the controller's ledger records, then previews, by name."""
     from megafleet.up import deployments
 
     out = []
     for name, d in sorted(deployments().items()):
         out.append(TestbedInfo(name, d.get("source", ""), dict(d.get("defines") or {}),
                                list(d.get("hosts") or []), d.get("started"), d.get("summary")))
-    return out
+    known = {t.name for t in out}
+    return out + [t for name, t in sorted(PREVIEWS.items()) if name not in known]
 
 
 def testbed(name: str) -> TestbedInfo:
@@ -143,6 +161,8 @@ def placement_of(t: TestbedInfo, net) -> dict[str, str]:
 
     record = deployments().get(t.name, {})
     target = Target.from_json(record.get("target") or {})
+    if t.planned:
+        return {}
     if target.embedded:
         return {n: LOCAL for _, _, n in net.iter_nodes()}
     _, placed = make_plan(net, t.name, target)
@@ -229,6 +249,8 @@ def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = Non
         collapse = total > COLLAPSE_ABOVE
 
     def healthy(kind: str) -> str:
+        if t.planned:
+            return "planned"
         return "running" if kind == "vm" else "up"
 
     nodes: dict[str, NodeInfo] = {s: NodeInfo(s, s, "switch") for s in net.switches}

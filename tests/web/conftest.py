@@ -79,7 +79,10 @@ def campus(tmp_path_factory):
     try:
         r = megafleet("up", str(path), "-N", TESTBED, "-D", "staff=3", "-D", "lab=3", "--no-ksm",
                       "--boot-timeout", "120", "--json", check=False, timeout=600)
-        summary = json.loads(r.stdout)
+        try:
+            summary = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            raise AssertionError(f"megafleet up failed:\n{r.stderr[-3000:]}") from None
         assert summary["ready"] == summary["guests"], summary
         yield {"path": path, "summary": summary}
     finally:

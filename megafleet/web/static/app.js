@@ -5,7 +5,7 @@
 
 const COLORS = { ok: "#2e9e44", busy: "#e0a000", bad: "#d0312d", off: "#888888",
                  switch: "#555555", router: "#1f6fd1", host: "#0f8f8f" };
-const HEALTH = { running: "ok", up: "ok", booting: "busy", starting: "busy", stopped: "off",
+const HEALTH = { running: "ok", up: "ok", planned: "off", booting: "busy", starting: "busy", stopped: "off",
                  failed: "bad", exited: "bad", missing: "bad", killed: "bad" };
 const SIZES = { switch: 9, router: 7, host: 4, vm: 3, cluster: 10 };
 
@@ -24,7 +24,7 @@ async function api(path, options = {}) {
 
 function nodeColor(n) {
   const health = HEALTH[n.state] || "bad";
-  if (health !== "ok") return COLORS[health];
+  if (health !== "ok" && n.state !== "planned") return COLORS[health];
   if (n.kind === "switch") return COLORS.switch;
   if (n.kind === "router") return COLORS.router;
   if (n.kind === "host") return COLORS.host;
@@ -49,7 +49,8 @@ let traffic = {};   // iface -> bytes/s, from the busiest-links query
 
 async function drawGraph() {
   if (!megafleet.testbed) return;
-  const topo = await api(`testbeds/${encodeURIComponent(megafleet.testbed)}/graph`);
+  const collapse = new URLSearchParams(location.search).get("collapse") || "auto";
+  const topo = await api(`testbeds/${encodeURIComponent(megafleet.testbed)}/graph?collapse=${collapse}`);
   const graph = new graphology.Graph({ multi: true, type: "undirected" });
   for (const n of topo.nodes) {
     const label = n.count > 1 ? `${n.name} (${n.count})` : n.name;
