@@ -19,6 +19,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "image": "megafleet.imagegen.cli:image",
     "vm": "megafleet.vm.cli:vm",
     "net": "megafleet.netlang.cli:net",
+    "import": "megafleet.netlang.importers.cli:import_command",
     "hosts": "megafleet.gproc.cli:hosts",
     "gproc": "megafleet.gproc.cli:gproc",
     "agent": "megafleet.gproc.cli:agent",

@@ -174,12 +174,24 @@ def draw(file: str, output: str, defines: tuple[str, ...]) -> None:
 @net.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-D", "--define", "defines", multiple=True, metavar="NAME=VALUE", help=_DEFINE_HELP)
-@click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the only format).")
+@click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the default format).")
+@click.option("-f", "--format", "fmt", type=click.Choice(["json", "clab", "graphml"]), default="json",
+              show_default=True, help="json: the compiled network; clab: a containerlab topology; "
+                                      "graphml: a GraphML graph (networkx's writer).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
-def export(file: str, defines: tuple[str, ...], as_json: bool, output: str | None) -> None:
-    """Export the compiled network of FILE as JSON: every node with its
-    interfaces, addresses, gateways and routes; every network with its subnets;
-    switches, links, pools and the parameters used."""
+def export(file: str, defines: tuple[str, ...], as_json: bool, output: str | None, fmt: str = "json") -> None:
+    """Export the compiled network of FILE.
+
+    \b
+    json     every node with its interfaces, addresses, gateways and routes;
+             every network with its subnets; switches, links, pools, parameters.
+    clab     containerlab YAML: hosts and vms -> kind linux, routers -> kind
+             linux with FRR's image, switches -> kind bridge, the switch mgmt ->
+             the mgmt section; links keep the interface names.
+    graphml  one node per host, router, vm and switch (attribute kind), one
+             edge per link with interface names, delay and rate; parallel
+             links stay parallel. `megafleet import` reads both back.
+    """
     from megafleet.netlang.export import to_json
 
     net_ = _compile(file, defines, graph=False)
@@ -188,6 +200,10 @@ def export(file: str, defines: tuple[str, ...], as_json: bool, output: str | Non
     except OSError as err:
         raise click.ClickException(f"cannot write {output}: {err.strerror or err}")
     try:
+        if fmt != "json":
+            from megafleet.netlang.importers import formats_export
+            out.write(formats_export(net_, fmt, Path(file).name.split(".")[0]))
+            return
         json.dump(to_json(net_), out)
         out.write("\n")
     finally:
