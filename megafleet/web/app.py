@@ -111,10 +111,11 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
         collapse = {"auto": None, "yes": True, "no": False}.get(request.query_params.get("collapse", "auto"), "bad")
         if collapse == "bad":
             raise BadRequest("collapse", "collapse: one of auto, yes, no")
+        expand = frozenset(x for x in request.query_params.get("expand", "").split(",") if x)
         snap = await snapshot()
         topo = await trio.to_thread.run_sync(
             lambda: state.topology(t, snap.bad.get(t.name, {}), collapse=collapse,
-                                   link_states=_link_states(t.name)))
+                                   link_states=_link_states(t.name), expand=expand))
         return JSONResponse(topo.to_json())
 
     async def hosts(request: Request) -> Response:

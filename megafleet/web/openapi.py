@@ -111,7 +111,8 @@ def document() -> dict[str, Any]:
             "/api/v1/testbeds": {"get": _op("Testbeds the controller brought up", "Testbeds")},
             "/api/v1/testbeds/{testbed}/graph": {"get": _op(
                 "The topology with positions and states", "Graph",
-                [_p("testbed", "the testbed"), _q("collapse", "auto | yes | no: guests of a switch as one node")])},
+                [_p("testbed", "the testbed"), _q("collapse", "auto | yes | no: guests of a switch as one node"),
+                 _q("expand", "comma-separated cluster ids drawn node by node")])},
             "/api/v1/hosts": {"get": _op("Hosts: nodes by state, memory, KSM saving, telemetry health", "Hosts")},
             "/api/v1/nodes": {"get": _op("Nodes, filtered by glob and state", "Nodes",
                                          [TESTBED_Q, _q("pattern", "a glob of node names"),

@@ -230,10 +230,12 @@ def memory_mb() -> dict[str, int]:
 # ---------------------------------------------------------------------------
 
 def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = None,
-             link_states: dict[tuple[str, str], str] | None = None) -> Topology:
+             link_states: dict[tuple[str, str], str] | None = None,
+             expand: frozenset[str] = frozenset()) -> Topology:
     """The testbed's graph with positions and states. `collapse` None means
-    automatic (above COLLAPSE_ABOVE nodes). `link_states` maps sorted (a, b) to
-    "down" for links taken down at run time."""
+    automatic (above COLLAPSE_ABOVE nodes); `expand` names clusters drawn node by
+    node all the same (a click on a cluster). `link_states` maps sorted (a, b)
+    to "down" for links taken down at run time."""
     net = compiled(t)
     where = placement_of(t, net)
     link_states = link_states or {}
@@ -276,7 +278,9 @@ def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = Non
     if collapse:
         for name, kind in kinds.items():
             if kind == "vm" and len(attach[name]) == 1 and attach[name][0] in net.switches:
-                cluster_of[name] = f"{group_of[name]}@{attach[name][0]}"
+                cid = f"{group_of[name]}@{attach[name][0]}"
+                if cid not in expand:
+                    cluster_of[name] = cid
     for name, kind in kinds.items():
         state = bad.get(name, healthy(kind))
         cid = cluster_of.get(name)

@@ -10,7 +10,7 @@ const HEALTH = { running: "ok", up: "ok", planned: "off", booting: "busy", start
 const SIZES = { switch: 9, router: 7, host: 4, vm: 3, cluster: 10 };
 
 // What tests and scripts may inspect: the graph model and when it was drawn.
-const megafleet = window.megafleet = { graph: null, renderer: null, testbed: null,
+const megafleet = window.megafleet = { graph: null, renderer: null, testbed: null, expanded: new Set(),
                                         drawnAt: null, lastEventId: 0, events: 0 };
 
 function $(id) { return document.getElementById(id); }
@@ -24,6 +24,7 @@ async function api(path, options = {}) {
 
 function nodeColor(n) {
   const health = HEALTH[n.state] || "bad";
+  if (n.state === "planned" && (n.kind === "vm" || n.kind === "cluster")) return COLORS.off;
   if (health !== "ok" && n.state !== "planned") return COLORS[health];
   if (n.kind === "switch") return COLORS.switch;
   if (n.kind === "router") return COLORS.router;
@@ -50,7 +51,8 @@ let traffic = {};   // iface -> bytes/s, from the busiest-links query
 async function drawGraph() {
   if (!megafleet.testbed) return;
   const collapse = new URLSearchParams(location.search).get("collapse") || "auto";
-  const topo = await api(`testbeds/${encodeURIComponent(megafleet.testbed)}/graph?collapse=${collapse}`);
+  const expand = [...megafleet.expanded].map(encodeURIComponent).join(",");
+  const topo = await api(`testbeds/${encodeURIComponent(megafleet.testbed)}/graph?collapse=${collapse}&expand=${expand}`);
   const graph = new graphology.Graph({ multi: true, type: "undirected" });
   for (const n of topo.nodes) {
     const label = n.count > 1 ? `${n.name} (${n.count})` : n.name;
@@ -91,7 +93,10 @@ function redrawSoon() {   // many events at once (a storm) cost one redraw
 
 async function showNode(id) {
   const g = megafleet.graph;
-  if (g && g.getNodeAttribute(id, "kind") === "cluster") return;
+  if (g && g.getNodeAttribute(id, "kind") === "cluster") {     // a click opens a cluster
+    megafleet.expanded.add(id);
+    return drawGraph();
+  }
   if (g && g.getNodeAttribute(id, "kind") === "switch") return;
   const d = await api(`nodes/${encodeURIComponent(id)}?testbed=${encodeURIComponent(megafleet.testbed)}`);
   $("node").hidden = false;
@@ -257,7 +262,9 @@ async function start() {
   const wanted = new URLSearchParams(location.search).get("testbed");
   megafleet.testbed = wanted || (beds[0] && beds[0].name) || null;
   select.value = megafleet.testbed || "";
-  select.addEventListener("change", () => { megafleet.testbed = select.value; drawGraph(); });
+  select.addEventListener("change", () => {
+    megafleet.testbed = select.value; megafleet.expanded.clear(); drawGraph();
+  });
   if (!megafleet.testbed) $("summary").textContent = "no testbed is up";
   listen();
   await drawGraph();

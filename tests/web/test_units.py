@@ -1,0 +1,80 @@
+"""Pure parts of the web package: tokens and scopes, the topology's grouping of
+guests and its layout, the CLI's --listen parsing."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from megafleet.web import state
+from megafleet.web.auth import Auth, AuthError
+from megafleet.web.cli import _expand, is_loopback, parse_listen
+
+from tests.up.conftest import REPO
+
+
+def test_scopes_and_tokens():
+    auth = Auth(loopback=False)
+    read = auth.add_token({"read"})
+    full = auth.add_token({"read", "control", "exec"})
+    with pytest.raises(AuthError) as e:
+        auth.check("read", None, None)
+    assert e.value.status == 401
+    auth.check("read", f"Bearer {read}", None)
+    with pytest.raises(AuthError) as e:
+        auth.check("control", f"Bearer {read}", None)
+    assert e.value.status == 403
+    auth.check("exec", f"Bearer {full}", None)
+    with pytest.raises(AuthError):
+        auth.check("read", "Bearer nope", None)
+    with pytest.raises(AuthError):
+        auth.check("read", f"Basic {read}", None)
+    code = auth.add_login_link({"read"})
+    session = auth.spend_login(code)
+    auth.check("read", None, session)
+    with pytest.raises(AuthError):
+        auth.spend_login(code)                      # one time only
+    with pytest.raises(ValueError):
+        auth.add_token({"root"})
+    local = Auth(loopback=True)
+    local.check("control", None, None)               # loopback: as the local CLI
+    with pytest.raises(AuthError) as e:
+        local.check("exec", None, None)              # exec always needs a token
+    assert e.value.status == 403
+
+
+def test_listen_and_scope_expansion():
+    assert parse_listen("127.0.0.1:8470") == ("127.0.0.1", 8470)
+    assert parse_listen("[::1]:80") == ("::1", 80)
+    for bad in ("8470", "host:", "h:99999"):
+        with pytest.raises(click.BadParameter):
+            parse_listen(bad)
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
+    assert _expand("exec") == {"read", "control", "exec"} and _expand("read") == {"read"}
+
+
+def test_topology_groups_guests_of_a_switch_and_expands_on_request(tmp_path, monkeypatch):
+    path = tmp_path / "wide.fleet"
+    path.write_text(f'image tiny from "{REPO}/examples/images/tiny.toml"\npool p 10.0.0.0/8 per /20\n'
+                    "switch core\nswitch a[1..3]\nrouter r { iface core auto\n iface a[1..3] auto }\n"
+                    "vm x[1..900] image tiny driver container mem 64M on a1\n"
+                    "vm y[1..900] image tiny driver container mem 64M on a2\n"
+                    "vm z[1..300] image tiny driver container mem 64M on a3\nhost h on core\n")
+    monkeypatch.setattr(state, "PREVIEWS", {})
+    info = state.add_preview(path, {})
+    full = state.topology(info, {}, collapse=False)
+    assert full.total_nodes == 2100 + 2 + 4 and len(full.nodes) == full.total_nodes and not full.collapsed
+    grouped = state.topology(info, {"x5": "failed"})          # over 2,000 nodes: grouped
+    clusters = {n.id: n for n in grouped.nodes if n.kind == "cluster"}
+    assert grouped.collapsed and set(clusters) == {"x1..x900@a1", "y1..y900@a2", "z1..z300@a3"}
+    assert clusters["x1..x900@a1"].count == 900 and clusters["x1..x900@a1"].state == "failed"
+    assert clusters["x1..x900@a1"].states == {"failed": 1, "planned": 899}
+    assert {"r", "h", "core"} <= {n.id for n in grouped.nodes}
+    # One link per cluster, counting the ports it stands for.
+    (link,) = [k for k in grouped.links if k.a == "x1..x900@a1"]
+    assert link.b == "a1" and link.count == 900
+    opened = state.topology(info, {}, expand=frozenset({"z1..z300@a3"}))
+    assert "z17" in {n.id for n in opened.nodes} and "x1..x900@a1" in {n.id for n in opened.nodes}
+    # Every node has a place, and no two share one.
+    assert len({(round(n.x, 6), round(n.y, 6)) for n in full.nodes}) == len(full.nodes)
