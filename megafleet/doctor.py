@@ -139,10 +139,32 @@ def run_checks(refresh: bool = False) -> dict:
     return results
 
 
+def show_leftovers(json_out: bool) -> None:
+    """`doctor --leftovers`: every recorded resource still present."""
+    from megafleet import sweep
+    from megafleet.up import table
+
+    found = sweep.leftovers()
+    if json_out:
+        click.echo(json.dumps({"leftovers": [f.to_json() for f in found]}, indent=2))
+    elif not found:
+        click.echo("nothing recorded is present: no leftovers")
+    else:
+        click.echo(table([[f.owner, f.kind, f.key, f.state + (" (orphan)" if f.orphan else ""), f.what]
+                          for f in found], ["OWNER", "KIND", "KEY", "STATE", "WHAT"]))
+        orphans = sum(f.orphan for f in found)
+        click.echo(f"\n{len(found)} recorded resources present ({orphans} orphaned); "
+                   "'megafleet down' removes testbeds and orphans, 'megafleet vm teardown' guests")
+    raise SystemExit(1 if found else 0)
+
+
 @click.command()
 @click.option("--json", "json_out", is_flag=True, help="Print the results as JSON.")
 @click.option("--refresh", is_flag=True, help="Probe KVM again (the verdict is cached per boot).")
-def doctor(json_out: bool, refresh: bool) -> None:
+@click.option("--leftovers", is_flag=True,
+              help="Instead of the checks: list everything the ledger records that is still "
+                   "present (processes, namespaces, links, cgroups, files, testbeds).")
+def doctor(json_out: bool, refresh: bool, leftovers: bool) -> None:
     """Check what this host can do for megafleet.
 
     \b
@@ -156,7 +178,16 @@ def doctor(json_out: bool, refresh: bool) -> None:
     telemetry  where telemetry goes: MongoDB (MEGAFLEET_MONGO_URI) or SQLite
 
     Exit status 0 when every check passes, 1 otherwise.
+
+    \b
+    --leftovers lists what megafleet recorded in this host's ledger that still
+    exists, one row per resource: OWNER (up, net, vm, imagegen, cgroup...),
+    KIND, KEY, STATE (running, present, or recorded for a testbed that is up;
+    "orphan" when the command that made it is gone) and WHAT. Exit status 0
+    when nothing is left, 1 otherwise.
     """
+    if leftovers:
+        show_leftovers(json_out)
     results = run_checks(refresh)
     if json_out:
         click.echo(json.dumps(results, indent=2, sort_keys=True))

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import trio
 
-from megafleet import paths, proc
+from megafleet import cgroup, locks, paths, proc
 from megafleet.gproc import handlers
 from megafleet.ledger import Ledger
 from megafleet.manifest import VXLAN_PORT, HostManifest, Vxlan, plan_from_json
@@ -132,8 +132,21 @@ async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = No
     if os.geteuid() != 0:
         raise HostError("applying a testbed needs root (namespaces, bridges, guests)")
     use_dirs(m.state_dir, m.run_dir, m.cache_dir)
-    ledger = ledger or Ledger()
     t = check_name(m.testbed, "testbed name")
+    # This process applies: it keeps its share of the CPU while the testbed's
+    # processes (in the testbed's low-weight cgroup) load the host.
+    cgroup.join_control()
+    async with locks.atestbed_lock(t, "up", on_wait=lambda text: emit({"phase": "lock", "text": text})):
+        with cgroup.scope(t):
+            try:
+                return await _apply_locked(m, emit, ledger or Ledger(), t)
+            except (proc.CommandFailed, OSError) as exc:
+                # A raw kernel or tool error ("RTNETLINK answers: ...") says
+                # nothing of where: name the host and testbed.
+                raise HostError(f"host {m.host}, testbed {t}: {exc}") from exc
+
+
+async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> dict[str, Any]:
     t0 = time.monotonic()
     phases: dict[str, float] = {}
     digest = m.digest()
@@ -152,7 +165,10 @@ async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = No
     p = plan_from_json(m.net)
     p.digest = digest
     emit({"phase": "net", "state": "start"})
-    net_result = await apply_net(p, m.vxlan, ledger, lambda text: emit({"phase": "net", "text": text}))
+    # The daemons the network starts (routing daemons, vde_switch, wirefilter)
+    # go into the testbed's cgroup as they are spawned.
+    with cgroup.spawning("daemons"):
+        net_result = await apply_net(p, m.vxlan, ledger, lambda text: emit({"phase": "net", "text": text}))
     phases["net"] = time.monotonic() - t0
 
     # The KSM daemon before the guests: the vm engine announces the boot to it,
@@ -331,8 +347,9 @@ def _start_daemon(ledger: Ledger, key: str, argv: list[str], log: Path) -> proc.
     ledger.record(OWNER, "process", key, log=str(log))
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
+        # megafleet's own daemons: the high-weight control cgroup, not the testbed's.
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 env=_daemon_env(), start_new_session=True)
+                                 env=_daemon_env(), start_new_session=True, **cgroup.control_kwargs())
     rp = proc.RecordedProcess.of(child.pid)
     ledger.record(OWNER, "process", key, log=str(log), pid=rp.pid, start=rp.start)
     # Not reaped here: the daemon outlives this call; `down` stops it by pid.
@@ -376,44 +393,91 @@ def _start_collector(m: HostManifest, ledger: Ledger) -> None:
 # ---------------------------------------------------------------------------
 
 async def down(testbed: str | None = None, emit: Emit = _quiet, ledger: Ledger | None = None,
-               *, state_dir: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
+               *, state_dir: str | None = None, run_dir: str | None = None, wait: bool = True) -> dict[str, Any]:
     """Tear down `testbed` (or every testbed `up` made on this host): collector and
     ksm daemon first (the collector flushes, the daemon restores the knobs), then
-    guests and network through netlang's ledger-driven teardown. Tolerates what is
-    already gone; safe to repeat."""
+    every process of the testbed at once (its cgroup's cgroup.kill; by pid where
+    there are no cgroups), then guests' records and the network through
+    netlang's ledger-driven teardown. With no testbed named, also what other
+    owners left (probes, scratch, cgroups: `megafleet.sweep`). Holds each
+    testbed's lock while it goes: a second `down` waits, then finds nothing.
+    Tolerates what is already gone; safe to repeat.
+
+    Returns {"testbeds": {name: {"namespaces", "links", "processes"}},
+    "swept": {what: count}, "seconds": float}."""
     if os.geteuid() != 0:
         raise HostError("tearing a testbed down needs root")
     use_dirs(state_dir, run_dir)
     ledger = ledger or Ledger()
+    # Keep our CPU share on a host the testbed saturates.
+    cgroup.join_control()
     from megafleet.netlang import live
 
     names = testbeds(ledger)
     if testbed:
-        # Also a testbed whose own record is gone but whose network is not.
+        # Also a testbed whose own record is gone but whose network (or cgroup) is not.
         recorded = testbed in names or any(r.key == testbed or r.key.startswith(testbed + "/")
-                                           for r in ledger.list(live.OWNER))
+                                           for r in ledger.list(live.OWNER)) or \
+            any(r.data.get("testbed") == testbed for r in cgroup.recorded(ledger))
         names = [testbed] if recorded else []
+    else:
+        names = sorted(set(names) | {r.key for r in ledger.list(live.OWNER, "testbed")}
+                       | {r.data["testbed"] for r in cgroup.recorded(ledger) if r.data.get("testbed")})
     t0 = time.monotonic()
     out = {}
     for t in names:
         check_name(t, "testbed name")
-        emit({"phase": "down", "testbed": t, "state": "start"})
-        daemons = [r for r in ledger.list(OWNER, "process") if r.key.startswith(t + "/")]
-        # The collector flushes its pipeline on SIGTERM: give it time.
-        await trio.to_thread.run_sync(_stop_daemons, daemons)
-        ledger.forget_many(OWNER, "process", [r.key for r in daemons])
-        await _teardown_guests(t, ledger, emit)
-        result = await live.adown(t, lambda text: emit({"phase": "down", "text": text}), ledger)
-        for r in ledger.list(OWNER, "file"):
-            if r.key.startswith(t + "/"):
-                Path(r.data["path"]).unlink(missing_ok=True)
-                ledger.forget(OWNER, "file", r.key)
-        ledger.forget(OWNER, "testbed", t)
-        out[t] = {"namespaces": result.get("namespaces", 0), "links": result.get("links", 0),
-                  "processes": result.get("processes", 0) + len(daemons)}
+        async with locks.atestbed_lock(t, "down", wait=wait,
+                                       on_wait=lambda text: emit({"phase": "down", "text": text})):
+            if not _still_recorded(t, ledger):
+                continue            # a `down` we waited for removed it
+            out[t] = await _down_one(t, ledger, emit)
+        locks.forget(t)
+    swept: dict[str, int] = {}
+    if not testbed:
+        from megafleet import sweep
+        swept = await trio.to_thread.run_sync(sweep.sweep, ledger)
+        if any(swept.values()):
+            emit({"phase": "down", "text": "swept " + ", ".join(f"{n} {k}" for k, n in swept.items() if n)})
     seconds = time.monotonic() - t0
     emit({"phase": "down", "state": "done", "seconds": round(seconds, 3)})
-    return {"testbeds": out, "seconds": round(seconds, 3)}
+    return {"testbeds": out, "swept": swept, "seconds": round(seconds, 3)}
+
+
+def _still_recorded(t: str, ledger: Ledger) -> bool:
+    from megafleet.netlang import live
+
+    return (any(r.key == t for r in ledger.list(OWNER, "testbed"))
+            or any(r.key == t or r.key.startswith(t + "/") for r in ledger.list(live.OWNER))
+            or any(r.data.get("testbed") == t for r in cgroup.recorded(ledger)))
+
+
+async def _down_one(t: str, ledger: Ledger, emit: Emit) -> dict[str, int]:
+    from megafleet.netlang import live
+
+    emit({"phase": "down", "testbed": t, "state": "start"})
+    daemons = [r for r in ledger.list(OWNER, "process") if r.key.startswith(t + "/")]
+    # The collector flushes its pipeline on SIGTERM: give it time.
+    await trio.to_thread.run_sync(_stop_daemons, daemons)
+    ledger.forget_many(OWNER, "process", [r.key for r in daemons])
+    # Every process of the testbed in one write, before anything else: a storm
+    # of busy guests or routers must not starve the rest of the teardown.
+    killed = await trio.to_thread.run_sync(cgroup.kill, t)
+    if killed.processes:
+        emit({"phase": "down", "text": f"killed {killed.processes} processes of the testbed's cgroup "
+                                       f"({killed.seconds:.1f} s)"})
+    if not cgroup.available():
+        cgroup.notice()
+    await _teardown_guests(t, ledger, emit)
+    result = await live.adown(t, lambda text: emit({"phase": "down", "text": text}), ledger)
+    await trio.to_thread.run_sync(cgroup.remove, t, ledger)
+    for r in ledger.list(OWNER, "file"):
+        if r.key.startswith(t + "/"):
+            Path(r.data["path"]).unlink(missing_ok=True)
+            ledger.forget(OWNER, "file", r.key)
+    ledger.forget(OWNER, "testbed", t)
+    return {"namespaces": result.get("namespaces", 0), "links": result.get("links", 0),
+            "processes": max(killed.processes, result.get("processes", 0)) + len(daemons)}
 
 
 async def _teardown_guests(testbed: str, ledger: Ledger, emit: Emit) -> None:
@@ -641,7 +705,8 @@ async def _apply_handler(payload: Any, ctx: handlers.Context) -> dict[str, Any]:
 async def _down_handler(payload: Any, ctx: handlers.Context) -> dict[str, Any]:
     payload = payload or {}
     return await _with_events(ctx, lambda emit: down(
-        payload.get("testbed"), emit, state_dir=payload.get("state_dir"), run_dir=payload.get("run_dir")))
+        payload.get("testbed"), emit, state_dir=payload.get("state_dir"), run_dir=payload.get("run_dir"),
+        wait=not payload.get("no_wait")))
 
 
 @handlers.handler("host.status")

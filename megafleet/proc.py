@@ -30,27 +30,35 @@ def _check_argv(argv: list[str]) -> list[str]:
 
 
 def run(argv: list[str], *, input: bytes | str | None = None, check: bool = True,
-        timeout: float | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        timeout: float | None = None, env: dict[str, str] | None = None,
+        preexec_fn=None) -> subprocess.CompletedProcess:
     """Run argv to completion, capturing output as text. Blocking: from trio, call
-    it through trio.to_thread.run_sync or use `arun`."""
+    it through trio.to_thread.run_sync or use `arun`. `preexec_fn`: see
+    megafleet.cgroup.popen_kwargs (starts the child in a testbed's cgroup)."""
     _check_argv(argv)
     if isinstance(input, bytes):
         input = input.decode()
+    if preexec_fn is None:
+        from megafleet import cgroup
+        preexec_fn = cgroup.implicit_preexec()
     result = subprocess.run(argv, input=input, capture_output=True, text=True,
-                            timeout=timeout, env=env)
+                            timeout=timeout, env=env, preexec_fn=preexec_fn)
     if check and result.returncode != 0:
         raise CommandFailed(argv, result.returncode, result.stderr)
     return result
 
 
 async def arun(argv: list[str], *, input: bytes | None = None, check: bool = True,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+               env: dict[str, str] | None = None, preexec_fn=None) -> subprocess.CompletedProcess:
     """trio version of `run` (output captured as bytes, decoded to text)."""
     import trio
 
     _check_argv(argv)
+    if preexec_fn is None:
+        from megafleet import cgroup
+        preexec_fn = cgroup.implicit_preexec()
     result = await trio.run_process(argv, stdin=input, capture_stdout=True,
-                                    capture_stderr=True, check=False, env=env)
+                                    capture_stderr=True, check=False, env=env, preexec_fn=preexec_fn)
     out = subprocess.CompletedProcess(argv, result.returncode,
                                       result.stdout.decode(errors="replace"),
                                       result.stderr.decode(errors="replace"))

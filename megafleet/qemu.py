@@ -178,19 +178,47 @@ def wait_for_line(path: Path, marker: str, deadline: float, proc: subprocess.Pop
     return None
 
 
+def _die_with_parent() -> None:
+    # In the child between fork and exec: SIGKILL it when the thread that
+    # started it dies, so that a probe killed with -9 leaves no QEMU behind
+    # (a KVM guest on a PVM host would otherwise hang there forever).
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+
+
+def _stop_orphaned_probes(ledger: Ledger) -> None:
+    """Probe QEMUs recorded by a probe that is gone (we hold the probe lock, so
+    none of them is in use): stop them before starting another."""
+    from megafleet import sweep
+
+    for res in ledger.list(owner=LEDGER_OWNER, kind="process"):
+        if res.data.get("what") != "kvm probe":
+            continue
+        p = RecordedProcess(int(res.key), int(res.data["start"]))
+        if p.alive() and sweep._creator_gone(res):
+            p.stop(grace=2)
+        if not p.alive():
+            ledger.forget(LEDGER_OWNER, "process", res.key)
+
+
 def _probe_kvm(kernel: Path, initrd: Path, timeout: float) -> tuple[bool, str]:
     from megafleet.imagegen import scratch
 
+    ledger = Ledger()
+    _stop_orphaned_probes(ledger)
     scratch.sweep(paths.run_dir(), "mfi-probe")
     work = scratch.make(paths.run_dir(), "mfi-probe")
     log = work / "console.log"
     argv = qemu_argv(kernel, initrd, "quiet megafleet.name=mfi-kvmprobe megafleet.agent=0",
                      name="mfi-kvmprobe", mem_mb=96, accel="kvm", console_log=log)
-    ledger = Ledger()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     recorded = RecordedProcess.of(proc.pid)
-    ledger.record(LEDGER_OWNER, "process", str(proc.pid), start=recorded.start, what="kvm probe")
+    me = RecordedProcess.of(os.getpid())
+    ledger.record(LEDGER_OWNER, "process", str(proc.pid), start=recorded.start, what="kvm probe",
+                  by=me.pid, by_start=me.start)
     try:
         start = time.monotonic()
         line = wait_for_line(log, READY_MARKER, start + timeout, proc)
@@ -207,6 +235,12 @@ def _probe_kvm(kernel: Path, initrd: Path, timeout: float) -> tuple[bool, str]:
         proc.wait()
         ledger.forget(LEDGER_OWNER, "process", str(proc.pid))
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_verdict(cache: Path, boot_id: str, accel: str, reason: str) -> None:
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"boot_id": boot_id, "accel": accel, "reason": reason}))
+    os.replace(tmp, cache)
 
 
 def probe_accel(*, refresh: bool = False, timeout: float = PROBE_TIMEOUT_S) -> tuple[str, str]:
@@ -226,26 +260,44 @@ def probe_accel(*, refresh: bool = False, timeout: float = PROBE_TIMEOUT_S) -> t
         images = _probe_image()
         if images is None:
             return "tcg", "KVM not probed yet (no image built): using TCG"
-        ok, why = _probe_kvm(*images, timeout)
-        accel = "kvm" if ok else "tcg"
-        reason = why if ok else f"{why}: falling back to TCG"
+        # One probe at a time per state directory: a second caller waits for the
+        # first one's verdict instead of starting a second guest.
+        import fcntl
+
+        with open(paths.state_dir() / "accel-probe.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not refresh:
+                try:
+                    cached = json.loads(cache.read_text())
+                    if cached.get("boot_id") == boot_id:
+                        return cached["accel"], cached["reason"]
+                except (OSError, ValueError, KeyError):
+                    pass
+            ok, why = _probe_kvm(*images, timeout)
+            accel = "kvm" if ok else "tcg"
+            reason = why if ok else f"{why}: falling back to TCG"
+            _write_verdict(cache, boot_id, accel, reason)   # before the lock is let go
         keep = True
     if keep:
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"boot_id": boot_id, "accel": accel, "reason": reason}))
-        os.replace(tmp, cache)
+        _write_verdict(cache, boot_id, accel, reason)
     if accel == "tcg":
         print(f"megafleet: {reason}", file=sys.stderr)
     return accel, reason
 
 
 def cleanup_leftovers(ledger: Ledger | None = None) -> int:
-    """Stop QEMU processes recorded by this module that a crash left running."""
+    """Stop QEMU processes recorded by this module that a crash left running
+    (those whose creator is gone: a probe or boot test running right now in
+    another process is left alone)."""
+    from megafleet import sweep
+
     ledger = ledger or Ledger()
     stopped = 0
     for res in ledger.list(owner=LEDGER_OWNER, kind="process"):
         proc = RecordedProcess(int(res.key), int(res.data["start"]))
         if proc.alive():
+            if not sweep._creator_gone(res):
+                continue
             proc.stop(grace=2)
             stopped += 1
         ledger.forget(LEDGER_OWNER, "process", res.key)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -155,7 +156,7 @@ class Target:
             return [HostOffer(LOCAL, 1_000_000, self.host_mem_mb or int(local_mem_mb() * 0.8))]
         inv = self.inventory()
         chosen = inv.select(self.hosts or None)
-        return [HostOffer(h.name, h.capacity or 1_000_000, self.host_mem_mb or DEFAULT_HOST_MEM_MB)
+        return [HostOffer(h.name, h.capacity or 1_000_000, self.host_mem_mb or h.mem_mb or DEFAULT_HOST_MEM_MB)
                 for h in chosen]
 
     def dirs(self, host: str) -> dict[str, str | None]:
@@ -290,8 +291,11 @@ def _underlay_address(address: str) -> str:
 
 async def up(path: Path, target: Target, *, name: str | None = None, defines: dict[str, str] | None = None,
              telemetry: str | None = None, ksm: bool = True, vm_options: dict[str, Any] | None = None,
-             out: Output | None = None, fanout: int = 8, collect_interval: float = 5.0) -> dict[str, Any]:
-    """Bring a testbed up; returns the summary (also for partial failures)."""
+             out: Output | None = None, fanout: int = 8, collect_interval: float = 5.0,
+             info: dict[str, Any] | None = None, verify: bool = True) -> dict[str, Any]:
+    """Bring a testbed up; returns the summary (also for partial failures).
+    `info`, if given, is filled as the plan becomes known (testbed, guests,
+    namespaces, hosts): what an interrupted run's summary is made of."""
     from megafleet import host as host_side
     from megafleet import manifest
 
@@ -312,9 +316,12 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     t = phase_done("compile", t)
     plan, placed = await trio.to_thread.run_sync(make_plan, net, testbed, target)
     used = [h for h, nodes in placed.hosts.items() if nodes]
+    if info is not None:
+        info.update(guests=len(plan.vms), namespaces=len(plan.netns), hosts=used)
     from megafleet.manifest import spanning_segments
+    spanning = await trio.to_thread.run_sync(spanning_segments, plan, placed)
     out.line(f"place    {len(net.index)} nodes on {len(used)} hosts, "
-             f"{len(spanning_segments(plan, placed))} spanning segments")
+             f"{len(spanning)} spanning segments")
     t = phase_done("place", t)
     images = await trio.to_thread.run_sync(build_images, net, plan, out)
     t = phase_done("images", t)
@@ -352,7 +359,8 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
                      f"({fleet.setup_seconds:.1f} s)")
             t = phase_done("connect", t)
             reachable = [h for h in used if h not in host_errors]
-            per_host = {h: {"peers": [addresses[o] for o in used if o != h],
+            peers = tunnel_peers(spanning)
+            per_host = {h: {"peers": [addresses[o] for o in sorted(peers.get(h, ()))],
                             "images": [img.hash for img in images.values()], **target.dirs(h)}
                         for h in reachable}
             report = await fleet.call("host.probe", per_host=per_host, modules=HOST_MODULES, timeout=60)
@@ -388,9 +396,26 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
             phase_done("apply", t)
 
     summary = summarize(testbed, placed, plan, results, host_errors, phases, time.monotonic() - t0)
+    if results:
+        # The testbed works when its assertions hold live, not when guests are ready.
+        from megafleet.experiment import verify as live_verify
+        summary.update(await live_verify.after_up(testbed, out.line, verify=verify))
+        if not summary.get("verify", {}).get("ok", True):
+            summary["ok"] = False
     ledger.record(CONTROLLER, "testbed", testbed, **record, summary={
         k: summary[k] for k in ("guests", "ready", "failed", "namespaces", "seconds")})
     return summary
+
+
+def tunnel_peers(spanning: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """host -> the hosts it will have VXLAN tunnels to (whose underlay MTU
+    matters to it). Not every other host: at thousands of hosts that list was
+    hosts x hosts addresses in the probe, each probed by the host."""
+    peers: dict[str, set[str]] = {}
+    for seg in spanning:
+        for h in seg["hosts"]:
+            peers.setdefault(h, set()).update(o for o in seg["hosts"] if o != h)
+    return peers
 
 
 def summarize(testbed, placed, plan, results, host_errors, phases, seconds) -> dict[str, Any]:
@@ -398,6 +423,7 @@ def summarize(testbed, placed, plan, results, host_errors, phases, seconds) -> d
     hosts = []
     failed: list[dict[str, Any]] = []
     ready = 0
+    namespaces_up = 0
     host_phases: dict[str, dict[str, float]] = {}
     for h, nodes in placed.hosts.items():
         if not nodes:
@@ -408,6 +434,7 @@ def summarize(testbed, placed, plan, results, host_errors, phases, seconds) -> d
             ready += r["ready"]
             failed += [{"node": f["name"], "host": h, "reason": f["reason"]} for f in r["failed"]]
             host_phases[h] = r["phases"]
+            namespaces_up += r.get("namespaces", 0)
             hosts.append({"host": h, "status": "ok", "nodes": len(nodes), "guests": guests,
                           "ready": r["ready"], "failed": len(r["failed"]), "seconds": r["seconds"],
                           "phases": r["phases"]})
@@ -422,8 +449,8 @@ def summarize(testbed, placed, plan, results, host_errors, phases, seconds) -> d
         if values:
             phases[f"host_{phase}"] = round(max(values), 3)
     return {"testbed": testbed, "seconds": round(seconds, 3), "phases": phases, "hosts": hosts,
-            "guests": len(vm_names), "namespaces": len(plan.netns), "ready": ready,
-            "failed": failed, "ok": not failed and not host_errors}
+            "guests": len(vm_names), "namespaces": len(plan.netns), "namespaces_up": namespaces_up,
+            "ready": ready, "failed": failed, "ok": not failed and not host_errors}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -442,8 +469,124 @@ def print_summary(summary: dict[str, Any]) -> None:
         click.echo(f"  failed: {f['node']} on {f['host']}: {f['reason']}")
     if len(failed_guests) > 10:
         click.echo(f"  ... and {len(failed_guests) - 10} more (see --json or megafleet status)")
-    click.echo(f"the testbed stays up: 'megafleet status' shows it, 'megafleet exec NODE -- CMD' "
-               f"runs commands in it, 'megafleet down {summary['testbed']}' removes it")
+    if "verify" in summary or "schedule" in summary:
+        from megafleet.experiment.verify import summary_lines
+        for line in summary_lines(summary):
+            click.echo(line)
+    click.echo(final_line(summary))
+
+
+def final_line(summary: dict[str, Any]) -> str:
+    """The last line of `up`: what is true now, and how to remove it."""
+    t = summary["testbed"]
+    guests, ready = summary["guests"], summary["ready"]
+    ns, ns_up = summary["namespaces"], summary.get("namespaces_up", summary["namespaces"])
+    remove = f"'megafleet down {t}' removes it"
+    parts = []
+    if guests:
+        parts.append(f"{ready} of {guests} guests up")
+    if ns:
+        parts.append(f"{ns_up} of {ns} namespace nodes up")
+    what = ", ".join(parts) or "no nodes"
+    nothing = ready == 0 and ns_up == 0
+    if summary.get("interrupted"):
+        if nothing:
+            return f"interrupted: nothing is up; {remove.replace('it', 'what was recorded')}"
+        return f"interrupted: {what}; {remove}"
+    failed = len(summary["failed"])
+    if nothing:
+        return (f"nothing is up ({failed} nodes failed); 'megafleet down {t}' removes what was "
+                "recorded")
+    if failed:
+        return (f"up with {failed} failed nodes ({what}): 'megafleet status' shows them, "
+                f"{remove}")
+    return (f"up: {what}; the testbed stays up: 'megafleet status' shows it, "
+            f"'megafleet exec NODE -- CMD' runs commands in it, {remove}")
+
+
+# ---------------------------------------------------------------------------
+# Interrupts and the one-controller lock
+# ---------------------------------------------------------------------------
+
+async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool, out: Output,
+                     host_state: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """`up` holding the testbed's lock (waiting with a message, or UpError at
+    once when wait is False), and interruptible: the first SIGINT or SIGTERM
+    cancels the run (nothing new starts; steps under way in worker threads
+    finish) and the summary comes from what the hosts report is up, with
+    "interrupted": True; a second one exits at once with status 130."""
+    from megafleet import locks
+
+    testbed = testbed_name(path, name)
+    info: dict[str, Any] = {"testbed": testbed}
+    state = {"signals": 0}
+    summary: dict[str, Any] | None = None
+    t0 = time.monotonic()
+
+    async def watch(work: trio.CancelScope, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for _sig in signals:
+                state["signals"] += 1
+                if state["signals"] == 1:
+                    click.echo(f"\ninterrupted: starting nothing new, stopping the steps under way "
+                               f"(interrupt again to abort at once)", err=True)
+                    work.cancel()
+                else:
+                    click.echo(f"aborted: 'megafleet status' shows what is up, "
+                               f"'megafleet down {testbed}' removes it", err=True)
+                    sys.stdout.flush()
+                    os._exit(130)
+
+    async with trio.open_nursery() as nursery:
+        work = trio.CancelScope()
+        await nursery.start(watch, work)
+        with work:
+            try:
+                async with locks.atestbed_lock(testbed, "up", wait=wait, on_wait=lambda m: out.line(f"lock     {m}")):
+                    summary = await up(path, target, name=testbed, out=out, info=info, **kwargs)
+            except locks.LockBusy as exc:
+                raise UpError(f"{exc}; without --no-wait, up waits for it") from None
+        if state["signals"]:
+            summary = None
+            with trio.move_on_after(60):
+                summary = await interrupted_summary(testbed, target, info, host_state, time.monotonic() - t0)
+            if summary is None:
+                summary = {**_empty_summary(testbed, info, time.monotonic() - t0),
+                           "error": "the hosts did not report in 60 s"}
+        nursery.cancel_scope.cancel()
+    return summary
+
+
+def _empty_summary(testbed: str, info: dict[str, Any], seconds: float) -> dict[str, Any]:
+    return {"testbed": testbed, "interrupted": True, "ok": False, "seconds": round(seconds, 3),
+            "phases": {}, "hosts": [], "guests": info.get("guests", 0),
+            "namespaces": info.get("namespaces", 0), "namespaces_up": 0, "ready": 0, "failed": []}
+
+
+async def interrupted_summary(testbed: str, target: Target, info: dict[str, Any], host_state: str | None,
+                              seconds: float) -> dict[str, Any]:
+    """The summary of an interrupted `up`, from what every host reports is up."""
+    summary = _empty_summary(testbed, info, seconds)
+    res = await _on_hosts(target, "host.status", {"testbed": testbed},
+                          Output(quiet=True), timeout=60)
+    for h, r in sorted(res.items()):
+        if r["status"] != "ok":
+            summary["hosts"].append({"host": h, "status": r["status"], "nodes": 0, "guests": 0,
+                                     "ready": 0, "failed": 0, "error": r.get("error", "")})
+            continue
+        for bed in r["value"]["testbeds"]:
+            if bed["testbed"] != testbed:
+                continue
+            nodes = bed["nodes"]
+            ready = nodes.get("running", 0)
+            up_ns = nodes.get("up", 0)
+            summary["ready"] += ready
+            summary["namespaces_up"] += up_ns
+            summary["hosts"].append({"host": h, "status": "interrupted", "nodes": sum(nodes.values()),
+                                     "guests": sum(v for k, v in nodes.items() if k not in ("up",)),
+                                     "ready": ready, "failed": 0})
+    return summary
 
 
 # ---------------------------------------------------------------------------
@@ -458,7 +601,8 @@ async def _on_hosts(target: Target, handler: str, payload: dict[str, Any], out: 
     if target.embedded:
         try:
             if handler == "host.down":
-                value = await host_side.down(payload.get("testbed"), lambda ev: out.event(LOCAL, ev))
+                value = await host_side.down(payload.get("testbed"), lambda ev: out.event(LOCAL, ev),
+                                             wait=not payload.get("no_wait"))
             elif handler == "host.status":
                 value = await trio.to_thread.run_sync(host_side.status, payload.get("testbed"))
             elif handler == "host.exec":
@@ -497,13 +641,13 @@ def _targets_for(testbed: str | None, hosts: str | None, host_state: str | None)
 
 
 async def down(testbed: str | None, hosts: str | None, out: Output, host_state: str | None = None,
-               fanout: int = 8) -> dict[str, Any]:
+               fanout: int = 8, wait: bool = True) -> dict[str, Any]:
     t0 = time.monotonic()
     ledger = Ledger()
     results: dict[str, Any] = {}
     ok = True
     for name, target in _targets_for(testbed, hosts, host_state):
-        res = await _on_hosts(target, "host.down", {"testbed": name}, out, fanout=fanout)
+        res = await _on_hosts(target, "host.down", {"testbed": name, "no_wait": not wait}, out, fanout=fanout)
         results[name or "*"] = res
         if all(r["status"] == "ok" for r in res.values()):
             if name is not None:
@@ -550,7 +694,9 @@ async def exec_on(pattern: str, argv: list[str], testbed: str | None, hosts: str
 
 _hosts_option = click.option(
     "--hosts", "hosts", metavar="INVENTORY", type=click.Path(dir_okay=False),
-    help="gproc host inventory (TOML); without it, the local machine runs everything.")
+    help="gproc host inventory (TOML, hosts one by one or as ranges like node[0001-0064]); "
+         "'slurm' (or 'slurm:FILE' with FILE's defaults and overrides): the hosts of the current "
+         "Slurm allocation. Without it, the local machine runs everything.")
 _host_state_option = click.option(
     "--host-state", metavar="DIR", hidden=True,
     help="Per-host state, run and image cache directories, '{host}' replaced by the "
@@ -562,7 +708,9 @@ def _run(fn, *args, **kwargs):
     try:
         return trio.run(lambda: fn(*args, **kwargs))
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; run 'megafleet down' to remove what was created")
+        click.echo("interrupted; 'megafleet status' shows what is up, 'megafleet down' removes it",
+                   err=True)
+        sys.exit(130)
 
 
 @click.command("up")
@@ -588,10 +736,16 @@ def _run(fn, *args, **kwargs):
               help="Boot attempts after the first for a guest that fails.")
 @click.option("--fanout", type=click.IntRange(1, 64), default=8, show_default=True,
               help="gproc tree fanout.")
+@click.option("--no-verify", is_flag=True,
+              help="Return when the guests are ready, without waiting for routing and checking "
+                   "the reachable assertions live.")
+@click.option("--no-wait", is_flag=True,
+              help="Fail at once when another up/down holds the testbed's lock (default: wait, "
+                   "saying for whom).")
 @_host_state_option
 @_json_option
 def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm_sharing, ksm, telemetry_interval, boot_timeout, retries, fanout,
-               host_state, json_mode):
+               no_verify, no_wait, host_state, json_mode):
     """Bring up the testbed described in TESTBED (a .fleet file).
 
     \b
@@ -605,6 +759,10 @@ def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm_sharing, 
       apply     every host, in parallel: network (bridges, veths, VXLAN,
                 routers), guests (bounded parallel boot, retried once), KSM
                 daemon, telemetry collector
+      verify    wait for routing to converge: every `reachable` assertion
+                checked live by pings from inside the nodes (up to 60 s;
+                failures listed with file:line; --no-verify skips it); then
+                the description's fault schedule (at/every) starts
 
     Switch segments that span hosts are joined by VXLAN, one VNI per segment;
     when the underlay MTU cannot carry the segment's MTU plus 50 bytes, the
@@ -617,19 +775,33 @@ def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm_sharing, 
       megafleet up examples/campus-ospf.fleet
       megafleet up examples/lan1000.fleet --hosts hosts.toml --telemetry mongodb://db:27017/mf
     The testbed stays up; `megafleet status` shows it, `megafleet down` removes it.
-    Exit status: 0 when every node is up, 1 when some failed.
+    The last line says what is true: "up: ...", "up with 3 failed nodes",
+    "nothing is up", "interrupted: 68 of 120 guests up".
+
+    \b
+    One controller per testbed and host: `up` and `down` hold the testbed's
+    lock; a second one waits (saying for whom) or, with --no-wait, fails.
+    Ctrl-C (SIGINT) or SIGTERM: nothing new starts, steps under way finish or
+    stop within seconds, and the summary of what is up is printed, marked
+    interrupted; a second Ctrl-C exits at once.
+
+    Exit status: 0 when every node is up and every assertion holds, 1 when
+    some failed, 130 when interrupted.
     """
     out = Output(json_mode)
     target = Target(hosts, host_mem_mb=host_mem, host_state=host_state, ksm_sharing=ksm_sharing)
     if hosts is not None:
         target.inventory()          # a bad inventory fails before anything starts
-    summary = _run(up, testbed, target, name=name, defines=parse_defines(defines), telemetry=telemetry,
+    summary = _run(guarded_up, testbed, target, name=name, wait=not no_wait, host_state=host_state,
+                   defines=parse_defines(defines), telemetry=telemetry,
                    ksm=ksm, vm_options={"timeout_s": boot_timeout, "retries": retries}, out=out,
-                   fanout=fanout, collect_interval=telemetry_interval)
+                   fanout=fanout, collect_interval=telemetry_interval, verify=not no_verify)
     if json_mode:
         click.echo(json.dumps(summary))
     else:
         print_summary(summary)
+    if summary.get("interrupted"):
+        sys.exit(130)
     if not summary["ok"]:
         sys.exit(1)
 
@@ -688,9 +860,11 @@ def plan_command(testbed, hosts, name, defines, host_mem, ksm_sharing, show_node
 @click.argument("testbed", required=False)
 @_hosts_option
 @click.option("--fanout", type=click.IntRange(1, 64), default=8, show_default=True, help="gproc tree fanout.")
+@click.option("--no-wait", is_flag=True,
+              help="Fail at once when another up/down holds a testbed's lock (default: wait).")
 @_host_state_option
 @_json_option
-def down_command(testbed, hosts, fanout, host_state, json_mode):
+def down_command(testbed, hosts, fanout, no_wait, host_state, json_mode):
     """Tear down TESTBED, or every testbed brought up from here.
 
     Needs no description: each host removes what its own ledger records
@@ -699,9 +873,17 @@ def down_command(testbed, hosts, fanout, host_state, json_mode):
     goes, also ones this controller forgot (after a crash). Idempotent: running
     it again finds nothing to do. Unreachable hosts are reported; run `down`
     again when they are back.
+
+    Every process of a testbed runs in its cgroup; `down` kills them all in
+    one write (cgroup.kill) before removing the network, so it finishes on a
+    host the testbed saturates. With no TESTBED, it also sweeps what killed
+    commands left: a KVM probe's QEMU, scratch directories, orphaned cgroups
+    (`megafleet doctor --leftovers` lists what is recorded and present).
+    A `down` or `up` of the same testbed already running: this one waits for
+    it (then finds nothing left to do), or fails with --no-wait.
     """
     out = Output(json_mode)
-    result = _run(down, testbed, hosts, out, host_state, fanout)
+    result = _run(down, testbed, hosts, out, host_state, fanout, not no_wait)
     if json_mode:
         click.echo(json.dumps(result))
     else:
@@ -716,7 +898,8 @@ def down_command(testbed, hosts, fanout, host_state, json_mode):
                 else:
                     rows.append([h, name, r["status"], "", "", "", r.get("error", "")])
         click.echo(table(rows, ["HOST", "TESTBED", "STATE", "NAMESPACES", "LINKS", "PROCESSES", "ERROR"]))
-        click.echo(f"\n{'done' if result['ok'] else 'some hosts failed'} in {result['seconds']:.1f} s")
+        click.echo(f"\n{'down: nothing of it is up' if result['ok'] else 'some hosts failed: run down again'}"
+                   f" ({result['seconds']:.1f} s)")
     if not result["ok"]:
         sys.exit(1)
 

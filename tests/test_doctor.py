@@ -63,3 +63,32 @@ def test_network_check_removes_a_crashed_runs_namespace(root_only):
         assert not ledger.list(owner="imagegen", kind="netns")
     finally:
         proc.run(["ip", "netns", "del", stale], check=False)
+
+
+def test_leftovers_lists_what_is_recorded_and_present_and_sweep_removes_orphans():
+    import subprocess
+
+    from megafleet import sweep
+    from megafleet.proc import RecordedProcess
+
+    ledger = Ledger()
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                    # a creator that has died
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        rp = RecordedProcess.of(sleeper.pid)
+        ledger.record("imagegen", "process", str(rp.pid), start=rp.start, what="mfi test probe",
+                      by=gone.pid)
+        ledger.record("imagegen", "process", "999999999", start=1, what="long gone")
+        result = CliRunner().invoke(doctor.doctor, ["--leftovers", "--json"])
+        assert result.exit_code == 1, result.output
+        (found,) = json.loads(result.stdout)["leftovers"]
+        assert found["key"] == str(rp.pid) and found["state"] == "running" and found["orphan"]
+        assert sweep.sweep(ledger)["processes"] == 1
+        sleeper.wait(timeout=5)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert ledger.list("imagegen") == []
+    result = CliRunner().invoke(doctor.doctor, ["--leftovers"])
+    assert result.exit_code == 0 and "no leftovers" in result.output

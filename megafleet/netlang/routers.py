@@ -36,7 +36,7 @@ from typing import Callable
 
 import trio
 
-from megafleet import proc
+from megafleet import cgroup, proc
 from megafleet.ledger import Ledger
 from megafleet.netlang.live import LiveError
 
@@ -225,7 +225,8 @@ def _start_bird(ns: str, router: str, conf_text: str, d: Path) -> proc.RecordedP
     # BIRD detaches once its configuration is read and the control socket is
     # open; it drops to the bird user keeping the network capabilities it needs.
     result = proc.run(["ip", "netns", "exec", ns, BIRD_BIN, "-c", str(conf), "-s", str(sock),
-                       "-P", str(pidfile), "-u", "bird", "-g", "bird"], check=False)
+                       "-P", str(pidfile), "-u", "bird", "-g", "bird"], check=False,
+                      **cgroup.popen_kwargs("routers"))   # the testbed's cgroup, if in scope
     if result.returncode != 0:
         raise RouterStartError(f"bird for router {router} did not start: "
                                f"{(result.stderr or result.stdout).strip()[-300:]}")
@@ -251,7 +252,7 @@ def _start_frr(ns: str, router: str, daemons: dict[str, str], d: Path) -> dict[s
             ["ip", "netns", "exec", ns, str(FRR_BIN / daemon), "-d", "-f", str(conf),
              "-i", str(pidfile), "-z", str(d / "zserv.api"), "--vty_socket", str(d),
              "-u", "frr", "-g", "frr", "-P", "0", "--log", f"file:{d / (daemon + '.log')}"],
-            check=False)
+            check=False, **cgroup.popen_kwargs("routers"))   # the testbed's cgroup, if in scope
         if result.returncode != 0:
             raise RouterStartError(f"{daemon} for router {router} did not start: "
                                    f"{(result.stderr or result.stdout).strip()[-300:]}")

@@ -183,8 +183,11 @@ def kill(pattern, as_json) -> None:
 def teardown(pattern, as_json) -> None:
     """Remove the guests matching PATTERN (default all) and everything recorded
     for them: processes, libvirt domains, sockets, console logs, writable layers,
-    records. Works after a crash of the engine; running it twice is harmless."""
+    records. Works after a crash of the engine; running it twice is harmless.
+    Also stops what killed commands left (a KVM probe's QEMU, scratch)."""
     names = trio.run(lambda: _engine().teardown(pattern))
+    from megafleet import sweep
+    sweep.sweep()
     if as_json:
         click.echo(json.dumps({"removed": names}))
     else:

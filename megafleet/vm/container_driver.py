@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from megafleet import cgroup
 from megafleet.proc import RecordedProcess
 from megafleet.vm.driver import Driver, StartFailed, process_from_pidfile, reap
 
@@ -81,7 +82,8 @@ class ContainerDriver(Driver):
         for _ in range(n):
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-I", "-S", str(NSSPAWN)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                **cgroup.popen_kwargs("guests"))  # its containers inherit the testbed's cgroup
             self._helpers.append(_Helper(process))
 
     async def aclose(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from megafleet import cgroup
 from megafleet.proc import RecordedProcess
 from megafleet.qemu import Nic, probe_accel, qemu_argv
 from megafleet.vm import qmp
@@ -91,7 +92,8 @@ class QemuDriver(Driver):
         with open(gdir / "qemu.log", "wb") as log:
             try:
                 child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True, close_fds=True)
+                                         start_new_session=True, close_fds=True,
+                                         **cgroup.popen_kwargs("guests"))  # the testbed's, if any
             except OSError as exc:
                 raise StartFailed(f"cannot run {argv[0]}: {exc}") from exc
         self._children[child.pid] = child
