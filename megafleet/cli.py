@@ -30,6 +30,11 @@ LAZY_COMMANDS: dict[str, str] = {
     "plan": "megafleet.up:plan_command",
     "status": "megafleet.up:status_command",
     "exec": "megafleet.up:exec_command",
+    "verify": "megafleet.experiment.cli:verify_command",
+    "link": "megafleet.experiment.cli:link",
+    "node": "megafleet.experiment.cli:node_command",
+    "capture": "megafleet.experiment.cli:capture_command",
+    "run-schedule": "megafleet.experiment.cli:run_schedule_command",
     "web": "megafleet.web.cli:web",
 }
 

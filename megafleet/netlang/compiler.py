@@ -267,6 +267,7 @@ class Compiler:
         self.pending_nodes: list[_PendingNode] = []
         self.pending_links: list[_PendingLink] = []
         self.reachable_raw: list[tuple[Word, Word, Loc]] = []
+        self.faults_raw: list = []           # netlang.faults.Fault, checked after wiring
         self.reachable_resolved: list[tuple[Word, Word, Loc, list[str], list[str]]] = []
         self.groups_by_name: dict[str, list[int]] = {}
         self.group_loc: dict[str, Loc] = {}
@@ -313,9 +314,15 @@ class Compiler:
             if len(stmt.words) != 3:
                 raise PropError(stmt.loc, "expected 'reachable A B' (two names or patterns)")
             self.reachable_raw.append((stmt.words[1], stmt.words[2], stmt.loc))
+        elif k in ("at", "every"):
+            from megafleet.netlang import faults
+            try:
+                self.faults_raw.append(faults.parse(stmt.words, stmt.loc))
+            except faults.FaultError as exc:
+                raise PropError(exc.loc, exc.message) from None
         else:
             raise PropError(stmt.loc, f"unknown statement {k!r} (expected vm, host, router, switch, "
-                                      f"link, pool, image, group, include, param or reachable)")
+                                      f"link, pool, image, group, include, param, reachable, at or every)")
         if stmt.block is not None and k not in NODE_KINDS and k != "group":
             raise PropError(stmt.loc, f"a {k} statement takes no {{ }} block")
 
@@ -971,6 +978,20 @@ class Compiler:
                     self.err(img[1], f"unknown image {img[0]!r} (declare it with image {img[0]} from \"PATH\")")
                 g.props["image"] = img[0]
 
+    def check_faults(self) -> None:
+        """Schedule statements: their references resolve, their links exist."""
+        from megafleet.netlang import faults
+        for f in self.faults_raw:
+            want = "node" if f.kind == "node" else "any"
+            a = self.resolve(Word(f.a, f.a_loc), want)
+            b = self.resolve(Word(f.b, f.b_loc), "any") if f.b is not None else None
+            if not a or (f.b is not None and not b):
+                continue
+            if f.kind == "link" and not faults.linked(self.net, set(a), set(b) if b is not None else None):
+                self.err(f.a_loc, f"no link {f.a}" + (f" -- {f.b}" if f.b else "") + " in the description")
+                continue
+            self.net.faults.append(f)
+
     def check_reachable(self) -> None:
         from megafleet.netlang.routing import Reach
         reach = Reach(self.net)
@@ -1021,7 +1042,10 @@ def _compile(path: str | Path, defines: dict[str, str] | None, text: str | None,
     if not diags:
         from megafleet.netlang.routing import static_routes
         c.net.static_routes = static_routes(c.net)
+        from megafleet.netlang import buildable
+        buildable.check(c.net, diags)
         c.check_reachable()
+        c.check_faults()
     if diags:
         raise CompileError(diags)
     if graph:

@@ -162,6 +162,7 @@ class Net:
     extra_ifaces: dict[str, list[Iface]] = field(default_factory=dict)
     static_routes: dict[str, list[tuple[Subnet, int]]] = field(default_factory=dict)
     reachable: list[tuple[str, str, Loc]] = field(default_factory=list)
+    faults: list = field(default_factory=list)     # netlang.faults.Fault: the fault schedule
     params: dict[str, str] = field(default_factory=dict)
     _graph: Any = None
 

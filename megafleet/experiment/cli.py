@@ -1,0 +1,317 @@
+"""`megafleet verify | link | node | capture | run-schedule`: experiments on a
+running testbed (see megafleet/experiment/__init__.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from megafleet.experiment import control
+from megafleet.experiment import refs as R
+
+_testbed_option = click.option("--testbed", "-t", metavar="NAME",
+                               help="The testbed (default: the only one up).")
+_json_option = click.option("--json", "json_mode", is_flag=True, help="Print JSON, for scripts.")
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return control.run(fn, *args, **kwargs)
+    except (control.ControlError, R.RefError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted") from None
+
+
+def _testbed(name: str | None) -> control.Testbed:
+    try:
+        return control.testbed(name)
+    except control.ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _table(rows: list[list], headers: list[str]) -> str:
+    from megafleet.up import table
+    return table(rows, headers)
+
+
+def fmt_settings(s: dict) -> str:
+    parts = []
+    if s.get("delay_us") is not None:
+        parts.append(f"delay {s['delay_us'] / 1000:g}ms")
+    if s.get("jitter_us") is not None:
+        parts.append(f"jitter {s['jitter_us'] / 1000:g}ms")
+    if s.get("loss_pct") is not None:
+        parts.append(f"loss {s['loss_pct']:g}%")
+    if s.get("rate_bit") is not None:
+        parts.append(f"rate {s['rate_bit'] / 1e6:g}mbit")
+    return " ".join(parts) or "-"
+
+
+def _link_words(words: tuple[str, ...]) -> tuple[str, str | None, list[str]]:
+    """click drops the first `--` of the command line: `r1 -- r2 delay 5ms`
+    arrives as [r1, r2, delay, 5ms]. A second word that is not a setting is B."""
+    words = list(words)
+    if "--" in words:
+        return R.split_link_words(words)
+    if not words:
+        raise click.UsageError("expected a link: A -- B")
+    if len(words) > 1 and words[1] not in R.SETTINGS:
+        return words[0], words[1], words[2:]
+    return words[0], None, words[1:]
+
+
+# ---------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------
+
+@click.command("verify")
+@click.argument("testbed", required=False)
+@click.option("--within", type=click.FloatRange(0), default=0, show_default=True, metavar="SECONDS",
+              help="Repeat failing checks for up to this long (routing converging).")
+@_json_option
+def verify_command(testbed, within, json_mode):
+    """Check every `reachable` assertion of TESTBED live: pings from inside the
+    nodes (namespaces with ip netns exec, containers with nsenter, QEMU and
+    libvirt guests through their exec channel), IPv4 and IPv6, one per source
+    node, destination node and address family.
+
+    \b
+    Prints every failed check with the assertion's file:line.
+    Exit status: 0 when all pass, 1 when any failed.
+    """
+    from megafleet.experiment import verify
+
+    tb = _testbed(testbed)
+    result = _run(verify.converge, tb, within=within)
+    v = result.to_json()
+    if json_mode:
+        click.echo(json.dumps({"testbed": tb.name, **v}))
+    else:
+        if not v["checks"]:
+            click.echo(f"testbed {tb.name}: no reachable assertions")
+        for line in verify.summary_lines({"verify": v}):
+            click.echo(line)
+    if not v["ok"]:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------
+# link
+# ---------------------------------------------------------------------------
+
+@click.group("link")
+def link():
+    """Change a running testbed's links: impairments, cables pulled and plugged.
+
+    \b
+    A and B are the language's references: names, ranges (web[1..10]), globs
+    (core*), @group; a link is node -- switch, node -- node or switch --
+    switch. `A` alone means every link of A.
+    Changes take effect at once on live traffic; they are recorded on each
+    host, shown by `link show`, and put back by `up` of the same file.
+    """
+
+
+def _print_done(done: list[dict], json_mode: bool, key: str) -> None:
+    if json_mode:
+        click.echo(json.dumps(done))
+        return
+    rows = [[d["link"], d["host"], d["iface"], fmt_settings(d["settings"]) if key == "settings" else d[key]]
+            for d in done]
+    click.echo(_table(rows, ["LINK", "HOST", "IFACE", key.upper()]))
+
+
+@link.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, required=True, type=click.UNPROCESSED)
+@_testbed_option
+@_json_option
+def link_set(words, testbed, json_mode):
+    """A -- B [delay D] [jitter J] [loss P%] [rate R]: change a link's impairments.
+
+    \b
+    Values: delay/jitter 50ms, 500us, 1s; loss 0.5%; rate 10mbit, 1gbit;
+    `none` removes a setting (delay none). Delay applies in each direction
+    (a ping's round trip grows by twice the delay).
+    This kernel has no netem: a link gets a VDE wirefilter spliced into its
+    host side the first time (about 100 ms); later changes take a few ms.
+    Delay, jitter and loss on a node -- node link are not supported (rate is).
+
+    \b
+    Examples:
+      megafleet link set r1 -- core delay 50ms jitter 5ms
+      megafleet link set 'lab*' -- lab1 loss 5%
+      megafleet link set r1 -- core delay none loss none
+    """
+    a, b, rest = _link_words(words)
+    try:
+        settings = R.parse_settings(rest)
+    except R.RefError as exc:
+        raise click.ClickException(str(exc)) from None
+    tb = _testbed(testbed)
+    done = _run(control.link, tb, "set", a, b, settings)
+    _print_done(done, json_mode, "settings")
+
+
+@link.command("down", context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, required=True, type=click.UNPROCESSED)
+@_testbed_option
+@_json_option
+def link_down(words, testbed, json_mode):
+    """A -- B: pull the cable (both ends lose carrier; addresses stay)."""
+    a, b, rest = _link_words(words)
+    if rest:
+        raise click.UsageError(f"unexpected {' '.join(rest)!r} after the link")
+    done = _run(control.link, _testbed(testbed), "down", a, b)
+    _print_done(done, json_mode, "state")
+
+
+@link.command("up", context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, required=True, type=click.UNPROCESSED)
+@_testbed_option
+@_json_option
+def link_up(words, testbed, json_mode):
+    """A -- B: plug the cable back in."""
+    a, b, rest = _link_words(words)
+    if rest:
+        raise click.UsageError(f"unexpected {' '.join(rest)!r} after the link")
+    done = _run(control.link, _testbed(testbed), "up", a, b)
+    _print_done(done, json_mode, "state")
+
+
+@link.command("show")
+@click.argument("testbed", required=False)
+@click.option("--changed", is_flag=True, help="Only links changed at runtime.")
+@_json_option
+def link_show(testbed, changed, json_mode):
+    """Every link of TESTBED: its state (live) and settings (as changed at
+    runtime, else as declared)."""
+    rows = _run(control.link_show, _testbed(testbed))
+    if changed:
+        rows = [r for r in rows if r["changed"]]
+    if json_mode:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(_table([[r["link"], r["kind"], r["host"], r["iface"], r["state"], fmt_settings(r["settings"]),
+                        "runtime" if r["changed"] else "declared"] for r in rows],
+                      ["LINK", "KIND", "HOST", "IFACE", "STATE", "SETTINGS", "FROM"]))
+
+
+# ---------------------------------------------------------------------------
+# node
+# ---------------------------------------------------------------------------
+
+@click.command("node")
+@click.argument("action", type=click.Choice(["stop", "start", "restart", "kill"]))
+@click.argument("pattern")
+@_testbed_option
+@_json_option
+def node_command(action, pattern, testbed, json_mode):
+    """Fail and restore nodes: ACTION every node matching PATTERN (a name,
+    range, glob or @group).
+
+    \b
+    Guests (QEMU, libvirt, containers):
+      stop     shut the guest down (QEMU quit, SIGTERM)
+      kill     SIGKILL it (a crash)
+      start    boot it again from the same spec: same name, MACs, addresses
+      restart  stop, then start
+    Namespace nodes (hosts, routers): stop/kill stop a router's routing
+    daemons (kill: SIGKILL) and pull all the node's cables (a dead box
+    forwards nothing); start plugs them back and starts the daemons.
+    """
+    done = _run(control.node, _testbed(testbed), action, pattern)
+    if json_mode:
+        click.echo(json.dumps(done))
+        return
+    click.echo(_table([[d["node"], d["host"], d["action"], f"{d['seconds']:.1f}"] for d in done],
+                      ["NODE", "HOST", "ACTION", "SECONDS"]))
+
+
+# ---------------------------------------------------------------------------
+# capture
+# ---------------------------------------------------------------------------
+
+@click.command("capture", context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("-w", "write", metavar="FILE", default=None,
+              help="Write the pcap to FILE, or '-' for stdout (default: TARGET.pcap).")
+@click.option("--count", "-c", type=click.IntRange(1), help="Stop after this many packets.")
+@click.option("--duration", type=click.FloatRange(0.1), metavar="SECONDS", help="Stop after this long.")
+@click.option("--filter", "bpf", metavar="BPF", help="A tcpdump filter, e.g. 'icmp or arp'.")
+@_testbed_option
+def capture_command(words, write, count, duration, bpf, testbed):
+    """Capture packets of NODE[:IFACE], SWITCH or A -- B into a pcap.
+
+    \b
+    NODE[:IFACE]  a node's interface (default eth0); a guest's NIC is seen
+                  from its host-side end
+    SWITCH        the switch's bridge (on the first host that has it)
+    A -- B        the host side of that link
+    The capture runs on the host where the interface is and streams back
+    through gproc; `-w -` writes to stdout, e.g.
+      megafleet capture r1 -- core -w - | wireshark -k -i -
+    Stops after --count packets, --duration seconds, or Ctrl-C.
+    """
+    words = list(words)
+    a, b, rest = _link_words(words) if len(words) > 1 else (words[0], None, [])
+    if rest:
+        raise click.UsageError(f"unexpected {' '.join(rest)!r}")
+    text = f"{a} -- {b}" if b is not None else a
+    tb = _testbed(testbed)
+    try:
+        what = control.parse_capture_target(tb.compiled(), text)
+    except (R.RefError, control.ControlError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if write is None:
+        write = "".join(c if c.isalnum() or c in "_.-" else "_" for c in text.replace(" -- ", "--")) + ".pcap"
+    if write == "-":
+        out = sys.stdout.buffer
+    else:
+        out = open(write, "wb")
+    got = {"bytes": 0}
+
+    def sink(chunk: bytes) -> None:
+        out.write(chunk)
+        out.flush()
+        got["bytes"] += len(chunk)
+
+    t0 = time.monotonic()
+    try:
+        _run(control.capture, tb, what, sink, count=count, duration=duration, bpf=bpf)
+    finally:
+        if write != "-":
+            out.close()
+    if write != "-":
+        click.echo(f"{write}: {got['bytes']} bytes in {time.monotonic() - t0:.1f} s", err=True)
+
+
+# ---------------------------------------------------------------------------
+# run-schedule
+# ---------------------------------------------------------------------------
+
+@click.command("run-schedule")
+@click.argument("testbed", required=False)
+@click.option("--start", type=float, default=None, metavar="EPOCH",
+              help="Epoch time the schedule's offsets count from (default: now).")
+@_json_option
+def run_schedule_command(testbed, start, json_mode):
+    """Run TESTBED's fault schedule (its `at` and `every` statements) now.
+
+    `megafleet up` starts it by itself in the background when the
+    description has one. Each action is a `fault` event in telemetry
+    (`megafleet telemetry events --kind fault`).
+    """
+    from megafleet.experiment import schedule
+
+    tb = _testbed(testbed)
+    log = _run(schedule.run, tb, start, say=lambda s: click.echo(s, err=json_mode))
+    if json_mode:
+        click.echo(json.dumps(log))
+    elif not log:
+        click.echo(f"testbed {tb.name}: no fault schedule")
+    if any("error" in e for e in log):
+        sys.exit(1)

@@ -1,0 +1,183 @@
+"""Pure logic of experiments: references, link settings, fault schedules,
+verification checks; and wirefilter's management socket on real processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from megafleet.experiment import refs as R
+from megafleet.experiment import hostside, schedule, verify
+from megafleet.experiment.cli import _link_words
+from megafleet.experiment.control import message, parse_capture_target
+from megafleet.netlang import CompileError, compile_text
+
+NET = """
+pool p 10.40.0.0/16
+pool p6 fd00:40::/48
+switch core subnet 10.40.0.0/24
+switch lan[1..2]
+router r1 {
+  iface core 10.40.0.1
+  iface lan1 auto
+}
+router r2 {
+  iface core 10.40.0.2
+  iface lan2 auto
+}
+group pcs {
+  host pc[1..3] on lan1
+}
+host srv on lan2
+host a
+host b
+link a -- b
+link lan1 -- lan2
+reachable @pcs srv
+reachable pc1 r2
+at +30s link r1 -- core down
+at +60s link r1 -- core up
+at +45s node pc[1..2] restart
+every 20s for 1m link lan* loss 5%
+"""
+
+
+@pytest.fixture(scope="module")
+def net():
+    return compile_text(NET, "units.fleet", graph=False)
+
+
+def test_resolve_names_ranges_globs_groups(net):
+    assert R.resolve(net, "r1") == ["r1"]
+    assert R.resolve(net, "pc[1..2]") == ["pc1", "pc2"]
+    assert sorted(R.resolve(net, "lan*")) == ["lan1", "lan2"]
+    assert R.resolve(net, "@pcs") == ["pc1", "pc2", "pc3"]
+    with pytest.raises(R.RefError, match="unknown node or switch 'nope'"):
+        R.resolve(net, "nope")
+    with pytest.raises(R.RefError, match="unknown group 'nogroup'"):
+        R.resolve(net, "@nogroup")
+    with pytest.raises(R.RefError, match=r"'pc4' in 'pc\[1..9\]'"):
+        R.resolve(net, "pc[1..9]")
+    with pytest.raises(R.RefError, match="is a switch, not a node"):
+        R.nodes(net, "core")
+
+
+def test_links_between_references(net):
+    assert R.links(net, "r1", "core") == [R.LinkRef("port", "r1", "core")]
+    assert R.links(net, "core", "r1") == [R.LinkRef("port", "r1", "core")]
+    assert R.links(net, "b", "a") == [R.LinkRef("p2p", "a", "b")]
+    assert R.links(net, "lan1", "lan2") == [R.LinkRef("swlink", "lan1", "lan2")]
+    assert {r.a for r in R.links(net, "@pcs", "lan1")} == {"pc1", "pc2", "pc3"}
+    # A alone: every link with an end in A.
+    assert set(R.links(net, "r1", None)) == {R.LinkRef("port", "r1", "core"), R.LinkRef("port", "r1", "lan1")}
+    with pytest.raises(R.RefError, match="no link r1 -- lan2"):
+        R.links(net, "r1", "lan2")
+
+
+def test_parse_settings_and_errors():
+    s = R.parse_settings(["delay", "50ms", "jitter", "5ms", "loss", "1.5%", "rate", "10mbit"])
+    assert (s.delay_us, s.jitter_us, s.loss_pct, s.rate_bit) == (50_000, 5_000, 1.5, 10_000_000)
+    assert R.parse_settings(["delay", "none", "loss", "0"]).clear == ["delay", "loss"]
+    for words, why in ((["delay", "-5ms"], "cannot be negative"), (["loss", "120%"], "invalid percentage"),
+                       (["speed", "1"], "unknown link setting 'speed'"), (["delay"], "needs a value"),
+                       ([], "nothing to set")):
+        with pytest.raises(R.RefError, match=why):
+            R.parse_settings(words)
+    assert R.LinkSettings.from_json(s.to_json()) == s
+
+
+def test_effective_settings_and_wirefilter_lines():
+    cur = {"delay_us": 20_000, "loss_pct": 1.0}
+    new = hostside.effective(cur, R.parse_settings(["delay", "50ms", "loss", "none", "rate", "8mbit"]))
+    assert new == {"delay_us": 50_000, "rate_bit": 8_000_000}
+    assert hostside.wf_lines(new) == ["delay 50", "loss 0", "bandwidth 1000000"]
+    assert hostside.wf_lines({"delay_us": 10_000, "jitter_us": 2_000}) == ["delay 10+2", "loss 0", "bandwidth 0"]
+
+
+def test_cli_link_words_without_the_double_dash():
+    # click drops the first `--` of a command line.
+    assert _link_words(("r1", "core", "delay", "5ms")) == ("r1", "core", ["delay", "5ms"])
+    assert _link_words(("r1", "--", "core")) == ("r1", "core", [])
+    assert _link_words(("core*", "loss", "5%")) == ("core*", None, ["loss", "5%"])
+    assert message("set", "r1 -- core", R.parse_settings(["delay", "50ms", "loss", "none"])) == \
+        "link r1 -- core delay 50ms loss none"
+
+
+def test_fault_schedule_compiles_to_steps(net):
+    texts = [(s.at_s, s.text) for s in schedule.steps(net.faults)]
+    assert texts == [(0.0, "link lan* loss 5%"), (20.0, "link lan* loss 5%"), (30.0, "link r1 -- core down"),
+                     (40.0, "link lan* loss 5%"), (45.0, "node pc[1..2] restart"), (60.0, "link r1 -- core up")]
+    f = net.faults[0]
+    assert f.to_json()["loc"] == "units.fleet:24"
+
+
+def test_fault_schedule_errors_name_file_and_line():
+    with pytest.raises(CompileError) as info:
+        compile_text(NET + "at +5s link r1 -- lan2 down\n", "bad.fleet", graph=False)
+    assert "bad.fleet:28:" in str(info.value) and "no link r1 -- lan2" in str(info.value)
+
+
+def test_verify_checks_one_ping_per_source_destination_family(net):
+    checks = verify.checks(net)
+    srv = [c for c in checks if c.dst == "srv"]
+    assert {c.src for c in srv} == {"pc1", "pc2", "pc3"}
+    assert {c.family for c in srv} == {4, 6} and len(srv) == 6      # dual-stack: both families
+    assert all(c.loc == "units.fleet:22" and c.assertion == "reachable @pcs srv" for c in srv)
+    r2 = [c for c in checks if c.dst == "r2"]
+    assert [c.addr for c in r2 if c.family == 4] == ["10.40.0.2"]
+    lines = verify.summary_lines({"verify": {"ok": False, "checks": 4, "passed": 3, "seconds": 60.0,
+                                             "converge_s": None, "failed": [{**srv[0].to_json(), "error": "100% packet loss"}]}})
+    assert "units.fleet:22: reachable @pcs srv" in lines[1]
+
+
+def test_capture_targets(net):
+    assert parse_capture_target(net, "r1") == {"node": "r1", "iface": None}
+    assert parse_capture_target(net, "r1:eth1") == {"node": "r1", "iface": "eth1"}
+    assert parse_capture_target(net, "core") == {"switch": "core"}
+    assert parse_capture_target(net, "r1 -- core") == {"link": ["port", "r1", "core"]}
+    for text, why in (("ghost", "unknown node or switch 'ghost'"), ("r1:eth7", "no interface 'eth7'"),
+                      ("core:eth0", "capture it whole")):
+        with pytest.raises(R.RefError, match=why):
+            parse_capture_target(net, text)
+
+
+@pytest.mark.skipif(not shutil.which("wirefilter"), reason="needs vde2's wirefilter")
+def test_wirefilter_management_socket_changes_settings_live():
+    """Two real vde_switch processes joined by a wirefilter with a management
+    socket: settings change at runtime and showinfo reports them."""
+    d = Path(tempfile.mkdtemp(prefix="mfx-"))
+    pids = []
+    try:
+        for n in ("a", "b"):
+            subprocess.run(["vde_switch", "-s", str(d / n), "-d", "-p", str(d / f"{n}.pid")], check=True)
+        subprocess.run(["wirefilter", "-v", f"{d / 'a'}:{d / 'b'}", "--daemon", "--pidfile", str(d / "wf.pid"),
+                        "-M", str(d / "mgmt")], check=True)
+        for n in ("a.pid", "b.pid", "wf.pid"):
+            deadline = time.monotonic() + 5
+            while not (d / n).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            pids.append(int((d / n).read_text()))
+        deadline = time.monotonic() + 5
+        while not (d / "mgmt").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        hostside.wf_command(d / "mgmt", hostside.wf_lines({"delay_us": 50_000, "loss_pct": 100.0}))
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(hostside.ExperimentError, match="refused"):
+            hostside.wf_command(d / "mgmt", ["nonsense 1"])
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(d, ignore_errors=True)
+    time.sleep(0.2)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
