@@ -23,6 +23,7 @@ errors come from one scan of the text (networkx keeps none).
 
 from __future__ import annotations
 
+import bisect
 import html
 import math
 import re
@@ -81,23 +82,28 @@ def link_rate_bit(d: dict) -> int | None:
 
 def _line_at(text: str, pos: int, lines: list[int]) -> int:
     """1-based line of offset `pos`; `lines` caches newline offsets."""
-    import bisect
     if not lines:
         lines.extend(m.start() for m in re.finditer("\n", text))
         lines.append(len(text) + 1)
     return bisect.bisect_left(lines, pos) + 1
 
 
+def _loc_at(file: str, text: str, pos: int, lines: list[int]) -> Loc:
+    """file:line:col of offset `pos`."""
+    line = _line_at(text, pos, lines)
+    return Loc(file, line, pos - (lines[line - 2] if line > 1 else -1))
+
+
 def _xml_positions(file: str, text: str) -> tuple[dict[str, Loc], dict[tuple[str, str], list[Loc]]]:
     nl: list[int] = []
-    nodes = {html.unescape(m.group(2)): Loc(file, _line_at(text, m.start(), nl), 1)
+    nodes = {html.unescape(m.group(2)): _loc_at(file, text, m.start(), nl)
              for m in _NODE_RE.finditer(text)}
     edges: dict[tuple[str, str], list[Loc]] = {}
     for m in _EDGE_RE.finditer(text):
         attrs = {a.group(1): html.unescape(a.group(3)) for a in _ATTR_RE.finditer(m.group(0))}
         if "source" in attrs and "target" in attrs:
             key = tuple(sorted((attrs["source"], attrs["target"])))
-            edges.setdefault(key, []).append(Loc(file, _line_at(text, m.start(), nl), 1))
+            edges.setdefault(key, []).append(_loc_at(file, text, m.start(), nl))
     return nodes, edges
 
 
@@ -108,7 +114,7 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
     nl: list[int] = []
 
     def cut(m: re.Match) -> str:
-        loc = Loc(file, _line_at(text, m.start(), nl), 1)
+        loc = _loc_at(file, text, m.start(), nl)
         hid = re.search(r"\bid\s*=\s*([\"'])(.*?)\1", m.group(0))
         hyper.append((hid.group(2) if hid else f"hyperedge{len(hyper) + 1}",
                       [html.unescape(e.group(2)) for e in _ENDPOINT_RE.finditer(m.group(0))], loc))
@@ -152,7 +158,7 @@ def _gml_positions(file: str, text: str) -> tuple[dict[Any, Loc], dict[tuple, li
         if m.group(1):
             if current == "edge" and len(ends) == 2:
                 edges.setdefault(tuple(sorted((ends["source"], ends["target"]))), []).append(cur_loc)
-            current, cur_loc, ends = m.group(1), Loc(file, _line_at(text, m.start(), nl), 1), {}
+            current, cur_loc, ends = m.group(1), _loc_at(file, text, m.start(), nl), {}
             if current == "edge":
                 edge_list.append(cur_loc)
         elif current == "node" and m.group(2) == "id" and cur_loc not in nodes.values():
