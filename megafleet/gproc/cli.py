@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -103,7 +105,9 @@ def hosts() -> None:
     """The host inventory: list it, check that every host answers.
 
     \b
-    The inventory is a TOML file (default ./hosts.toml or $MEGAFLEET_HOSTS):
+    The inventory is a TOML file (default ./hosts.toml or $MEGAFLEET_HOSTS), or
+    "slurm" for the hosts of the current Slurm allocation (SLURM_JOB_NODELIST;
+    "slurm:FILE" adds FILE's defaults and overrides):
       [defaults]                    applies to every host that does not set the key
       user = "root"
       port = 22
@@ -115,6 +119,10 @@ def hosts() -> None:
       address = "10.0.0.1"
       labels = ["rack1"]
       capacity = 200                VMs placement may put on this host
+      [[range]]                     many hosts in ClusterShell NodeSet notation
+      hosts = "node[0001-4480]"     every other key is a default for the range
+      address = "10.1.[0-17].[1-250]"   optional, one per host; else by name
+      mem_mb = 262144               guest memory budget for placement
 
     identity and known_hosts must be valid paths on every host (inner agents reach
     their children with them). Relative paths are relative to the inventory file.
@@ -145,39 +153,145 @@ def hosts_ls(inventory_path: str, labels: tuple[str, ...], as_json: bool) -> Non
 @hosts.command("check")
 @_inventory_option
 @_select_options
+@click.option("--image", "images", multiple=True, metavar="NAME",
+              help="Also report hosts whose image cache lacks this image (a name or hash in the "
+                   "local image store; repeatable).")
+@click.option("--cache-dir", metavar="DIR", default=None,
+              help="The hosts' image cache (default: each host's $MEGAFLEET_CACHE).")
+@click.option("--each", is_flag=True, help="One row per host instead of folded ranges.")
 @click.option("--timeout", default=30.0, show_default=True, type=float, metavar="S",
               help="Seconds to wait for every host's answer once the tree is up.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def hosts_check(inventory_path, hosts, labels, fanout, root_fanout, connect_timeout, timeout, as_json,
-                quiet) -> None:
-    """Build the agent tree and ask every host to answer.
+def hosts_check(inventory_path, hosts, labels, fanout, root_fanout, connect_timeout, images, cache_dir, each,
+                timeout, as_json, quiet) -> None:
+    """Build the agent tree and ask every host to answer; report what is wrong,
+    folded over host ranges as ClusterShell's clubak does:
 
-    Shows, per host, whether it answered (with its load and kernel) or why not
-    (unreachable: connection refused, host key refused, authentication refused,
-    agent failed to start). Exit status 1 if any host is not ok.
+    \b
+      HOSTS                 STATUS       DETAIL
+      node[0001-0011,...]   ok           answered
+      node[0012,0450-0452]  unreachable  connection refused
+      node0007              unreachable  host key changed or unknown (not in known_hosts)
+      node[0100-0101]       image        missing tiny (3f2a9c0e11b2)
+
+    Unreachable covers connection refused, no answer, host key refused (a
+    changed key is never accepted), authentication refused and an agent that
+    did not start. With --image, hosts that answered but lack the image in
+    their cache are listed too. --each gives one row per host (load, kernel).
+    Exit status 1 if any host is not ok.
     """
     inv = _load(inventory_path)
+    wanted = []
+    for name in images:
+        from megafleet.imagegen import store
+
+        try:
+            wanted.append(store.find(name))
+        except (store.ImageNotFound, ValueError) as e:
+            raise click.ClickException(f"--image {name}: {e}") from None
 
     async def body(fleet):
-        return await fleet.call("gproc.ping", timeout=timeout), fleet.setup_seconds
+        ping = await fleet.call("gproc.ping", timeout=timeout)
+        have = None
+        if wanted:
+            ok = [h for h, r in ping.results.items() if r.status == "ok"]
+            have = await fleet.call("gproc.images", {"hashes": [i.hash for i in wanted], "cache_dir": cache_dir},
+                                    hosts=ok, timeout=timeout)
+        return ping, have, fleet.setup_seconds
 
-    report, setup = _run_with_fleet(inv, _names(hosts), list(labels), fanout, root_fanout,
-                                    connect_timeout, quiet or as_json, body)
+    report, have, setup = _run_with_fleet(inv, _names(hosts), list(labels), fanout, root_fanout,
+                                          connect_timeout, quiet or as_json, body)
+    rows = check_rows(inv, report, have, wanted)
+    bad = [r for r in rows if r.status != "ok"]
     if as_json:
-        click.echo(json.dumps({"setup_s": round(setup, 3), **report.to_json()}))
-    else:
-        rows = []
+        click.echo(json.dumps({"setup_s": round(setup, 3), **report.to_json(),
+                               "problems": [{"hosts": fold_names(r.hosts), "status": r.status,
+                                             "detail": r.detail} for r in bad]}))
+    elif each:
+        table = []
         for name, r in report.results.items():
-            if r.status == "ok":
-                detail = f"load {r.value['load']:.2f}  {r.value['uname']}"
-            else:
-                detail = r.error or ""
-            rows.append([name, r.status, detail])
-        click.echo(_table(rows, ["HOST", "STATUS", "DETAIL"]))
-        _progress(_summary(report), quiet)
-    if not report.ok:
+            detail = f"load {r.value['load']:.2f}  {r.value['uname']}" if r.status == "ok" else (r.error or "")
+            table.append([name, r.status, detail])
+        for r in bad:
+            if r.status == "image":
+                table += [[h, r.status, r.detail] for h in r.hosts]
+        click.echo(_table(table, ["HOST", "STATUS", "DETAIL"]))
+    else:
+        folded = fold_rows(rows)
+        click.echo(_table([[fold_names(r.hosts), r.status, r.detail] for r in folded],
+                          ["HOSTS", "STATUS", "DETAIL"]))
+    _progress(_summary(report) + (f"; {sum(len(r.hosts) for r in bad if r.status == 'image')} lack an image"
+                                  if wanted else ""), quiet or as_json)
+    if bad:
         sys.exit(1)
+
+
+@dataclass
+class CheckRow:
+    """Hosts with the same finding."""
+
+    hosts: list[str]
+    status: str          # ok | unreachable | failed | image
+    detail: str
+
+
+def reason(host: str, address: str, error: str | None) -> str:
+    """A host's error without what names the host, so equal causes fold
+    together: 'node0012 (root@10.0.0.12:22): Connect call failed (...)' ->
+    'connection refused'."""
+    text = (error or "").strip()
+    text = re.sub(rf"^{re.escape(host)}(?: \([^)]*\))?: ", "", text)
+    lowered = text.lower()
+    if "connect call failed" in lowered or "connection refused" in lowered:
+        return "connection refused"
+    if "host key not trusted" in lowered:
+        return "host key changed or unknown (not in known_hosts)"
+    if "authentication refused" in lowered:
+        return "authentication refused (fleet key not authorised)"
+    if "no route to host" in lowered:
+        return "no route to host"
+    m = re.match(r"no answer within ([\d.]+) s", text)
+    if m:
+        return f"no answer within {m.group(1)} s"
+    if address:
+        text = text.replace(address, "<address>")
+    return text.replace(host, "<host>") or "no reason given"
+
+
+def check_rows(inv, report, have, wanted) -> list[CheckRow]:
+    """One CheckRow per host of the ping report, plus missing images."""
+    by_hash = {i.hash: i for i in wanted}
+    rows = []
+    for name, r in report.results.items():
+        address = inv.by_name[name].address if name in inv.by_name else ""
+        if r.status != "ok":
+            rows.append(CheckRow([name], r.status, reason(name, address, r.error)))
+            continue
+        h = have.results.get(name) if have is not None else None
+        if h is not None and h.status != "ok":
+            rows.append(CheckRow([name], h.status, reason(name, address, h.error)))
+        elif h is not None and h.value:
+            missing = ", ".join(f"{by_hash[x].name} ({x[:12]})" for x in h.value if x in by_hash)
+            rows.append(CheckRow([name], "image", f"missing {missing}"))
+        else:
+            rows.append(CheckRow([name], "ok", "answered"))
+    return rows
+
+
+def fold_rows(rows: list[CheckRow]) -> list[CheckRow]:
+    """Rows with the same status and detail merged (ok first, then by size)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        groups.setdefault((r.status, r.detail), []).extend(r.hosts)
+    merged = [CheckRow(hosts, status, detail) for (status, detail), hosts in groups.items()]
+    return sorted(merged, key=lambda r: (r.status != "ok", -len(r.hosts), r.detail))
+
+
+def fold_names(names: list[str]) -> str:
+    from megafleet.gproc.inventory import fold
+
+    return fold(names)
 
 
 # --- gproc -----------------------------------------------------------------------

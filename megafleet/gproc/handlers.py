@@ -148,3 +148,16 @@ def push_tempfile(dest: str) -> tuple[int, str]:
 def _have(payload: Any, ctx: Context) -> bool:
     """Whether `path` exists with content hash `sha256` (push skips those hosts)."""
     return file_sha256(expand_dest(payload["path"], ctx.host)) == payload["sha256"]
+
+
+@handler("gproc.images")
+def _images(payload: Any, ctx: Context) -> list[str]:
+    """Which of the image content hashes `hashes` this host's image cache lacks
+    (`cache_dir`, default $MEGAFLEET_CACHE): used by `hosts check --image`."""
+    from pathlib import Path
+
+    from megafleet import paths
+
+    cache = Path(payload.get("cache_dir") or paths.cache_dir())
+    return [h for h in payload["hashes"]
+            if not (isinstance(h, str) and h.isalnum() and (cache / "images" / h / "manifest.json").is_file())]

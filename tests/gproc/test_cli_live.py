@@ -27,9 +27,25 @@ def test_hosts_ls_and_check(testfleet):
     check = megafleet("hosts", "check", "-i", inv, "-w", names, "-f", "2")
     assert check.returncode == 0, check.stderr
     lines = check.stdout.splitlines()
-    assert lines[0].split() == ["HOST", "STATUS", "DETAIL"]
-    assert [line.split()[:2] for line in lines[1:]] == [[n, "ok"] for n in names.split(",")]
+    assert lines[0].split() == ["HOSTS", "STATUS", "DETAIL"]
+    assert lines[1].split() == [f"{testfleet.prefix}h[0-4]", "ok", "answered"]      # folded
     assert "tree up in" in check.stderr and "5 ok, 0 failed, 0 unreachable" in check.stderr
+    each = megafleet("hosts", "check", "-i", inv, "-w", names, "-f", "2", "--each")
+    assert [line.split()[:2] for line in each.stdout.splitlines()[1:]] == [[n, "ok"] for n in names.split(",")]
+    # Two hosts whose sshd is not where the inventory says: folded as clubak does.
+    from megafleet.gproc import inventory
+
+    hosts = list(testfleet.inventory.hosts[:6])
+    hosts[1] = inventory.Host(hosts[1].name, hosts[1].address, 1, hosts[1].user, (), 0, hosts[1].agent)
+    hosts[2] = inventory.Host(hosts[2].name, hosts[2].address, 1, hosts[2].user, (), 0, hosts[2].agent)
+    broken = testfleet.workdir / "broken.toml"
+    broken.write_text(inventory.render(hosts, identity=testfleet.inventory.identity,
+                                       known_hosts=testfleet.inventory.known_hosts))
+    check = megafleet("hosts", "check", "-i", str(broken), "-f", "2")
+    assert check.returncode == 1
+    rows = [line.split(None, 2) for line in check.stdout.splitlines()[1:]]
+    p = testfleet.prefix
+    assert rows == [[f"{p}h[0,3-5]", "ok", "answered"], [f"{p}h[1-2]", "unreachable", "connection refused"]]
     assert wait_no_agents(testfleet) == {}
 
 
