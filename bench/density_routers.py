@@ -5,9 +5,12 @@ this host through `megafleet net up`; prints one JSON line:
     routers_daemon         frr | bird | auto (--daemon: `ospf daemon X` on every router)
     routers_links          point-to-point links (ring + chords)
     routers_up_s           `net up` until it returned (namespaces, links, daemons started)
-    routers_converged_s    `net up` started until a host behind the first router
+    routers_converged_s    `net up` started until, with every router's daemons
+                           started (`up` returned), a host behind the first router
                            answers a ping from a host behind the router half way
                            round the ring (from inside our own namespaces only)
+    routers_first_reach_s  the same, the first ping that answered at all (a path
+                           through the routers started so far may come earlier)
     routers_down_s         `net down` of the whole testbed
     routers_max_load1      highest 1-minute load average seen while converging
     load1_before           load average when the run started (others' work)
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
             _megafleet("net", "down", NAME).wait()
         t0 = time.monotonic()
         up = _megafleet("net", "up", str(path), "-N", NAME, stdout=subprocess.DEVNULL)
-        converged = up_s = None
+        converged = up_s = first = None
         max_load = 0.0
         try:
             deadline = t0 + args.timeout
@@ -118,14 +121,11 @@ def run(args: argparse.Namespace) -> dict:
                         raise SystemExit(f"net up failed (exit {up.returncode})")
                     up_s = time.monotonic() - t0
                 if (NETNS / src_ns).exists() and _ping(src_ns, dst):
-                    converged = time.monotonic() - t0
+                    first = first if first is not None else time.monotonic() - t0
                     if up_s is not None:
+                        converged = time.monotonic() - t0
                         break
-                    # Converged before `up` returned (small meshes): wait for it.
-                    up.wait()
-                    up_s = time.monotonic() - t0
-                    break
-                time.sleep(1)
+                time.sleep(0.5)
         finally:
             if up.poll() is None:
                 # Out of time: stop `up` (our child) before `down` removes its work.
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
                 result["leftovers"]["ledger"] = 1
     result["routers_up_s"] = None if up_s is None else round(up_s, 2)
     result["routers_converged_s"] = None if converged is None else round(converged, 2)
+    result["routers_first_reach_s"] = None if first is None else round(first, 2)
     result["routers_max_load1"] = max_load
     return result
 

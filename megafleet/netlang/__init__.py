@@ -51,7 +51,7 @@ Nodes
 -----
     host   REF [on ATTACH]... [route CIDR via ADDR]...
     vm     REF image NAME [mem SIZE] [vcpus N] [driver qemu|libvirt|container] [on ATTACH]...
-    router REF [on ATTACH]... [ospf [area N] [cost N]] [bgp [as] N] [route CIDR via ADDR]...
+    router REF [on ATTACH]... [ospf [OSPF-PROPS]] [bgp [as] N] [route CIDR via ADDR]...
            [image NAME [mem SIZE] [vcpus N] [driver D]]      (with an image: a VM router)
 A block form puts properties on their own lines; `iface` is a synonym of `on`:
 
@@ -111,6 +111,41 @@ forwards, gets its static routes on the kernel command line, and with `ospf` or
 `bgp` the generated FRR configuration is written into it and its daemons
 started there through the guest's exec channel (the image must hold FRR, as
 examples/images/router.toml does).
+
+OSPF-PROPS, in any order after `ospf`:
+
+    area N | A.B.C.D          the area of all its interfaces (default 0)
+    cost N                    interface cost, 1-65535
+    hello S   dead S          hello and dead intervals, whole seconds (`10` or
+                              `10s`), 1-65535; dead > hello. Only hello: dead =
+                              4 x hello; only dead: hello = dead / 4 (at least 1)
+    spf DELAY HOLD MAX        SPF throttle, durations in whole ms (`200ms 1s 10s`),
+                              each <= 600000 ms, DELAY <= HOLD <= MAX
+    lsa T                     LSA pacing: the shortest interval between two
+                              originations of one LSA and between two arrivals
+                              of one LSA that are accepted (<= 5000 ms)
+    daemon frr|bird|auto      which routing daemon runs OSPF (below)
+
+Timers not given scale with the number of OSPF routers N in the description
+(`megafleet.netlang.ospftimers`): N <= 50 keeps hello 1 s, dead 4 s and the
+daemon's SPF/LSA defaults; above, hello = ceil(N/75) s (at most 10), dead 4x,
+SPF delay/hold/max = min(N, 1000) ms / min(2N, 5000) ms / 10 s, LSA 1000 ms.
+Explicit values always win. A bad value is an error with file:line.
+
+`daemon`: FRR (zebra + ospfd, + ospf6d with IPv6) or BIRD 2 (one `bird`
+process per router doing OSPFv2 and OSPFv3, its routes exported to the
+router's kernel table). `auto` (the default) picks BIRD for namespace routers
+without `bgp` when the description has 200 or more OSPF routers, FRR otherwise:
+on a 2-core host 750 BIRD routers start and converge in about a minute and a
+half, where 1,500 FRR daemons take several minutes just to start. `daemon bird`
+is refused on routers with an image (VM routers run their image's FRR) or with
+`bgp`. BIRD takes hello, dead and cost as they are; `spf` becomes its `tick`
+(SPF at most once per HOLD, rounded up to whole seconds); it has no LSA pacing
+setting (RFC 2328's fixed intervals), so `lsa` does not apply to it.
+
+Routers start with admission control: at most 2 x CPUs routers starting at
+once, and none while more than 2 x CPUs threads are runnable on the host, with
+a progress line every 5 s (`megafleet.netlang.routers`).
 
 Assertions
 ----------
