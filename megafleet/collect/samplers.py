@@ -109,6 +109,31 @@ def read_proc_usage(pid: int, proc: Path = Path("/proc")) -> tuple[float, int, i
     return cpu_s, int(statm[1]) * PAGE_KB, int(fields[19])
 
 
+def aggregate_guest_samples(host: str, docs: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
+    """One host's guest samples of one interval folded into one `guest` sample
+    without a guest in its meta: `guests` (count), `states` ({state: count}),
+    `cpu_s` and `cpu_pct` (sums), `cpu_pct_max`, `rss_kb` (sum), `rss_kb_max`,
+    `aggregate` True. Events among `docs` are kept as they are, after it."""
+    samples = [d for d in docs if d["meta"]["kind"] == D.GUEST]
+    events = [d for d in docs if d["meta"]["kind"] != D.GUEST]
+    states: dict[str, int] = {}
+    cpu_s = cpu_pct = 0.0
+    cpu_pct_max = 0.0
+    rss = rss_max = 0
+    for d in samples:
+        states[d["state"]] = states.get(d["state"], 0) + 1
+        cpu_s += d.get("cpu_s", 0.0)
+        pct = d.get("cpu_pct", 0.0)
+        cpu_pct += pct
+        cpu_pct_max = max(cpu_pct_max, pct)
+        rss += d.get("rss_kb", 0)
+        rss_max = max(rss_max, d.get("rss_kb", 0))
+    fields = {"aggregate": True, "guests": len(samples), "states": states,
+              "cpu_s": round(cpu_s, 3), "cpu_pct": round(cpu_pct, 2), "cpu_pct_max": round(cpu_pct_max, 2),
+              "rss_kb": rss, "rss_kb_max": rss_max}
+    return [D.sample(D.GUEST, host, fields, time_ms=now_ms, extra="all")] + events
+
+
 class GuestSampler(Sampler):
     """State, CPU time (and CPU percent over the last interval) and RSS of each
     guest the source lists.
@@ -117,13 +142,20 @@ class GuestSampler(Sampler):
     slices of at most `slice_size` guests (each guest still read once per
     interval, at a steady phase): the store receives a steady trickle instead
     of one burst, so every sample is stored soon after it is taken, and the
-    host's CPU is not taken in one gulp every interval."""
+    host's CPU is not taken in one gulp every interval.
+
+    With `aggregate`, the host sends one document per interval for all its
+    guests instead (`aggregate_guest_samples`: counts by state, CPU and RSS
+    totals and maxima); boot and teardown events stay per guest. At a million
+    guests on 4,480 hosts that is 448 documents a second for the store instead
+    of 100,000."""
 
     name = "guests"
 
     def __init__(self, host: str, source: GuestSource, interval: float = 10.0,
-                 proc: Path | str = "/proc", slice_size: int = 1000):
+                 proc: Path | str = "/proc", slice_size: int = 1000, aggregate: bool = False):
         super().__init__(host, interval)
+        self.aggregate = aggregate
         if slice_size < 1:
             raise ValueError(f"guest sampler slice_size must be at least 1, got {slice_size}")
         self.source = source
@@ -137,6 +169,8 @@ class GuestSampler(Sampler):
         """All guests at once (blocking)."""
         guests = list(self.source())
         docs = self.read(guests, now_ms)
+        if self.aggregate:
+            docs = aggregate_guest_samples(self.host, docs, now_ms)
         return docs + self._forget_gone(guests, now_ms)
 
     def _forget_gone(self, guests: list[GuestInfo], now_ms: int) -> list[dict[str, Any]]:
@@ -219,13 +253,17 @@ class GuestSampler(Sampler):
                 if on_error is not None:
                     on_error(self.name, exc)
                 guests = []
-            slices = max(1, -(-len(guests) // self.slice_size))
+            # Aggregated: every guest in one reading, one document.
+            slices = 1 if self.aggregate else max(1, -(-len(guests) // self.slice_size))
             step = self.interval / slices
             for k in range(slices):
-                part = guests[k * self.slice_size:(k + 1) * self.slice_size]
+                part = guests if self.aggregate else guests[k * self.slice_size:(k + 1) * self.slice_size]
+                now_ms = D.now_ms()
                 try:
-                    docs = await trio.to_thread.run_sync(self.read, part, D.now_ms(),
+                    docs = await trio.to_thread.run_sync(self.read, part, now_ms,
                                                          limiter=limiter)
+                    if self.aggregate:
+                        docs = aggregate_guest_samples(self.host, docs, now_ms)
                 except Exception as exc:
                     if on_error is not None:
                         on_error(self.name, exc)
