@@ -230,7 +230,7 @@ def test_netlab_nodes_groups_links_and_modules():
     net = compile_file(DATA / "netlab-topology.yml")
     props = {r: net.groups[net.index[r][0]].props for r in net.routers()}
     assert sorted(props) == ["c1", "c2", "e1", "e2"]
-    assert [props["c1"].get("bgp"), props["e1"]["bgp"]["as"], props["e2"]["bgp"]["as"]] == [None, 65100, 65200]
+    assert [props[r]["bgp"]["as"] for r in ("c1", "c2", "e1", "e2")] == [65001, 65000, 65100, 65200]
     assert all("ospf" in p for p in props.values())
     assert sorted(n for g, _, n in net.iter_nodes() if g.kind == "host") == ["h1", "h2"]
     # e1-e2-h1 is a LAN; c1 alone a stub; c2's interface name and the link's tc kept.
