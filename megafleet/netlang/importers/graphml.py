@@ -122,7 +122,8 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
 
     stripped = _HYPER_RE.sub(cut, text) if "<hyperedge" in text else text
     try:
-        g = nx.parse_graphml(stripped, force_multigraph=True)
+        # networkx makes a MultiGraph itself when the file has parallel edges.
+        g = nx.parse_graphml(stripped)
     except ParseError as err:
         line, col = err.position
         raise ImportFailed([Note(Loc(file, line, col + 1), f"invalid GraphML (XML): "
@@ -243,7 +244,8 @@ def _emit(g, fmt: str, file: str, node_locs: dict, edge_locs: dict, hyper: list,
             if kinds[n] == "router":
                 lans[n] = (namer.take(f"{names[n]}_lan"), namer.take(f"{names[n]}_h"))
     w = FleetWriter()
-    edges = list(g.edges(keys=True, data=True))
+    edges = list(g.edges(keys=True, data=True)) if g.is_multigraph() else \
+        [(a, b, 0, d) for a, b, d in g.edges(data=True)]
     link_lines: list[tuple[str, str]] = []
     used: dict[tuple, int] = {}
     for a, b, _k, d in edges:
