@@ -254,7 +254,8 @@ def down(target: str, as_json: bool) -> None:
     files. Works after a crash and when run twice."""
     from megafleet.netlang import live
 
-    testbed = _default_name(target, None) if target.endswith(".fleet") else target
+    # A description file (.fleet, or an imported .clab.yml, .graphml, ...): named as `up` named it.
+    testbed = _default_name(target, None) if target.endswith(".fleet") or Path(target).is_file() else target
     progress = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     try:
         result = live.down(testbed, progress)

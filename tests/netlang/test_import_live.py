@@ -5,6 +5,7 @@ teardown leaves no namespace, link or ledger record with its prefix."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -145,3 +146,25 @@ def test_geant_comes_up_with_ospf_and_its_far_ends_reach_each_other(testbed):
     live.up(net, name)
     # 40 FRR routers on a shared 2-CPU host: generous, convergence is not what is timed here.
     assert_reachable_live(net, name, 240)
+
+
+def test_megafleet_up_of_an_imported_multi_host_pair_verifies_its_assertions(tmp_path):
+    """The two halves of a containerlab multi-host lab, imported together, come up
+    as one testbed through `megafleet up`, whose verify phase pings the
+    `reachable` assertion live."""
+    name = "mfuip"
+    fleet = tmp_path / "pair.fleet"
+    r = CliRunner().invoke(root, ["import", str(DATA / "pair-a.clab.yml"), str(DATA / "pair-b.clab.yml"),
+                                  "-o", str(fleet)])
+    assert r.exit_code == 0, r.output
+    fleet.write_text(fleet.read_text() + "reachable ha hb  # added by the test\n")
+    try:
+        r = CliRunner().invoke(root, ["up", str(fleet), "-N", name])
+        assert r.exit_code == 0, r.output
+        assert re.search(r"^verify: \d+ reachability checks pass", r.output, re.M), r.output
+        net = compile_text(fleet.read_text(), str(fleet))
+        assert ping(live.plan(net, name).netns["ha"], data_address(net, "hb")).returncode == 0
+    finally:
+        r = CliRunner().invoke(root, ["down", name])
+    assert r.exit_code == 0, r.output
+    assert leftovers(name) == clean(name)
