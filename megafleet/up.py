@@ -460,7 +460,8 @@ def print_summary(summary: dict[str, Any]) -> None:
             for h in summary["hosts"]]
     click.echo(table(rows, ["HOST", "STATUS", "NODES", "GUESTS", "READY", "FAILED", "SECONDS", "ERROR"]))
     click.echo("")
-    click.echo("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["phases"].items()))
+    if summary["phases"]:
+        click.echo("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["phases"].items()))
     failed_guests = [f for f in summary["failed"] if not f["reason"].startswith("host failed")]
     click.echo(f"testbed {summary['testbed']}: {summary['ready']}/{summary['guests']} guests ready, "
                f"{len(summary['failed'])} nodes failed, {summary['namespaces']} namespace nodes, "
@@ -521,6 +522,7 @@ async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool
     info: dict[str, Any] = {"testbed": testbed}
     state = {"signals": 0}
     summary: dict[str, Any] | None = None
+    error: Exception | None = None
     t0 = time.monotonic()
 
     async def watch(work: trio.CancelScope, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -546,7 +548,11 @@ async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool
                 async with locks.atestbed_lock(testbed, "up", wait=wait, on_wait=lambda m: out.line(f"lock     {m}")):
                     summary = await up(path, target, name=testbed, out=out, info=info, **kwargs)
             except locks.LockBusy as exc:
-                raise UpError(f"{exc}; without --no-wait, up waits for it") from None
+                error = UpError(f"{exc}; without --no-wait, up waits for it")
+            except Exception as exc:
+                # Raised outside the nursery below: the user sees this error,
+                # not an exception group around it.
+                error = exc
         if state["signals"]:
             summary = None
             with trio.move_on_after(60):
@@ -555,6 +561,8 @@ async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool
                 summary = {**_empty_summary(testbed, info, time.monotonic() - t0),
                            "error": "the hosts did not report in 60 s"}
         nursery.cancel_scope.cancel()
+    if error is not None and not state["signals"]:
+        raise error
     return summary
 
 
