@@ -13,6 +13,9 @@ this host through `megafleet net up`; prints one JSON line:
                            through the routers started so far may come earlier)
     routers_down_s         `net down` of the whole testbed
     routers_max_load1      highest 1-minute load average seen while converging
+    routers_steady_cpu     CPU (in cores) all routing daemons use together over
+                           --steady seconds (default 20) once converged: what the
+                           idle mesh costs (hellos, refreshes), i.e. no storm
     load1_before           load average when the run started (others' work)
     leftovers              namespaces and daemons of the testbed left after down (0)
 
@@ -89,12 +92,33 @@ def _ping(src_ns: str, addr: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _daemon_cpu_s() -> float:
+    """CPU seconds used so far by the testbed's recorded routing daemons."""
+    from megafleet.ledger import Ledger
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for r in Ledger().list("net", "process"):
+        if r.key.startswith(NAME + "/frr/") and "pid" in r.data:
+            try:
+                stat = Path(f"/proc/{r.data['pid']}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[19]) == r.data["start"]:
+                total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def run(args: argparse.Namespace) -> dict:
     """Build, wait for convergence, tear down; returns the JSON fields above.
-    args: routers, daemon, ipv6, timeout (seconds for the whole up+converge)."""
+    args: routers, daemon, ipv6, timeout (seconds for the whole up+converge),
+    steady (seconds of steady-state CPU measurement, 0: none)."""
     from megafleet.netlang import live
     from megafleet.netlang.compiler import compile_file
 
+    # Defaults for whatever the caller's namespace lacks (bench/density.py passes its own).
+    args = argparse.Namespace(**{**vars(parser().parse_args([])), **vars(args)})
     if os.geteuid() != 0:
         raise SystemExit("density_routers needs root (namespaces, daemons)")
     result: dict = {"routers_n": args.routers, "routers_daemon": args.daemon, "load1_before": _load1()}
@@ -126,6 +150,10 @@ def run(args: argparse.Namespace) -> dict:
                         converged = time.monotonic() - t0
                         break
                 time.sleep(0.5)
+            if converged is not None and args.steady > 0:
+                c0, w0 = _daemon_cpu_s(), time.monotonic()
+                time.sleep(args.steady)
+                result["routers_steady_cpu"] = round((_daemon_cpu_s() - c0) / (time.monotonic() - w0), 3)
         finally:
             if up.poll() is None:
                 # Out of time: stop `up` (our child) before `down` removes its work.
@@ -152,16 +180,22 @@ def run(args: argparse.Namespace) -> dict:
 NETNS = Path("/run/netns")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--routers", type=int, default=750, help="routers in the mesh (default 750)")
     ap.add_argument("--quick", action="store_true", help="40 routers")
     ap.add_argument("--daemon", choices=("auto", "frr", "bird"), default="auto",
                     help="`ospf daemon X` on every router (auto: megafleet chooses by count)")
     ap.add_argument("--ipv6", action="store_true", help="an IPv6 pool too (OSPFv3)")
+    ap.add_argument("--steady", type=float, default=20,
+                    help="seconds over which the converged mesh's daemon CPU is measured (0: skip)")
     ap.add_argument("--timeout", type=float, default=480,
                     help="seconds from `up` to giving up on convergence (default 480)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.quick:
         args.routers = 40
     result = run(args)
