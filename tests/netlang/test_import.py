@@ -328,3 +328,15 @@ def test_import_command_writes_a_readable_fleet_and_check_reads_the_original(tmp
     assert r.exit_code == 0 and "link ra:eth2 -- rb:eth2" in r.output
     r = CliRunner().invoke(root, ["net", "export", "--format", "clab", str(DATA / "lab.clab.yml")])
     assert r.exit_code == 0 and yaml.safe_load(r.output)["topology"]["nodes"]["srl1"]["kind"] == "linux"
+
+
+def test_clab_linux_nodes_as_container_guests():
+    result = convert([DATA / "lab.clab.yml"], opts=ImportOptions(linux="container", image="/images/tiny.toml"))
+    net = compile_text(result.text + "reachable client1 client2\n", "c.fleet")
+    assert net.counts() == {"switch": 3, "vm": 2, "host": 0, "router": 2}
+    assert net.groups[net.index["client1"][0]].props["driver"] == "container"
+    assert net.images["linux"][0] == "/images/tiny.toml"
+    # A guest names its NICs in order: client1's eth1 stays eth1, behind a switch of its own.
+    assert [(e, i.switch) for e, i, _ in net.node("client1").ifaces] == [("eth0", "mgmt"), ("eth1", "frr1_client1")]
+    assert ifaces(net, "frr1")["eth2"].switch == "frr1_client1"
+    assert not any("client1:eth1" in n.message for n in result.warnings)

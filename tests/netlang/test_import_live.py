@@ -168,3 +168,42 @@ def test_megafleet_up_of_an_imported_multi_host_pair_verifies_its_assertions(tmp
         r = CliRunner().invoke(root, ["down", name])
     assert r.exit_code == 0, r.output
     assert leftovers(name) == clean(name)
+
+
+CONTAINER_LAB = """\
+name: cont
+topology:
+  nodes:
+    mfuilr: {kind: linux, image: "frrouting/frr:v8.4.1"}
+    mfuilc1: {kind: linux, image: alpine}
+    mfuilc2: {kind: linux, image: alpine}
+  links:
+    - endpoints: ["mfuilc1:eth1", "mfuilr:eth1"]
+    - endpoints: ["mfuilc2:eth1", "mfuilr:eth2"]
+"""
+
+
+def test_clab_linux_nodes_as_container_guests_through_megafleet_up(tmp_path):
+    """`--linux container`: kind linux nodes become container guests (each joined
+    to its peer through a switch of its own); `megafleet up` boots them and its
+    verify phase pings the assertion live."""
+    from megafleet.vm.engine import Engine
+
+    name = "mfuil"
+    (tmp_path / "cont.clab.yml").write_text(CONTAINER_LAB)
+    fleet = tmp_path / "cont.fleet"
+    r = CliRunner().invoke(root, ["import", str(tmp_path / "cont.clab.yml"), "--linux", "container",
+                                  "--image", str(REPO / "examples" / "images" / "tiny.toml"), "-o", str(fleet)])
+    assert r.exit_code == 0, r.output
+    assert "vm mfuilc1 image linux driver container" in fleet.read_text()
+    fleet.write_text(fleet.read_text() + "reachable mfuilc1 mfuilc2\n")
+    try:
+        r = CliRunner().invoke(root, ["up", str(fleet), "-N", name])
+        assert r.exit_code == 0, r.output
+        assert "2/2 guests ready" in r.output, r.output
+        assert re.search(r"^verify: \d+ reachability checks pass", r.output, re.M), r.output
+    finally:
+        r = CliRunner().invoke(root, ["down", name])
+    assert r.exit_code == 0, r.output
+    assert leftovers(name) == clean(name)
+    assert Engine().list("mfuilc*") == []

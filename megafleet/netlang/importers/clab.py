@@ -350,10 +350,13 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
     if errors:
         raise ImportFailed(errors, texts)
     routing = opts.routing or "static"
-    w = FleetWriter()
-    header(w, "containerlab", [f for f, _ in files], warnings)
+    containers = opts.linux == "container"
+    w = FleetWriter()       # the body; the header (with every warning) goes on top at the end
     w.section("addresses: containerlab leaves them to each node's configuration")
     w.stmt("pool lab 10.0.0.0/8")
+    if containers:
+        w.section("container guests (--linux container)")
+        w.stmt(f'image linux from "{opts.image}"')
     mgmts = [lab.mgmt for lab in labs if lab.mgmt is not None]
     if opts.mgmt and mgmts:
         v4, v6, net_name, mloc = mgmts[0]
@@ -375,20 +378,46 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
         elif n.role == "router":
             w.stmt(f"router {n.name}{on}{router_routing(routing, private_as(asn))}", origin)
             asn += 1
+        elif containers:
+            w.stmt(f"vm {n.name} image linux driver container mem {opts.mem}{on}", origin)
         else:
             w.stmt(f"host {n.name}{on}", origin)
         for cmd, cloc in n.exec_:
             w.comment(f"exec on {n.name} ({cloc}): {cmd}")
     w.section("links")
+    # A container guest names its NICs eth0, eth1, ... in order (eth0: mgmt).
+    order = {id(n): (1 if opts.mgmt and mgmts else 0) for n in all_nodes}
     for a, aif, b, bif, words, origin in links:
-        w.stmt(f"link {_side(a, aif, warnings, origin)} -- {_side(b, bif, warnings, origin)}"
-               + (f" {words}" if words else ""), origin)
-    return Imported("clab", [f for f, _ in files], w.render(), warnings)
+        ends = (_side(a, aif, warnings, origin, order, containers),
+                _side(b, bif, warnings, origin, order, containers))
+        guest = containers and "switch" not in (a.role, b.role) and "host" in (a.role, b.role)
+        if not guest:
+            w.stmt(f"link {ends[0]} -- {ends[1]}" + (f" {words}" if words else ""), origin)
+            continue
+        # A container guest joins through a switch of its own (no veth straight
+        # into a guest); the link's properties go on one side only.
+        sw = namer.take(readable(f"{a.name}_{b.name}"))
+        w.stmt(f"switch {sw}", f"{origin} (the link {a.name} -- {b.name})")
+        w.stmt(f"link {ends[0]} -- {sw}" + (f" {words}" if words else ""), origin)
+        w.stmt(f"link {ends[1]} -- {sw}", origin)
+    top = FleetWriter()
+    header(top, "containerlab", [f for f, _ in files], warnings)
+    top.blank()
+    top.lines += w.lines
+    return Imported("clab", [f for f, _ in files], top.render(), warnings)
 
 
-def _side(node: _Node, iface: str, warnings: list[Note], origin: str) -> str:
+def _side(node: _Node, iface: str, warnings: list[Note], origin: str, order: dict[int, int],
+          containers: bool) -> str:
     if node.role == "switch":
         return node.name        # a bridge's port names are host interfaces: not kept
+    index = order[id(node)]
+    order[id(node)] = index + 1
+    if containers and node.role == "host":
+        if iface != f"eth{index}":
+            warnings.append(Note(None, f"{origin}: interface {node.orig}:{iface} is eth{index} in the "
+                                       f"container guest (a guest names its NICs in order)"))
+        return node.name
     name, changed = ifname_for(iface)
     if changed:
         warnings.append(Note(None, f"{origin}: interface {node.orig}:{iface} is named {name} "

@@ -41,12 +41,18 @@ def default_output(path: str) -> str:
 @click.option("--hosts-per-router", type=click.IntRange(0, 10000), default=0, show_default=True,
               help="GraphML/GML: a LAN switch with N namespace hosts behind every router.")
 @click.option("--no-mgmt", is_flag=True, help="containerlab: leave the management network out.")
+@click.option("--linux", type=click.Choice(["host", "container"]), default="host", show_default=True,
+              help="containerlab: kind linux nodes become namespace hosts, or container guests "
+                   "(vm ... driver container) booted from --image.")
+@click.option("--image", "image", type=click.Path(dir_okay=False), default="examples/images/tiny.toml",
+              show_default=True, help="containerlab --linux container: the guests' image spec (imagegen "
+                                      "TOML), relative to the written .fleet or absolute.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compile the result before writing it: nothing is written if it does not compile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (and warnings) as JSON.")
 def import_command(files: tuple[str, ...], fmt: str | None, output: str | None, routing: str | None,
-                   delays: str | None, rates: bool, hosts_per_router: int, no_mgmt: bool, check: bool,
-                   as_json: bool) -> None:
+                   delays: str | None, rates: bool, hosts_per_router: int, no_mgmt: bool, linux: str,
+                   image: str, check: bool, as_json: bool) -> None:
     """Convert FILES (a containerlab, GraphML, GML, netlab or GNS3 topology) to a
     .fleet description, with a comment on every statement naming the file and
     line it came from.
@@ -84,7 +90,7 @@ def import_command(files: tuple[str, ...], fmt: str | None, output: str | None, 
     from megafleet.netlang.importers import ImportFailed, ImportOptions, convert
 
     opts = ImportOptions(routing=routing, delays=delays, rates=rates, hosts_per_router=hosts_per_router,
-                         mgmt=not no_mgmt)
+                         mgmt=not no_mgmt, linux=linux, image=image)
     try:
         result = convert(list(files), fmt, opts)
     except ImportFailed as err:

@@ -36,6 +36,9 @@ class ImportOptions:
     rates: map LinkSpeed (bit/s) of GraphML/GML edges to `rate`.
     hosts_per_router: N > 0 adds a LAN switch with N hosts behind every router.
     mgmt: containerlab's management network becomes a switch `mgmt`.
+    linux: containerlab `kind: linux` nodes become namespace hosts ("host") or
+    container guests ("container": `vm ... driver container` booted from the
+    image spec `image`, with `mem` each).
     """
 
     routing: str | None = None
@@ -43,6 +46,9 @@ class ImportOptions:
     rates: bool = False
     hosts_per_router: int = 0
     mgmt: bool = True
+    linux: str = "host"
+    image: str = "examples/images/tiny.toml"
+    mem: str = "64M"
 
 
 @dataclass(frozen=True)
