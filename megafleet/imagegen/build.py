@@ -28,12 +28,19 @@ from typing import Callable
 
 from megafleet.imagegen import cpio, debs, kmod
 from megafleet.imagegen.spec import Spec, SpecError, error_at
-from megafleet.proc import run
+from megafleet.proc import CommandFailed, run
 
 # Bump when the layout or the init changes in a way the cache key cannot see.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 BASE_PACKAGES = ["busybox-static"]
-GUEST_FILES = ("init", "agent", "exec")
+GUEST_FILES = ("init", "guestd.c")
+# The guest daemon (agent + exec channel in one process that never forks while
+# idle), compiled static from guest/guestd.c with the host's gcc. Its name
+# decides its role: guestd serves both, the link `agent` only the agent (what a
+# container's init starts).
+GUESTD_SOURCE = "guestd.c"
+GUESTD_CFLAGS = ["-static", "-Os", "-s", "-Wall", "-Wl,--build-id=none",
+                 "-fno-asynchronous-unwind-tables"]
 
 Progress = Callable[[str], None]
 
@@ -70,6 +77,7 @@ def input_key(spec: Spec) -> str:
     h.update(json.dumps(spec.to_json(), sort_keys=True).encode())
     for name in GUEST_FILES:
         h.update(hashlib.sha256(guest_file(name)).digest())
+    h.update(f"cc={compiler_version()} {' '.join(GUESTD_CFLAGS)}\n".encode())
     for item in sorted(spec.files.values(), key=lambda f: str(f.source)):
         if item.source:
             h.update(item.source.read_bytes())
@@ -84,6 +92,38 @@ def input_key(spec: Spec) -> str:
     if spec.kernel_package or spec.packages or BASE_PACKAGES:
         h.update(debs.apt_fingerprint().encode())
     return h.hexdigest()
+
+
+_compiler_version: str | None = None
+
+
+def compiler_version() -> str:
+    """`gcc -dumpfullversion` (part of the cache key: another compiler, other bytes).
+    Raises RuntimeError when gcc is missing (scripts/setup installs it)."""
+    global _compiler_version
+    if _compiler_version is None:
+        try:
+            _compiler_version = run(["gcc", "-dumpfullversion"]).stdout.strip()
+        except (OSError, CommandFailed) as exc:
+            raise RuntimeError(f"imagegen needs gcc to build the guest daemon: {exc} "
+                               "(scripts/setup installs it)") from None
+    return _compiler_version
+
+
+def build_guestd(workdir: Path) -> bytes:
+    """Compile guest/guestd.c into a static binary (in `workdir`, removed after);
+    its bytes. Deterministic: no build id, stripped, fixed flags."""
+    src = workdir / "guestd.c"
+    out = workdir / "guestd"
+    src.write_bytes(guest_file(GUESTD_SOURCE))
+    try:
+        run(["gcc", *GUESTD_CFLAGS, "-o", str(out), str(src)])
+        return out.read_bytes()
+    except CommandFailed as exc:
+        raise RuntimeError(f"compiling the guest daemon failed: {exc}") from None
+    finally:
+        src.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
 
 
 def _excluded(path: str, patterns: list[str]) -> bool:
@@ -224,8 +264,10 @@ def assemble(spec: Spec, workdir: Path, progress: Progress = lambda s: None) -> 
             tree.add_file(path, text.encode())
     tree.add_file("init", guest_file("init"), 0o755)
     tree.add_file("sbin/megafleet-init", guest_file("init"), 0o755)
-    tree.add_file("usr/lib/megafleet/agent", guest_file("agent"), 0o755)
-    tree.add_file("usr/lib/megafleet/exec", guest_file("exec"), 0o755)
+    progress("compiling the guest daemon")
+    tree.add_file("usr/lib/megafleet/guestd", build_guestd(workdir), 0o755)
+    tree.add(cpio.Entry("usr/lib/megafleet/agent", stat.S_IFLNK | 0o777, target="guestd"),
+             force=True)
 
     for name, svc in sorted(spec.services.items()):
         tree.add_file(f"etc/megafleet/services/{name}", f"{svc.command}\n".encode(), 0o755)

@@ -2,7 +2,7 @@
 
 The guest's virtio-serial port org.megafleet.exec is a unix socket on the host
 (``exec.sock`` in the guest's directory, QEMU listening); the image's exec
-script (megafleet/imagegen/guest/exec) serves it. The line format is in
+daemon (megafleet/imagegen/guest/guestd.c) serves it. The line format is in
 `megafleet.imagegen.contract`: one request, one answer, matched by a random id
 (an answer to an earlier, abandoned request is skipped).
 
