@@ -41,7 +41,7 @@ import trio
 from megafleet import cgroup, locks, paths, proc
 from megafleet.gproc import handlers
 from megafleet.ledger import Ledger
-from megafleet.manifest import VXLAN_PORT, HostManifest, Vxlan, plan_from_json
+from megafleet.manifest import HostManifest, plan_from_json
 from megafleet.names import check_name
 
 OWNER = "up"
@@ -168,7 +168,8 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
     # The daemons the network starts (routing daemons, vde_switch, wirefilter)
     # go into the testbed's cgroup as they are spawned.
     with cgroup.spawning("daemons"):
-        net_result = await apply_net(p, m.vxlan, ledger, lambda text: emit({"phase": "net", "text": text}))
+        net_result = await apply_net(p, ledger, lambda text: emit({"phase": "net", "text": text}),
+                                     m.source)
     phases["net"] = time.monotonic() - t0
 
     # The KSM daemon before the guests: the vm engine announces the boot to it,
@@ -222,102 +223,18 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
     return result
 
 
-async def apply_net(p, tunnels: list[Vxlan], ledger: Ledger, progress: Callable[[str], None]) -> dict:
-    """netlang's `aup` for one host's share of a plan, plus the VXLAN tunnels of
-    spanning segments and veths for container guests. Idempotent like `aup`."""
+async def apply_net(p, ledger: Ledger, progress: Callable[[str], None], source: str = "") -> dict:
+    """This host's share of the network: netlang's one instantiation
+    (`live.apply`), the same `net up` uses: namespaces, bridges (trees of them
+    for big switches), ports of every kind (container guests' veths too), links,
+    wires, the VXLAN tunnels of spanning segments, routers. Idempotent; refuses a
+    testbed of this name built from another description."""
     from megafleet.netlang import live
 
-    t = p.name
-    current = live.status(t, ledger)
-    if current is not None:
-        if current.get("digest") == p.digest and current.get("complete") and \
-                await trio.to_thread.run_sync(_intact, t, ledger):
-            progress("network already up; nothing changed")
-            return {"changed": False}
-        progress("network partly up; tearing it down and rebuilding")
-        await live.adown(t, lambda s: None, ledger)
-    ledger.record(live.OWNER, "testbed", t, digest=p.digest, file="megafleet up", complete=False)
-    limiter = trio.CapacityLimiter(4)
-    t0 = time.monotonic()
-    await trio.to_thread.run_sync(live._create_host_side, p, ledger, progress, limiter=limiter)
-    await trio.to_thread.run_sync(_create_container_veths, p, ledger, limiter=limiter)
-    await trio.to_thread.run_sync(_create_vxlan, t, tunnels, ledger, limiter=limiter)
-    progress(f"created {len(p.netns)} namespaces, {len(p.bridges)} bridges, {len(p.ports)} ports, "
-             f"{len(tunnels)} VXLAN tunnels ({time.monotonic() - t0:.1f} s)")
-    if p.vde:
-        await trio.to_thread.run_sync(live._start_vde, p, ledger)
-    if p.wires:
-        await trio.to_thread.run_sync(live._start_wires, p, ledger)
-    failures: list[str] = []
-
-    def configure_all() -> None:
-        # Over rtnetlink from this process (netlang.netlink): no process per namespace.
-        from megafleet.netlang import netlink
-        for ns, ops in sorted(p.ns_ops.items()):
-            try:
-                netlink.apply(str(live.NETNS_DIR / ns), ops, getattr(p, "ns_sysctls", {}).get(ns))
-            except OSError as err:
-                failures.append(f"{ns}: {err}")
-
-    await trio.to_thread.run_sync(configure_all, limiter=limiter)
-    if failures:
-        raise HostError(f"configuring {len(failures)} namespaces failed (first: {failures[0]})")
-    await trio.to_thread.run_sync(live._shape_and_route, p, limiter=limiter)
-    if p.frr:
-        await live.start_routers(p, ledger, progress)
-    ledger.record(live.OWNER, "testbed", t, digest=p.digest, file="megafleet up", complete=True,
-                  counts={"namespaces": len(p.netns), "bridges": len(p.bridges),
-                          "ports": len(p.ports), "frr": len(p.frr), "vms": len(p.vms),
-                          "vxlan": len(tunnels)})
-    return {"changed": True, "seconds": round(time.monotonic() - t0, 3), "namespaces": len(p.netns),
-            "bridges": len(p.bridges), "ports": len(p.ports), "vxlan": len(tunnels),
-            "frr_routers": len(p.frr)}
-
-
-def _intact(testbed: str, ledger: Ledger) -> bool:
-    from megafleet.netlang import live
-    return live._intact(testbed, ledger)
-
-
-def _create_container_veths(p, ledger: Ledger) -> None:
-    """Container guests' NICs: a veth whose host end is on the bridge and whose far
-    end waits on the host until the vm engine moves it into the container."""
-    from megafleet.manifest import container_peer
-    from megafleet.netlang import live
-
-    ports = [port for port in p.ports if port.kind == "cveth"]
-    if not ports:
-        return
-    ledger.record_many(live.OWNER, "link", [(f"{p.name}/{port.host_if}", {"ifname": port.host_if})
-                                             for port in ports])
-    present = live.existing_links()
-    lines = []
-    for port in ports:
-        br = p.bridges[(port.switch, port.vlan)][0]
-        if port.host_if not in present:
-            lines.append(f"link add {port.host_if} mtu {port.mtu} type veth peer name "
-                         f"{container_peer(p.name, port.host_if)} mtu {port.mtu}")
-        lines.append(f"link set {port.host_if} master {br} up")
-    live._batch(["ip"], lines)
-
-
-def _create_vxlan(testbed: str, tunnels: list[Vxlan], ledger: Ledger) -> None:
-    """One VXLAN device per spanning segment, enslaved to the segment's bridge,
-    flooding to every other host of the segment (the kernel learns MACs)."""
-    from megafleet.netlang import live
-
-    if not tunnels:
-        return
-    ledger.record_many(live.OWNER, "link", [(f"{testbed}/{x.ifname}", {"ifname": x.ifname})
-                                             for x in tunnels])
-    lines, fdb = [], []
-    for x in tunnels:
-        lines += [f"link add {x.ifname} mtu {x.mtu} type vxlan id {x.vni} local {x.local} "
-                  f"dstport {VXLAN_PORT}",
-                  f"link set {x.ifname} master {x.bridge} up"]
-        fdb += [f"fdb append 00:00:00:00:00:00 dev {x.ifname} dst {r}" for r in x.remotes]
-    live._batch(["ip"], lines)
-    live._batch(["bridge"], fdb)
+    try:
+        return await live.apply(p, ledger, progress, source=source or "megafleet up")
+    except live.LiveError as exc:
+        raise HostError(str(exc)) from None
 
 
 # --- daemons: the ksm daemon and the collector ---------------------------------
@@ -382,8 +299,10 @@ def _start_collector(m: HostManifest, ledger: Ledger) -> None:
     argv += ["run", "--host", m.host, "--interval", f"{m.collect_interval:g}"]
     # Sniff every switch bridge of this host's share, named as in the description
     # (a VLAN's bridge as SWITCH.VLAN): traffic by protocol per switch.
-    for sw, vlan, bridge, _mtu in m.net["bridges"]:
-        argv += ["--switch", f"{sw}={bridge}" if vlan is None else f"{sw}.{vlan}={bridge}"]
+    # (A tree of bridges is sniffed at its root: what crosses leaves.)
+    for b in m.bridges():
+        if b.root is None:
+            argv += ["--switch", f"{b.switch}={b.ifname}" if b.vlan is None else f"{b.switch}.{b.vlan}={b.ifname}"]
     log = paths.state_dir() / "up" / f"{m.testbed}.collect.log"
     _start_daemon(ledger, f"{m.testbed}/collect", argv, log)
 

@@ -36,20 +36,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
-import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import trio
 
 from megafleet import paths, proc
 from megafleet.ledger import Ledger
-from megafleet.names import check_name, ifname
-from megafleet.netlang import frr, netlink
+from megafleet.names import IfNames, InvalidName, check_ifnames, check_name
+from megafleet.netlang import frr, limits, netlink
+from megafleet.netlang.hostplan import (Bridge, ContainerPort, GuestVdePort, P2pLink, Plan, Port,
+                                        TapPort, Trunk, VdePort, VdeSwitch, VethPort, Wire,
+                                        WiredPort, WireEnd)
 from megafleet.netlang.model import LinkProps, Net
 from megafleet.netlang.routing import is_dynamic
 
@@ -70,60 +71,11 @@ def _quiet(_: str) -> None:
 
 # ---------------------------------------------------------------------------
 # The plan: every resource of one testbed, derived from the compiled net
+# (the typed items live in hostplan.py)
 # ---------------------------------------------------------------------------
-
-@dataclass
-class Port:
-    """An interface of a node on a switch."""
-
-    node: str
-    ns: str | None          # None for vm nodes (their tap stays on the host)
-    eth: str
-    host_if: str            # host end of the veth, or the tap
-    switch: str
-    vlan: int | None
-    mtu: int
-    props: LinkProps
-    kind: str               # veth | tap | vde | guest-vde (a VM's NIC on a VDE switch: QEMU
-                            # connects to the switch itself, nothing is made on the host)
-
-
-@dataclass
-class Wire:
-    """An impaired link (delay, jitter, loss): this kernel has no netem, so the
-    impairment is VDE's wirefilter between two small vde_switch processes, each
-    owning a tap at one end (inside a namespace, or on the host enslaved to a
-    bridge), or plugged straight into a VDE switch of the description."""
-
-    key: str
-    # ("ns", namespace, ifname) | ("bridge", bridge, host ifname) | ("vde", socket dir)
-    ends: list[tuple]
-    mtu: int
-    props: LinkProps
-
 
 def impaired(props: LinkProps) -> bool:
     return any(v is not None for v in (props.delay_us, props.jitter_us, props.loss_pct))
-
-
-@dataclass
-class Plan:
-    name: str
-    netns: dict[str, str] = field(default_factory=dict)          # node -> namespace
-    # (switch, VLAN or None) -> (bridge ifname, mtu)
-    bridges: dict[tuple[str, int | None], tuple[str, int]] = field(default_factory=dict)
-    vde: dict[str, Path] = field(default_factory=dict)           # switch -> socket directory
-    ports: list[Port] = field(default_factory=list)
-    p2p: list[tuple[str, str, str, str, int, LinkProps]] = field(default_factory=list)
-    swlinks: list[tuple[str, str, str, str, list[int], int, LinkProps]] = field(default_factory=list)
-    wires: list["Wire"] = field(default_factory=list)
-    ns_ops: dict[str, list[netlink.Op]] = field(default_factory=dict)  # namespace -> its configuration
-    ns_sysctls: dict[str, dict[str, str]] = field(default_factory=dict)  # namespace -> /proc/sys/net values
-    routers: list[str] = field(default_factory=list)             # namespace routers (forwarding)
-    frr: dict[str, dict[str, str]] = field(default_factory=dict)  # router -> daemon -> config text
-    vm_frr: dict[str, dict[str, str]] = field(default_factory=dict)  # the same, for VM routers
-    vms: list = field(default_factory=list)                      # GuestSpec list
-    digest: str = ""
 
 
 def mac_for(testbed: str, node: str, index: int) -> str:
@@ -131,73 +83,107 @@ def mac_for(testbed: str, node: str, index: int) -> str:
     return "52:54:" + ":".join(f"{b:02x}" for b in h)
 
 
+def _nic_kinds(driver: str) -> tuple[str, ...]:
+    """The NIC kinds a vm driver attaches (the vm engine's registry)."""
+    from megafleet.vm.manifest import DRIVER_NIC_KINDS
+    return tuple(DRIVER_NIC_KINDS[driver])
+
+
 def plan(net: Net, name: str) -> Plan:
+    """Every resource of testbed `name` for the compiled `net`, on one host (cut
+    per host by `manifest.split`). Interface names come from one allocator
+    (`names.IfNames`), so none is used twice; a switch with more ports than one
+    Linux bridge takes becomes a tree of bridges. Raises LiveError naming the
+    description's line for what cannot be built."""
     check_name(name, "testbed name")
-    if len(name) > 8:
-        raise LiveError(f"testbed name {name!r} is longer than 8 characters: it prefixes "
-                        f"interface names, which Linux limits to 15 bytes")
+    if len(name) > limits.TESTBED_NAME_MAX:
+        raise LiveError(f"testbed name {name!r} is longer than {limits.TESTBED_NAME_MAX} characters: it "
+                        f"prefixes interface names, which Linux limits to {limits.IFNAME_MAX} bytes")
+    alloc = IfNames(name)
     p = Plan(name)
+    roots: dict[tuple[str, int | None], Bridge] = {}
+    vde_sock: dict[str, str] = {}
     for sw in net.switches.values():
         if sw.vde:
-            p.vde[sw.name] = run_base(name) / "vde" / sw.name
-        else:
-            p.bridges[(sw.name, None)] = (ifname(name, "b", sw.name), sw.mtu)
-            for v in sorted(sw.vlans):
-                p.bridges[(sw.name, v)] = (ifname(name, "b", sw.name, str(v)), sw.mtu)
+            vde_sock[sw.name] = str(run_base(name) / "vde" / sw.name)
+            p.vde.append(VdeSwitch(sw.name, vde_sock[sw.name]))
+            continue
+        for v in [None, *sorted(sw.vlans)]:
+            tag = () if v is None else (str(v),)
+            roots[(sw.name, v)] = Bridge(sw.name, v, alloc("b", sw.name, *tag), sw.mtu)
     for link in net.switch_links:
-        if link.a in p.vde or link.b in p.vde:
+        if link.a in vde_sock or link.b in vde_sock:
             raise LiveError(f"{link.loc}: links from a VDE switch ({link.a} -- {link.b}) are not supported; "
                             f"use Linux bridges for switches joined by links")
         mtu = link.props.mtu or net.switches[link.a].mtu
         for v in link.vlans or [None]:
-            tag = [] if v is None else [str(v)]
-            a_if, b_if = ifname(name, "l", link.a, link.b, *tag), ifname(name, "m", link.a, link.b, *tag)
-            br_a, br_b = p.bridges[(link.a, v)][0], p.bridges[(link.b, v)][0]
+            tag = () if v is None else (str(v),)
+            a_if, b_if = alloc("l", link.a, link.b, *tag), alloc("m", link.a, link.b, *tag)
+            br_a, br_b = roots[(link.a, v)].ifname, roots[(link.b, v)].ifname
             if impaired(link.props):
-                p.wires.append(Wire(ifname(name, "w", link.a, link.b, *tag),
-                                    [("bridge", br_a, a_if), ("bridge", br_b, b_if)], mtu, link.props))
+                p.wires.append(Wire(alloc("w", link.a, link.b, *tag),
+                                    (WireEnd("bridge", br_a, a_if, link.a), WireEnd("bridge", br_b, b_if, link.b)),
+                                    mtu, link.props))
             else:
-                p.swlinks.append((a_if, b_if, br_a, br_b, mtu, link.props))
-    seen_p2p: set[str] = set()
+                p.trunks.append(Trunk(link.a, link.b, v, a_if, b_if, br_a, br_b, mtu, link.props))
+    seen_p2p: set[int] = set()
     for g, k, node in net.iter_nodes():
         view = net.node(node)
         is_vm = g.kind == "vm" or (g.kind == "router" and "image" in g.props)
         ns = None if is_vm else f"{name}-{node}"
         if ns:
             p.netns[node] = ns
+        kinds = _nic_kinds(g.props.get("driver", "qemu")) if is_vm else ()
         ops: list[netlink.Op] = [netlink.LinkUp("lo")] if ns else []
-        nics = []
+        nics: list[tuple[str, Any, dict[int, str], int, Port]] = []
         for eth, iface, addrs in view.ifaces:
             mtu = iface.props.mtu or iface.domain.mtu
             if iface.switch is not None:
-                on_vde = iface.switch in p.vde
+                sock = vde_sock.get(iface.switch)
+                root = roots.get((iface.switch, iface.vlan))
+                host_if = alloc(node, str(iface.index))
+                common = dict(node=node, switch=iface.switch, vlan=iface.vlan,
+                              bridge=root.ifname if root else None, mtu=mtu, props=iface.props, host_if=host_if)
+                port: Port
                 if is_vm:
-                    kind = "guest-vde" if on_vde else "tap"
-                else:
-                    kind = "vde" if on_vde else "veth"
-                if kind == "guest-vde" and (impaired(iface.props) or iface.props.rate_bit is not None):
-                    raise LiveError(f"{iface.loc}: rate, delay, jitter or loss on a vm's port of a VDE "
-                                    "switch is not supported; put them on a host's port or use a bridge switch")
-                host_if = ifname(name, node, str(iface.index))
-                if ns is not None and impaired(iface.props):
-                    kind = "wire"
-                    far = ("vde", str(p.vde[iface.switch])) if iface.switch in p.vde else \
-                        ("bridge", p.bridges[(iface.switch, iface.vlan)][0], host_if)
-                    p.wires.append(Wire(ifname(name, "w", node, str(iface.index)),
-                                        [("ns", ns, eth), far], mtu, iface.props))
-                p.ports.append(Port(node, ns, eth, host_if, iface.switch, iface.vlan, mtu, iface.props, kind))
-            elif ns is not None:
-                peer_ns = p.netns.get(iface.peer) or f"{name}-{iface.peer}"
-                key = "\0".join(sorted((node, iface.peer)))
-                if key not in seen_p2p:
-                    seen_p2p.add(key)
-                    peer_eth = next(e for e, i, _ in net.node(iface.peer).ifaces
-                                    if i.domain is iface.domain)
-                    if impaired(iface.props):
-                        p.wires.append(Wire(ifname(name, "w", *sorted((node, iface.peer))),
-                                            [("ns", ns, eth), ("ns", peer_ns, peer_eth)], mtu, iface.props))
+                    if sock is not None:
+                        if "vde" not in kinds:
+                            raise LiveError(f"{iface.loc}: the {g.props.get('driver', 'qemu')} driver cannot "
+                                            f"attach to a VDE switch ({iface.switch}); use a bridge switch")
+                        if impaired(iface.props) or iface.props.rate_bit is not None:
+                            raise LiveError(f"{iface.loc}: rate, delay, jitter or loss on a vm's port of a VDE "
+                                            "switch is not supported; put them on a host's port or use a bridge "
+                                            "switch")
+                        port = GuestVdePort(**common, socket=sock)
+                    elif "tap" in kinds:
+                        port = TapPort(**common)
                     else:
-                        p.p2p.append((ns, eth, peer_ns, peer_eth, mtu, iface.props))
+                        port = ContainerPort(**common, peer=alloc("c", node, str(iface.index)))
+                elif impaired(iface.props):
+                    wkey = alloc("w", node, str(iface.index))
+                    far = WireEnd("vde", sock, None, iface.switch) if sock is not None else \
+                        WireEnd("bridge", root.ifname, host_if, iface.switch)
+                    p.wires.append(Wire(wkey, (WireEnd("ns", ns, eth, node), far), mtu, iface.props))
+                    port = WiredPort(**common, ns=ns, eth=eth, wire=wkey)
+                elif sock is not None:
+                    port = VdePort(**common, ns=ns, eth=eth, socket=sock)
+                else:
+                    port = VethPort(**common, ns=ns, eth=eth)
+                p.ports.append(port)
+            elif ns is not None:
+                # Keyed by the link's own network: two links between the same two
+                # nodes are two veths (or wires).
+                if iface.domain.id not in seen_p2p:
+                    seen_p2p.add(iface.domain.id)
+                    peer_ns = p.netns.get(iface.peer) or f"{name}-{iface.peer}"
+                    peer_eth = next(e for e, i, _ in net.node(iface.peer).ifaces if i.domain is iface.domain)
+                    if impaired(iface.props):
+                        p.wires.append(Wire(alloc("w", node, iface.peer, str(iface.domain.id)),
+                                            (WireEnd("ns", ns, eth, node), WireEnd("ns", peer_ns, peer_eth, iface.peer)),
+                                            mtu, iface.props))
+                    else:
+                        p.p2p.append(P2pLink(node, ns, eth, iface.peer, peer_ns, peer_eth, mtu, iface.props))
+                port = None
             else:
                 raise LiveError(f"{iface.loc}: point-to-point links to a vm ({node}) are not supported; "
                                 f"put the vm on a switch")
@@ -207,7 +193,7 @@ def plan(net: Net, name: str) -> Plan:
                     seq = iface.addrs[fam]
                     ops.append(netlink.AddrAdd(eth, fam, seq[k - iface.members.start],
                                                iface.domain.subnets[fam].plen))
-            nics.append((eth, iface, addrs, mtu))
+            nics.append((eth, iface, addrs, mtu, port))
         if ns:
             for fam, gw in sorted(view.gateways.items()):
                 ops.append(netlink.RouteAdd(fam, 0, 0, int(ipaddress.ip_address(gw))))
@@ -231,29 +217,78 @@ def plan(net: Net, name: str) -> Plan:
                 if is_dynamic(net, node):
                     p.frr[node] = frr.configs(net, node)
         else:
-            p.vms.append(_guest_spec(net, name, node, view, nics, p.vde))
+            p.vms.append(_guest_spec(net, name, node, nics))
             if g.kind == "router" and is_dynamic(net, node):
                 p.vm_frr[node] = frr.configs(net, node)
-    p.digest = hashlib.sha256(json.dumps(
-        [sorted(p.netns.items()), sorted(map(repr, p.bridges.items())), sorted(map(str, p.vde.items())),
-         [repr(x) for x in p.ports], [repr(x) for x in p.p2p], [repr(x) for x in p.swlinks], [repr(x) for x in p.wires],
-         sorted(map(repr, p.ns_ops.items())), sorted(map(repr, p.ns_sysctls.items())), sorted(p.frr.items()), sorted(p.vm_frr.items()), [repr(v) for v in p.vms]],
-        default=str).encode()).hexdigest()
+    p.bridges = _bridge_trees(net, p, roots, alloc)
+    # The allocator cannot hand out a name twice; this guards the plan itself
+    # (names made outside it, a future item kind).
+    try:
+        check_ifnames(p.host_names(), f"interfaces of testbed {name}")
+    except InvalidName as exc:
+        raise LiveError(str(exc)) from None
+    p.digest = p.compute_digest()
     return p
 
 
-def _guest_spec(net: Net, testbed: str, node: str, view, nics, vde: dict[str, Path]):
+def _bridge_trees(net: Net, p: Plan, roots: dict[tuple[str, int | None], Bridge],
+                  alloc: IfNames) -> list[Bridge]:
+    """The bridges, roots first: a switch (or VLAN) whose ports, links and one
+    VXLAN tunnel do not fit in one bridge (limits.BRIDGE_PORTS) gets leaf bridges
+    of limits.LEAF_PORTS ports each, every leaf joined to the root by a veth; its
+    ports move to the leaves in order. Raises LiveError (with the switch's line)
+    when even the root cannot hold the leaves."""
+    on_root: dict[str, list[int]] = {}
+    for i, port in enumerate(p.ports):
+        if port.bridge is not None and not isinstance(port, WiredPort):
+            on_root.setdefault(port.bridge, []).append(i)
+    others: dict[str, int] = {}
+    for t in p.trunks:
+        others[t.bridge_a] = others.get(t.bridge_a, 0) + 1
+        others[t.bridge_b] = others.get(t.bridge_b, 0) + 1
+    for w in p.wires:
+        for e in w.ends:
+            if e.kind == "bridge":
+                others[e.where] = others.get(e.where, 0) + 1
+    out = list(roots.values())
+    leaves: list[Bridge] = []
+    for root in roots.values():
+        idx = on_root.get(root.ifname, [])
+        extra = others.get(root.ifname, 0) + 1          # + one VXLAN tunnel
+        if len(idx) + extra <= limits.BRIDGE_PORTS:
+            continue
+        n_leaves = -(-len(idx) // limits.LEAF_PORTS)
+        if n_leaves + extra > limits.BRIDGE_PORTS:
+            raise LiveError(f"{net.switches[root.switch].loc}: switch {root.switch} has {len(idx):,} ports; "
+                            f"at most {limits.SWITCH_PORTS_MAX:,} fit in a tree of Linux bridges")
+        tag = () if root.vlan is None else (str(root.vlan),)
+        for j in range(n_leaves):
+            leaf = Bridge(root.switch, root.vlan, alloc("b", root.switch, *tag, "t", str(j)), root.mtu,
+                          root=root.ifname, uplink=alloc("u", root.switch, *tag, str(j)),
+                          downlink=alloc("d", root.switch, *tag, str(j)))
+            leaves.append(leaf)
+            for i in idx[j * limits.LEAF_PORTS:(j + 1) * limits.LEAF_PORTS]:
+                p.ports[i] = dataclasses.replace(p.ports[i], bridge=leaf.ifname)
+    return out + leaves
+
+
+def _guest_spec(net: Net, testbed: str, node: str, view_nics: list) -> Any:
+    """The vm engine's GuestSpec of a vm node: one NIC per port, of the kind the
+    port is (tap, the veth of a container, QEMU's own VDE connection)."""
     from megafleet.imagegen.contract import GuestConfig, NicConfig
     from megafleet.vm.manifest import GuestSpec, NicSpec
 
     g = net.groups[net.index[node][0]]
+    view = net.node(node)
     specs, configs = [], []
-    for eth, iface, addrs, mtu in nics:
+    for eth, iface, addrs, mtu, port in view_nics:
         mac = mac_for(testbed, node, iface.index)
-        if iface.switch in vde:
-            specs.append(NicSpec(mac=mac, kind="vde", vde_socket=str(vde[iface.switch])))
+        if isinstance(port, GuestVdePort):
+            specs.append(NicSpec(mac=mac, kind="vde", vde_socket=port.socket))
+        elif isinstance(port, ContainerPort):
+            specs.append(NicSpec(mac=mac, kind="veth", ifname=port.host_if, peer=port.peer))
         else:
-            specs.append(NicSpec(mac=mac, kind="tap", ifname=ifname(testbed, node, str(iface.index))))
+            specs.append(NicSpec(mac=mac, kind="tap", ifname=port.host_if))
         configs.append(NicConfig(mac, tuple(addrs[f] for f in sorted(addrs)), mtu if mtu != 1500 else None))
     config = GuestConfig(name=node, nics=tuple(configs), gateway=view.gateways.get(4),
                          gateway6=view.gateways.get(6), routes=tuple(view.routes),
@@ -360,34 +395,83 @@ def up(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledger | Non
 
 async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledger | None = None,
               vm_options: dict | None = None) -> dict:
+    """`net up`: plan the whole testbed on this host, `apply` it, then boot its
+    vms through the vm engine and start FRR in VM routers."""
     if os.geteuid() != 0:
         raise LiveError("net up needs root (namespaces, bridges, veths)")
     ledger = ledger or Ledger()
     t0 = time.monotonic()
     p = plan(net, testbed)
-    current = status(testbed, ledger)
+    result = await apply(p, ledger, progress, source=net.files[0])
+    if not result["changed"]:
+        progress(f"testbed {testbed} is already up; nothing changed")
+        return {"testbed": testbed, "changed": False, "seconds": time.monotonic() - t0}
+    if p.vms:
+        from megafleet.vm.manifest import apply as vm_apply
+
+        names = await trio.to_thread.run_sync(_build_images, net, sorted({v.image for v in p.vms}), progress)
+        specs = [dataclasses.replace(v, image=names[v.image]) for v in p.vms]
+        ledger.record(OWNER, "vms", testbed, names=[v.name for v in specs])
+        progress(f"booting {len(specs)} vms through the vm engine")
+        report = await vm_apply(specs, **(vm_options or {}))
+        failed = [r for r in report.results if r.outcome not in ("ready", "already")]
+        if failed:
+            raise LiveError(f"{len(failed)} of {len(specs)} vms did not boot (first: {failed[0].name}: "
+                            f"{failed[0].reason or failed[0].outcome}); 'megafleet net down {testbed}' removes everything")
+        progress(f"{len(specs)} vms ready")
+        if p.vm_frr:
+            await start_vm_frr(p.vm_frr)
+            progress(f"started FRR in {len(p.vm_frr)} VM routers")
+    seconds = time.monotonic() - t0
+    progress(f"testbed {testbed} is up ({seconds:.1f} s)")
+    return {"testbed": testbed, "changed": True, "seconds": seconds,
+            "namespaces": len(p.netns), "bridges": len(p.bridges), "ports": len(p.ports),
+            "frr_routers": len(p.frr), "vms": len(p.vms)}
+
+
+async def apply(p: Plan, ledger: Ledger | None = None, progress: Progress = _quiet, *,
+                source: str = "") -> dict:
+    """Build plan `p` (a whole testbed, or one host's share) on this host: the one
+    network instantiation, for `net up` and for `up`'s hosts (host.py). The vms
+    are not booted here (the caller asks the vm engine).
+
+    Idempotent: if the testbed is up from the same plan (same digest) and all
+    that is recorded still exists, nothing is done ({"changed": False}); a
+    partly-built one (a crash during apply) is torn down and rebuilt. A testbed of
+    that name built from another description (another digest) is refused:
+    LiveError naming the description it came from. `source` (the description's
+    file) is recorded for that message and for `net list`.
+
+    Returns {"changed", "seconds", and the plan's counts}."""
+    ledger = ledger or Ledger()
+    t = p.name
+    t0 = time.monotonic()
+    current = status(t, ledger)
     if current is not None:
         if current.get("digest") != p.digest:
-            raise LiveError(f"testbed {testbed!r} is up from a different description "
-                            f"({current.get('file')}); run 'megafleet net down {testbed}' first")
-        if current.get("complete") and await trio.to_thread.run_sync(_intact, testbed, ledger):
-            progress(f"testbed {testbed} is already up; nothing changed")
-            return {"testbed": testbed, "changed": False, "seconds": time.monotonic() - t0}
-        progress(f"testbed {testbed} is partly up; tearing down and rebuilding")
-        await adown(testbed, progress, ledger)
-    ledger.record(OWNER, "testbed", testbed, digest=p.digest, file=net.files[0], complete=False)
+            was = current.get("file") or "?"
+            same = ", an earlier version of it" if source and was == source else ""
+            raise LiveError(f"testbed {t!r} is already up on this host from a different description "
+                            f"({was}{same}); run "
+                            f"'megafleet down {t}' (or 'megafleet net down {t}') first, or choose "
+                            f"another name with -N")
+        if current.get("complete") and await trio.to_thread.run_sync(_intact, t, ledger):
+            progress("network already up; nothing changed")
+            return {"changed": False, "seconds": time.monotonic() - t0}
+        progress(f"testbed {t} is partly up; tearing it down and rebuilding")
+        await adown(t, progress, ledger)
+    ledger.record(OWNER, "testbed", t, digest=p.digest, file=source, complete=False)
     limiter = trio.CapacityLimiter(4)
     await trio.to_thread.run_sync(_create_host_side, p, ledger, progress, limiter=limiter)
-    progress(f"created {len(p.netns)} namespaces, {len(p.bridges)} bridges, {len(p.ports)} ports "
-             f"({time.monotonic() - t0:.1f} s)")
-    if p.vde:
+    progress(f"created {len(p.netns)} namespaces, {len(p.bridges)} bridges, {len(p.ports)} ports, "
+             f"{len(p.vxlan)} VXLAN tunnels ({time.monotonic() - t0:.1f} s)")
+    if p.vde or any(isinstance(port, VdePort) for port in p.ports):
         await trio.to_thread.run_sync(_start_vde, p, ledger)
     if p.wires:
         await trio.to_thread.run_sync(_start_wires, p, ledger)
         progress(f"started {len(p.wires)} impaired links (vde wirefilter)")
     t1 = time.monotonic()
     ns_items = sorted(p.ns_ops.items())
-
     failures: list[str] = []
 
     def configure_all() -> None:
@@ -404,44 +488,29 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
     await trio.to_thread.run_sync(configure_all, limiter=limiter)
     if failures:
         raise LiveError(f"configuring {len(failures)} namespaces failed (first: {failures[0]}); "
-                        f"'megafleet net down {testbed}' removes what was created")
+                        f"'megafleet net down {t}' removes what was created")
     await trio.to_thread.run_sync(_shape_and_route, p, limiter=limiter)
     if p.frr:
         await start_routers(p, ledger, progress)
-    if p.vms:
-        from megafleet.vm.manifest import apply
+    counts = p.counts()
+    ledger.record(OWNER, "testbed", t, digest=p.digest, file=source, complete=True, counts=counts)
+    return {"changed": True, "seconds": round(time.monotonic() - t0, 3), **counts}
 
-        names = await trio.to_thread.run_sync(_build_images, net, sorted({v.image for v in p.vms}), progress)
-        specs = [dataclasses.replace(v, image=names[v.image]) for v in p.vms]
-        ledger.record(OWNER, "vms", testbed, names=[v.name for v in specs])
-        progress(f"booting {len(specs)} vms through the vm engine")
-        report = await apply(specs, **(vm_options or {}))
-        failed = [r for r in report.results if r.outcome not in ("ready", "already")]
-        if failed:
-            raise LiveError(f"{len(failed)} of {len(specs)} vms did not boot (first: {failed[0].name}: "
-                            f"{failed[0].reason or failed[0].outcome}); 'megafleet net down {testbed}' removes everything")
-        progress(f"{len(specs)} vms ready")
-        if p.vm_frr:
-            await start_vm_frr(p.vm_frr)
-            progress(f"started FRR in {len(p.vm_frr)} VM routers")
-    ledger.record(OWNER, "testbed", testbed, digest=p.digest, file=net.files[0], complete=True,
-                  counts={"namespaces": len(p.netns), "bridges": len(p.bridges), "vde": len(p.vde),
-                          "ports": len(p.ports), "p2p": len(p.p2p), "frr": len(p.frr), "vms": len(p.vms)})
-    seconds = time.monotonic() - t0
-    progress(f"testbed {testbed} is up ({seconds:.1f} s)")
-    return {"testbed": testbed, "changed": True, "seconds": seconds,
-            "namespaces": len(p.netns), "bridges": len(p.bridges), "ports": len(p.ports),
-            "frr_routers": len(p.frr), "vms": len(p.vms)}
+
+async def teardown(testbed: str, progress: Progress = _quiet, ledger: Ledger | None = None) -> dict:
+    """Remove everything recorded for `testbed` on this host (see `adown`): the
+    one network teardown, for `net down` and `down`."""
+    return await adown(testbed, progress, ledger)
 
 
 def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
+    """Namespaces and every host-side interface of the plan, in one `ip -batch`
+    (each item's `ip_lines`), recorded in the ledger first."""
     t = p.name
-    links = [br for br, _ in p.bridges.values()]
-    links += [port.host_if for port in p.ports if port.kind in ("veth", "tap")]
-    links += [x for a, b, *_ in p.swlinks for x in (a, b)]
-    # A name that exists already belongs to someone else (this up starts from
+    links = p.host_links()
+    # A name that exists already belongs to someone else (this apply starts from
     # nothing): refuse before recording it, so our `down` can never remove it.
-    clash = sorted(set(links) & existing_links()) + sorted(set(p.netns.values()) & existing_netns())
+    clash = sorted(set(p.host_names()) & existing_links()) + sorted(set(p.netns.values()) & existing_netns())
     if clash:
         raise LiveError(f"testbed {t}: {len(clash)} interface or namespace names already exist on this "
                         f"host and are not ours (first: {clash[0]}); choose another testbed name with -N")
@@ -449,45 +518,26 @@ def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
     ledger.record_many(OWNER, "netns", [(f"{t}/{ns}", {"ns": ns}) for ns in p.netns.values()])
     ledger.record_many(OWNER, "link", [(f"{t}/{name}", {"ifname": name}) for name in links])
     lines = [f"netns add {ns}" for ns in p.netns.values()]
-    for br, mtu in p.bridges.values():
-        # iproute2 reads everything after "type bridge" as bridge options, so the
-        # generic "mtu" must come before the type.
-        lines.append(f"link add {br}" + (f" mtu {mtu}" if mtu != 1500 else "") + " type bridge")
-        lines.append(f"link set {br} up")
-    for port in p.ports:
-        if port.kind == "veth":
-            lines.append(f"link add {port.host_if} mtu {port.mtu} type veth peer name {port.eth} "
-                         f"mtu {port.mtu} netns {port.ns}")
-        elif port.kind == "tap":
-            lines.append(f"tuntap add dev {port.host_if} mode tap")
-            lines.append(f"link set {port.host_if} mtu {port.mtu}")
-        else:
-            continue
-        br = p.bridges[(port.switch, port.vlan)][0]
-        lines.append(f"link set {port.host_if} master {br} up")
-    for ns_a, eth_a, ns_b, eth_b, mtu, _ in p.p2p:
-        lines.append(f"link add {eth_a} mtu {mtu} netns {ns_a} type veth peer name {eth_b} mtu {mtu} netns {ns_b}")
-    for if_a, if_b, br_a, br_b, mtu, _ in p.swlinks:
-        lines.append(f"link add {if_a} mtu {mtu} type veth peer name {if_b} mtu {mtu}")
-        lines.append(f"link set {if_a} master {br_a} up")
-        lines.append(f"link set {if_b} master {br_b} up")
+    for item in p.items():
+        lines += item.ip_lines()
     _batch(["ip"], lines)
+    _batch(["bridge"], [line for x in p.vxlan for line in x.fdb_lines()])
 
 
 def _start_vde(p: Plan, ledger: Ledger) -> None:
     t = p.name
-    for sw, sock in p.vde.items():
+    for sw in p.vde:
+        sock = Path(sw.socket)
         ledger.record(OWNER, "dir", f"{t}/vde", path=str(sock.parent))
         sock.parent.mkdir(parents=True, exist_ok=True)
-        pidfile = sock.parent / f"{sw}.pid"
-        key = f"{t}/vde/{sw}"
+        pidfile = sock.parent / f"{sw.switch}.pid"
+        key = f"{t}/vde/{sw.switch}"
         ledger.record(OWNER, "process", key, pidfile=str(pidfile))
         proc.run(["vde_switch", "-s", str(sock), "-d", "-p", str(pidfile), "--dirmode", "0700"])
         _record_pidfile(ledger, key, pidfile)
-    for port in p.ports:
-        if port.kind != "vde":
-            continue
-        sock = p.vde[port.switch]
+    plugs = [port for port in p.ports if isinstance(port, VdePort)]
+    for port in plugs:
+        sock = Path(port.socket)
         pidfile = sock.parent / f"{port.host_if}.pid"
         key = f"{t}/plug/{port.host_if}"
         ledger.record(OWNER, "process", key, pidfile=str(pidfile))
@@ -497,19 +547,18 @@ def _start_vde(p: Plan, ledger: Ledger) -> None:
     # The taps appear asynchronously inside the namespaces: wait for them before
     # the namespaces are configured.
     deadline = time.monotonic() + 10
-    for port in p.ports:
-        if port.kind == "vde":
-            while proc.run(["ip", "-n", port.ns, "link", "show", port.eth], check=False).returncode:
-                if time.monotonic() > deadline:
-                    raise LiveError(f"vde_plug2tap did not create {port.eth} in {port.ns}")
-                time.sleep(0.05)
+    for port in plugs:
+        while proc.run(["ip", "-n", port.ns, "link", "show", port.eth], check=False).returncode:
+            if time.monotonic() > deadline:
+                raise LiveError(f"vde_plug2tap did not create {port.eth} in {port.ns}")
+            time.sleep(0.05)
 
 
 def _start_wires(p: Plan, ledger: Ledger) -> None:
     base = run_base(p.name) / "wire"
     ledger.record(OWNER, "dir", f"{p.name}/wire", path=str(base))
     base.mkdir(parents=True, exist_ok=True)
-    host_taps = [e[2] for w in p.wires for e in w.ends if e[0] == "bridge"]
+    host_taps = [n for w in p.wires for n in w.links()]
     ledger.record_many(OWNER, "link", [(f"{p.name}/{t}", {"ifname": t}) for t in host_taps])
 
     def daemon(key: str, argv: list[str], pidfile: Path) -> None:
@@ -521,18 +570,18 @@ def _start_wires(p: Plan, ledger: Ledger) -> None:
     for wire in p.wires:
         socks = []
         for i, end in enumerate(wire.ends):
-            if end[0] == "vde":
-                socks.append(end[1])
+            if end.kind == "vde":
+                socks.append(end.where)
                 continue
             sock = base / f"{wire.key}.{i}"
             pidfile = base / f"{wire.key}.{i}.pid"
-            tap = end[2]
+            tap = str(end.ifname)
             argv = ["vde_switch", "-s", str(sock), "-t", tap, "-d", "-p", str(pidfile), "--dirmode", "0700"]
-            if end[0] == "ns":
-                argv = ["ip", "netns", "exec", end[1]] + argv
+            if end.kind == "ns":
+                argv = ["ip", "netns", "exec", end.where] + argv
             daemon(f"{p.name}/wire/{wire.key}.{i}", argv, pidfile)
             socks.append(str(sock))
-            waits.append((end[1] if end[0] == "ns" else None, tap))
+            waits.append((end.where if end.kind == "ns" else None, tap))
         props = wire.props
         argv = ["wirefilter", "-v", f"{socks[0]}:{socks[1]}", "--daemon",
                 "--pidfile", str(base / f"{wire.key}.wf.pid")]
@@ -554,9 +603,8 @@ def _start_wires(p: Plan, ledger: Ledger) -> None:
     lines = []
     for wire in p.wires:
         for end in wire.ends:
-            if end[0] == "bridge":
-                _, br, tap = end
-                lines += [f"link set {tap} mtu {wire.mtu}", f"link set {tap} master {br} up"]
+            if end.kind == "bridge":
+                lines += [f"link set {end.ifname} mtu {wire.mtu}", f"link set {end.ifname} master {end.where} up"]
     _batch(["ip"], lines)
 
 
@@ -586,25 +634,26 @@ def _record_pidfile(ledger: Ledger, key: str, pidfile: Path) -> None:
 
 
 def _shape_and_route(p: Plan) -> None:
-    host_tc = []
+    host_tc: list[str] = []
     ns_tc: dict[str, list[str]] = {}
     for port in p.ports:
-        if port.props.rate_bit is not None and port.kind != "wire":
-            if port.kind in ("veth", "tap"):
-                host_tc += _tbf_lines(port.host_if, port.props)
-            if port.ns is not None:
-                ns_tc.setdefault(port.ns, []).extend(_tbf_lines(port.eth, port.props))
-    for ns_a, eth_a, ns_b, eth_b, _, props in p.p2p:
-        ns_tc.setdefault(ns_a, []).extend(_tbf_lines(eth_a, props))
-        ns_tc.setdefault(ns_b, []).extend(_tbf_lines(eth_b, props))
-    for if_a, if_b, *_, props in p.swlinks:
-        host_tc += _tbf_lines(if_a, props) + _tbf_lines(if_b, props)
+        if port.props.rate_bit is None or isinstance(port, (WiredPort, GuestVdePort)):
+            continue
+        if isinstance(port, (VethPort, TapPort, ContainerPort)):
+            host_tc += _tbf_lines(port.host_if, port.props)
+        if isinstance(port, (VethPort, VdePort)):
+            ns_tc.setdefault(port.ns, []).extend(_tbf_lines(port.eth, port.props))
+    for link in p.p2p:
+        ns_tc.setdefault(link.ns_a, []).extend(_tbf_lines(link.eth_a, link.props))
+        ns_tc.setdefault(link.ns_b, []).extend(_tbf_lines(link.eth_b, link.props))
+    for trunk in p.trunks:
+        host_tc += _tbf_lines(trunk.if_a, trunk.props) + _tbf_lines(trunk.if_b, trunk.props)
     for wire in p.wires:
         for end in wire.ends:
-            if end[0] == "ns":
-                ns_tc.setdefault(end[1], []).extend(_tbf_lines(end[2], wire.props))
-            elif end[0] == "bridge":
-                host_tc += _tbf_lines(end[2], wire.props)
+            if end.kind == "ns" and end.ifname:
+                ns_tc.setdefault(end.where, []).extend(_tbf_lines(end.ifname, wire.props))
+            elif end.kind == "bridge" and end.ifname:
+                host_tc += _tbf_lines(end.ifname, wire.props)
     _batch(["tc"], host_tc)
     for ns, lines in ns_tc.items():
         _batch(["tc", "-n", ns], lines)

@@ -1,0 +1,543 @@
+"""The network plan of a testbed (or of one host's share of it), as typed data.
+
+One small frozen dataclass per kind of thing a host creates, in the spirit of
+Mininet's Node/Link/Switch split (and containerlab's one file per link type):
+
+    Bridge        a switch (or one VLAN of it); a leaf of a bridge tree when
+                  `root` is set (switches with more ports than one bridge takes)
+    VdeSwitch     a switch run as a vde_switch process
+    VethPort      a namespace node's interface on a bridge (a veth pair)
+    TapPort       a QEMU/libvirt guest's NIC on a bridge (a tap)
+    ContainerPort a container guest's NIC (a veth whose far end the vm engine
+                  moves into the container)
+    VdePort       a namespace node's interface on a VDE switch (vde_plug2tap)
+    GuestVdePort  a QEMU guest's NIC on a VDE switch (QEMU connects itself)
+    WiredPort     a namespace node's impaired interface (its Wire builds it)
+    P2pLink       a veth pair between two namespaces
+    Trunk         a veth pair between two bridges (one per VLAN of a trunk)
+    Wire          an impaired link: two vde_switch processes and a wirefilter
+    Vxlan         the tunnel end of a segment that spans hosts
+
+Each item says what it creates: `links()` (host-side interfaces, recorded in the
+ledger before they exist; teardown deletes what the ledger holds, so it also works
+after a crash), `ip_lines()` (its lines of the host's one `ip -batch`), and
+serialises itself (`to_json`, `item_from_json`). A `Plan` holds them in typed
+lists, plus the namespaces' configuration and the routers' daemon configs;
+`diff(old, new)` compares two plans item by item (what a running testbed must
+change). `live.plan` makes a Plan from a compiled description, `manifest.split`
+cuts it per host, `live.apply` builds one and `live.adown` removes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Literal, Union
+
+from megafleet.netlang import netlink
+from megafleet.netlang.model import LinkProps
+
+VXLAN_PORT = 4789
+
+
+class PlanError(ValueError):
+    pass
+
+
+def _props_json(p: LinkProps) -> dict[str, Any]:
+    return p.to_json()
+
+
+@dataclass(frozen=True)
+class _Item:
+    kind: ClassVar[str] = ""
+
+    ident: ClassVar[tuple[str, ...]] = ()
+
+    def identity(self) -> tuple:
+        """What identifies this item between two plans (for `diff`)."""
+        return (self.kind,) + tuple(getattr(self, f) for f in self.ident)
+
+    def links(self) -> list[str]:
+        """Host-side interfaces this item creates (deleting each removes it)."""
+        return []
+
+    def names(self) -> list[str]:
+        """Every host-side interface name this item uses up (both ends of a veth)."""
+        return self.links()
+
+    def ip_lines(self) -> list[str]:
+        """Its lines of the host's `ip -batch` (creation)."""
+        return []
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, LinkProps):
+                v = _props_json(v)
+            elif isinstance(v, tuple):
+                v = [x.to_json() if isinstance(x, WireEnd) else x for x in v]
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]):
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            if f.name == "props":
+                v = LinkProps(**(v or {}))
+            elif f.name == "ends":
+                v = tuple(WireEnd(**e) for e in v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kw[f.name] = v
+        try:
+            return cls(**kw)
+        except TypeError as exc:
+            raise PlanError(f"malformed {cls.kind} in a plan: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Bridge(_Item):
+    """A switch, or one VLAN of it (this kernel has no VLAN filtering: each VLAN is
+    its own bridge). A leaf of a bridge tree has `root` (the root bridge) and the
+    veth `uplink` (on the leaf) / `downlink` (on the root) joining them."""
+
+    kind: ClassVar[str] = "bridge"
+    ident: ClassVar[tuple[str, ...]] = ("switch", "vlan", "ifname")
+    switch: str
+    vlan: int | None
+    ifname: str
+    mtu: int
+    root: str | None = None
+    uplink: str | None = None
+    downlink: str | None = None
+
+    def links(self) -> list[str]:
+        return [self.ifname] + ([self.uplink] if self.uplink else [])
+
+    def names(self) -> list[str]:
+        return [n for n in (self.ifname, self.uplink, self.downlink) if n]
+
+    def ip_lines(self) -> list[str]:
+        # iproute2 reads everything after "type bridge" as bridge options, so the
+        # generic "mtu" must come before the type.
+        lines = [f"link add {self.ifname}" + (f" mtu {self.mtu}" if self.mtu != 1500 else "") + " type bridge",
+                 f"link set {self.ifname} up"]
+        if self.root:
+            lines += [f"link add {self.uplink} mtu {self.mtu} type veth peer name {self.downlink} mtu {self.mtu}",
+                      f"link set {self.uplink} master {self.ifname} up",
+                      f"link set {self.downlink} master {self.root} up"]
+        return lines
+
+
+@dataclass(frozen=True)
+class VdeSwitch(_Item):
+    kind: ClassVar[str] = "vde-switch"
+    ident: ClassVar[tuple[str, ...]] = ("switch",)
+    switch: str
+    socket: str          # the socket directory
+
+
+@dataclass(frozen=True)
+class _Port(_Item):
+    """What every port has: its node, switch (and VLAN), the bridge it is on
+    (None on a VDE switch), MTU and link properties."""
+
+    ident: ClassVar[tuple[str, ...]] = ("node", "host_if")
+    node: str
+    switch: str
+    vlan: int | None
+    bridge: str | None
+    mtu: int
+    props: LinkProps
+    host_if: str         # host end (veth/tap), or a unique key where nothing is on the host
+
+
+@dataclass(frozen=True)
+class VethPort(_Port):
+    kind: ClassVar[str] = "veth"
+    ns: str = ""
+    eth: str = ""
+
+    def links(self) -> list[str]:
+        return [self.host_if]
+
+    def ip_lines(self) -> list[str]:
+        return [f"link add {self.host_if} mtu {self.mtu} type veth peer name {self.eth} mtu {self.mtu} "
+                f"netns {self.ns}", f"link set {self.host_if} master {self.bridge} up"]
+
+
+@dataclass(frozen=True)
+class TapPort(_Port):
+    kind: ClassVar[str] = "tap"
+
+    def links(self) -> list[str]:
+        return [self.host_if]
+
+    def ip_lines(self) -> list[str]:
+        return [f"tuntap add dev {self.host_if} mode tap", f"link set {self.host_if} mtu {self.mtu}",
+                f"link set {self.host_if} master {self.bridge} up"]
+
+
+@dataclass(frozen=True)
+class ContainerPort(_Port):
+    """A container guest's NIC: a veth whose host end is on the bridge and whose
+    far end (`peer`) waits on the host until the vm engine moves it in."""
+
+    kind: ClassVar[str] = "cveth"
+    peer: str = ""
+
+    def links(self) -> list[str]:
+        return [self.host_if]
+
+    def names(self) -> list[str]:
+        return [self.host_if, self.peer]
+
+    def ip_lines(self) -> list[str]:
+        return [f"link add {self.host_if} mtu {self.mtu} type veth peer name {self.peer} mtu {self.mtu}",
+                f"link set {self.host_if} master {self.bridge} up"]
+
+
+@dataclass(frozen=True)
+class VdePort(_Port):
+    """A namespace node on a VDE switch: vde_plug2tap inside the namespace makes
+    `eth` (a process, started by live; `host_if` is only its key)."""
+
+    kind: ClassVar[str] = "vde"
+    ns: str = ""
+    eth: str = ""
+    socket: str = ""
+
+
+@dataclass(frozen=True)
+class GuestVdePort(_Port):
+    """A QEMU guest's NIC on a VDE switch: QEMU connects to the switch itself."""
+
+    kind: ClassVar[str] = "guest-vde"
+    socket: str = ""
+
+
+@dataclass(frozen=True)
+class WiredPort(_Port):
+    """A namespace node's interface with delay, jitter or loss: the `Wire` of the
+    same key builds it; the port says where the node is attached."""
+
+    kind: ClassVar[str] = "wired"
+    ns: str = ""
+    eth: str = ""
+    wire: str = ""
+
+
+Port = Union[VethPort, TapPort, ContainerPort, VdePort, GuestVdePort, WiredPort]
+
+
+@dataclass(frozen=True)
+class P2pLink(_Item):
+    kind: ClassVar[str] = "p2p"
+    ident: ClassVar[tuple[str, ...]] = ("ns_a", "eth_a", "ns_b", "eth_b")
+    node_a: str
+    ns_a: str
+    eth_a: str
+    node_b: str
+    ns_b: str
+    eth_b: str
+    mtu: int
+    props: LinkProps
+
+    def ip_lines(self) -> list[str]:
+        return [f"link add {self.eth_a} mtu {self.mtu} netns {self.ns_a} type veth peer name {self.eth_b} "
+                f"mtu {self.mtu} netns {self.ns_b}"]
+
+
+@dataclass(frozen=True)
+class Trunk(_Item):
+    """A switch-to-switch link (one per VLAN of a trunk): a veth between bridges."""
+
+    kind: ClassVar[str] = "trunk"
+    ident: ClassVar[tuple[str, ...]] = ("if_a",)
+    switch_a: str
+    switch_b: str
+    vlan: int | None
+    if_a: str
+    if_b: str
+    bridge_a: str
+    bridge_b: str
+    mtu: int
+    props: LinkProps
+
+    def links(self) -> list[str]:
+        return [self.if_a, self.if_b]
+
+    def ip_lines(self) -> list[str]:
+        return [f"link add {self.if_a} mtu {self.mtu} type veth peer name {self.if_b} mtu {self.mtu}",
+                f"link set {self.if_a} master {self.bridge_a} up",
+                f"link set {self.if_b} master {self.bridge_b} up"]
+
+
+@dataclass(frozen=True)
+class WireEnd:
+    """One end of a Wire: a tap inside a namespace (`ns`, where=namespace), a tap
+    on the host enslaved to a bridge (`bridge`, where=bridge), or a VDE switch of
+    the description (`vde`, where=socket directory, no ifname)."""
+
+    kind: Literal["ns", "bridge", "vde"]
+    where: str
+    ifname: str | None = None
+    node: str | None = None       # the node of an `ns` end, the switch of the others
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Wire(_Item):
+    """An impaired link (delay, jitter, loss): this kernel has no netem, so the
+    impairment is VDE's wirefilter between two small vde_switch processes, each
+    owning a tap at one end."""
+
+    kind: ClassVar[str] = "wire"
+    ident: ClassVar[tuple[str, ...]] = ("key",)
+    key: str
+    ends: tuple[WireEnd, WireEnd]
+    mtu: int
+    props: LinkProps
+
+    def links(self) -> list[str]:
+        return [e.ifname for e in self.ends if e.kind == "bridge" and e.ifname]
+
+
+@dataclass(frozen=True)
+class Vxlan(_Item):
+    """One spanning segment's tunnel end on one host: flooding to every other
+    host of the segment (head-end replication; the kernel learns MACs)."""
+
+    kind: ClassVar[str] = "vxlan"
+    ident: ClassVar[tuple[str, ...]] = ("ifname",)
+    bridge: str          # the local (root) bridge of the segment
+    segment: str         # "switch" or "switch/vlan"
+    vni: int
+    ifname: str
+    local: str           # this host's underlay address
+    remotes: tuple[str, ...]
+    mtu: int
+
+    def links(self) -> list[str]:
+        return [self.ifname]
+
+    def ip_lines(self) -> list[str]:
+        return [f"link add {self.ifname} mtu {self.mtu} type vxlan id {self.vni} local {self.local} "
+                f"dstport {VXLAN_PORT}", f"link set {self.ifname} master {self.bridge} up"]
+
+    def fdb_lines(self) -> list[str]:
+        return [f"fdb append 00:00:00:00:00:00 dev {self.ifname} dst {r}" for r in self.remotes]
+
+
+# Every kind, by its JSON name (each name once: checked below).
+ITEM_KINDS: dict[str, type] = {c.kind: c for c in (Bridge, VdeSwitch, VethPort, TapPort, ContainerPort, VdePort,
+                                                     GuestVdePort, WiredPort, P2pLink, Trunk, Wire, Vxlan)}
+assert len(ITEM_KINDS) == 12, "two item kinds share a JSON name"
+
+
+def item_from_json(d: dict[str, Any]):
+    cls = ITEM_KINDS.get(d.get("kind", ""))
+    if cls is None:
+        raise PlanError(f"unknown kind {d.get('kind')!r} of a plan item (different megafleet versions?)")
+    return cls.from_json(d)
+
+
+# ---------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------
+
+_LISTS = ("bridges", "vde", "ports", "p2p", "trunks", "wires", "vxlan")
+
+
+@dataclass
+class Plan:
+    """Everything one testbed's network needs on a host (or on all hosts, before
+    `manifest.split` cuts it). Namespaces are node -> namespace; `ns_ops` and
+    `ns_sysctls` configure each namespace (netlink); `frr`/`vm_frr` are
+    router -> daemon -> configuration text; `vms` are the vm engine's GuestSpecs."""
+
+    name: str
+    netns: dict[str, str] = field(default_factory=dict)
+    bridges: list[Bridge] = field(default_factory=list)       # roots before leaves
+    vde: list[VdeSwitch] = field(default_factory=list)
+    ports: list[Port] = field(default_factory=list)
+    p2p: list[P2pLink] = field(default_factory=list)
+    trunks: list[Trunk] = field(default_factory=list)
+    wires: list[Wire] = field(default_factory=list)
+    vxlan: list[Vxlan] = field(default_factory=list)
+    ns_ops: dict[str, list[netlink.Op]] = field(default_factory=dict)
+    ns_sysctls: dict[str, dict[str, str]] = field(default_factory=dict)
+    routers: list[str] = field(default_factory=list)            # namespace routers
+    frr: dict[str, dict[str, str]] = field(default_factory=dict)
+    vm_frr: dict[str, dict[str, str]] = field(default_factory=dict)
+    vms: list = field(default_factory=list)                     # vm.spec.GuestSpec
+    digest: str = ""
+
+    # -- queries ---------------------------------------------------------------
+    def bridge(self, switch: str, vlan: int | None) -> Bridge:
+        """The root bridge of a switch (or VLAN). KeyError when there is none."""
+        for b in self.bridges:
+            if b.switch == switch and b.vlan == vlan and b.root is None:
+                return b
+        raise KeyError((switch, vlan))
+
+    def root_bridges(self) -> list[Bridge]:
+        return [b for b in self.bridges if b.root is None]
+
+    def vde_socket(self, switch: str) -> str | None:
+        return next((v.socket for v in self.vde if v.switch == switch), None)
+
+    def items(self) -> Iterator[Any]:
+        """Every item of the typed lists, in creation order."""
+        for name in _LISTS:
+            yield from getattr(self, name)
+
+    def host_links(self) -> list[str]:
+        """Host-side interfaces the plan creates (recorded, then created)."""
+        return [n for item in self.items() for n in item.links()]
+
+    def host_names(self) -> list[str]:
+        """Every host-side interface name the plan uses (both ends of veths)."""
+        return [n for item in self.items() for n in item.names()]
+
+    def configured_ifaces(self) -> set[tuple[str, str]]:
+        """(namespace, ifname) of every interface the namespaces' configuration
+        names (links set up, addresses)."""
+        return {(ns, op.dev) for ns, ops in self.ns_ops.items() for op in ops
+                if isinstance(op, (netlink.LinkUp, netlink.AddrAdd))}
+
+    def created_ifaces(self) -> set[tuple[str, str]]:
+        """(namespace, ifname) of every interface the plan creates inside a
+        namespace: loopbacks, veth ends, VDE taps, wire taps."""
+        out = {(ns, "lo") for ns in self.netns.values()}
+        for port in self.ports:
+            if isinstance(port, (VethPort, VdePort)):
+                out.add((port.ns, port.eth))
+        for link in self.p2p:
+            out |= {(link.ns_a, link.eth_a), (link.ns_b, link.eth_b)}
+        for wire in self.wires:
+            out |= {(e.where, e.ifname) for e in wire.ends if e.kind == "ns" and e.ifname}
+        return out
+
+    def counts(self) -> dict[str, int]:
+        return {"namespaces": len(self.netns), "bridges": len(self.bridges), "ports": len(self.ports),
+                "p2p": len(self.p2p), "trunks": len(self.trunks), "wires": len(self.wires),
+                "vxlan": len(self.vxlan), "frr": len(self.frr), "vms": len(self.vms)}
+
+    # -- JSON --------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in _LISTS:
+                v = [item.to_json() for item in v]
+            elif f.name == "ns_ops":
+                v = {ns: [[type(op).__name__, dataclasses.asdict(op)] for op in ops] for ns, ops in v.items()}
+            elif f.name == "vms":
+                v = [g.to_dict() for g in v]
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Plan":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PlanError(f"a plan has fields this host's netlang does not know: {', '.join(sorted(unknown))} "
+                            f"(different megafleet versions?)")
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            if k in _LISTS:
+                v = [item_from_json(x) for x in v]
+            elif k == "ns_ops":
+                v = {ns: [_op_from_json(op) for op in ops] for ns, ops in v.items()}
+            elif k == "vms":
+                from megafleet.vm.manifest import GuestSpec
+                v = [GuestSpec.from_dict(g) for g in v]
+            kw[k] = v
+        return cls(**kw)
+
+    def compute_digest(self) -> str:
+        """A hash of everything the plan builds (not of its own digest)."""
+        body = self.to_json()
+        body.pop("digest", None)
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+NETLINK_OPS = ("LinkUp", "AddrAdd", "RouteAdd")
+
+
+def _op_from_json(item: list) -> netlink.Op:
+    kind, fields = item
+    if kind not in NETLINK_OPS:
+        raise PlanError(f"unknown namespace operation {kind!r} in a plan")
+    return getattr(netlink, kind)(**fields)
+
+
+# ---------------------------------------------------------------------------
+# diff
+# ---------------------------------------------------------------------------
+
+@dataclass
+class PlanDiff:
+    """What differs between two plans, item by item: `removed` (only in the old),
+    `added` (only in the new), `changed` ((old, new) with the same identity but
+    other content). Namespaces, their configuration, routers' daemon configs and
+    guests are compared as items too (kinds "netns", "ns-config", "router",
+    "guest")."""
+
+    removed: list[Any] = field(default_factory=list)
+    added: list[Any] = field(default_factory=list)
+    changed: list[tuple[Any, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.removed or self.added or self.changed)
+
+
+@dataclass(frozen=True)
+class Named:
+    """A non-list part of a plan as a comparable item: (kind, name, value)."""
+
+    kind: str
+    name: str
+    value: Any
+
+    def identity(self) -> tuple:
+        return (self.kind, self.name)
+
+
+def _keyed(p: Plan) -> dict[tuple, Any]:
+    out: dict[tuple, Any] = {}
+    for item in p.items():
+        out[item.identity()] = item
+    for node, ns in p.netns.items():
+        out[("netns", node)] = Named("netns", node, ns)
+    for ns in set(p.ns_ops) | set(p.ns_sysctls):
+        out[("ns-config", ns)] = Named("ns-config", ns, (repr(p.ns_ops.get(ns, [])),
+                                                        sorted(p.ns_sysctls.get(ns, {}).items())))
+    for r, daemons in {**p.frr, **p.vm_frr}.items():
+        out[("router", r)] = Named("router", r, sorted(daemons.items()))
+    for g in p.vms:
+        out[("guest", g.name)] = Named("guest", g.name, json.dumps(g.to_dict(), sort_keys=True, default=str))
+    return out
+
+
+def diff(old: Plan, new: Plan) -> PlanDiff:
+    """Compare two plans item by item (see PlanDiff). Items are frozen dataclasses:
+    equal content is an unchanged item."""
+    a, b = _keyed(old), _keyed(new)
+    d = PlanDiff()
+    d.removed = [a[k] for k in a if k not in b]
+    d.added = [b[k] for k in b if k not in a]
+    d.changed = [(a[k], b[k]) for k in a if k in b and a[k] != b[k]]
+    return d
