@@ -3,8 +3,11 @@
 A pure, deterministic function of the testbed and the host inventory. Goals, in
 order:
 
-1. Respect every host's capacity (guest count) and memory budget, counting the
-   memory KSM is expected to share between guests of the same image.
+1. Respect every host's capacity (guest count) and memory budget. A node costs
+   its driver's footprint (`megafleet.vm.driver.DRIVER_KINDS`: a QEMU guest its
+   RAM plus QEMU's overhead, a container a few MiB), with the share of guest RAM
+   KSM is expected to merge taken off: the same model the engine's admission
+   applies on the host, so what is placed on a host is admitted there.
 2. Keep each switch segment on as few hosts as possible: every segment that spans
    hosts costs a VXLAN tunnel and cross-host traffic.
 3. Spread load: between hosts that fit equally well, pick the emptiest.
@@ -29,8 +32,9 @@ class NodeDemand:
 
     name: str
     segment: str  # the switch it sits on (its first one); routers: their first iface's
-    mem_mb: int
+    mem_mb: int   # a guest's `mem`; a node without driver (namespace): its host MiB
     image: str = ""
+    driver: str | None = None  # vm driver (megafleet.vm.driver registry); None: a namespace
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,17 @@ class PlacementError(ValueError):
     pass
 
 
-def effective_mem_mb(mem_mb: int, ksm_sharing: float) -> float:
-    """Memory a guest is expected to cost once KSM has merged what guests of the same
-    image share. `ksm_sharing` is the fraction of guest memory that merges (0..0.9)."""
-    sharing = min(max(ksm_sharing, 0.0), 0.9)
-    return mem_mb * (1.0 - sharing)
+def demand_mb(node: NodeDemand, ksm_sharing: float) -> float:
+    """Host MiB a node is expected to cost: its driver's footprint once KSM has
+    merged `ksm_sharing` (0..0.9) of its RAM; a node without driver, its mem_mb.
+    Raises PlacementError for an unknown driver."""
+    if node.driver is None:
+        return float(node.mem_mb)
+    from megafleet.vm.driver import driver_kind
+    try:
+        return driver_kind(node.driver).footprint_mb(node.mem_mb, ksm_sharing)
+    except ValueError as exc:
+        raise PlacementError(f"node {node.name}: {exc}") from None
 
 
 def place(nodes: list[NodeDemand], hosts: list[HostOffer], *, ksm_sharing: float = 0.0) -> Plan:
@@ -75,7 +85,8 @@ def place(nodes: list[NodeDemand], hosts: list[HostOffer], *, ksm_sharing: float
     if len(set(names)) != len(names):
         raise PlacementError("duplicate host names in the inventory")
 
-    total_need = sum(effective_mem_mb(n.mem_mb, ksm_sharing) for n in nodes)
+    cost = {n.name: demand_mb(n, ksm_sharing) for n in nodes}
+    total_need = sum(cost.values())
     total_mem = sum(h.mem_mb for h in hosts)
     total_cap = sum(h.capacity for h in hosts)
     if len(nodes) > total_cap:
@@ -96,7 +107,7 @@ def place(nodes: list[NodeDemand], hosts: list[HostOffer], *, ksm_sharing: float
     unplaced: list[str] = []
 
     def need_of(members: list[NodeDemand]) -> float:
-        return sum(effective_mem_mb(m.mem_mb, ksm_sharing) for m in members)
+        return sum(cost[m.name] for m in members)
 
     def fits(host: str, count: int, need: float) -> bool:
         return free_slots[host] >= count and free_mem[host] >= need
@@ -133,7 +144,7 @@ def place(nodes: list[NodeDemand], hosts: list[HostOffer], *, ksm_sharing: float
     def take(host: str, node: NodeDemand) -> None:
         node_host[node.name] = host
         free_slots[host] -= 1
-        free_mem[host] -= effective_mem_mb(node.mem_mb, ksm_sharing)
+        free_mem[host] -= cost[node.name]
         key = room(host)
         if key != current[host]:
             current[host] = key
@@ -150,7 +161,7 @@ def place(nodes: list[NodeDemand], hosts: list[HostOffer], *, ksm_sharing: float
         # Split: fill the roomiest hosts in turn, so the segment touches few hosts.
         segment_uses: set[str] = set()
         for node in members:
-            need = effective_mem_mb(node.mem_mb, ksm_sharing)
+            need = cost[node.name]
             # Prefer a host this segment already uses, to avoid another tunnel.
             used = [h for h in sorted(segment_uses, key=room) if fits(h, 1, need)]
             candidate = used[0] if used else roomiest_fitting(1, need)

@@ -188,7 +188,8 @@ def make_plan(net, testbed: str, target: Target):
     try:
         placed = placement.place(manifest.demands(net, plan), target.offers(), ksm_sharing=target.ksm_sharing)
     except placement.PlacementError as exc:
-        raise UpError(f"placement: {exc}") from None
+        raise UpError(f"placement: {exc} (memory per host: --host-mem MB; expected KSM "
+                      f"sharing of guest RAM: --ksm-sharing)") from None
     try:
         manifest.layout(plan, placed)        # links that cannot cross hosts: fail now
     except manifest.ManifestError as exc:
@@ -326,7 +327,11 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     images = await trio.to_thread.run_sync(build_images, net, plan, out)
     t = phase_done("images", t)
     image_names = {k: img.name for k, img in images.items()}
-    common = {"ksm": ksm, "telemetry": telemetry, "vm_options": vm_options or {}, "source": str(path),
+    # Each host's engine admits with the memory model, budget and KSM sharing
+    # placement used, so what was placed on a host boots there.
+    budgets = {o.name: o.mem_mb for o in target.offers()}
+    vm_options = {**(vm_options or {}), "ksm_sharing": target.ksm_sharing, "budget_option": "--host-mem"}
+    common = {"ksm": ksm, "telemetry": telemetry, "vm_options": vm_options, "source": str(path),
               "collect_interval": collect_interval}
 
     ledger = Ledger()
@@ -339,6 +344,8 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
 
     if target.embedded:
         manifests = manifest.split(plan, placed, images=image_names, **common)
+        for h, m in manifests.items():
+            m.vm_options = {**m.vm_options, "mem_budget_mb": budgets[h]}
         t = phase_done("manifests", t)
         for h, m in manifests.items():
             try:
@@ -378,6 +385,7 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
             manifests = manifest.split(plan, placed, addresses=addresses, underlay_mtu=mtu,
                                        images=image_names, **common)
             for h, m in manifests.items():
+                m.vm_options = {**m.vm_options, "mem_budget_mb": budgets[h]}
                 d = target.dirs(h)
                 m.state_dir, m.run_dir, m.cache_dir = d["state_dir"], d["run_dir"], d["cache_dir"]
             lowered = {x.segment: x.mtu for m in manifests.values() for x in m.vxlan}

@@ -1038,6 +1038,8 @@ def _compile(path: str | Path, defines: dict[str, str] | None, text: str | None,
     c.declare(parsed.statements)
     c.wire()
     c.check_images()
+    from megafleet.vm.driver import check_guest_memory   # each driver's minimum `mem`
+    check_guest_memory(c.net, diags)
     c.address()
     if not diags:
         from megafleet.netlang.routing import static_routes

@@ -7,8 +7,12 @@ the host (minimega issue #3). The engine instead keeps a bounded number of guest
 *booting* (started, not yet ready); the bound follows the CPU count and shrinks
 (to half at most) while other work keeps more tasks runnable than there are CPUs.
 
-The memory budget is checked before anything starts: guest RAM plus a per-guest
-overhead, minus what KSM already saves on this host (pages_sharing), must fit.
+The memory budget is checked before anything starts, with the one memory model
+of megafleet: each guest costs its driver's footprint (`megafleet.vm.driver.
+DRIVER_KINDS`: a QEMU guest its RAM plus QEMU's overhead, a container a few MiB),
+its RAM reduced by the share KSM is expected to merge (`ksm_sharing`, the same
+figure `megafleet plan` placed with). So whatever placement puts on a host, that
+host's admission accepts when given the same budget and sharing.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from megafleet.vm import driver as driver_registry
+
 # Guests booting at once per CPU, by how much CPU a boot costs. A TCG boot keeps
 # a CPU busy for seconds, but not all the time (timers, calibration waits), so a
 # few per CPU keep the CPUs full; a KVM boot mostly waits; a container's init is
@@ -24,11 +30,9 @@ from pathlib import Path
 BOOTS_PER_CPU = {"tcg": 4, "kvm": 16, "container": 64}
 MAX_PARALLEL = 256
 
-# Host memory a guest costs beyond its RAM (QEMU's own heap, the TCG translation
-# cache we size to 32 MiB, page tables), and what a container costs: a container
-# guest has no RAM of its own, only its processes and its overlay's page cache.
-QEMU_OVERHEAD_MB = 48
-CONTAINER_MB = 4
+# Kept for callers that name them; the registry in megafleet.vm.driver is the truth.
+QEMU_OVERHEAD_MB = driver_registry.QEMU_OVERHEAD_MB
+CONTAINER_MB = driver_registry.CONTAINER_MB
 
 
 class BudgetError(RuntimeError):
@@ -82,11 +86,10 @@ class LoadTracker:
         return self.value
 
 
-def guest_cost_mb(driver: str, mem_mb: int) -> int:
-    """Host memory one guest is charged against the budget."""
-    if driver == "container":
-        return CONTAINER_MB
-    return mem_mb + QEMU_OVERHEAD_MB
+def guest_cost_mb(driver: str, mem_mb: int, ksm_sharing: float = 0.0) -> float:
+    """Host MiB one guest is charged against the budget: its driver's footprint
+    with `ksm_sharing` of its RAM expected to merge."""
+    return driver_registry.driver_kind(driver).footprint_mb(mem_mb, ksm_sharing)
 
 
 @dataclass(frozen=True)
@@ -118,18 +121,27 @@ def default_budget_mb(memory: MemoryPicture) -> int:
 
 
 def check_budget(new: list[tuple[str, str, int]], running: list[tuple[str, int]],
-                 budget_mb: int, memory: MemoryPicture) -> int:
+                 budget_mb: int, memory: MemoryPicture, *, ksm_sharing: float = 0.0,
+                 budget_option: str = "--mem-budget or MEGAFLEET_VM_MEM_BUDGET") -> int:
     """Refuse (BudgetError) a boot of `new` guests [(name, driver, mem_mb)] when,
-    together with the `running` guests [(driver, mem_mb)], they would exceed the
-    budget. KSM's current saving is credited. Returns the MiB the boot needs."""
-    need = sum(guest_cost_mb(d, m) for _, d, m in new)
-    committed = sum(guest_cost_mb(d, m) for d, m in running)
-    total = committed + need - memory.ksm_saved_mb
-    if total > budget_mb:
+    together with the `running` guests [(driver, mem_mb)], they would exceed
+    `budget_mb`. Each guest costs its driver's footprint with `ksm_sharing` of its
+    RAM expected to merge (as placement counts it); for the running guests, what
+    KSM saves now is credited instead when it is more. `budget_option` is how the
+    user of the calling command sets the budget (named in the error). Returns the
+    MiB the boot needs."""
+    need = sum(guest_cost_mb(d, m, ksm_sharing) for _, d, m in new)
+    full = sum(driver_registry.driver_kind(d).full_mb(m) for d, m in running)
+    expected = sum(guest_cost_mb(d, m, ksm_sharing) for d, m in running)
+    committed = max(0.0, min(expected, full - memory.ksm_saved_mb))
+    total = committed + need
+    # A rounding tolerance: placement sums the same floats in another order.
+    if total > budget_mb + 0.5:
+        sharing = f", counting {ksm_sharing:.0%} of guest RAM shared by KSM" if ksm_sharing else ""
         raise BudgetError(
-            f"refusing to boot {len(new)} guest(s): they need {need} MiB; with the "
-            f"{committed} MiB of the {len(running)} guest(s) already running, minus "
-            f"{memory.ksm_saved_mb} MiB KSM currently saves, that is {total} MiB, over "
-            f"the host's memory budget of {budget_mb} MiB (set another with --mem-budget "
-            f"or MEGAFLEET_VM_MEM_BUDGET, in MiB). Nothing was started.")
-    return need
+            f"refusing to boot {len(new)} guest(s): they need {need:.0f} MiB{sharing}; with "
+            f"the {committed:.0f} MiB of the {len(running)} guest(s) already running (KSM saves "
+            f"{memory.ksm_saved_mb} MiB now), that is {total:.0f} MiB, over the host's memory "
+            f"budget of {budget_mb} MiB (set another with {budget_option}, in MiB). "
+            f"Nothing was started.")
+    return round(need)

@@ -13,8 +13,10 @@ stdout) goes to ``gdir/console.log`` and the engine watches it for the ready lin
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,107 @@ import trio
 from megafleet.proc import RecordedProcess, start_time
 
 PR_SET_CHILD_SUBREAPER = 36
+
+
+# ---------------------------------------------------------------------------
+# The registry: what placement, admission, `net check` and the engine know of
+# each driver without starting anything. One entry per driver, nowhere else.
+# ---------------------------------------------------------------------------
+
+# Host memory a QEMU guest costs beyond its RAM: QEMU's own heap and mappings,
+# the TCG translation cache (32 MiB, megafleet.qemu), page tables.
+QEMU_OVERHEAD_MB = 48
+# A container guest has no RAM of its own: its busybox init and agent (a few
+# hundred kB of private memory each) and the kernel objects of its namespaces;
+# the image's files are one page cache shared by every container of the image.
+CONTAINER_MB = 4
+# The most of a guest's RAM that KSM can be expected to merge (placement and
+# admission clamp --ksm-sharing to this).
+KSM_SHARING_MAX = 0.9
+
+
+@dataclass(frozen=True)
+class DriverKind:
+    """One driver, as the rest of megafleet sees it.
+
+    `footprint_mb` is the host memory one guest of this driver is charged, the
+    same number for placement (`megafleet plan`), the engine's admission and
+    the checks at compile time."""
+
+    name: str
+    nic_kinds: tuple[str, ...]     # NIC kinds the driver attaches ("tap", "vde", "veth")
+    min_mem_mb: int                # smallest `mem` accepted (refused below, at compile time)
+    min_mem_why: str               # why, for the error message
+    ram_backed: bool               # `mem` MiB of host RAM per guest (QEMU) or not (a process)
+    overhead_mb: int               # host MiB per guest beyond its RAM (or all of it if not ram_backed)
+    boot_kind: str | None          # admission's boots-per-CPU class; None: the accelerator's (tcg, kvm)
+    readiness: str                 # where the ready line shows: "serial" console or container "stdout"
+    factory: str                   # "module:Class" of the Driver
+
+    def footprint_mb(self, mem_mb: int, ksm_sharing: float = 0.0) -> float:
+        """Host MiB one guest of `mem_mb` costs once KSM merges the expected
+        fraction `ksm_sharing` (0..KSM_SHARING_MAX) of its RAM. Only RAM-backed
+        guests share through KSM; the overhead never does."""
+        if not self.ram_backed:
+            return float(self.overhead_mb)
+        sharing = min(max(ksm_sharing, 0.0), KSM_SHARING_MAX)
+        return mem_mb * (1.0 - sharing) + self.overhead_mb
+
+    def full_mb(self, mem_mb: int) -> int:
+        """Host MiB before any KSM sharing."""
+        return (mem_mb if self.ram_backed else 0) + self.overhead_mb
+
+    def mem_problem(self, mem_mb: int) -> str | None:
+        """Why a guest of this driver cannot have `mem_mb` MiB, or None."""
+        if mem_mb < self.min_mem_mb:
+            return (f"mem {mem_mb}M is below the {self.name} driver's minimum of "
+                    f"{self.min_mem_mb}M ({self.min_mem_why})")
+        return None
+
+    def make(self) -> "Driver":
+        module, _, cls = self.factory.partition(":")
+        return getattr(importlib.import_module(module), cls)()
+
+
+_KERNEL_MIN = "the Debian kernel of the images does not boot below -m 96"
+DRIVER_KINDS: dict[str, DriverKind] = {k.name: k for k in (
+    DriverKind("qemu", nic_kinds=("tap", "vde"), min_mem_mb=96, min_mem_why=_KERNEL_MIN, ram_backed=True,
+               overhead_mb=QEMU_OVERHEAD_MB, boot_kind=None, readiness="serial",
+               factory="megafleet.vm.qemu_driver:QemuDriver"),
+    DriverKind("libvirt", nic_kinds=("tap",), min_mem_mb=96, min_mem_why=_KERNEL_MIN, ram_backed=True,
+               overhead_mb=QEMU_OVERHEAD_MB, boot_kind=None, readiness="serial",
+               factory="megafleet.vm.libvirt_driver:LibvirtDriver"),
+    DriverKind("container", nic_kinds=("veth",), min_mem_mb=16,
+               min_mem_why="the smallest guest size megafleet accepts; a container's RAM is its "
+                           "processes, not `mem`", ram_backed=False,
+               overhead_mb=CONTAINER_MB, boot_kind="container", readiness="stdout",
+               factory="megafleet.vm.container_driver:ContainerDriver"),
+)}
+DRIVER_NAMES = tuple(DRIVER_KINDS)
+
+
+def driver_kind(name: str) -> DriverKind:
+    """The registry entry of `name`; ValueError naming the known drivers."""
+    try:
+        return DRIVER_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown driver {name!r} (choose one of {', '.join(DRIVER_NAMES)})") from None
+
+
+def check_guest_memory(net, diags) -> None:
+    """Compile-time check (netlang): every vm or image router whose `mem` is below
+    its driver's minimum is reported at its statement's file:line."""
+    for g in net.groups:
+        if not (g.kind == "vm" or (g.kind == "router" and "image" in g.props)):
+            continue
+        kind = DRIVER_KINDS.get(g.props.get("driver", "qemu"))
+        mem = g.props.get("mem_mib")
+        if kind is None or mem is None:
+            continue
+        problem = kind.mem_problem(int(mem))
+        if problem:
+            who = g.names[0] if len(g.names) == 1 else f"{g.names[0]}..{g.names[-1]}"
+            diags.error(g.loc, f"{who}: {problem}")
 
 
 class StartFailed(RuntimeError):

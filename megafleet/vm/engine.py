@@ -28,8 +28,8 @@ from megafleet.imagegen.contract import BadLine, ReadyLine, parse_line
 from megafleet.ledger import Ledger
 from megafleet.proc import RecordedProcess
 from megafleet.vm import admission
-from megafleet.vm.driver import (Driver, StartFailed, become_subreaper, process_from_pidfile,
-                                 stop_processes)
+from megafleet.vm.driver import (Driver, StartFailed, become_subreaper, driver_kind,
+                                 process_from_pidfile, stop_processes)
 from megafleet.vm.manifest import (BootReport, GuestResult, GuestSpec, Progress, SpecError,
                                    validate_all)
 from megafleet.vm.state import OWNER, GuestRecord, VmState
@@ -47,16 +47,11 @@ def guests_dir() -> Path:
 
 
 def make_driver(name: str) -> Driver:
-    if name == "qemu":
-        from megafleet.vm.qemu_driver import QemuDriver
-        return QemuDriver()
-    if name == "libvirt":
-        from megafleet.vm.libvirt_driver import LibvirtDriver
-        return LibvirtDriver()
-    if name == "container":
-        from megafleet.vm.container_driver import ContainerDriver
-        return ContainerDriver()
-    raise SpecError(f"unknown driver {name!r}")
+    """A new Driver of `name` (from the registry, megafleet.vm.driver.DRIVER_KINDS)."""
+    try:
+        return driver_kind(name).make()
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def console_tail(path: Path | str | None, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -158,7 +153,12 @@ class GuestView:
 class Engine:
     def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
                  max_parallel: int | None = None, mem_budget_mb: int | None = None,
+                 ksm_sharing: float = 0.0, budget_option: str | None = None,
                  state: VmState | None = None, ledger: Ledger | None = None):
+        """`mem_budget_mb`: host MiB the guests may take (default
+        $MEGAFLEET_VM_MEM_BUDGET, else 90 % of RAM); `ksm_sharing`: the share of
+        guest RAM KSM is expected to merge, as placement counted it;
+        `budget_option`: how the calling command sets the budget (for errors)."""
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         if retries < 0:
@@ -168,6 +168,8 @@ class Engine:
         self.max_parallel = max_parallel
         env_budget = os.environ.get("MEGAFLEET_VM_MEM_BUDGET")
         self.mem_budget_mb = mem_budget_mb or (int(env_budget) if env_budget else None)
+        self.ksm_sharing = ksm_sharing
+        self.budget_option = budget_option
         self.state = state or VmState()
         self.ledger = ledger or Ledger()
         self._drivers: dict[str, Driver] = {}
@@ -182,6 +184,18 @@ class Engine:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
 
     # ------------------------------------------------------------------ boot
+
+    def admit(self, specs: list[GuestSpec], running: list[tuple[str, int]] = ()) -> int:
+        """Memory admission of a boot of `specs` next to `running` guests
+        [(driver, mem_mb)]: the MiB it needs, or BudgetError (nothing started).
+        The budget is this engine's (else 90 % of RAM); each guest costs its
+        driver's footprint with `ksm_sharing` of its RAM expected to merge."""
+        memory = admission.read_memory()
+        budget = self.mem_budget_mb or admission.default_budget_mb(memory)
+        return admission.check_budget(
+            [(s.name, s.driver, s.mem_mb) for s in specs], list(running), budget, memory,
+            ksm_sharing=self.ksm_sharing,
+            **({"budget_option": self.budget_option} if self.budget_option else {}))
 
     async def apply(self, specs: list[GuestSpec], *, progress: Progress | None = None) -> BootReport:
         started = time.monotonic()
@@ -208,10 +222,7 @@ class Engine:
         running = [(r.driver, int(r.spec.get("mem_mb", 0))) for r in existing.values()
                    if r.name not in stale_names and r.state in ("running", "starting")
                    and self._alive(r)]
-        memory = admission.read_memory()
-        budget = self.mem_budget_mb or admission.default_budget_mb(memory)
-        admission.check_budget([(s.name, s.driver, s.mem_mb) for s in to_boot], running,
-                               budget, memory)
+        self.admit(to_boot, running)
 
         if stale:
             await self._remove(stale_names)

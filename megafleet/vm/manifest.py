@@ -45,11 +45,12 @@ from typing import Any, Callable
 
 from megafleet.imagegen.contract import GuestConfig, NicConfig
 from megafleet.names import check_name
+from megafleet.vm.driver import DRIVER_KINDS, DRIVER_NAMES
 
-DRIVERS = ("qemu", "libvirt", "container")
+DRIVERS = DRIVER_NAMES
 NIC_KINDS = ("tap", "veth", "vde")
-# Which NIC kinds each driver can attach to.
-DRIVER_NIC_KINDS = {"qemu": ("tap", "vde"), "libvirt": ("tap",), "container": ("veth",)}
+# Which NIC kinds each driver can attach to (from the registry).
+DRIVER_NIC_KINDS = {k.name: k.nic_kinds for k in DRIVER_KINDS.values()}
 
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -121,8 +122,10 @@ def validate(spec: GuestSpec) -> GuestSpec:
     if spec.driver not in DRIVERS:
         raise SpecError(f"{where}: driver: unknown driver {spec.driver!r} "
                         f"(choose one of {', '.join(DRIVERS)})")
-    if not isinstance(spec.mem_mb, int) or not 16 <= spec.mem_mb <= 1 << 20:
-        raise SpecError(f"{where}: mem_mb: {spec.mem_mb!r} is not a size in MiB between 16 and 1048576")
+    if not isinstance(spec.mem_mb, int) or not spec.mem_mb <= 1 << 20:
+        raise SpecError(f"{where}: mem_mb: {spec.mem_mb!r} is not a size in MiB up to 1048576")
+    if (problem := DRIVER_KINDS[spec.driver].mem_problem(spec.mem_mb)) is not None:
+        raise SpecError(f"{where}: mem_mb: {problem}")
     if not isinstance(spec.vcpus, int) or not 1 <= spec.vcpus <= 64:
         raise SpecError(f"{where}: vcpus: {spec.vcpus!r} is not between 1 and 64")
     for i, nic in enumerate(spec.nics):

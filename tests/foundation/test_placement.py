@@ -24,11 +24,21 @@ def test_a_segment_too_big_for_one_host_spans_few_hosts_with_a_vni():
 
 
 def test_memory_budget_counts_ksm_sharing():
-    demand = nodes("lan", 10, mem=100)  # 1000 MB
-    with pytest.raises(PlacementError, match="needs 1000 MB .* total 600 MB"):
-        place(demand, [HostOffer("h1", 100, 600)])
-    plan = place(demand, [HostOffer("h1", 100, 600)], ksm_sharing=0.5)  # 500 MB
+    demand = [NodeDemand(f"q{i}", "lan", 100, driver="qemu") for i in range(10)]  # 10 x (100 + 48)
+    with pytest.raises(PlacementError, match="needs 1480 MB .* total 1000 MB"):
+        place(demand, [HostOffer("h1", 100, 1000)])
+    plan = place(demand, [HostOffer("h1", 100, 1000)], ksm_sharing=0.5)  # 10 x (50 + 48)
     assert len(plan.hosts["h1"]) == 10
+
+
+def test_driver_footprints_not_mem():
+    # A container costs its driver's few MiB whatever its `mem`; a namespace
+    # node (no driver) its mem_mb; an unknown driver is an error, not a guess.
+    containers = [NodeDemand(f"c{i}", "lan", 4096, driver="container") for i in range(1000)]
+    plan = place(containers, [HostOffer("h1", 10_000, 4000)])
+    assert len(plan.hosts["h1"]) == 1000
+    with pytest.raises(PlacementError, match="unknown driver 'xen'"):
+        place([NodeDemand("x", "lan", 128, driver="xen")], [HostOffer("h1", 10, 10_000)])
 
 
 def test_capacity_is_respected_and_errors_are_clear():

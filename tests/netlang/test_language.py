@@ -79,11 +79,11 @@ def test_patterns_ranges_and_groups_in_references():
 def test_group_defaults_apply_and_members_override():
     net = compile_text('image tiny from "tiny.toml"\nimage big from "big.toml"\npool p 10.0.0.0/16\n'
                        "switch lan\n"
-                       "group web image tiny mem 64M on lan {\n  vm a[1..2]\n  vm b image big mem 256M\n"
+                       "group web image tiny mem 96M on lan {\n  vm a[1..2]\n  vm b image big mem 256M\n"
                        "  host probe\n}\n")
     a = net.groups[net.index["a1"][0]].props
     b = net.groups[net.index["b"][0]].props
-    assert (a["image"], a["mem_mib"]) == ("tiny", 64)
+    assert (a["image"], a["mem_mib"]) == ("tiny", 96)
     assert (b["image"], b["mem_mib"]) == ("big", 256)
     # a host takes the attachment but not the vm-only defaults
     probe = net.node("probe")
@@ -213,13 +213,13 @@ def test_vm_nodes_become_guest_specs_for_the_vm_engine():
     from megafleet.vm.manifest import validate_all
 
     net = compile_text('image tiny from "tiny.toml"\npool p 10.0.0.0/16\nswitch lan[1..2]\n'
-                       "router gw on lan*\nvm web[1..3] image tiny mem 64M vcpus 2 on lan1\n"
+                       "router gw on lan*\nvm web[1..3] image tiny mem 112M vcpus 2 on lan1\n"
                        "router vr image tiny on lan2 ospf\n")
     p = plan(net, "mfnp")
     specs = validate_all(p.vms)
     assert [s.name for s in specs] == ["web1", "web2", "web3", "vr"]
     web1 = next(s for s in specs if s.name == "web1")
-    assert (web1.image, web1.mem_mb, web1.vcpus, web1.driver) == ("tiny", 64, 2, "qemu")
+    assert (web1.image, web1.mem_mb, web1.vcpus, web1.driver) == ("tiny", 112, 2, "qemu")
     assert web1.nics[0].kind == "tap" and web1.nics[0].ifname.startswith("mfnp")
     args = web1.guest_config().kernel_args()
     assert f"megafleet.net={web1.nics[0].mac},10.0.0.2/24" in args and "megafleet.gw=10.0.0.1" in args

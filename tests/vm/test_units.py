@@ -60,7 +60,8 @@ def test_read_memory_parses_meminfo(tmp_path):
 @pytest.mark.parametrize("spec, message", [
     (GuestSpec(name="9bad", image="tiny"), "invalid guest name"),
     (GuestSpec(name="ok", image="tiny", driver="xen"), "driver: unknown driver 'xen'"),
-    (GuestSpec(name="ok", image="tiny", mem_mb=4), "mem_mb: 4"),
+    (GuestSpec(name="ok", image="tiny", mem_mb=4), "mem_mb: mem 4M is below the qemu driver.s minimum of 96M"),
+    (GuestSpec(name="ok", image="tiny", driver="container", mem_mb=8), "mem_mb: mem 8M is below the container"),
     (GuestSpec(name="ok", image="tiny", vcpus=0), "vcpus: 0"),
     (GuestSpec(name="ok", image="tiny", nics=[NicSpec(mac="zz")]), r"nics\[0\]: mac"),
     (GuestSpec(name="ok", image="tiny", nics=[NicSpec(mac="52:54:00:00:00:01", kind="veth", ifname="v0")]),
