@@ -104,7 +104,8 @@ networks that has one (IPv4 and IPv6 separately). Routers without `ospf` or
 `bgp` get static routes computed from the graph: to every subnet they are not on,
 via the first router on a shortest path. `ospf` runs FRR's ospfd on every
 IPv4 interface of the router and ospf6d on every IPv6 one (hello 1 s, dead 4 s,
-point-to-point on links, connected networks redistributed); `bgp AS` runs bgpd,
+point-to-point on links, passive on a network no other router is on, connected
+networks redistributed); `bgp AS` runs bgpd,
 peering over IPv4 with every other BGP router on a shared network. A router is
 a network namespace, or a VM when given an image (on switches only): the guest
 forwards, gets its static routes on the kernel command line, and with `ospf` or

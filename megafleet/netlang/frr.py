@@ -5,7 +5,8 @@ OSPF runs on every addressed interface of the router in its area (ospfd for
 IPv4, ospf6d for IPv6), with short hello/dead timers (1 s / 4 s) in small
 testbeds so that an emulated network converges and notices a cut link in
 seconds, longer ones and a throttled SPF in large ones (`ospftimers`; explicit
-values in the description win); connected networks are redistributed. A router
+values in the description win); passive on a network no other router is on
+(a host LAN: advertised, no hellos); connected networks are redistributed. A router
 whose OSPF runs in BIRD (`bird.runs_bird`) gets one file, "bird", instead. BGP peers
 with every other BGP router that shares a network with it (eBGP when the AS
 numbers differ, iBGP otherwise) and announces its connected networks.
@@ -32,17 +33,26 @@ def router_id(net: Net, router: str) -> str:
 
 
 def _ospf_interface(eth: str, ospf: dict, p2p: bool, prefix: str,
-                    timers: ospftimers.OspfTimers = ospftimers.OspfTimers()) -> list[str]:
+                    timers: ospftimers.OspfTimers = ospftimers.OspfTimers(), passive: bool = False) -> list[str]:
     """One interface stanza; prefix is "ip ospf" (ospfd) or "ipv6 ospf6" (ospf6d),
     whose interface commands are otherwise the same."""
     lines = [f"interface {eth}", f" {prefix} area {ospf['area']}"]
     if p2p:
         # A point-to-point link: no designated-router election to wait for.
         lines.append(f" {prefix} network point-to-point")
+    if passive:
+        # A network with no other router (a host LAN): advertised, no hellos.
+        lines.append(f" {prefix} passive")
     lines += [f" {prefix} hello-interval {timers.hello_s}", f" {prefix} dead-interval {timers.dead_s}"]
     if "cost" in ospf:
         lines.append(f" {prefix} cost {ospf['cost']}")
     return lines + ["!"]
+
+
+def lonely(iface, router: str) -> bool:
+    """Whether `iface` is on a switch where no other router is (a host LAN):
+    OSPF advertises its subnet but sends no hellos there (passive / stub)."""
+    return iface.switch is not None and all(name == router for name, _ in iface.domain.routers)
 
 
 def _throttle(timers: ospftimers.OspfTimers, v6: bool) -> list[str]:
@@ -73,10 +83,11 @@ def configs(net: Net, router: str) -> dict[str, str]:
         lines6 = [f"hostname {router}", "!"]
         for eth, iface, addrs in view.ifaces:
             p2p = iface.switch is None
+            alone = lonely(iface, router)
             if 4 in addrs:
-                lines += _ospf_interface(eth, ospf, p2p, "ip ospf", timers)
+                lines += _ospf_interface(eth, ospf, p2p, "ip ospf", timers, alone)
             if 6 in addrs:
-                lines6 += _ospf_interface(eth, ospf, p2p, "ipv6 ospf6", timers)
+                lines6 += _ospf_interface(eth, ospf, p2p, "ipv6 ospf6", timers, alone)
         lines += ["router ospf", f" ospf router-id {rid}", " redistribute connected",
                   " redistribute static"] + _throttle(timers, False) + ["!"]
         if len(lines6) > 2:

@@ -42,6 +42,16 @@ def test_small_testbeds_keep_fast_timers_and_the_daemon_defaults():
     assert "timers throttle" not in conf and "min-arrival" not in conf
 
 
+def test_host_lans_are_passive_and_shared_lans_are_not():
+    net = compile_text(ring(6, ipv6=True) + "switch core\nlink r2 -- core\nlink r3 -- core\n")
+    lan = next(e for e, i, _ in net.node("r1").ifaces if i.switch == "lana")
+    c = frr.configs(net, "r1")
+    assert f"interface {lan}\n ip ospf area 0\n ip ospf passive\n" in c["ospfd"]
+    assert f"interface {lan}\n ipv6 ospf6 area 0\n ipv6 ospf6 passive\n" in c["ospf6d"]
+    assert c["ospfd"].count("passive") == 1          # not on the links
+    assert "passive" not in frr.configs(net, "r2")["ospfd"]      # core has r2 and r3
+
+
 def test_timers_scale_with_the_router_count():
     assert ospftimers.scaled(50) == ospftimers.OspfTimers()
     t = ospftimers.scaled(750)
@@ -119,10 +129,11 @@ def test_bird_configuration():
     assert "protocol ospf v3 ospf6 {\n    ipv6 { import all; export none; };\n" in conf
     assert "protocol kernel kernel4 {\n    ipv4 { import none; export all; };\n    merge paths on;" in conf
     assert "protocol kernel kernel6 {" in conf
-    # Every addressed interface, point-to-point on links, broadcast on the LAN.
+    # Every addressed interface, point-to-point on links; the host LAN (no
+    # other router on it) is a stub: advertised, no hellos.
     view = net.node("r1")
     for eth, iface, _ in view.ifaces:
-        kind = "" if iface.switch else "type ptp; "
+        kind = "stub yes; " if iface.switch else "type ptp; "
         assert conf.count(f'        interface "{eth}" {{ {kind}hello 2; dead 8; cost 7; }};\n') == 2
     assert conf.count("    tick 1;\n") == 2 and conf.count("    area 0 {\n") == 2
     # An IPv4-only router has no OSPFv3.
