@@ -45,7 +45,6 @@ import hashlib
 import os
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
