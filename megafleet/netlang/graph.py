@@ -4,10 +4,12 @@ edge per interface (node-switch), point-to-point link (node-node) and switch lin
 from __future__ import annotations
 
 from itertools import repeat
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from megafleet.netlang.model import Net
+if TYPE_CHECKING:      # model.Net.graph imports this module: no import back at run time
+    from megafleet.netlang.model import Net
 
 
 def build_graph(net: Net) -> nx.Graph:
