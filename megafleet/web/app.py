@@ -230,8 +230,10 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
             raise state.NotFound("action", action)
         t = await testbed_of(request)
         pattern = pattern_of(request.path_params["name"], "node")
-        control = _control()
-        result = await control.node_action(t.name, action, pattern)
+        try:
+            result = await _control().node_action(t.name, action, pattern)
+        except ValueError as exc:
+            raise BadRequest(getattr(exc, "field", "node"), str(exc)) from None
         broker.publish("fault", t.name, action=f"node {action}", target=pattern)
         return JSONResponse({"testbed": t.name, "action": action, "pattern": pattern, "result": result})
 
@@ -246,9 +248,8 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
             if not isinstance(v, str) or not v:
                 raise BadRequest(f, f"{f}: a node, switch or pattern as in the language")
         props = {k: v for k, v in data.items() if k in ("delay", "jitter", "loss", "rate")}
-        control = _control()
         try:
-            result = await control.link_action(t.name, action, a, b, props)
+            result = await _control().link_action(t.name, action, a, b, props)
         except ValueError as exc:
             raise BadRequest(getattr(exc, "field", "link"), str(exc)) from None
         broker.publish("link", t.name, action=action, a=a, b=b, **props)
@@ -257,7 +258,10 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
     async def verify(request: Request) -> Response:
         data = await body(request)
         t = await testbed_of(request) if data.get("testbed") is None else state.testbed(data["testbed"])
-        result = await _control().verify(t.name)
+        try:
+            result = await _control().verify(t.name)
+        except ValueError as exc:
+            raise BadRequest(getattr(exc, "field", "testbed"), str(exc)) from None
         return JSONResponse({"testbed": t.name, "result": result})
 
     # -- pages -----------------------------------------------------------------
@@ -304,18 +308,13 @@ def _sse(e) -> str:
 
 
 def _control():
-    """The experiment-control functions the `link` and `node` commands call."""
-    try:
-        from megafleet.experiment import api
-    except ImportError:
-        raise BadRequest("action", "live link and node control is not available in this build", 501) from None
-    return api
+    """The experiment-control functions the `link`, `node` and `verify` commands call."""
+    from megafleet.web import writes
+
+    return writes
 
 
 def _link_states(testbed: str) -> dict[tuple[str, str], str]:
-    """Links taken down at run time, as the experiment-control records say."""
-    try:
-        from megafleet.experiment import api
-    except ImportError:
-        return {}
-    return api.link_states(testbed)
+    from megafleet.web import writes
+
+    return writes.link_states(testbed)

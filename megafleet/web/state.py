@@ -23,8 +23,9 @@ from typing import Any
 # 40 labelled clusters, and a click on a cluster expands it.
 COLLAPSE_ABOVE = 2000
 
-# Node states as `megafleet status` names them, and the colour class of each.
-HEALTH = {"running": "ok", "up": "ok", "planned": "off", "booting": "busy", "starting": "busy", "stopped": "off",
+# Node states as `megafleet status` names them, and the colour class of each. A
+# guest that is stopped (`node stop`, `vm kill`) is down where it should run: red.
+HEALTH = {"running": "ok", "up": "ok", "planned": "off", "booting": "busy", "starting": "busy", "stopped": "bad",
           "failed": "bad", "exited": "bad", "missing": "bad", "killed": "bad"}
 
 

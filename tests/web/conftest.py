@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,15 +40,16 @@ class WebServer:
     """`megafleet web` as a user runs it: a child process; `info` is its --json line."""
 
     def __init__(self, *args: str):
-        self.port = free_port()
-        self.listen = args[0] if args else f"127.0.0.1:{self.port}"
-        if not args:
-            args = ("--listen", self.listen)
+        if "--listen" not in args:
+            args = ("--listen", f"127.0.0.1:{free_port()}", *args)
+        self.listen = args[args.index("--listen") + 1]
+        # Its log goes to a file: a pipe nobody reads would stop the server when full.
+        self.log = tempfile.NamedTemporaryFile(prefix="mfw-log-", suffix=".txt")
         self.proc = subprocess.Popen([sys.executable, "-m", "megafleet", "web", "--json", "--poll", "0.5", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
         line = self.proc.stdout.readline()
         if not line:
-            raise AssertionError(f"megafleet web did not start: {self.proc.stderr.read()}")
+            raise AssertionError(f"megafleet web did not start: {Path(self.log.name).read_text()}")
         self.info = json.loads(line)
         self.base = f"http://127.0.0.1:{self.listen.rsplit(':', 1)[1]}"
         deadline = time.monotonic() + 20
@@ -67,6 +69,7 @@ class WebServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 @pytest.fixture(scope="package")

@@ -149,3 +149,24 @@ def test_a_thousand_sse_clients_are_held(server):
     finally:
         for s in socks:
             s.close()
+
+
+def test_writes_change_the_testbed_and_bad_ones_name_the_field(server):
+    base = server.base
+    # Bad references and values: 400 with the field, nothing changed.
+    r = httpx.post(f"{base}/api/v1/links/set", json={"testbed": TESTBED, "a": "dist1", "b": "nosuch",
+                                                     "delay": "5ms"}, timeout=60)
+    assert (r.status_code, r.json()["field"]) == (400, "link"), r.text
+    r = httpx.post(f"{base}/api/v1/links/set", json={"testbed": TESTBED, "a": "dist1", "b": "core",
+                                                     "delay": "-5ms"}, timeout=60)
+    assert (r.status_code, r.json()["field"]) == (400, "delay"), r.text
+    r = httpx.post(f"{base}/api/v1/nodes/nosuch/restart?testbed={TESTBED}", timeout=60)
+    assert (r.status_code, r.json()["field"]) == (400, "node"), r.text
+    assert httpx.post(f"{base}/api/v1/nodes/www1/explode?testbed={TESTBED}").status_code == 404
+    links = httpx.get(f"{base}/api/v1/links?testbed={TESTBED}").json()["links"]
+    assert all(link["state"] == "up" for link in links)
+    # verify: the description's reachable assertions, live.
+    r = httpx.post(f"{base}/api/v1/verify", json={"testbed": TESTBED}, timeout=120)
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert result["ok"] and result["checks"] > 0 and result["passed"] == result["checks"], result

@@ -55,7 +55,7 @@ def test_killed_guest_turns_failed_without_reload(page, tmp_path):
     page.wait_for_function(f"{colour} === '#d0312d'", timeout=5000)
     assert time.monotonic() - t0 < 5
     assert page.evaluate("window.__marker") == 1
-    assert page.evaluate("window.megafleet.graph.getNodeAttribute('www2', 'state')") in ("exited", "failed")
+    assert page.evaluate("window.megafleet.graph.getNodeAttribute('www2', 'state')") in ("exited", "failed", "stopped")
     page.screenshot(path=str(tmp_path / "killed.png"))
 
 
@@ -64,3 +64,21 @@ def test_boot_time_plot_draws(page, tmp_path):
     page.wait_for_selector("#plot-boot canvas", timeout=10000)
     assert page.evaluate("window.megafleet.plots").count("plot-boot") == 1
     page.screenshot(path=str(tmp_path / "plots.png"))
+
+
+def test_link_down_from_the_api_shows_on_the_graph(page, server, tmp_path):
+    """dist1's core link taken down through the API turns red on the open page;
+    up again, it is grey again."""
+    edge = ("window.megafleet.graph.edges('dist1', 'core')"
+            ".map(e => window.megafleet.graph.getEdgeAttribute(e, 'color'))")
+    assert page.evaluate(edge) == ["#c4c4c4"]
+    body = {"testbed": TESTBED, "a": "dist1", "b": "core"}
+    try:
+        r = httpx.post(f"{server.base}/api/v1/links/down", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        page.wait_for_function(f"{edge}[0] === '#d0312d'", timeout=5000)
+        page.screenshot(path=str(tmp_path / "link-down.png"))
+    finally:
+        r = httpx.post(f"{server.base}/api/v1/links/up", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    page.wait_for_function(f"{edge}[0] === '#c4c4c4'", timeout=5000)

@@ -5,7 +5,7 @@
 
 const COLORS = { ok: "#2e9e44", busy: "#e0a000", bad: "#d0312d", off: "#888888",
                  switch: "#555555", router: "#1f6fd1", host: "#0f8f8f" };
-const HEALTH = { running: "ok", up: "ok", planned: "off", booting: "busy", starting: "busy", stopped: "off",
+const HEALTH = { running: "ok", up: "ok", planned: "off", booting: "busy", starting: "busy", stopped: "bad",
                  failed: "bad", exited: "bad", missing: "bad", killed: "bad" };
 const SIZES = { switch: 9, router: 7, host: 4, vm: 3, cluster: 10 };
 
