@@ -14,6 +14,18 @@ A name starts with a letter, then letters, digits, `_`, `-`, `.` (at most 63).
 `NAME[A..B]` declares B-A+1 names: `web[1..1000]` is web1 ... web1000;
 `r[01..10]` pads to the width of the first number (r01 ... r10); a suffix may
 follow the range (`h[1..3]x`). Nodes and switches share one namespace.
+Limit: a description declares at most 1,000,000 names (nodes of all ranges
+together); a range over it is refused with its file:line before anything is
+built. The environment variable MEGAFLEET_MAX_NAMES sets another limit.
+The testbed's name (`-N`, else derived from the file name the same way by
+`up` and `net up`: a stem of at most 8 letters and digits as it is, a longer
+one cut to 5 plus 3 characters of a hash of the whole stem) has at most 8
+characters: it prefixes every interface (at most 15 bytes, Linux's limit) and
+namespace the testbed creates. Generated interface names never collide: each is
+allocated once per testbed (readable when it fits, hashed otherwise, re-hashed
+on a clash) and checked unique; a name already present on a host is refused.
+A testbed name taken on a host by another description is refused by `up` and
+`net up` alike.
 
 References (anywhere a statement names other things) may be a name, a range
 (`web[1..10]`, every name must exist), a glob (`lan*`, `r?`) or `@GROUP` (every
@@ -46,6 +58,12 @@ length) of the interfaces on it, or the switch is layer 2 only. `vde` runs the
 switch as a vde_switch process instead of a Linux bridge. A switch with VLANs is
 one layer-2 network per VLAN; `subnet CIDR` describes its untagged network, each
 VLAN gets an automatic subnet.
+Limits: `mtu` 68-65535. Ports: a Linux bridge takes at most 1,023; a switch (or
+one VLAN of it) with more is built as a tree of bridges with no change to the
+description (a root bridge and leaves of 1,022 ports, each leaf joined to the
+root by a veth; switch links and VXLAN tunnels stay on the root), up to
+1,022,000 ports per switch and VLAN; more is refused by `net check` with the
+switch's line.
 
 Nodes
 -----
@@ -70,7 +88,10 @@ ATTACH is `SWITCH-REF [ADDRESS|auto|none]... [vlan N] [LINK-PROPS]`:
 - `vlan N` (1-4094): an access port in VLAN N, isolated from the switch's other
   VLANs (each VLAN is its own bridge on the host);
 - LINK-PROPS: `rate 100mbit` (tbf), `delay 20ms`, `jitter 2ms`, `loss 0.1%` (netem),
-  `mtu N` (must equal the switch's MTU).
+  `mtu N` (68-65535, must equal the switch's MTU). Delay, jitter and loss on a
+  vm's port are refused (a guest's NIC cannot join the VDE wire that carries
+  them); so are rate and impairments on a vm's port of a VDE switch, and a
+  libvirt or container vm on a VDE switch (those drivers have no VDE NIC).
 
 Groups with defaults
 --------------------
@@ -85,10 +106,15 @@ Links
 -----
     link REF [ADDR...] -- REF [ADDR...] [LINK-PROPS] [vlan N[,M...]] [subnet CIDR|POOL|auto|none]
 - switch -- switch: the two become one layer-2 network (a veth between bridges);
-  with `vlan 10,20` a tagged trunk carrying those VLANs;
+  with `vlan 10,20` a tagged trunk carrying those VLANs (ids 1-4094, each
+  once; a VLAN no port uses is still carried). Links that close a loop of
+  switches (in one VLAN) are refused: bridges run no spanning tree. VDE switches
+  take no links;
 - node -- switch: one more interface on that node (like `on`);
 - node -- node: a point-to-point link with its own /30 (and /126), addresses
-  explicit or automatic. Patterns on both sides link every pair.
+  explicit or automatic. Patterns on both sides link every pair. The same pair
+  linked twice is two links (two interfaces on each). Not to a vm: put it on
+  a switch.
 - `NODE:IFNAME` on either side (`link r1:e1-1 -- r2:eth3`) names that node's
   interface (at most 15 bytes; hosts and routers only, one node, unique within
   it); unnamed interfaces are eth0, eth1, ... by their order (imported
@@ -106,7 +132,10 @@ via the first router on a shortest path. `ospf` runs FRR's ospfd on every
 IPv4 interface of the router and ospf6d on every IPv6 one (hello 1 s, dead 4 s,
 point-to-point on links, passive on a network no other router is on, connected
 networks redistributed); `bgp AS` runs bgpd,
-peering over IPv4 with every other BGP router on a shared network. A router is
+peering with every other BGP router on a shared network, over IPv4 where both
+have an IPv4 address there and over IPv6 where both have an IPv6 one (each
+session carries its own family, so IPv6-only and dual-stack links announce
+IPv6 prefixes too). A router is
 a network namespace, or a VM when given an image (on switches only): the guest
 forwards, gets its static routes on the kernel command line, and with `ospf` or
 `bgp` the generated FRR configuration is written into it and its daemons
@@ -151,8 +180,14 @@ a progress line every 5 s (`megafleet.netlang.routers`).
 Assertions
 ----------
     reachable A B             every node of A can reach every node of B
-Checked when compiling: the nodes share an addressed network, or both have a
-router path (gateways in one routed component).
+Checked when compiling, per address family (it holds when IPv4 or IPv6
+carries every pair): the nodes share a network addressed in that family, or
+both have gateways in one routed component of that family (networks joined by
+routers with addresses of that family). It is reported as unprovable, with the
+assertion's line, when that component's routers learn routes in different ways
+(static, OSPF, BGP: nothing is redistributed between them), or when more than
+two BGP routers in it share an AS (no iBGP full mesh or route reflector is
+generated).
 
 Compilation
 -----------

@@ -153,3 +153,14 @@ def test_a_huge_count_is_refused_with_its_line_and_the_limit(monkeypatch):
     assert "limit of 2 names" in got
     monkeypatch.setenv(limits.MAX_NAMES_ENV, "10")
     assert compile_text(text).counts()["host"] == 3
+
+
+def test_the_language_reference_states_each_limit():
+    import megafleet.netlang as reference
+
+    doc = reference.__doc__
+    for text in (f"{limits.DEFAULT_MAX_NAMES:,} names", limits.MAX_NAMES_ENV, f"at most {limits.TESTBED_NAME_MAX}",
+                 f"at most {limits.IFNAME_MAX} bytes", f"{limits.VLAN_MIN}-{limits.VLAN_MAX}",
+                 f"{limits.MTU_MIN}-{limits.MTU_MAX}", f"at most {limits.BRIDGE_PORTS:,}",
+                 f"{limits.LEAF_PORTS:,} ports", f"{limits.SWITCH_PORTS_MAX:,} ports"):
+        assert text in doc, text

@@ -404,3 +404,22 @@ def test_a_vm_router_runs_ospf_with_a_namespace_router(testbed, tmp_path):
     finally:
         live.down(name)
     assert leftovers(name) == clean(name)
+
+
+def test_up_and_net_up_refuse_each_others_testbed_from_another_description(testbed):
+    """One instantiation for `net up` and `up`'s hosts: a testbed name taken by
+    another description is refused by both paths, and nothing of it is touched."""
+    import trio
+
+    from megafleet import host
+
+    name = testbed("mfnd")
+    a = compile_text("pool p 10.73.0.0/16\nswitch lan\nhost a on lan\n", name="a.fleet")
+    b = compile_text("pool p 10.74.0.0/16\nswitch lan\nhost b on lan\n", name="b.fleet")
+    live.up(a, name)
+    before = leftovers(name)
+    with pytest.raises(host.HostError, match=r"different description \(a\.fleet\)"):
+        trio.run(host.apply_net, live.plan(b, name), Ledger(), lambda s: None, "b.fleet")
+    with pytest.raises(live.LiveError, match=r"different description \(a\.fleet\)"):
+        live.up(b, name)
+    assert leftovers(name) == before and f"{name}-a" in before["netns"]
