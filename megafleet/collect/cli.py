@@ -417,19 +417,22 @@ def run_command(obj: _Context, host_name: str | None, duration: float | None, in
             raise click.BadParameter(str(exc), param_hint="--ttl") from None
     if interval <= 0:
         raise click.BadParameter("must be positive", param_hint="--interval")
-    source = agent_logs = None
+    source = agent_logs = containers = None
     if with_vm:
         try:
-            from megafleet.collect.sources import vm_agent_logs, vm_guest_source
+            from megafleet.collect.sources import (vm_agent_logs, vm_container_source,
+                                                   vm_guest_source)
             from megafleet.vm.engine import Engine
 
             engine = Engine()
             source, agent_logs = vm_guest_source(engine), vm_agent_logs(engine)
+            containers = vm_container_source(engine)
         except ImportError:
             click.echo("vm engine not available: guests are not sampled", err=True)
     try:
         collector = Collector(host_name, obj.store(), spool_dir=spool_dir, guest_source=source,
                               agent_logs=agent_logs, agent_interval=min(interval, 5.0),
+                              container_source=containers,
                               guest_interval=interval, iface_interval=interval,
                               host_interval=interval, sniff_interval=interval,
                               switches=switches)

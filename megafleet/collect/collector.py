@@ -50,17 +50,24 @@ class Collector:
                  guest_source: GuestSource | None = None, guest_interval: float = 10.0,
                  iface_interval: float = 10.0, host_interval: float = 10.0,
                  switches: Sequence[str] = (), sniff_interval: float = 10.0,
-                 agent_logs=None, agent_interval: float = 5.0,
-                 iface_select=None, spool_max_bytes: int = 512 << 20, **pipeline_options: Any):
+                 agent_logs=None, agent_interval: float = 5.0, container_source=None,
+                 iface_select=None, spool_max_bytes: int = 512 << 20, guest_aggregate: bool = False,
+                 **pipeline_options: Any):
         self.host = check_name(host, "host")
         self.spool = Spool(spool_dir or default_spool_dir(self.host), max_bytes=spool_max_bytes)
         self.pipeline = Pipeline(store, self.spool, host=self.host, **pipeline_options)
         self.samplers: list[Any] = [HostSampler(self.host, host_interval),
                                     InterfaceSampler(self.host, iface_interval, iface_select)]
         if guest_source is not None:
-            self.samplers.append(GuestSampler(self.host, guest_source, guest_interval))
+            # guest_aggregate: one document per interval for all guests (see GuestSampler).
+            self.samplers.append(GuestSampler(self.host, guest_source, guest_interval,
+                                              aggregate=guest_aggregate))
         if agent_logs is not None:
             self.samplers.append(AgentLogSampler(self.host, agent_logs, agent_interval))
+        if container_source is not None:
+            # Containers run no agent: their agent samples are read from here.
+            from megafleet.collect.containers import ContainerSampler
+            self.samplers.append(ContainerSampler(self.host, container_source, agent_interval))
         # "lan1=mfbr-lan1": the switch's name in the documents, then its bridge.
         self.sniffers = [SwitchSniffer(self.host, *_switch_and_bridge(s), interval=sniff_interval)
                          for s in switches]

@@ -8,6 +8,9 @@
   (`megafleet telemetry run`, as host.py starts it) reports boots too.
 - `vm_agent_logs(engine)`: (guest, agent.log path) of each guest the qemu driver
   started, for the agent-log sampler (the guest agent's lines land there).
+- `vm_container_source(engine)`: the running container guests, for the
+  container sampler (`megafleet.collect.containers`), which reads their
+  telemetry from the host: containers run no agent.
 - `boot_progress(collector, specs)`: a `progress` callback for
   `megafleet.vm.manifest.apply` that turns each finished guest into a `boot`
   event (duration, or failure reason) without blocking the engine.
@@ -73,3 +76,32 @@ def boot_progress(collector: Any, specs: Iterable[Any],
             chain(done, total, result)
 
     return progress
+
+
+def vm_container_source(engine: Any = None, pattern: str = "*") -> Callable[[], list[Any]]:
+    """The running container guests of the vm engine's state, as the
+    `ContainerSource` the container sampler reads every interval (blocking):
+    each with its init's pid, the addresses the host configured on its NICs
+    (eth0, eth1, ... in NIC order) and its agent interval."""
+    from megafleet.collect.containers import ContainerInfo
+
+    if engine is None:
+        from megafleet.vm.engine import Engine
+
+        engine = Engine()
+
+    def containers() -> list[ContainerInfo]:
+        out = []
+        for rec in engine.state.list(pattern):
+            if rec.driver != "container" or rec.state != "running" or not rec.pid:
+                continue
+            config = rec.spec.get("config") or {}
+            by_mac = {n["mac"].lower(): tuple(n.get("addresses", ())) for n in config.get("nics", ())}
+            addresses = {f"eth{i}": by_mac.get(n["mac"].lower(), ())
+                         for i, n in enumerate(rec.spec.get("nics", ()))}
+            out.append(ContainerInfo(name=rec.name, pid=rec.pid, pid_start=rec.pid_start,
+                                     interval=float(config.get("agent_interval", 5.0)),
+                                     addresses={k: v for k, v in addresses.items() if v}))
+        return out
+
+    return containers

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,19 +31,37 @@ GUEST_INIT = "/init"
 
 
 def peer_of(ifname: str) -> str:
-    """The other end of the veth whose host end is `ifname` (its iflink)."""
+    """The other end of the veth whose host end is `ifname`: the interface whose
+    index is its iflink (one lookup, not a scan of every interface)."""
     try:
-        peer_index = (Path("/sys/class/net") / ifname / "iflink").read_text().strip()
-    except OSError:
+        peer_index = int((Path("/sys/class/net") / ifname / "iflink").read_text())
+        own_index = int((Path("/sys/class/net") / ifname / "ifindex").read_text())
+    except (OSError, ValueError):
         raise StartFailed(f"no interface {ifname!r} on this host (the network layer "
                           "creates the veth before the guest boots)") from None
-    for dev in Path("/sys/class/net").iterdir():
-        try:
-            if (dev / "ifindex").read_text().strip() == peer_index and dev.name != ifname:
-                return dev.name
-        except OSError:
-            continue
-    raise StartFailed(f"{ifname!r} is not one end of a veth pair on this host")
+    try:
+        if peer_index == own_index:
+            raise OSError
+        return socket.if_indextoname(peer_index)
+    except OSError:
+        raise StartFailed(f"{ifname!r} is not one end of a veth pair on this host") from None
+
+
+def net_request(spec) -> dict[str, Any]:
+    """What the launcher configures in the container's network namespace (see
+    `cnet.NetConfig`): its NICs by MAC with their addresses and MTUs from the
+    guest's config, routes, gateways, forwarding. JSON-able."""
+    config = spec.guest_config()
+    by_mac = {n.mac.lower(): n for n in config.nics}
+    nics = []
+    for i, nic in enumerate(spec.nics):
+        mac = nic.mac.lower()
+        conf = by_mac.get(mac)
+        nics.append({"dev": nic.peer or peer_of(nic.ifname), "name": f"eth{i}", "mac": mac,
+                     "addresses": [str(a) for a in conf.addresses] if conf else [],
+                     "mtu": conf.mtu if conf else None})
+    return {"nics": nics, "gateway": config.gateway, "gateway6": config.gateway6,
+            "routes": [list(r) for r in config.routes], "forward": config.forward}
 
 
 class _Helper:
@@ -114,12 +133,11 @@ class ContainerDriver(Driver):
         lower = await self._lower(image)
         if "," in str(gdir) or ":" in str(gdir):
             raise StartFailed(f"guest directory {gdir} contains ',' or ':' (overlay options)")
-        nics = []
-        for i, nic in enumerate(spec.nics):
-            nics.append({"dev": nic.peer or peer_of(nic.ifname), "name": f"eth{i}",
-                         "mac": nic.mac.lower()})
+        # Network, mounts and hostname are set up from here, so the guest's init
+        # forks nothing before its ready line (and runs no agent: the host's
+        # collector samples containers, megafleet.collect.containers).
         req = {"id": spec.name, "gdir": str(gdir), "lower": lower, "init": GUEST_INIT,
-               "hostname": spec.name, "nics": nics,
+               "hostname": spec.name, "net": net_request(spec),
                "cmdline": " ".join(spec.guest_config().kernel_args())}
         helper = self._helpers[self._next % len(self._helpers)]
         self._next += 1

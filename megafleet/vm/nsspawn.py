@@ -19,12 +19,19 @@ For each request, with ``gdir`` the guest's directory (already recorded):
    ``gdir/pid`` at once.
 3. The init-to-be unshares mount, UTS, IPC and network namespaces and waits
    while the launcher moves its NICs (veth ends) into that network namespace
-   with ``ip link set ... netns /proc/PID/ns/net name ethN address MAC``.
+   (renamed ethN, with the guest's MAC) and, when the request carries ``net``,
+   enters that namespace and configures it: lo and NICs up, MTUs, addresses,
+   routes, gateways, forwarding (`cnet`: rtnetlink messages, no process).
 4. It mounts the overlay (image rootfs as read-only lower dir, ``upper`` and
-   ``work``) on ``root``, a read-only sysfs of its own network namespace, a tmpfs /dev with the harmless host devices bound in,
-   pivots into it and detaches the old root, so the host's mounts are not held
-   by the container; then it execs the image's init with MEGAFLEET_CONTAINER=1,
-   stdout and stderr to ``gdir/console.log``.
+   ``work``) on ``root``, a read-only sysfs of its own network namespace, a
+   tmpfs /dev with the harmless host devices bound in, /proc of its own PID
+   namespace and tmpfs /run and /tmp, pivots into it and detaches the old root,
+   so the host's mounts are not held by the container; then it execs the
+   image's init with MEGAFLEET_CONTAINER=1, stdout and stderr to
+   ``gdir/console.log``. With ``net`` in the request it also sets
+   MEGAFLEET_PREPARED=1: mounts, hostname and network are done and the host
+   samples the guest's telemetry, so the init forks nothing before its ready
+   line and starts no agent.
 
 All the container's mounts live only in its own mount namespace: when its init
 dies, they vanish with it. Nothing of it needs unmounting on the host.
@@ -33,8 +40,11 @@ dies, they vanish with it. Nothing of it needs unmounting on the host.
 import ctypes
 import json
 import os
-import subprocess
 import sys
+
+# Not on sys.path under -I: the network helper is the file beside this one.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cnet  # noqa: E402
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -89,6 +99,14 @@ def guest_init(req, console_fd, ready_w, go_r):
         target = f"{root}/dev/{dev}"
         open(target, "w").close()
         mount("/dev/" + dev, target, None, MS_BIND)
+    env = GUEST_ENV
+    if req.get("net") is not None:
+        # What the init would otherwise fork mount, mkdir and grep for.
+        mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount("tmpfs", root + "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+        mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        os.mkdir(root + "/run/megafleet")
+        env = dict(GUEST_ENV, MEGAFLEET_PREPARED="1")
     os.chdir(root)
     _check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
     _check(libc.umount2(b".", MNT_DETACH), "umount old root")
@@ -100,7 +118,7 @@ def guest_init(req, console_fd, ready_w, go_r):
     os.dup2(console_fd, 1)
     os.dup2(console_fd, 2)
     os.closerange(3, 65536)
-    os.execve(req["init"], [req["init"]], GUEST_ENV)
+    os.execve(req["init"], [req["init"]], env)
 
 
 def launcher(req, console_fd, report_w):
@@ -124,15 +142,14 @@ def launcher(req, console_fd, report_w):
     try:
         if os.read(ready_r, 1) != b"u":
             raise RuntimeError("container init died before its namespaces were ready")
-        for nic in req.get("nics", ()):
-            # By the namespace file, not the pid: `ip` forked here already lives in
-            # the new PID namespace, where the host pid means nothing.
-            result = subprocess.run(["ip", "link", "set", "dev", nic["dev"],
-                                     "netns", f"/proc/{pid}/ns/net",
-                                     "name", nic["name"], "address", nic["mac"]],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"moving {nic['dev']} into the container: {result.stderr.strip()}")
+        netns = f"/proc/{pid}/ns/net"
+        if req.get("net") is not None:
+            # The launcher ends up in the container's network namespace; it
+            # exits right after.
+            cnet.setup(cnet.NetConfig.from_json(req["net"]), netns)
+        else:
+            cnet.move_links(tuple(cnet.Nic(n["dev"], n["name"], n["mac"])
+                                  for n in req.get("nics", ())), netns)
         os.write(go_w, b"g")
     except BaseException as exc:
         os.kill(pid, 9)
