@@ -98,7 +98,7 @@ def bench_qemu(n: int, timeout: float) -> dict:
 
     from megafleet.imagegen import store
     from megafleet.vm.engine import Engine, guests_dir
-    from megafleet.vm.manifest import GuestSpec
+    from megafleet.vm.spec import GuestSpec
     from megafleet.vm.qemu_driver import guest_argv, host_accel
 
     image = store.find("tiny")
@@ -160,7 +160,7 @@ def bench_libvirt(n: int, timeout: float, rounds: int) -> dict:
     from megafleet.imagegen import store
     from megafleet.vm.engine import Engine, guests_dir
     from megafleet.vm.libvirt_driver import domain_xml
-    from megafleet.vm.manifest import GuestSpec
+    from megafleet.vm.spec import GuestSpec
     from megafleet.vm.qemu_driver import host_accel
 
     subprocess.run([str(REPO / "scripts" / "libvirtd-up")], check=True)
@@ -212,7 +212,7 @@ def bench_containers(n: int, timeout: float) -> dict:
     import trio
 
     from megafleet.vm.engine import Engine
-    from megafleet.vm.manifest import GuestSpec
+    from megafleet.vm.spec import GuestSpec
 
     specs = [GuestSpec(name=f"mfvbc{i}", image="tiny", driver="container") for i in range(n)]
     engine = Engine(timeout_s=timeout)

@@ -46,7 +46,7 @@ async def campus_reference(path: Path, defines: dict[str, str]) -> tuple[float, 
     from megafleet import host, manifest, up
     from megafleet.ledger import Ledger
     from megafleet.netlang import live
-    from megafleet.vm.manifest import apply as vm_apply
+    from megafleet.vm.api import apply as vm_apply
 
     out = up.Output(quiet=True)
     net = up.compile_testbed(path, defines)

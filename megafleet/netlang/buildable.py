@@ -27,7 +27,7 @@ def _impaired(props: LinkProps) -> bool:
 
 def check(net: Net, diags: Diagnostics) -> None:
     """Report every statement a host cannot build into `diags`."""
-    from megafleet.vm.manifest import DRIVER_NIC_KINDS
+    from megafleet.vm.spec import DRIVER_NIC_KINDS
 
     vde = {s for s, sw in net.switches.items() if sw.vde}
     ports: dict[tuple[str, int | None], int] = {}

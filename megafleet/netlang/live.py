@@ -85,7 +85,7 @@ def mac_for(testbed: str, node: str, index: int) -> str:
 
 def _nic_kinds(driver: str) -> tuple[str, ...]:
     """The NIC kinds a vm driver attaches (the vm engine's registry)."""
-    from megafleet.vm.manifest import DRIVER_NIC_KINDS
+    from megafleet.vm.spec import DRIVER_NIC_KINDS
     return tuple(DRIVER_NIC_KINDS[driver])
 
 
@@ -276,7 +276,7 @@ def _guest_spec(net: Net, testbed: str, node: str, view_nics: list) -> Any:
     """The vm engine's GuestSpec of a vm node: one NIC per port, of the kind the
     port is (tap, the veth of a container, QEMU's own VDE connection)."""
     from megafleet.imagegen.contract import GuestConfig, NicConfig
-    from megafleet.vm.manifest import GuestSpec, NicSpec
+    from megafleet.vm.spec import GuestSpec, NicSpec
 
     g = net.groups[net.index[node][0]]
     view = net.node(node)
@@ -407,7 +407,7 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
         progress(f"testbed {testbed} is already up; nothing changed")
         return {"testbed": testbed, "changed": False, "seconds": time.monotonic() - t0}
     if p.vms:
-        from megafleet.vm.manifest import apply as vm_apply
+        from megafleet.vm.api import apply as vm_apply
 
         names = await trio.to_thread.run_sync(_build_images, net, sorted({v.image for v in p.vms}), progress)
         specs = [dataclasses.replace(v, image=names[v.image]) for v in p.vms]
@@ -733,7 +733,7 @@ async def adown(testbed: str, progress: Progress = _quiet, ledger: Ledger | None
     for r in mine:
         by_kind.setdefault(r.kind, []).append(r)
     if "vms" in by_kind:
-        from megafleet.vm.manifest import teardown
+        from megafleet.vm.api import teardown
 
         for r in by_kind["vms"]:
             for name in r.data["names"]:

@@ -9,7 +9,7 @@ import click
 import trio
 
 from megafleet.vm.admission import BudgetError
-from megafleet.vm.manifest import DRIVERS, GuestResult, GuestSpec, SpecError
+from megafleet.vm.spec import DRIVERS, GuestResult, GuestSpec, SpecError
 
 
 def _human_bytes(n: int | None) -> str:

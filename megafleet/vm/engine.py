@@ -30,7 +30,7 @@ from megafleet.proc import RecordedProcess
 from megafleet.vm import admission
 from megafleet.vm.driver import (Driver, StartFailed, become_subreaper, driver_kind,
                                  process_from_pidfile, stop_processes)
-from megafleet.vm.manifest import (BootReport, GuestResult, GuestSpec, Progress, SpecError,
+from megafleet.vm.spec import (BootReport, GuestResult, GuestSpec, Progress, SpecError,
                                    validate_all)
 from megafleet.vm.state import OWNER, GuestRecord, VmState
 

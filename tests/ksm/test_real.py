@@ -215,7 +215,7 @@ def test_vm_engine_announces_its_bulk_boot_and_teardown(ksm_untouched, image):
     Container guests: the announcement is the engine's, whatever the driver, and
     containers boot in about a second."""
     from megafleet.vm.engine import Engine
-    from megafleet.vm.manifest import GuestSpec
+    from megafleet.vm.spec import GuestSpec
     from tests.vm.vmhelpers import assert_nothing_left
 
     daemon = subprocess.Popen(PY + ["ksm", "run", "--json", "--interval", "0.3"], cwd=REPO,

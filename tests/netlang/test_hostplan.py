@@ -56,7 +56,7 @@ def test_an_empty_vlan_on_a_trunk_plans_and_builds_its_bridges():
 
 
 def test_container_guests_get_veths_from_the_plan_itself():
-    from megafleet.vm.manifest import validate_all
+    from megafleet.vm.spec import validate_all
 
     net = compile_text('image tiny from "x.toml"\npool p 10.0.0.0/16\nswitch s\n'
                        "vm c[1..3] image tiny driver container on s\nvm q image tiny on s\n")

@@ -210,7 +210,7 @@ def test_example_files_compile():
 
 def test_vm_nodes_become_guest_specs_for_the_vm_engine():
     from megafleet.netlang.live import plan
-    from megafleet.vm.manifest import validate_all
+    from megafleet.vm.spec import validate_all
 
     net = compile_text('image tiny from "tiny.toml"\npool p 10.0.0.0/16\nswitch lan[1..2]\n'
                        "router gw on lan*\nvm web[1..3] image tiny mem 112M vcpus 2 on lan1\n"

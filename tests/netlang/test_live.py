@@ -298,7 +298,7 @@ def test_a_vm_node_on_a_bridge_with_namespace_hosts(testbed, tmp_path):
     import shutil
     if not shutil.which("qemu-system-x86_64"):
         pytest.skip("qemu-system-x86_64 is not installed")
-    pytest.importorskip("megafleet.vm.manifest")
+    pytest.importorskip("megafleet.vm.spec")
     name = testbed("mfnq")
     desc = tmp_path / "vm.fleet"
     desc.write_text(f'image tiny from "{REPO}/examples/images/tiny.toml"\npool p 10.82.0.0/16\n'

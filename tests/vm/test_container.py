@@ -17,7 +17,7 @@ from megafleet.imagegen.contract import GuestConfig, NicConfig
 from megafleet.ledger import Ledger
 from megafleet.vm.driver import reap
 from megafleet.vm.engine import Engine, guests_dir
-from megafleet.vm.manifest import GuestSpec, NicSpec
+from megafleet.vm.spec import GuestSpec, NicSpec
 from megafleet.vm.state import OWNER
 
 from .vmhelpers import REPO, assert_nothing_left, live_pids

@@ -18,7 +18,7 @@ from megafleet.collect.containers import ContainerSampler
 from megafleet.collect.sources import vm_container_source
 from megafleet.imagegen.contract import GuestConfig, NicConfig
 from megafleet.vm.engine import Engine
-from megafleet.vm.manifest import GuestSpec, NicSpec
+from megafleet.vm.spec import GuestSpec, NicSpec
 
 from .vmhelpers import assert_nothing_left, live_pids
 

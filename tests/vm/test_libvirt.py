@@ -9,7 +9,7 @@ import trio
 
 from megafleet.vm.engine import Engine, guests_dir
 from megafleet.vm.guestexec import exec_in_guest
-from megafleet.vm.manifest import GuestSpec
+from megafleet.vm.spec import GuestSpec
 from megafleet.vm.state import VmState
 
 from .vmhelpers import REPO, assert_nothing_left, live_pids

@@ -19,7 +19,7 @@ from megafleet.ledger import Ledger
 from megafleet.vm.driver import reap
 from megafleet.vm.engine import Engine, guests_dir
 from megafleet.vm.guestexec import exec_in_guest
-from megafleet.vm.manifest import GuestSpec, NicSpec
+from megafleet.vm.spec import GuestSpec, NicSpec
 from megafleet.vm.state import OWNER, VmState
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]

@@ -12,7 +12,7 @@ import trio
 from megafleet.ledger import Ledger
 from megafleet.vm.admission import BudgetError
 from megafleet.vm.engine import Engine, guests_dir
-from megafleet.vm.manifest import GuestSpec, SpecError
+from megafleet.vm.spec import GuestSpec, SpecError
 from megafleet.vm.state import OWNER, VmState
 
 from .vmhelpers import REPO, assert_nothing_left, qemu_pids

@@ -11,7 +11,7 @@ import pytest
 from megafleet.imagegen.contract import GuestConfig, NicConfig
 from megafleet.vm import admission
 from megafleet.vm.engine import ConsoleWatcher, console_tail, kernel_panic, find_ready
-from megafleet.vm.manifest import (BootReport, GuestResult, GuestSpec, NicSpec, SpecError,
+from megafleet.vm.spec import (BootReport, GuestResult, GuestSpec, NicSpec, SpecError,
                                    percentile, validate, validate_all)
 from megafleet.vm.state import GuestRecord, VmState
 
