@@ -394,6 +394,8 @@ async def _down_one(t: str, ledger: Ledger, emit: Emit) -> dict[str, int]:
         if r.key.startswith(t + "/"):
             Path(r.data["path"]).unlink(missing_ok=True)
             ledger.forget(OWNER, "file", r.key)
+    from megafleet.experiment.hostside import forget as forget_link_settings
+    forget_link_settings(t, ledger)
     ledger.forget(OWNER, "testbed", t)
     return {"namespaces": result.get("namespaces", 0), "links": result.get("links", 0),
             "processes": max(killed.processes, result.get("processes", 0)) + len(daemons)}
@@ -468,9 +470,10 @@ def status(testbed: str | None = None, *, state_dir: str | None = None,
                      "log": _tail(paths.state_dir() / "up" / f"{t}.collect.log")}
         if m is not None:
             telemetry.update(_telemetry_seen(m))
+        from megafleet.experiment.hostside import changed_links
         beds.append({"testbed": t, "complete": record.get("complete", False),
                      "source": record.get("source"), "nodes": states, "failures": failures,
-                     "telemetry": telemetry})
+                     "telemetry": telemetry, "links": changed_links(t, ledger)})
     ksm = {"daemon": "running" if any(r.key.endswith("/ksm") and _running(ledger, r.key)
                                       for r in ledger.list(OWNER, "process")) else "stopped"}
     try:

@@ -938,7 +938,8 @@ def status_command(testbed, hosts, host_state, json_mode):
     if json_mode:
         click.echo(json.dumps(result))
         return
-    rows, failures = [], []
+    from megafleet.experiment.cli import fmt_settings
+    rows, failures, links = [], [], []
     for h, r in sorted(result["hosts"].items()):
         if r["status"] != "ok":
             rows.append([h, "", r["status"], "", "", r.get("error", "")])
@@ -954,6 +955,8 @@ def status_command(testbed, hosts, host_state, json_mode):
             rows.append([h, b["testbed"], "complete" if b["complete"] else "incomplete", nodes, ksm_text,
                          f"collector {tel['collector']}{seen}"])
             failures += [[h, b["testbed"], f["node"], f["state"], f["reason"]] for f in b["failures"]]
+            links += [[h, b["testbed"], x["link"], x["state"], fmt_settings(x["settings"])]
+                      for x in b.get("links", [])]
         if not v["testbeds"]:
             rows.append([h, "", "nothing up", "", ksm_text, ""])
     click.echo(table(rows, ["HOST", "TESTBED", "STATE", "NODES", "KSM", "TELEMETRY"]))
@@ -962,6 +965,9 @@ def status_command(testbed, hosts, host_state, json_mode):
         click.echo(table(failures[:50], ["HOST", "TESTBED", "NODE", "STATE", "REASON"]))
         if len(failures) > 50:
             click.echo(f"... and {len(failures) - 50} more (--json lists all)")
+    if links:
+        click.echo("")
+        click.echo(table(links, ["HOST", "TESTBED", "LINK CHANGED AT RUNTIME", "STATE", "SETTINGS"]))
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True})

@@ -51,6 +51,32 @@ def fmt_settings(s: dict) -> str:
     return " ".join(parts) or "-"
 
 
+def _late_options(words: tuple[str, ...], takes_value: dict[str, str], flags: dict[str, str]) -> tuple[list[str], dict]:
+    """Options written after `A -- B` (click stops parsing options at `--`):
+    `takes_value` and `flags` map each spelling to its parameter name."""
+    rest, found = [], {}
+    words = list(words)
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in takes_value:
+            if i + 1 >= len(words):
+                raise click.UsageError(f"option {w} needs a value")
+            found[takes_value[w]] = words[i + 1]
+            i += 2
+        elif w in flags:
+            found[flags[w]] = True
+            i += 1
+        else:
+            rest.append(w)
+            i += 1
+    return rest, found
+
+
+_LINK_VALUE = {"-t": "testbed", "--testbed": "testbed"}
+_LINK_FLAGS = {"--json": "json_mode"}
+
+
 def _link_words(words: tuple[str, ...]) -> tuple[str, str | None, list[str]]:
     """click drops the first `--` of the command line: `r1 -- r2 delay 5ms`
     arrives as [r1, r2, delay, 5ms]. A second word that is not a setting is B."""
@@ -146,6 +172,8 @@ def link_set(words, testbed, json_mode):
       megafleet link set 'lab*' -- lab1 loss 5%
       megafleet link set r1 -- core delay none loss none
     """
+    words, late = _late_options(words, _LINK_VALUE, _LINK_FLAGS)
+    testbed, json_mode = late.get("testbed", testbed), late.get("json_mode", json_mode)
     a, b, rest = _link_words(words)
     try:
         settings = R.parse_settings(rest)
@@ -162,6 +190,8 @@ def link_set(words, testbed, json_mode):
 @_json_option
 def link_down(words, testbed, json_mode):
     """A -- B: pull the cable (both ends lose carrier; addresses stay)."""
+    words, late = _late_options(words, _LINK_VALUE, _LINK_FLAGS)
+    testbed, json_mode = late.get("testbed", testbed), late.get("json_mode", json_mode)
     a, b, rest = _link_words(words)
     if rest:
         raise click.UsageError(f"unexpected {' '.join(rest)!r} after the link")
@@ -175,6 +205,8 @@ def link_down(words, testbed, json_mode):
 @_json_option
 def link_up(words, testbed, json_mode):
     """A -- B: plug the cable back in."""
+    words, late = _late_options(words, _LINK_VALUE, _LINK_FLAGS)
+    testbed, json_mode = late.get("testbed", testbed), late.get("json_mode", json_mode)
     a, b, rest = _link_words(words)
     if rest:
         raise click.UsageError(f"unexpected {' '.join(rest)!r} after the link")
@@ -256,7 +288,17 @@ def capture_command(words, write, count, duration, bpf, testbed):
       megafleet capture r1 -- core -w - | wireshark -k -i -
     Stops after --count packets, --duration seconds, or Ctrl-C.
     """
-    words = list(words)
+    words, late = _late_options(words, {"-w": "write", "-c": "count", "--count": "count",
+                                        "--duration": "duration", "--filter": "bpf", "-t": "testbed",
+                                        "--testbed": "testbed"}, {})
+    write, testbed, bpf = late.get("write", write), late.get("testbed", testbed), late.get("bpf", bpf)
+    try:
+        count = int(late["count"]) if "count" in late else count
+        duration = float(late["duration"]) if "duration" in late else duration
+    except ValueError:
+        raise click.UsageError("--count takes a whole number, --duration seconds") from None
+    if not words:
+        raise click.UsageError("expected what to capture: NODE[:IFACE], SWITCH or A -- B")
     a, b, rest = _link_words(words) if len(words) > 1 else (words[0], None, [])
     if rest:
         raise click.UsageError(f"unexpected {' '.join(rest)!r}")

@@ -28,6 +28,7 @@ import base64
 import fnmatch
 import os
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,7 +296,14 @@ def _record_key(t: str, obj: LinkObjects) -> str:
 
 
 def _records(t: str, ledger: Ledger) -> dict[str, dict[str, Any]]:
-    return {r.key: r.data for r in ledger.list(OWNER, "link") if r.key.startswith(t + "/")}
+    """This testbed's link records; ones older than the testbed itself were left
+    by an earlier testbed of the same name (forgotten here)."""
+    born = next((r.created for r in ledger.list("up", "testbed") if r.key == t), None)
+    mine = [r for r in ledger.list(OWNER, "link") if r.key.startswith(t + "/")]
+    stale = [r.key for r in mine if born is not None and r.created < born]
+    if stale:
+        ledger.forget_many(OWNER, "link", stale)
+    return {r.key: r.data for r in mine if r.key not in stale}
 
 
 def _declared(obj: LinkObjects) -> dict[str, Any]:
@@ -409,6 +417,12 @@ def link_show(t: str, ledger: Ledger | None = None) -> list[dict]:
                      "state": _operstate(o), "settings": rec["settings"] if rec else _declared(o),
                      "changed": rec is not None})
     return rows
+
+
+def changed_links(t: str, ledger: Ledger) -> list[dict]:
+    """Links changed at runtime on this host (for `status`): link, state, settings."""
+    return [{"link": " -- ".join(r["link"][1:]), "state": r.get("state", "up"), "settings": r.get("settings", {})}
+            for r in _records(t, ledger).values() if "link" in r]
 
 
 def forget(t: str, ledger: Ledger) -> None:
@@ -694,14 +708,15 @@ async def capture(t: str, what: dict[str, Any], sink: Callable[[bytes], Any], *,
     if bpf:
         argv += [bpf]          # one argv word: tcpdump parses it as its filter expression
     total = 0
+    err = b""
     deadline = trio.current_time() + duration if duration else float("inf")
-    async with await trio.lowlevel.open_process(argv, stdout=-1, stderr=-1) as p:
+    p = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
         async def read_stderr() -> None:
             nonlocal err
             async for chunk in p.stderr:
                 err += chunk
 
-        err = b""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_stderr)
             with trio.move_on_at(deadline):
@@ -714,6 +729,12 @@ async def capture(t: str, what: dict[str, Any], sink: Callable[[bytes], Any], *,
                 async for chunk in p.stdout:
                     total += len(chunk)
                     await sink(chunk)
+            await p.wait()
+    finally:
+        if p.returncode is None:
+            p.kill()
+        with trio.CancelScope(shield=True):
+            await p.wait()
     if p.returncode not in (0, -15) and total == 0:
         raise ExperimentError(f"tcpdump on {iface} failed: {err.decode(errors='replace').strip()[-300:]}")
     return {"iface": iface, "bytes": total}

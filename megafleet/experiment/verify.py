@@ -130,8 +130,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if v is not None and v.get("skipped"):
         lines.append(f"verify: skipped ({v['skipped']})")
     elif v is not None and v["ok"]:
-        lines.append(f"verify: {v['checks']} reachability checks pass; routing converged in "
-                     f"{v['converge_s']:.1f} s (after the guests were ready)")
+        lines.append(f"verify: {v['checks']} reachability checks pass (all true after {v['converge_s']:.1f} s"
+                     + (" of waiting for routing)" if v.get("after_up") else ")"))
     elif v is not None:
         lines.append(f"verify: {len(v['failed'])} of {v['checks']} reachability checks FAILED "
                      f"(checked for {v['seconds']:.1f} s)")
@@ -172,7 +172,7 @@ async def after_up(testbed: str, out_line: Callable[[str], None], *, verify: boo
     else:
         out_line(f"verify   {len(checks(net))} pings for {len(net.reachable)} reachable assertions")
         result = await converge(tb, within=within, progress=lambda s: out_line(f"verify   {s}"))
-        out["verify"] = result.to_json()
+        out["verify"] = {**result.to_json(), "after_up": True}
         out_line(f"verify   {result.passed}/{result.checks} pass" +
                  (f", converged in {result.converge_s:.1f} s" if result.ok else ""))
     plan = schedule.steps(net.faults)
