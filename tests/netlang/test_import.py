@@ -340,3 +340,11 @@ def test_clab_linux_nodes_as_container_guests():
     assert [(e, i.switch) for e, i, _ in net.node("client1").ifaces] == [("eth0", "mgmt"), ("eth1", "frr1_client1")]
     assert ifaces(net, "frr1")["eth2"].switch == "frr1_client1"
     assert not any("client1:eth1 is eth" in n.message for n in result.warnings)
+
+
+def test_link_speeds_from_zoo_attributes():
+    from megafleet.netlang.importers.graphml import link_rate_bit
+    assert link_rate_bit({"LinkSpeedRaw": 2.5e9}) == 2_500_000_000
+    assert link_rate_bit({"LinkSpeed": "155", "LinkSpeedUnits": "M"}) == 155_000_000
+    assert link_rate_bit({"LinkType": "OC-192", "LinkLabel": "OC-192c"}) == 9_953_280_000
+    assert link_rate_bit({"LinkLabel": "dark fibre"}) is None

@@ -77,7 +77,9 @@ def link_rate_bit(d: dict) -> int | None:
             return int(float(d["LinkSpeed"]) * _UNITS.get(unit, 1))
     except (TypeError, ValueError):
         return None
-    return None
+    # SONET line types (Abilene's "OC-192"): OC-n carries n x 51.84 Mbit/s.
+    oc = re.fullmatch(r"OC-?(\d+)c?", str(d.get("LinkType") or d.get("LinkLabel") or ""), re.I)
+    return int(int(oc.group(1)) * 51.84e6) if oc else None
 
 
 def _line_at(text: str, pos: int, lines: list[int]) -> int:
