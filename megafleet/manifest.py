@@ -318,9 +318,9 @@ def split(p: Plan, placement: Placement, *, addresses: dict[str, str] | None = N
         for h in sorted(bridge_hosts[(b.switch, b.vlan)] if b.root is None else leaf_hosts[b.ifname]):
             bridges_of[h].append(b)
     vde_of: dict[str, list] = {h: [] for h in hosts}
-    for v in p.vde:
-        for h in vde_hosts.get(v.switch, ()):
-            vde_of[h].append(v)
+    for vs in p.vde:
+        for h in vde_hosts.get(vs.switch, ()):
+            vde_of[h].append(vs)
     routers_of: dict[str, list] = {h: [] for h in hosts}
     for r in p.routers:
         routers_of[node_host[r]].append(r)
@@ -335,6 +335,7 @@ def split(p: Plan, placement: Placement, *, addresses: dict[str, str] | None = N
         vms_of[node_host[name]].append(vms[name])
     tunnels_of: dict[str, list[Vxlan]] = {h: [] for h in hosts}
     if spanning:
+        assert addresses is not None
         # Tunnel names from an allocator that knows every name of the plan.
         alloc = IfNames(p.name, taken=set(p.host_names()))
         roots = {(b.switch, b.vlan): b for b in p.root_bridges()}
@@ -358,9 +359,9 @@ def split(p: Plan, placement: Placement, *, addresses: dict[str, str] | None = N
         mtu_by_ns: dict[str, dict[str, int]] = {}
         ports_by_node: dict[str, list] = {}
         for port in host_ports:
-            ns, eth = getattr(port, "ns", None), getattr(port, "eth", None)
-            if ns and eth:
-                mtu_by_ns.setdefault(ns, {})[eth] = port.mtu
+            port_ns, eth = getattr(port, "ns", None), getattr(port, "eth", None)
+            if port_ns and eth:
+                mtu_by_ns.setdefault(port_ns, {})[eth] = port.mtu
             ports_by_node.setdefault(port.node, []).append(port)
         ns_ops = {ns: _fix_mtu_ops(ops, mtu_by_ns.get(ns, {})) for ns, ops in ops_of[host].items()}
         guests = [_guest_for_host(spec, ports_by_node.get(spec.name, []), images) for spec in vms_of[host]]
@@ -403,5 +404,8 @@ def _guest_for_host(spec, node_ports: list, images: dict[str, str]):
             if port is not None and port.mtu != (c.mtu or 1500):
                 c = NicConfig(c.mac, c.addresses, port.mtu)
             configs.append(c)
+    image = images.get(spec.image, spec.image)
+    if spec.config is not None and tuple(configs) == tuple(config.nics) and image == spec.image:
+        return spec          # nothing changes: share it (a million guests, a million fewer copies)
     config = dataclasses.replace(config, nics=tuple(configs))
-    return dataclasses.replace(spec, image=images.get(spec.image, spec.image), config=config)
+    return dataclasses.replace(spec, image=image, config=config)

@@ -75,7 +75,8 @@ def check(net: Net, diags: Diagnostics) -> None:
             diags.error(link.loc, f"links from a VDE switch ({link.a} -- {link.b}) are not supported; use "
                                   f"Linux bridges for switches joined by links")
             continue
-        for v in link.vlans or [None]:
+        vlans: list[int | None] = list(link.vlans) or [None]
+        for v in vlans:
             ra, rb = find((link.a, v)), find((link.b, v))
             if ra == rb:
                 what = "" if v is None else f" in VLAN {v}"

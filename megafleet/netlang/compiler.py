@@ -59,8 +59,9 @@ class Cursor:
     def more(self) -> bool:
         return self.i < len(self.words)
 
-    def peek(self) -> Word | None:
-        return self.words[self.i] if self.i < len(self.words) else None
+    def peek(self) -> Word:
+        """The next word; only after `more()` said there is one."""
+        return self.words[self.i]
 
     def take(self) -> Word:
         w = self.words[self.i]
@@ -205,18 +206,18 @@ def _node_prop(kind: str, key: Word, cur: Cursor, props: dict[str, Any], attache
         props["bgp"] = {"as": _value(w, lambda t: values.integer(t, 1, 4294967295, "AS number"))}
     elif k == "route":
         dest = cur.value(key, "a destination subnet")
-        sub = ipam.parse_subnet(dest.text) if dest.text != "default" else ipam.Subnet(4, 0, 0)
-        if isinstance(sub, str):
-            raise PropError(dest.loc, sub)
+        route = ipam.parse_subnet(dest.text) if dest.text != "default" else ipam.Subnet(4, 0, 0)
+        if isinstance(route, str):
+            raise PropError(dest.loc, route)
         via_kw = cur.value(dest, "'via ADDRESS'")
         if via_kw.text != "via":
             raise PropError(via_kw.loc, f"expected 'via ADDRESS', got {via_kw.text!r}")
         via = cur.value(via_kw, "an address")
         parsed = ipam.parse_addr(via.text)
-        if parsed is None or parsed[2] is not None or parsed[0] != sub.family:
+        if parsed is None or parsed[2] is not None or parsed[0] != route.family:
             raise PropError(via.loc, f"invalid gateway {via.text!r} for route {dest.text} "
-                                     f"(an IPv{sub.family} address without prefix length)")
-        props.setdefault("routes_static", []).append((sub, via.text))
+                                     f"(an IPv{route.family} address without prefix length)")
+        props.setdefault("routes_static", []).append((route, via.text))
 
 
 # ---------------------------------------------------------------------------
@@ -762,7 +763,8 @@ class Compiler:
         if not (sx.mtu == sy.mtu == mtu_x == mtu_y):
             self.err(link.loc, f"MTU mismatch: switch {x} (mtu {sx.mtu}) and switch {y} (mtu {sy.mtu})"
                                + (f" joined by a link with mtu {link.props.mtu}" if link.props.mtu else ""))
-        for v in link.vlans or [None]:
+        vlans: list[int | None] = list(link.vlans) or [None]
+        for v in vlans:
             ra, rb = self.find((x, v)), self.find((y, v))
             if ra != rb:
                 self.parent[rb] = ra
@@ -776,7 +778,10 @@ class Compiler:
                props: LinkProps, addrs: list[Word], loc: Loc, extra: str | None = None,
                domain: Domain | None = None, peer: str | None = None,
                name: Word | None = None) -> None:
-        dom = domain or self.domain_for(switch, vlan, loc)
+        if domain is None:
+            assert switch is not None, "an interface is on a switch or on a point-to-point domain"
+            domain = self.domain_for(switch, vlan, loc)
+        dom = domain
         if switch is not None:
             sw = self.net.switches[switch]
             if props.mtu is not None and props.mtu != sw.mtu:
@@ -792,7 +797,9 @@ class Compiler:
             if w.text in ("auto", "none"):
                 iface.want[0] = (w.text, 0, None)
                 continue
-            fam, value, plen = ipam.parse_addr(w.text)
+            parsed = ipam.parse_addr(w.text)
+            assert parsed is not None, w.text        # _attach took only words that look like addresses
+            fam, value, plen = parsed
             if fam in iface.want:
                 self.err(w.loc, f"two IPv{fam} addresses for one interface")
             iface.want[fam] = ("explicit", value, plen)
@@ -807,7 +814,7 @@ class Compiler:
     # -- pass 3: addressing --------------------------------------------------------
     def address(self) -> None:
         pools = self.net.pools
-        default_pool = {}
+        default_pool: dict[int, ipam.Pool] = {}
         for p in pools.values():
             default_pool.setdefault(p.subnet.family, p)
         taken = {4: ipam.Taken(), 6: ipam.Taken()}
@@ -815,7 +822,7 @@ class Compiler:
         to_allocate: list[tuple[Domain, int, ipam.Pool, Loc, int]] = []
         for dom in self.net.domains:
             if dom.switches:
-                specs = []
+                specs: list[tuple[str, Any, Loc]] = []
                 for s in dom.switches:
                     spec = self.net.switches[s].subnet_spec
                     if spec and specs and spec != specs:
@@ -866,27 +873,27 @@ class Compiler:
         # Overlaps among fixed subnets: sorted by start, each against the widest so far.
         for fam in (4, 6):
             subs = sorted((s for s in fixed if s[0].family == fam), key=lambda t: (t[0].net, -t[0].size))
-            widest = None
-            for s in subs:
-                if widest is not None and s[0].net <= widest[0].last:
-                    self.err(s[2], f"overlapping subnets: {s[0]} of {s[1].name} overlaps {widest[0]} "
-                                   f"of {widest[1].name} ({widest[2]})")
-                if widest is None or s[0].last > widest[0].last:
-                    widest = s
-            for s in subs:
-                taken[fam].add(s[0].net, s[0].last)
+            widest: tuple[ipam.Subnet, Domain, Loc] | None = None
+            for fs in subs:
+                if widest is not None and fs[0].net <= widest[0].last:
+                    self.err(fs[2], f"overlapping subnets: {fs[0]} of {fs[1].name} overlaps {widest[0]} "
+                                    f"of {widest[1].name} ({widest[2]})")
+                if widest is None or fs[0].last > widest[0].last:
+                    widest = fs
+            for fs in subs:
+                taken[fam].add(fs[0].net, fs[0].last)
         # Pool allocation: switches first (in declaration order), then p2p links.
         to_allocate.sort(key=lambda t: t[4])
         for dom, fam, pool, loc, p2p in to_allocate:
             if fam in dom.subnets:
                 continue
             plen = ipam.P2P_PLEN[fam] if p2p else pool.per
-            sub = pool.allocate(plen, taken[fam])
-            if sub is None:
+            got = pool.allocate(plen, taken[fam])
+            if got is None:
                 self.err(loc, f"pool exhausted: pool {pool.name} ({pool.subnet}) has no /{plen} "
                               f"left for {dom.name}")
                 continue
-            dom.subnets[fam] = sub
+            dom.subnets[fam] = got
         for dom in self.net.domains:
             self._addresses(dom)
 
@@ -945,7 +952,7 @@ class Compiler:
                     iface.addrs[fam] = range(cursor, cursor + n)
                     cursor += n
                     continue
-                out = []
+                out: list[int] = []
                 while len(out) < n:
                     j = bisect.bisect_right(starts, cursor) - 1
                     if j >= 0 and reserved[j][1] >= cursor:
@@ -958,12 +965,13 @@ class Compiler:
             if iface.group.kind != "router":
                 break
             for k in iface.members:
-                dom.routers.append((iface.group.names[k], {f: iface.address(f, k) for f in iface.addrs}))
+                dom.routers.append((iface.group.names[k], {f: seq[k - iface.members.start]
+                                                            for f, seq in iface.addrs.items()}))
         for fam in (4, 6):
             for iface in ifaces:
-                w = iface.want.get(fam)
-                if w and w[0] == "explicit" and fam not in dom.subnets:
-                    self.err(iface.want[-fam][1], f"address {ipam.fmt(fam, w[1])} needs a prefix length "
+                wanted = iface.want.get(fam)
+                if wanted and wanted[0] == "explicit" and fam not in dom.subnets:
+                    self.err(iface.want[-fam][1], f"address {ipam.fmt(fam, wanted[1])} needs a prefix length "
                                                   f"(e.g. /24): {dom.name} has no IPv{fam} subnet")
         if any(i.want.get(0, ("",))[0] == "auto" for i in ifaces) and not dom.subnets:
             self.err(next(i.loc for i in ifaces if i.want.get(0, ("",))[0] == "auto"),

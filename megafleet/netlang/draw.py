@@ -60,17 +60,17 @@ def to_dot(net: Net) -> str:
         for iface in ifaces:
             if iface.switch is not None:
                 edges[(f"g:{gi}", f"s:{iface.switch}", iface.vlan)] += 1
-            elif name < iface.peer:      # each point-to-point link once
+            elif iface.peer is not None and name < iface.peer:      # each point-to-point link once
                 other = f"g:{net.index[iface.peer][0]}"
                 key = tuple(sorted((f"g:{gi}", other)))
                 edges[(key[0], key[1], None)] += 1
     for (a, b, vlan), n in edges.items():
-        label = []
+        words: list[str] = []
         if n > 1:
-            label.append(f"×{n}")
+            words.append(f"×{n}")
         if vlan is not None:
-            label.append(f"vlan {vlan}")
-        attrs = f" [label={_q(' '.join(label))}]" if label else ""
+            words.append(f"vlan {vlan}")
+        attrs = f" [label={_q(' '.join(words))}]" if words else ""
         lines.append(f"  {_q(a)} -- {_q(b)}{attrs};")
     for link in net.switch_links:
         label = f"vlan {','.join(map(str, link.vlans))}" if link.vlans else ""

@@ -105,15 +105,15 @@ def configs(net: Net, router: str) -> dict[str, str]:
                  " no bgp default ipv4-unicast"]
         neighbors: dict[int, list[tuple[str, int]]] = {4: [], 6: []}
         for _, iface, mine in view.ifaces:
-            for other, addrs in iface.domain.routers:
+            for other, raddrs in iface.domain.routers:
                 if other == router:
                     continue
                 og = net.groups[net.index[other][0]]
                 if "bgp" not in og.props:
                     continue
                 for fam in (4, 6):
-                    if fam in addrs and fam in mine:
-                        neighbors[fam].append((fmt(fam, addrs[fam]), og.props["bgp"]["as"]))
+                    if fam in raddrs and fam in mine:
+                        neighbors[fam].append((fmt(fam, raddrs[fam]), og.props["bgp"]["as"]))
         for addr, asn in neighbors[4] + neighbors[6]:
             lines.append(f" neighbor {addr} remote-as {asn}")
             lines.append(f" neighbor {addr} timers 1 3")

@@ -340,7 +340,7 @@ class Vxlan(_Item):
 
 
 # Every kind, by its JSON name (each name once: checked below).
-ITEM_KINDS: dict[str, type] = {c.kind: c for c in (Bridge, VdeSwitch, VethPort, TapPort, ContainerPort, VdePort,
+ITEM_KINDS: dict[str, Any] = {c.kind: c for c in (Bridge, VdeSwitch, VethPort, TapPort, ContainerPort, VdePort,
                                                      GuestVdePort, WiredPort, P2pLink, Trunk, Wire, Vxlan)}
 assert len(ITEM_KINDS) == 12, "two item kinds share a JSON name"
 
@@ -436,17 +436,17 @@ class Plan:
 
     # -- JSON --------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name in _LISTS:
-                v = [item.to_json() for item in v]
-            elif f.name == "ns_ops":
-                v = {ns: [[type(op).__name__, dataclasses.asdict(op)] for op in ops] for ns, ops in v.items()}
-            elif f.name == "vms":
-                v = [g.to_dict() for g in v]
-            out[f.name] = v
-        return out
+        return {f.name: self._field_json(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @staticmethod
+    def _field_json(name: str, v: Any) -> Any:
+        if name in _LISTS:
+            return [item.to_json() for item in v]
+        if name == "ns_ops":
+            return {ns: [[type(op).__name__, dataclasses.asdict(op)] for op in ops] for ns, ops in v.items()}
+        if name == "vms":
+            return [g.to_dict() for g in v]
+        return v
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Plan":
@@ -468,10 +468,28 @@ class Plan:
         return cls(**kw)
 
     def compute_digest(self) -> str:
-        """A hash of everything the plan builds (not of its own digest)."""
-        body = self.to_json()
-        body.pop("digest", None)
-        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+        """A hash of everything the plan builds (not of its own digest): the
+        SHA-256 of `json.dumps(to_json() without digest, sort_keys=True)`,
+        computed item by item so that the JSON of the whole plan never exists
+        at once (at a million guests it was the controller's peak memory)."""
+        h = hashlib.sha256()
+        names = sorted(f.name for f in dataclasses.fields(self) if f.name != "digest")
+        h.update(b"{")
+        for i, name in enumerate(names):
+            h.update((", " if i else "").encode() + json.dumps(name).encode() + b": ")
+            value = getattr(self, name)
+            if name in _LISTS or name == "vms":
+                h.update(b"[")
+                for j, item in enumerate(value):
+                    data = item.to_json() if name in _LISTS else item.to_dict()
+                    h.update((", " if j else "").encode()
+                             + json.dumps(data, sort_keys=True, default=str).encode())
+                h.update(b"]")
+            else:
+                data = self._field_json(name, value)
+                h.update(json.dumps(data, sort_keys=True, default=str).encode())
+        h.update(b"}")
+        return h.hexdigest()
 
 
 NETLINK_OPS = ("LinkUp", "AddrAdd", "RouteAdd")

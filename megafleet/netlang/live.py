@@ -116,7 +116,8 @@ def plan(net: Net, name: str) -> Plan:
             raise LiveError(f"{link.loc}: links from a VDE switch ({link.a} -- {link.b}) are not supported; "
                             f"use Linux bridges for switches joined by links")
         mtu = link.props.mtu or net.switches[link.a].mtu
-        for v in link.vlans or [None]:
+        vlans: list[int | None] = list(link.vlans) or [None]
+        for v in vlans:
             tag = () if v is None else (str(v),)
             a_if, b_if = alloc("l", link.a, link.b, *tag), alloc("m", link.a, link.b, *tag)
             br_a, br_b = roots[(link.a, v)].ifname, roots[(link.b, v)].ifname
@@ -135,16 +136,17 @@ def plan(net: Net, name: str) -> Plan:
             p.netns[node] = ns
         kinds = _nic_kinds(g.props.get("driver", "qemu")) if is_vm else ()
         ops: list[netlink.Op] = [netlink.LinkUp("lo")] if ns else []
-        nics: list[tuple[str, Any, dict[int, str], int, Port]] = []
+        nics: list[tuple[str, Any, dict[int, str], int, Port | None]] = []
         for eth, iface, addrs in view.ifaces:
             mtu = iface.props.mtu or iface.domain.mtu
             if iface.switch is not None:
                 sock = vde_sock.get(iface.switch)
                 root = roots.get((iface.switch, iface.vlan))
                 host_if = alloc(node, str(iface.index))
-                common = dict(node=node, switch=iface.switch, vlan=iface.vlan,
-                              bridge=root.ifname if root else None, mtu=mtu, props=iface.props, host_if=host_if)
-                port: Port
+                common: dict[str, Any] = dict(node=node, switch=iface.switch, vlan=iface.vlan,
+                                              bridge=root.ifname if root else None, mtu=mtu, props=iface.props,
+                                              host_if=host_if)
+                port: Port | None
                 if is_vm:
                     if sock is not None:
                         if "vde" not in kinds:
@@ -159,10 +161,15 @@ def plan(net: Net, name: str) -> Plan:
                         port = TapPort(**common)
                     else:
                         port = ContainerPort(**common, peer=alloc("c", node, str(iface.index)))
+                elif ns is None:
+                    raise LiveError(f"{iface.loc}: node {node} has neither a namespace nor a guest")
                 elif impaired(iface.props):
                     wkey = alloc("w", node, str(iface.index))
-                    far = WireEnd("vde", sock, None, iface.switch) if sock is not None else \
-                        WireEnd("bridge", root.ifname, host_if, iface.switch)
+                    if sock is not None:
+                        far = WireEnd("vde", sock, None, iface.switch)
+                    else:
+                        assert root is not None, (iface.switch, iface.vlan)
+                        far = WireEnd("bridge", root.ifname, host_if, iface.switch)
                     p.wires.append(Wire(wkey, (WireEnd("ns", ns, eth, node), far), mtu, iface.props))
                     port = WiredPort(**common, ns=ns, eth=eth, wire=wkey)
                 elif sock is not None:
@@ -170,7 +177,7 @@ def plan(net: Net, name: str) -> Plan:
                 else:
                     port = VethPort(**common, ns=ns, eth=eth)
                 p.ports.append(port)
-            elif ns is not None:
+            elif ns is not None and iface.peer is not None:
                 # Keyed by the link's own network: two links between the same two
                 # nodes are two veths (or wires).
                 if iface.domain.id not in seen_p2p:

@@ -28,9 +28,8 @@ class LinkProps:
 
     def merged(self, other: "LinkProps") -> "LinkProps":
         """self, with other's values where self has none."""
-        return LinkProps(*(a if a is not None else b for a, b in zip(
-            (self.rate_bit, self.delay_us, self.jitter_us, self.loss_pct, self.mtu),
-            (other.rate_bit, other.delay_us, other.jitter_us, other.loss_pct, other.mtu))))
+        mine = {k: getattr(self, k) for k in ("rate_bit", "delay_us", "jitter_us", "loss_pct", "mtu")}
+        return LinkProps(**{k: v if v is not None else getattr(other, k) for k, v in mine.items()})
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

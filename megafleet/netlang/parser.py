@@ -80,8 +80,9 @@ def _convert(tree: Tree, file: str) -> Stmt:
     block: list[Stmt] | None = None
     for child in tree.children:
         if isinstance(child, Tree) and child.data in ("word", "arg"):
-            tok: Token = child.children[0]
-            loc = Loc(file, tok.line, tok.column)
+            tok = child.children[0]
+            assert isinstance(tok, Token)
+            loc = Loc(file, tok.line or 1, tok.column or 1)
             if tok.type == "STRING":
                 words.append(Word(tok.value[1:-1], loc, quoted=True))
             else:
@@ -92,9 +93,10 @@ def _convert(tree: Tree, file: str) -> Stmt:
 
 
 def _syntax_error(err: UnexpectedInput, file: str, text: str) -> tuple[Loc, str]:
-    loc = Loc(file, err.line if err.line > 0 else 1, err.column if err.column > 0 else 1)
+    loc = Loc(file, err.line if err.line and err.line > 0 else 1, err.column if err.column and err.column > 0 else 1)
     if isinstance(err, UnexpectedCharacters):
-        ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else "end of file"
+        pos = err.pos_in_stream or 0
+        ch = text[pos] if pos < len(text) else "end of file"
         return loc, f"syntax error: unexpected {ch!r}"
     if isinstance(err, UnexpectedToken):
         if err.token.type == "$END":
