@@ -35,6 +35,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "node": "megafleet.experiment.cli:node_command",
     "capture": "megafleet.experiment.cli:capture_command",
     "run-schedule": "megafleet.experiment.cli:run_schedule_command",
+    "diff": "megafleet.experiment.cli:diff_command",
     "web": "megafleet.web.cli:web",
 }
 

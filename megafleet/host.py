@@ -151,9 +151,18 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
     phases: dict[str, float] = {}
     digest = m.digest()
     current = next((r.data for r in ledger.list(OWNER, "testbed") if r.key == t), None)
+    reconciled = None
     if current is not None and current.get("digest") != digest:
-        raise HostError(f"testbed {t!r} is already up on {m.host} from a different description "
-                        f"({current.get('source')}); run 'megafleet down {t}' first")
+        # Up from another version of the description: apply only the difference
+        # (experiment.reconcile); running guests keep their pids.
+        old = load_manifest(t)
+        if old is None or old.testbed != m.testbed:
+            raise HostError(f"testbed {t!r} is already up on {m.host} from a different description "
+                            f"({current.get('source')}) and its manifest is gone; run 'megafleet down {t}' first")
+        from megafleet.experiment.reconcile import reconcile
+        emit({"phase": "net", "text": "testbed is up from another version of its description: "
+                                      "applying the difference"})
+        reconciled = await reconcile(old, m, ledger, lambda text: emit({"phase": "net", "text": text}))
     ledger.record(OWNER, "testbed", t, digest=digest, complete=False, source=m.source, host=m.host)
     path = manifest_path(t)
     ledger.record(OWNER, "file", f"{t}/manifest", path=str(path))
@@ -215,7 +224,7 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
     failed = [{"name": g["name"], "reason": g["reason"], "attempts": g["attempts"]}
               for g in guests["guests"] if g["outcome"] == "failed"]
     result = {"host": m.host, "testbed": t, "phases": {k: round(v, 3) for k, v in phases.items()},
-              "seconds": round(time.monotonic() - t0, 3), "net": net_result,
+              "seconds": round(time.monotonic() - t0, 3), "net": net_result, "reconciled": reconciled,
               "namespaces": len(p.netns), "guests": len(p.vms),
               "ready": guests["ready"] + guests["already"], "failed": failed,
               "boot_p50_s": guests.get("boot_p50_s"), "boot_p95_s": guests.get("boot_p95_s")}

@@ -357,3 +357,45 @@ def run_schedule_command(testbed, start, json_mode):
         click.echo(f"testbed {tb.name}: no fault schedule")
     if any("error" in e for e in log):
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------
+# diff
+# ---------------------------------------------------------------------------
+
+@click.command("diff")
+@click.argument("testbed_file", metavar="TESTBED.fleet", type=click.Path(dir_okay=False))
+@click.option("--name", "-N", help="Testbed name (default: the file's stem, as for `up`).")
+@click.option("-D", "defines", multiple=True, metavar="NAME=VALUE", help="Set a parameter of the description.")
+@_json_option
+def diff_command(testbed_file, name, defines, json_mode):
+    """Show what differs between TESTBED.fleet and the testbed running from it:
+    nodes, links, switches, impairments, routing, each with its file:line.
+
+    \b
+    + added (up of the file creates it)
+    - removed (up of the file removes it)
+    ~ changed (up of the file changes it in place, or re-creates it)
+    Guests and namespaces not listed stay as they are when `megafleet up`
+    applies the file: running guests keep their pids.
+    Exit status: 0 when nothing differs, 1 when something does.
+    """
+    from megafleet.experiment import reconcile
+    from megafleet.up import UpError, parse_defines
+
+    try:
+        result = _run(reconcile.diff_file, testbed_file, name, parse_defines(defines))
+    except UpError as exc:
+        raise click.ClickException(str(exc)) from None
+    rows = result["rows"]
+    if json_mode:
+        click.echo(json.dumps(result))
+    else:
+        if not result["up"]:
+            click.echo(f"testbed {result['testbed']} is not up: everything would be created", err=True)
+        click.echo(_table([[r["change"], r["kind"], r["name"], r["host"], r["loc"] or ""] for r in rows],
+                          ["", "KIND", "NAME", "HOST", "FILE:LINE"]))
+        counts = {c: sum(1 for r in rows if r["change"] == c) for c in "+-~"}
+        click.echo(f"\n{counts['+']} to add, {counts['-']} to remove, {counts['~']} to change")
+    if rows:
+        sys.exit(1)

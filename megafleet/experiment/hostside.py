@@ -814,6 +814,15 @@ async def _reapply_handler(payload: Any, ctx: handlers.Context) -> list[dict]:
     return await trio.to_thread.run_sync(reapply, t)
 
 
+@handlers.handler("experiment.manifest")
+async def _manifest_handler(payload: Any, ctx: handlers.Context) -> dict | None:
+    """The network plan this host runs for the testbed (its stored manifest), or None."""
+    _dirs(payload)
+    from megafleet.host import load_manifest
+    m = await trio.to_thread.run_sync(load_manifest, check_name(payload["testbed"], "testbed name"))
+    return None if m is None else m.net
+
+
 @handlers.handler("experiment.node")
 async def _node_handler(payload: Any, ctx: handlers.Context) -> list[dict]:
     _dirs(payload)

@@ -1,0 +1,291 @@
+"""Changing a running testbed by its description: the difference between the
+plan a host runs and the plan of the edited file, applied in place.
+
+`diff_rows` says what differs (item by item, `netlang.hostplan.diff`), with the
+description's file:line of each item still in it. `reconcile` (host side,
+called by `host.apply` when a testbed is already up from another version of its
+description) removes what went away and creates what is new, and leaves
+everything else alone: running guests keep their pids, namespaces their
+routing daemons. Then `host.apply` carries on as for an unchanged testbed: the
+network is found intact, the vm engine boots only the guests that are not
+running (the new ones).
+
+What is done per kind of change:
+- removed guests: torn down (vm engine); removed routers: their daemons stopped;
+  removed ports, links, trunks, wires, tunnels, bridges: their host-side
+  interfaces deleted (the veth's far end goes with it) and their processes
+  stopped; removed namespaces deleted; all forgotten in the ledger;
+- added items: created from their own `ip_lines` (recorded first), new
+  namespaces configured, new wires and VDE plugs started, new routers' daemons
+  started; added guests are booted by `host.apply` afterwards;
+- changed items (same identity, other content): removed, then added; a changed
+  namespace configuration gets its new operations (addresses, routes) added;
+  a router whose configuration changed has its daemons restarted; a changed
+  guest is torn down and booted again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import trio
+
+from megafleet import proc
+from megafleet.ledger import Ledger
+
+NET = "net"
+
+
+def _label(item) -> str:
+    k = getattr(item, "kind", "")
+    if k in ("netns", "ns-config", "router", "guest"):
+        return item.name
+    if k == "bridge":
+        return item.switch + ("" if item.vlan is None else f"/{item.vlan}") + (" (leaf)" if item.root else "")
+    if k == "vde-switch":
+        return item.switch
+    if k == "p2p":
+        return f"{item.node_a} -- {item.node_b}"
+    if k == "trunk":
+        return f"{item.switch_a} -- {item.switch_b}" + ("" if item.vlan is None else f" vlan {item.vlan}")
+    if k == "wire":
+        ends = [e.node or e.where for e in item.ends]
+        return " -- ".join(ends)
+    if k == "vxlan":
+        return f"{item.segment} vni {item.vni}"
+    if hasattr(item, "node") and hasattr(item, "switch"):
+        return f"{item.node} -- {item.switch}" + ("" if item.vlan is None else f" vlan {item.vlan}")
+    return str(item.identity())
+
+
+def _kind(item) -> str:
+    k = getattr(item, "kind", "")
+    return {"veth": "port", "tap": "port", "cveth": "port", "vde": "port", "guest-vde": "port",
+            "wire": "wire", "p2p": "link", "trunk": "link"}.get(k, k)
+
+
+def locate(net, item) -> str | None:
+    """file:line of the statement an item of the plan comes from (None when the
+    description does not have it: a removed item)."""
+    if net is None:
+        return None
+
+    def node_loc(name: str):
+        if name in net.index:
+            return net.groups[net.index[name][0]].loc
+        return None
+
+    k = getattr(item, "kind", "")
+    loc = None
+    if k in ("guest", "router", "netns"):
+        loc = node_loc(item.name)
+    elif k == "ns-config":
+        node = item.name.split("-", 1)[1] if "-" in item.name else item.name
+        loc = node_loc(node)
+    elif k in ("bridge", "vde-switch") and item.switch in net.switches:
+        loc = net.switches[item.switch].loc
+    elif k == "trunk":
+        loc = next((sl.loc for sl in net.switch_links if {sl.a, sl.b} == {item.switch_a, item.switch_b}), None)
+    elif k == "p2p" and item.node_a in net.index:
+        loc = next((i.loc for _, i, _ in net.node(item.node_a).ifaces if i.peer == item.node_b), None)
+    elif hasattr(item, "node") and hasattr(item, "switch") and item.node in net.index:
+        loc = next((i.loc for _, i, _ in net.node(item.node).ifaces if i.switch == item.switch), None)
+    elif k == "wire":
+        loc = next((node_loc(e.node) for e in item.ends if e.kind == "ns" and e.node), None)
+    return None if loc is None else f"{loc.file}:{loc.line}"
+
+
+def diff_rows(old_net_json: dict | None, new_net_json: dict | None, net=None) -> list[dict[str, Any]]:
+    """What differs between a host's running plan and the new one: rows of
+    {change: "+"|"-"|"~", kind, name, loc}."""
+    from megafleet.netlang.hostplan import Plan, diff
+
+    empty = {"name": (new_net_json or old_net_json or {}).get("name", "")}
+    old = Plan.from_json(old_net_json or empty)
+    new = Plan.from_json(new_net_json or empty)
+    d = diff(old, new)
+    rows = []
+    for change, items in (("-", d.removed), ("+", d.added), ("~", [b for _, b in d.changed])):
+        for item in items:
+            label = _label(item)
+            if getattr(item, "kind", "") == "ns-config":
+                label = label.removeprefix(new.name + "-") + " (addresses, routes)"
+            rows.append({"change": change, "kind": _kind(item), "name": label,
+                         "loc": locate(net, item) if change != "-" else None})
+    order = {"-": 0, "~": 1, "+": 2}
+    return sorted(rows, key=lambda r: (order[r["change"]], r["kind"], r["name"]))
+
+
+# ---------------------------------------------------------------------------
+# Host side: applying the difference
+# ---------------------------------------------------------------------------
+
+async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Bring this host's share of a running testbed from `old_m` (the stored
+    HostManifest) to `new_m` in place. Returns counts of what changed."""
+    from megafleet.netlang.hostplan import Plan, diff
+
+    t0 = time.monotonic()
+    old, new = Plan.from_json(old_m.net), Plan.from_json(new_m.net)
+    t = new.name
+    d = diff(old, new)
+    gone = list(d.removed) + [a for a, _ in d.changed]
+    come = list(d.added) + [b for _, b in d.changed]
+    by_kind = lambda items, k: [x for x in items if getattr(x, "kind", "") == k]  # noqa: E731
+
+    # Guests first (they sit on the ports that go).
+    guests_gone = {x.name for x in by_kind(gone, "guest")}
+    if guests_gone:
+        from megafleet.vm.engine import Engine
+        await Engine(ledger=ledger)._remove(guests_gone)
+        progress(f"removed {len(guests_gone)} guests")
+    await trio.to_thread.run_sync(_remove_net, t, old, gone, [x for _, x in d.changed], ledger)
+    added = await _add_net(t, new, old, come, ledger, progress)
+    from megafleet.netlang import live
+    live_record = next((r.data for r in ledger.list(live.OWNER, "testbed") if r.key == t), {})
+    ledger.record(live.OWNER, "testbed", t, **{**live_record, "digest": new_m.digest(), "complete": True,
+                                               "counts": new.counts()})
+    ledger.record(live.OWNER, "vms", t, names=[v.name for v in new.vms])
+    result = {"removed": len(d.removed), "added": len(d.added), "changed": len(d.changed),
+              "guests_removed": len(guests_gone), "seconds": round(time.monotonic() - t0, 3), **added}
+    progress(f"reconciled: {len(d.removed)} removed, {len(d.added)} added, {len(d.changed)} changed "
+             f"({result['seconds']:.1f} s); running guests untouched")
+    return result
+
+
+def _stop_keys(ledger: Ledger, keys: set[str]) -> None:
+    recs = [r for r in ledger.list(NET, "process") if r.key in keys]
+    for r in recs:
+        if "pid" in r.data:
+            proc.RecordedProcess(r.data["pid"], r.data["start"]).stop(grace=3)
+    ledger.forget_many(NET, "process", [r.key for r in recs])
+
+
+def _remove_net(t: str, old, gone: list, changed_new: list, ledger: Ledger) -> None:
+    from megafleet.netlang import live
+
+    # Routers whose configuration went or changed: their daemons stop.
+    routers = {x.name for x in gone if getattr(x, "kind", "") == "router"}
+    _stop_keys(ledger, {r.key for r in ledger.list(NET, "process")
+                        if any(r.key.startswith(f"{t}/frr/{name}/") for name in routers)})
+    # Wires and VDE plugs: their processes.
+    keys = set()
+    for x in gone:
+        k = getattr(x, "kind", "")
+        if k == "wire":
+            keys |= {f"{t}/wire/{x.key}.0", f"{t}/wire/{x.key}.1", f"{t}/wire/{x.key}.wf"}
+        elif k == "vde":
+            keys.add(f"{t}/plug/{x.host_if}")
+        elif k == "vde-switch":
+            keys.add(f"{t}/vde/{x.switch}")
+    _stop_keys(ledger, keys)
+    # Host-side interfaces (a veth's far end goes with it); p2p veths from inside.
+    links = [n for x in gone if hasattr(x, "links") for n in x.links()]
+    present = live.existing_links()
+    live._batch(["ip"], [f"link del {n}" for n in links if n in present], force=True)
+    ledger.forget_many(NET, "link", [f"{t}/{n}" for n in links])
+    for x in gone:
+        if getattr(x, "kind", "") == "p2p":
+            proc.run(["ip", "-n", x.ns_a, "link", "del", x.eth_a], check=False)
+    # Namespaces that went: whatever still runs in them, then the namespace.
+    nss = [x.value for x in gone if getattr(x, "kind", "") == "netns"]
+    nss = [ns for ns in nss if ns not in {y.value for y in changed_new if getattr(y, "kind", "") == "netns"}]
+    for pid in live.pids_in_netns(nss):
+        try:
+            proc.RecordedProcess.of(pid).stop(grace=3)
+        except ProcessLookupError:
+            pass
+    present_ns = live.existing_netns()
+    live._batch(["ip"], [f"netns del {ns}" for ns in nss if ns in present_ns], force=True)
+    ledger.forget_many(NET, "netns", [f"{t}/{ns}" for ns in nss])
+
+
+async def _add_net(t: str, new, old, come: list, ledger: Ledger, progress: Callable[[str], None]) -> dict:
+    from megafleet.netlang import live, netlink
+    from megafleet.netlang.hostplan import Plan
+
+    kinds = lambda k: [x for x in come if getattr(x, "kind", "") == k]  # noqa: E731
+    new_ns = {x.name: x.value for x in kinds("netns")}
+    sub = Plan(name=t, netns=new_ns,
+               bridges=[x for x in new.bridges if x in come], vde=[x for x in new.vde if x in come],
+               ports=[x for x in new.ports if x in come], p2p=[x for x in new.p2p if x in come],
+               trunks=[x for x in new.trunks if x in come], wires=[x for x in new.wires if x in come],
+               vxlan=[x for x in new.vxlan if x in come],
+               frr={x.name: new.frr[x.name] for x in kinds("router") if x.name in new.frr})
+    sub.digest = new.digest
+    await trio.to_thread.run_sync(live._create_host_side, sub, ledger, progress)
+    if sub.vde or any(getattr(p, "kind", "") == "vde" for p in sub.ports):
+        await trio.to_thread.run_sync(live._start_vde, sub, ledger)
+    if sub.wires:
+        await trio.to_thread.run_sync(live._start_wires, sub, ledger)
+    # Namespace configuration: all of a new namespace's; only the new operations
+    # of one whose configuration changed (the rest is in place).
+    configs = {x.name for x in kinds("ns-config")}
+
+    def configure() -> int:
+        n = 0
+        for ns in sorted(configs):
+            ops = new.ns_ops.get(ns, [])
+            if ns not in new_ns.values():
+                had = {repr(op) for op in old.ns_ops.get(ns, [])}
+                ops = [op for op in ops if repr(op) not in had]
+            if ops or ns in new_ns.values():
+                netlink.apply(str(live.NETNS_DIR / ns), ops, new.ns_sysctls.get(ns))
+                n += 1
+        return n
+
+    configured = await trio.to_thread.run_sync(configure)
+    await trio.to_thread.run_sync(live._shape_and_route, sub)
+    if sub.frr:
+        sub.netns = {r: new.netns[r] for r in sub.frr}
+        await live.start_routers(sub, ledger, progress)
+    return {"namespaces_added": len(new_ns), "namespaces_configured": configured,
+            "interfaces_added": len(sub.host_links()), "routers_started": len(sub.frr)}
+
+
+# ---------------------------------------------------------------------------
+# Controller side: `megafleet diff FILE`
+# ---------------------------------------------------------------------------
+
+async def diff_file(path, name: str | None, defines: dict[str, str]) -> dict[str, Any]:
+    """What `up` of `path` would change in the running testbed of that name:
+    {"testbed", "up": bool, "rows": [{change, kind, name, host, loc}]}. Compiles
+    and places as `up` does (images from the cache), then compares each host's
+    plan item by item with the one it runs (its stored manifest)."""
+    from pathlib import Path
+
+    from megafleet import manifest as M
+    from megafleet import up as U
+    from megafleet.experiment import control
+
+    path = Path(path)
+    testbed = U.testbed_name(path, name)
+    try:
+        tb = control.testbed(testbed)
+        target, running = tb.target, True
+    except control.ControlError:
+        tb, target, running = None, U.Target(), False
+    net = await trio.to_thread.run_sync(U.compile_testbed, path, defines)
+    plan, placed = await trio.to_thread.run_sync(U.make_plan, net, testbed, target)
+    images = await trio.to_thread.run_sync(U.build_images, net, plan, U.Output(quiet=True))
+    old: dict[str, Any] = {}
+    if running:
+        res = await control.on_hosts(tb, "experiment.manifest", {})
+        old = {h: v for h, v in res.items() if v is not None}
+    addresses = None
+    mtu = 1500
+    if not target.embedded:
+        inv = target.inventory()
+        addresses = {h: U._underlay_address(inv.by_name[h].address) for h in placed.hosts if h in inv.by_name}
+        tunnels = [x for v in old.values() for x in v.get("vxlan", [])]
+        if tunnels:
+            mtu = min(x["mtu"] for x in tunnels) + M.VXLAN_OVERHEAD
+    manifests = M.split(plan, placed, addresses=addresses, underlay_mtu=mtu,
+                        images={k: img.name for k, img in images.items()})
+    rows = []
+    for host in sorted(set(manifests) | set(old)):
+        new_net = manifests[host].net if host in manifests else None
+        for r in diff_rows(old.get(host), new_net, net):
+            rows.append({**r, "host": host})
+    return {"testbed": testbed, "up": running, "rows": rows}
