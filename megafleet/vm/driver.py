@@ -33,8 +33,12 @@ PR_SET_CHILD_SUBREAPER = 36
 # ---------------------------------------------------------------------------
 
 # Host memory a QEMU guest costs beyond its RAM: QEMU's own heap and mappings,
-# the TCG translation cache (32 MiB, megafleet.qemu), page tables.
-QEMU_OVERHEAD_MB = 48
+# the TCG translation cache (32 MiB, megafleet.qemu, all of it resident once a
+# kernel has booted), page tables. Measured on an idle tiny guest under TCG
+# (QEMU 7.2, -m 96): RssAnon 162-166 MiB, all 96 MiB of guest RAM resident, so
+# 66-70 MiB beyond it, a few of which (ROMs) KSM may merge; QEMU's binary and
+# libraries are file pages every guest shares.
+QEMU_OVERHEAD_MB = 64
 # A container guest has no RAM of its own: its busybox init and agent (a few
 # hundred kB of private memory each) and the kernel objects of its namespaces;
 # the image's files are one page cache shared by every container of the image.

@@ -1,6 +1,7 @@
 import pytest
 
 from megafleet.placement import HostOffer, NodeDemand, PlacementError, place
+from megafleet.vm.driver import DRIVER_KINDS
 
 
 def nodes(segment, n, mem=64, prefix=None):
@@ -24,10 +25,12 @@ def test_a_segment_too_big_for_one_host_spans_few_hosts_with_a_vni():
 
 
 def test_memory_budget_counts_ksm_sharing():
-    demand = [NodeDemand(f"q{i}", "lan", 100, driver="qemu") for i in range(10)]  # 10 x (100 + 48)
-    with pytest.raises(PlacementError, match="needs 1480 MB .* total 1000 MB"):
-        place(demand, [HostOffer("h1", 100, 1000)])
-    plan = place(demand, [HostOffer("h1", 100, 1000)], ksm_sharing=0.5)  # 10 x (50 + 48)
+    overhead = DRIVER_KINDS["qemu"].overhead_mb
+    demand = [NodeDemand(f"q{i}", "lan", 100, driver="qemu") for i in range(10)]
+    budget = 10 * (50 + overhead)
+    with pytest.raises(PlacementError, match=f"needs {10 * (100 + overhead)} MB .* total {budget} MB"):
+        place(demand, [HostOffer("h1", 100, budget)])
+    plan = place(demand, [HostOffer("h1", 100, budget)], ksm_sharing=0.5)  # 10 x (50 + overhead)
     assert len(plan.hosts["h1"]) == 10
 
 

@@ -70,9 +70,9 @@ def test_what_plan_places_on_each_of_several_hosts_their_admission_accepts():
     from megafleet.netlang import live
     plan = live.plan(net, "mfvmm")
     demands = manifest.demands(net, plan)
-    # ~50,700 MiB of footprints on 52,000 MiB: the QEMU segment must split.
-    offers = [placement.HostOffer("h1", 400, 20000), placement.HostOffer("h2", 5000, 16000),
-              placement.HostOffer("h3", 5000, 16000)]
+    # ~56,000 MiB of footprints on 57,000 MiB: the QEMU segment must split.
+    offers = [placement.HostOffer("h1", 400, 21000), placement.HostOffer("h2", 5000, 18000),
+              placement.HostOffer("h3", 5000, 18000)]
     placed = placement.place(demands, offers, ksm_sharing=0.3)
     used = 0
     for offer in offers:

@@ -36,14 +36,14 @@ def test_load_tracker_discounts_our_boots_and_smooths():
 
 def test_budget_refuses_before_anything_and_credits_ksm():
     memory = admission.MemoryPicture(total_mb=1000, available_mb=900, ksm_saved_mb=0)
-    need = admission.check_budget([("a", "qemu", 128)], [], 900, memory)
+    need = admission.check_budget([("a", "qemu", 128)], [], 1000, memory)
     assert need == 128 + admission.QEMU_OVERHEAD_MB
     with pytest.raises(admission.BudgetError, match="refusing to boot 5 guest"):
         admission.check_budget([(f"g{i}", "qemu", 128) for i in range(5)],
-                               [("qemu", 128)], 900, memory)
-    # KSM already saving 200 MiB makes the same boot fit.
+                               [("qemu", 128)], 1000, memory)
+    # KSM already saving 200 MiB (of the running guest's cost) makes the same boot fit.
     saved = admission.MemoryPicture(total_mb=1000, available_mb=900, ksm_saved_mb=200)
-    admission.check_budget([(f"g{i}", "qemu", 128) for i in range(5)], [("qemu", 128)], 900, saved)
+    admission.check_budget([(f"g{i}", "qemu", 128) for i in range(5)], [("qemu", 128)], 1000, saved)
     # Containers are charged their small fixed cost, not a RAM size.
     admission.check_budget([(f"c{i}", "container", 128) for i in range(200)], [], 900, memory)
 
