@@ -115,7 +115,8 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
         snap = await snapshot()
         topo = await trio.to_thread.run_sync(
             lambda: state.topology(t, snap.bad.get(t.name, {}), collapse=collapse,
-                                   link_states=_link_states(t.name), expand=expand))
+                                   link_states=_link_states(t.name), expand=expand,
+                                   traffic=None if t.planned else state.link_traffic(t.name)))
         return JSONResponse(topo.to_json())
 
     async def hosts(request: Request) -> Response:
@@ -149,10 +150,11 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
         snap = await snapshot()
         topo = await trio.to_thread.run_sync(
             lambda: state.topology(t, snap.bad.get(t.name, {}), collapse=False,
-                                   link_states=_link_states(t.name)))
+                                   link_states=_link_states(t.name),
+                                   traffic=None if t.planned else state.link_traffic(t.name)))
         return JSONResponse({"testbed": t.name, "links": [
             {"a": link.a, "b": link.b, "kind": link.kind, "iface": link.iface, "props": link.props,
-             "state": link.state} for link in topo.links]})
+             "state": link.state, "traffic_bps": link.traffic_bps} for link in topo.links]})
 
     async def telemetry(request: Request) -> Response:
         kind = request.path_params["kind"]

@@ -20,7 +20,7 @@ GRAPH_NODE = {"type": "object", "required": ["id", "name", "kind", "state", "cou
 LINK = {"type": "object", "required": ["a", "b", "kind", "state", "props"],
         "properties": {"a": {"type": "string"}, "b": {"type": "string"}, "kind": {"type": "string"},
                        "iface": {"type": ["string", "null"]}, "props": {"type": "object"},
-                       "state": {"type": "string"}}}
+                       "state": {"type": "string"}, "traffic_bps": {"type": ["number", "null"]}}}
 EVENT = {"type": "object", "required": ["id", "time", "kind", "testbed", "data"],
          "properties": {"id": {"type": "integer"}, "time": {"type": "number"}, "kind": {"type": "string"},
                         "testbed": {"type": ["string", "null"]}, "data": {"type": "object"}}}

@@ -81,6 +81,7 @@ class LinkInfo:
     props: dict[str, Any] = field(default_factory=dict)
     state: str = "up"
     count: int = 1
+    traffic_bps: float | None = None
 
 
 @dataclass
@@ -230,8 +231,34 @@ def memory_mb() -> dict[str, int]:
 # Topology, laid out for drawing
 # ---------------------------------------------------------------------------
 
+def link_traffic(testbed_name: str, window_s: float = 60.0) -> dict[tuple[str, str], float]:
+    """Mean bytes/s (rx + tx) per link over the window, by sorted ends, for the
+    links whose host side is on this machine: the host-side interface that
+    `megafleet link show` names, matched with its samples in telemetry."""
+    from megafleet.collect import queries
+    from megafleet.experiment.hostside import host_links
+    from megafleet.host import load_manifest
+
+    m = load_manifest(testbed_name)
+    if m is None:
+        return {}
+    by_iface = {o.key: tuple(sorted((o.ref.a, o.ref.b))) for o in host_links(m.net)}
+    try:
+        with open_telemetry() as store:
+            rows = queries.net(store, since(window_s), limit=0)
+    except Exception:        # telemetry is best effort: no traffic shown
+        return {}
+    out: dict[tuple[str, str], float] = {}
+    for r in rows:
+        ends = by_iface.get(r["iface"])
+        if ends is not None:
+            out[(ends[0], ends[1])] = out.get((ends[0], ends[1]), 0.0) + r["mean_bps"]
+    return out
+
+
 def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = None,
              link_states: dict[tuple[str, str], str] | None = None,
+             traffic: dict[tuple[str, str], float] | None = None,
              expand: frozenset[str] = frozenset()) -> Topology:
     """The testbed's graph with positions and states. `collapse` None means
     automatic (above COLLAPSE_ABOVE nodes); `expand` names clusters drawn node by
@@ -300,15 +327,22 @@ def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = Non
     seen_cluster_edges: dict[tuple[str, str], LinkInfo] = {}
     for a, b, kind, ifname, props in edges:
         a2, b2 = cluster_of.get(a, a), cluster_of.get(b, b)
-        state = link_states.get(tuple(sorted((a, b))), "up")
+        ends = tuple(sorted((a, b)))
+        state = link_states.get(ends, "up")
+        rate = traffic.get(ends) if traffic else None
         if a2 != a or b2 != b:
             key = (a2, b2)
             if key in seen_cluster_edges:
-                seen_cluster_edges[key].count += 1
+                grouped = seen_cluster_edges[key]
+                grouped.count += 1
+                if rate is not None:
+                    grouped.traffic_bps = (grouped.traffic_bps or 0.0) + rate
                 continue
-            link = seen_cluster_edges[key] = LinkInfo(f"{a2}--{b2}", a2, b2, kind, None, props, state)
+            link = seen_cluster_edges[key] = LinkInfo(f"{a2}--{b2}", a2, b2, kind, None, props, state,
+                                                      traffic_bps=rate)
         else:
-            link = LinkInfo(f"{a}:{ifname}--{b}" if ifname else f"{a}--{b}", a, b, kind, ifname, props, state)
+            link = LinkInfo(f"{a}:{ifname}--{b}" if ifname else f"{a}--{b}", a, b, kind, ifname, props, state,
+                            traffic_bps=rate)
         links.append(link)
     _layout(nodes, links)
     return Topology(t.name, list(nodes.values()), links, bool(cluster_of), total)

@@ -47,6 +47,15 @@ def test_every_read_answers_its_documented_schema(server, campus):
     assert q1["kind"] == "vm" and q1["ifaces"][0]["addresses"] and "MEGAFLEET-READY" in q1["console_tail"]
     boots = httpx.get(f"{server.base}/api/v1/telemetry/boot-times").json()["rows"]
     assert sum(r["boots"] for r in boots) >= summary["guests"]
+    # Traffic per link from telemetry (OSPF hellos at least): the collector samples
+    # every 5 s and a rate needs two samples.
+    deadline = time.monotonic() + 30
+    while True:
+        links = httpx.get(f"{server.base}/api/v1/links?testbed={TESTBED}").json()["links"]
+        if any(link["traffic_bps"] for link in links) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert any(link["traffic_bps"] for link in links)
     only_pcs = httpx.get(f"{server.base}/api/v1/nodes?testbed={TESTBED}&pattern=pc1_*").json()["nodes"]
     assert sorted(n["name"] for n in only_pcs) == ["pc1_1", "pc1_2", "pc1_3"]
 

@@ -46,8 +46,6 @@ function edgeLabel(l) {
 
 // ---------------------------------------------------------------- topology
 
-let traffic = {};   // iface -> bytes/s, from the busiest-links query
-
 async function drawGraph() {
   if (!megafleet.testbed) return;
   const collapse = new URLSearchParams(location.search).get("collapse") || "auto";
@@ -61,8 +59,10 @@ async function drawGraph() {
   }
   for (const l of topo.links) {
     if (!graph.hasNode(l.a) || !graph.hasNode(l.b)) continue;
-    const rate = traffic[l.iface] || 0;
-    graph.addEdge(l.a, l.b, { color: edgeColor(l), label: edgeLabel(l), state: l.state,
+    // Width grows with the traffic (log scale: 1 kB/s thin, 100 MB/s thick).
+    const rate = l.traffic_bps || 0;
+    const label = [edgeLabel(l), rate ? `${(rate / 1000).toFixed(1)} kB/s` : ""].filter(x => x).join(", ");
+    graph.addEdge(l.a, l.b, { color: edgeColor(l), label, state: l.state, traffic: rate,
                               size: 1 + Math.min(5, Math.log10(1 + rate / 1000)) });
   }
   if (megafleet.renderer) megafleet.renderer.kill();
@@ -199,7 +199,6 @@ async function drawPlots() {
     $("plot-ksm").textContent = "no KSM samples in the last day";
   }
   const net = (await api("telemetry/net?window=600&limit=10")).rows;
-  traffic = Object.fromEntries(net.map(r => [r.iface, r.mean_bps]));
   $("table-net").innerHTML = "<tr><th>host</th><th>iface</th><th>mean B/s</th><th>drops</th></tr>" +
     net.map(r => `<tr><td>${r.host}</td><td>${r.iface}</td><td>${r.mean_bps}</td><td>${r.drops}</td></tr>`).join("");
   const cpu = (await api("telemetry/top-cpu?window=600&limit=10")).rows;
