@@ -114,10 +114,12 @@ class HostManifest:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def counts(self) -> dict[str, int]:
-        vms = self.net["vms"]
+        from megafleet.vm.driver import DRIVER_KINDS
+
+        # A guest whose memory is host RAM is a vm; a process-backed one a container.
+        vm_like = sum(1 for v in self.net["vms"] if DRIVER_KINDS[v["driver"]].ram_backed)
         return {"namespaces": len(self.net["netns"]), "routers": len(self.net["routers"]),
-                "vms": sum(1 for v in vms if v["driver"] != "container"),
-                "containers": sum(1 for v in vms if v["driver"] == "container"),
+                "vms": vm_like, "containers": len(self.net["vms"]) - vm_like,
                 "bridges": len(self.net["bridges"]), "vxlan": len(self.net.get("vxlan", []))}
 
 
