@@ -257,6 +257,29 @@ def popen_kwargs(kind: str, testbed: str | None = None) -> dict:
                                          for d in leaf_dirs(testbed, kind)])}
 
 
+def kwargs_like(pid: int) -> dict:
+    """Popen keyword arguments that start a child in the cgroups (v2 and the v1
+    cpu mirror) of process `pid` when those are megafleet's: how `exec` into a
+    container guest stays in the guest's cgroup. ``{}`` otherwise."""
+    s = support()
+    if s.v2 is None:
+        return {}
+    targets = []
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if not rel.startswith(f"/{BASE}/"):
+            continue
+        if controllers == "":
+            targets.append(s.v2 / rel.lstrip("/") / "cgroup.procs")
+        elif s.cpu_v1 is not None and "cpu" in controllers.split(","):
+            targets.append(s.cpu_v1 / rel.lstrip("/") / "cgroup.procs")
+    return {"preexec_fn": _preexec_into([str(t).encode() for t in targets])} if targets else {}
+
+
 @contextlib.contextmanager
 def scope(testbed: str) -> Iterator[None]:
     """Within this block (and the trio tasks and worker threads it starts),

@@ -9,10 +9,16 @@ this module applies it locally, in this order:
 2. ksm: the KSM tuning daemon (one per host: KSM's knobs are global), started
    before the guests so that it hears the vm engine announce their boot and
    merges them while they come up;
-3. vm: the guests, through the vm engine (bounded parallel boots, each failed
-   boot retried, then reported);
-4. collect: the telemetry collector (`megafleet telemetry run`), sampling this
-   host and its guests into the store.
+3. collect: the telemetry collector (`megafleet telemetry run`), sampling this
+   host and its guests into the store; started before the guests, so that it
+   records every boot, also of an apply that is interrupted or killed;
+4. vm: the guests, through the vm engine (bounded parallel boots, each failed
+   boot retried, then reported).
+
+Every process the testbed starts runs in its cgroup (`megafleet.cgroup`): the
+network's daemons, the guests; the collector and KSM daemon run in megafleet's
+high-weight control cgroup. The testbed's lock (`megafleet.locks`) is held by
+apply and down.
 
 It never fans out: the controller reaches hosts through gproc, whose agent runs
 the handlers registered here (`host.probe`, `host.apply`, `host.down`,
@@ -189,6 +195,14 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
         await trio.to_thread.run_sync(_start_ksm, t, ledger, bool(p.vms))
     phases["ksm"] = time.monotonic() - t2
 
+    # The collector before the guests too: it then sees every guest that boots,
+    # also when this apply is interrupted or killed half-way (its boot events
+    # are what telemetry counts).
+    t3 = time.monotonic()
+    emit({"phase": "collect", "state": "start"})
+    await trio.to_thread.run_sync(_start_collector, m, ledger)
+    phases["collect"] = time.monotonic() - t3
+
     t1 = time.monotonic()
     report = None
     if p.vms:
@@ -213,11 +227,6 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
         ready = {r.name for r in report.results if r.outcome in ("ready", "already")}
         await live.start_vm_frr({r: c for r, c in p.vm_frr.items() if r in ready})
     phases["vm"] = time.monotonic() - t1
-
-    t3 = time.monotonic()
-    emit({"phase": "collect", "state": "start"})
-    await trio.to_thread.run_sync(_start_collector, m, ledger)
-    phases["collect"] = time.monotonic() - t3
 
     ledger.record(OWNER, "testbed", t, digest=digest, complete=True, source=m.source, host=m.host)
     guests = report.to_dict() if report else {"ready": 0, "failed": 0, "already": 0, "guests": []}
@@ -538,6 +547,7 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
     ledger = Ledger()
     # (node, host argv to run, exec socket of a guest, error)
     targets: list[tuple[str, list[str] | None, Path | None, str | None]] = []
+    joins: dict[str, dict] = {}
     for t in ([testbed] if testbed else testbeds(ledger)):
         m = load_manifest(t)
         if m is None:
@@ -555,6 +565,7 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
             elif v["driver"] == "container":
                 targets.append((v["name"], ["nsenter", "-t", str(view.pid), "-m", "-u", "-i", "-n",
                                             "-p", "-r", "-w", *argv], None, None))
+                joins[v["name"]] = cgroup.kwargs_like(view.pid)   # the session runs in its cgroup
             else:
                 try:
                     targets.append((v["name"], None, exec_socket(v["name"], handles.get(v["name"])), None))
@@ -574,7 +585,7 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
                     error = str(exc)
             elif error is None:
                 with trio.move_on_after(timeout) as scope:
-                    r = await proc.arun(full, check=False)
+                    r = await proc.arun(full, check=False, **joins.get(node, {}))
                 if scope.cancelled_caught:
                     error = f"timed out after {timeout:g} s"
                 else:
