@@ -245,6 +245,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
     parser.add_argument("--skip-telemetry", action="store_true")
+    parser.add_argument("--sizes", help="guest counts to run, comma-separated (default: 10k,100k,1M; "
+                                        "--quick: 2k,6k,20k); the last is the headline and has the failure run")
+    parser.add_argument("--reach", help="agent counts for reach, comma-separated "
+                                        "(default: 100,1000,4480,20000,100000; --quick: up to 4480)")
+    parser.add_argument("--fanouts", help="fanouts for reach (default 8,16,32; --quick: 8,32)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"),
                         help="where the reach plot goes")
     args = parser.parse_args()
@@ -257,7 +262,7 @@ def main() -> None:
     try:
         load = os.getloadavg()[0]
         decode = links.calibrate_decode()
-        sizes = sizes_for(args.quick)
+        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else sizes_for(args.quick)
         result: dict = {"simulated": True, "cpus": os.cpu_count(), "load_before": round(load, 2),
                         "decode_s_per_mb": round(decode * 1e6, 4),
                         "boot_model": sim_hosts.BootModel.containers_here().source,
@@ -268,13 +273,13 @@ def main() -> None:
             per_size.append(one_size(g, work, args, decode, kill))
             print(f"size {g}: {json.dumps(per_size[-1])}", file=sys.stderr)
         head = per_size[-1]
-        tag = "1m" if not args.quick else f"{sizes[-1] // 1000}k"
+        tag = "1m" if sizes[-1] == 1_000_000 else f"{sizes[-1] // 1000}k"
         for key in ("compile_s", "plan_s", "manifests_s", "controller_rss_mb"):
             values = [s[key] for s in per_size]
             name = key.replace("_s", f"_{tag}_s") if key.endswith("_s") else key
             result[name] = head[key]
             result[f"{key}_by_size"] = values
-            result[f"{key}_growth_per_10x"] = growth(values, sizes)
+            result[f"{key}_growth_per_10x"] = growth(values, sizes) if len(sizes) > 1 else []
         up = head["up"]
         result.update({
             f"up_{tag}_s": up["up_s"],
@@ -287,7 +292,7 @@ def main() -> None:
         for key in ("up_s", "tx_mb", "rx_mb", "down_s", "event_frames"):
             values = [s["up"][key] for s in per_size]
             result[f"{key}_by_size"] = values
-            result[f"{key}_growth_per_10x"] = growth([max(v, 1e-9) for v in values], sizes)
+            result[f"{key}_growth_per_10x"] = growth([max(v, 1e-9) for v in values], sizes) if len(sizes) > 1 else []
         f = head["failure"]
         # The rest came up: every guest of a surviving host is ready or failed
         # by the simulated failure rate, and only the dead hosts failed.
@@ -301,6 +306,10 @@ def main() -> None:
 
         counts = [100, 1000, 4480] if args.quick else [100, 1000, 4480, 20_000, 100_000]
         fanouts = [8, 32] if args.quick else [8, 16, 32]
+        if args.reach:
+            counts = [int(x) for x in args.reach.split(",")]
+        if args.fanouts:
+            fanouts = [int(x) for x in args.fanouts.split(",")]
         result.update(reach_all(counts, fanouts, decode))
         exps = {fo: round(fit_exponent(pts), 3) for fo, pts in result["reach_s"].items()}
         result["reach_exponent"] = max(exps.values())

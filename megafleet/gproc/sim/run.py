@@ -130,7 +130,8 @@ def controller_work(path: str, hosts: list[str], capacity: int, testbed: str = "
     addresses = {h: inv.by_name[h].address for h in used}
     split = manifest.split(plan, placed, addresses=addresses, images={"tiny": "tiny"},
                            ksm=True, telemetry=None, vm_options={}, source=path, collect_interval=10.0)
-    manifests = {h: m.to_json() for h, m in split.items()}
+    # As up.py does: each host's manifest object is dropped once its JSON is made.
+    manifests = {h: split.pop(h).to_json() for h in list(split)}
     manifests_s = time.perf_counter() - t
     return ControllerWork(testbed, plan, placed, used, manifests, len(plan.vms), compile_s, plan_s, manifests_s)
 
