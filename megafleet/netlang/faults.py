@@ -59,6 +59,7 @@ class Fault:
         """When it runs, in seconds from the start of the schedule."""
         if self.every_s is None:
             return [self.at_s]
+        assert self.for_s is not None, "'every' comes with 'for'"
         out, t = [], self.at_s
         while t < self.at_s + self.for_s - 1e-9:
             out.append(round(t, 3))

@@ -69,16 +69,19 @@ def effective(ospf: dict, n_routers: int) -> OspfTimers:
     keys hello, dead, spf (delay, hold, max) and lsa when written), in a testbed
     of `n_routers` OSPF routers: explicit values win, the rest are scaled."""
     base = scaled(n_routers)
-    hello, dead = ospf.get("hello"), ospf.get("dead")
+    hello: int | None = ospf.get("hello")
+    dead: int | None = ospf.get("dead")
     if hello is None and dead is None:
         hello, dead = base.hello_s, base.dead_s
     elif dead is None:
+        assert hello is not None
         dead = 4 * hello
     elif hello is None:
         hello = max(1, dead // 4)
-    spf = ospf.get("spf") or (base.spf_delay_ms, base.spf_hold_ms, base.spf_max_ms)
+    assert hello is not None and dead is not None
+    spf_delay, spf_hold, spf_max = ospf.get("spf") or (base.spf_delay_ms, base.spf_hold_ms, base.spf_max_ms)
     lsa = ospf["lsa"] if "lsa" in ospf else base.lsa_ms
-    return OspfTimers(hello, min(dead, HELLO_MAX_S), *spf, lsa)
+    return OspfTimers(hello, min(dead, HELLO_MAX_S), spf_delay, spf_hold, spf_max, lsa)
 
 
 def check(ospf: dict) -> str | None:

@@ -34,7 +34,7 @@ import pwd
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import trio
 
@@ -133,7 +133,7 @@ async def start(p, ledger: Ledger, progress: Progress, admission: Admission | No
     slots = trio.CapacityLimiter(admission.slots())
     # One ledger writer thread at a time (sqlite): the starts themselves overlap.
     ledger_lock = trio.Lock()
-    state = {"up": 0, "starting": 0, "last": t0}
+    state: dict[str, Any] = {"up": 0, "starting": 0, "last": t0}
     failures: list[str] = []
 
     def say(force: bool = False) -> None:
