@@ -348,3 +348,26 @@ def test_link_speeds_from_zoo_attributes():
     assert link_rate_bit({"LinkSpeed": "155", "LinkSpeedUnits": "M"}) == 155_000_000
     assert link_rate_bit({"LinkType": "OC-192", "LinkLabel": "OC-192c"}) == 9_953_280_000
     assert link_rate_bit({"LinkLabel": "dark fibre"}) is None
+
+
+def test_graphml_hyperedge_elements_and_directed_graphs(tmp_path):
+    """GraphML `<hyperedge>` elements (which networkx cannot read) become switches;
+    a directed networkx graph gives one link per pair of opposite edges."""
+    (tmp_path / "h.graphml").write_text(
+        '<?xml version="1.0"?>\n<graphml xmlns="http://graphml.graphdrawing.org/xmlns">\n'
+        '<graph edgedefault="undirected">\n<node id="a"/>\n<node id="b"/>\n<node id="c"/>\n'
+        '<hyperedge id="bus">\n  <endpoint node="a"/>\n  <endpoint node="b"/>\n  <endpoint node="c"/>\n'
+        '</hyperedge>\n<edge source="a" target="b"/>\n</graph>\n</graphml>\n')
+    net = compile_file(tmp_path / "h.graphml")
+    assert list(net.switches) == ["bus"]
+    assert all(any(i.switch == "bus" for i in ifaces(net, n).values()) for n in ("a", "b", "c"))
+    assert [i.peer for i in ifaces(net, "a").values() if i.peer] == ["b"]
+    g = nx.DiGraph([("r1", "r2"), ("r2", "r1"), ("r2", "r3")])
+    nx.write_graphml(g, tmp_path / "d.graphml")
+    result = convert([tmp_path / "d.graphml"])
+    assert result.text.count("\nlink ") == 2 and any("directed graph" in n.message for n in result.warnings)
+    # A hyperedge naming a node that does not exist is named, with its line.
+    (tmp_path / "bad.graphml").write_text((tmp_path / "h.graphml").read_text().replace('node="c"/>\n</hyper',
+                                                                                      'node="zz"/>\n</hyper'))
+    with pytest.raises(ImportFailed, match=r"bad.graphml:7:1: error: hyperedge bus refers to node 'zz'"):
+        convert([tmp_path / "bad.graphml"])

@@ -44,7 +44,7 @@ _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _NODE_RE = re.compile(r"<node\b[^>]*?\bid\s*=\s*([\"'])(.*?)\1")
 _EDGE_RE = re.compile(r"<edge\b[^>]*>")
 _ATTR_RE = re.compile(r"\b(source|target)\s*=\s*([\"'])(.*?)\2")
-_HYPER_RE = re.compile(r"<hyperedge\b.*?(?:/>|</hyperedge\s*>)", re.S)
+_HYPER_RE = re.compile(r"<hyperedge\b[^>]*?/>|<hyperedge\b[^>]*>.*?</hyperedge\s*>", re.S)
 _ENDPOINT_RE = re.compile(r"<endpoint\b[^>]*?\bnode\s*=\s*([\"'])(.*?)\1")
 
 
