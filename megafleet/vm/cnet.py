@@ -218,7 +218,8 @@ def setup(config: NetConfig, netns_path: str) -> None:
     1. inside, sysctls the NICs inherit when they arrive: no IPv6 duplicate
        address detection and no router solicitations (addresses are static;
        DAD's delayed work takes the kernel's global rtnl lock once per address,
-       which a thousand guests booting at once queue on), forwarding for a router;
+       which a thousand guests booting at once queue on), no IPv6 link-local
+       address on a guest without IPv6 addresses, forwarding for a router;
     2. from the host's namespace (a socket opened before entering), each veth end
        moved in, renamed ethN, its MAC and MTU set and brought up: one message per NIC;
     3. inside: lo up, addresses, static routes, gateways."""
@@ -230,6 +231,10 @@ def setup(config: NetConfig, netns_path: str) -> None:
             enter(netns_path)
             _sysctl("ipv6/conf/default/accept_dad", "0", required=False)
             _sysctl("ipv6/conf/default/router_solicitations", "0", required=False)
+            if not _has_ipv6(config):
+                # An IPv4-only guest gets no link-local address either: each
+                # address is one more pass of the kernel's DAD work under rtnl.
+                _sysctl("ipv6/conf/default/addr_gen_mode", "1", required=False)
             if config.forward:
                 _sysctl("ipv4/ip_forward", "1")
                 _sysctl("ipv6/conf/all/forwarding", "1", required=False)
@@ -240,6 +245,10 @@ def setup(config: NetConfig, netns_path: str) -> None:
         host_sock.close()
     with _open() as sock:
         _send_on(sock, _config_messages(config))
+
+
+def _has_ipv6(config: NetConfig) -> bool:
+    return bool(config.gateway6) or any(":" in a for nic in config.nics for a in nic.addresses)
 
 
 def _config_messages(config: NetConfig) -> list[tuple[bytes, str]]:

@@ -65,23 +65,53 @@ def net_request(spec) -> dict[str, Any]:
 
 
 class _Helper:
-    """One nsspawn process and the line protocol to it."""
+    """One nsspawn process and the line protocol to it. Requests overlap: each
+    carries an id, and the answers (in whatever order launches finish) are
+    matched to their callers by it."""
 
     def __init__(self, process: trio.Process):
         self.process = process
-        self.lock = trio.Lock()
+        self.send_lock = trio.Lock()
+        self.read_lock = trio.Lock()
         self._buffer = b""
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._waiting: dict[int, trio.Event] = {}
+        self._next_id = 0
 
     async def request(self, req: dict[str, Any]) -> dict[str, Any]:
-        async with self.lock:
-            await self.process.stdin.send_all(json.dumps(req).encode() + b"\n")
-            while b"\n" not in self._buffer:
-                data = await self.process.stdout.receive_some(65536)
-                if not data:
-                    raise StartFailed("the container launcher (nsspawn) exited")
-                self._buffer += data
-            line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+        self._next_id += 1
+        req_id = self._next_id
+        done = self._waiting[req_id] = trio.Event()
+        try:
+            async with self.send_lock:
+                await self.process.stdin.send_all(json.dumps({**req, "id": req_id}).encode() + b"\n")
+            while not done.is_set():
+                # Whoever holds the read lock reads for everyone; the others wait.
+                async with self.read_lock:
+                    if done.is_set():
+                        break
+                    await self._read_one()
+            return self._replies.pop(req_id)
+        finally:
+            self._waiting.pop(req_id, None)
+            self._replies.pop(req_id, None)
+
+    async def _read_one(self) -> None:
+        while b"\n" not in self._buffer:
+            data = await self.process.stdout.receive_some(65536)
+            if not data:
+                error = {"error": "the container launcher (nsspawn) exited"}
+                for rid, event in self._waiting.items():
+                    self._replies.setdefault(rid, error)
+                    event.set()
+                return
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        reply = json.loads(line)
+        rid = reply.pop("id", None)
+        if rid in self._waiting:
+            self._replies[rid] = reply
+            self._waiting[rid].set()
 
 
 class ContainerDriver(Driver):

@@ -4,6 +4,7 @@ container guests on request.
 Run as ``python -I -S nsspawn.py`` (no megafleet import, so it starts in a few
 milliseconds); it reads one JSON request per line on stdin and answers one JSON
 line per request on stdout: ``{"id": ..., "pid": N}`` or ``{"id": ..., "error": "..."}``.
+Requests are served concurrently: answers come as launches finish, in any order.
 
 Why a helper: a container needs work done *between* creating its namespaces and
 running its init (mount the overlay, pivot into it, receive its NICs). That needs
@@ -40,6 +41,7 @@ dies, they vanish with it. Nothing of it needs unmounting on the host.
 import ctypes
 import json
 import os
+import selectors
 import sys
 
 # Not on sys.path under -I: the network helper is the file beside this one.
@@ -160,6 +162,8 @@ def launcher(req, console_fd, report_w):
 
 
 def spawn(req):
+    """Start one container's launcher; returns (launcher pid, fd its report comes
+    on). The report is read by `main` when it comes: launches overlap."""
     gdir = req["gdir"]
     for sub in ("upper/etc/megafleet", "work", "root"):
         os.makedirs(f"{gdir}/{sub}", exist_ok=True)
@@ -176,33 +180,66 @@ def spawn(req):
             except BaseException as exc:
                 os.write(report_w, json.dumps({"error": str(exc)}).encode())
             os._exit(1)
-        os.close(report_w)
-        chunks = []
-        while True:
-            data = os.read(report_r, 4096)
-            if not data:
-                break
-            chunks.append(data)
-        os.waitpid(child, 0)
-    finally:
+    except BaseException:
         os.close(report_r)
+        raise
+    finally:
+        os.close(report_w)
         os.close(console_fd)
-    raw = b"".join(chunks)
-    return json.loads(raw) if raw else {"error": "container launcher died"}
+    return child, report_r
+
+
+def _reply(req_id, reply):
+    reply["id"] = req_id
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
 
 
 def main():
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        try:
-            reply = spawn(req)
-        except Exception as exc:
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        reply["id"] = req.get("id")
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+    """Serve requests until stdin closes, many at once: each launcher's network
+    set-up waits on the kernel (the rtnl lock every namespace and link change
+    takes), so the helper starts the next while earlier ones wait, and answers
+    each request when its launcher reports (answers may come out of order; each
+    carries its request's id)."""
+    sel = selectors.DefaultSelector()
+    sel.register(sys.stdin.fileno(), selectors.EVENT_READ, None)
+    pending = {}          # report fd -> (request id, launcher pid, chunks)
+    buffer = b""
+    open_input = True
+    while open_input or pending:
+        for key, _ in sel.select():
+            if key.data is None:
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(key.fd)
+                    open_input = False
+                    continue
+                buffer += data
+                while b"\n" in buffer:
+                    line, _, buffer = buffer.partition(b"\n")
+                    if not line.strip():
+                        continue
+                    req = json.loads(line)
+                    try:
+                        child, fd = spawn(req)
+                    except Exception as exc:
+                        _reply(req.get("id"), {"error": f"{type(exc).__name__}: {exc}"})
+                        continue
+                    pending[fd] = (req.get("id"), child, [])
+                    sel.register(fd, selectors.EVENT_READ, fd)
+            else:
+                fd = key.data
+                data = os.read(fd, 4096)
+                req_id, child, chunks = pending[fd]
+                if data:
+                    chunks.append(data)
+                    continue
+                sel.unregister(fd)
+                os.close(fd)
+                del pending[fd]
+                os.waitpid(child, 0)
+                raw = b"".join(chunks)
+                _reply(req_id, json.loads(raw) if raw else {"error": "container launcher died"})
 
 
 if __name__ == "__main__":
