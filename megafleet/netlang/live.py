@@ -334,7 +334,25 @@ def _batch(argv: list[str], lines: list[str], force: bool = False) -> None:
         argv = argv[:1] + ["-force"] + argv[1:]
     # If we are killed, the batch must die with us: a batch that kept creating
     # namespaces after a crash would race the `down` that cleans up after it.
-    proc.run(_DIE_WITH_US + argv + ["-batch", "-"], input="\n".join(lines) + "\n", check=not force)
+    try:
+        proc.run(_DIE_WITH_US + argv + ["-batch", "-"], input="\n".join(lines) + "\n", check=not force)
+    except proc.CommandFailed as exc:
+        exc.args = (_batch_failure(argv, lines, exc.stderr),)
+        raise
+
+
+def _batch_failure(argv: list[str], lines: list[str], stderr: str) -> str:
+    """A failed batch named by the line that failed ("Command failed -:N"), so
+    that a raw "RTNETLINK answers: File exists" says which namespace, link or
+    bridge it concerns."""
+    import re
+
+    errors = [l for l in stderr.strip().splitlines() if l and not l.startswith("Command failed")]
+    m = re.search(r"Command failed -:(\d+)", stderr)
+    what = f"{' '.join(argv)} -batch"
+    if m and 0 < int(m.group(1)) <= len(lines):
+        what = f"{argv[0]} {lines[int(m.group(1)) - 1]!r}"
+    return f"{what}: {errors[0] if errors else stderr.strip()[-200:]}"
 
 
 def existing_links() -> set[str]:
@@ -420,7 +438,9 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
         specs = [dataclasses.replace(v, image=names[v.image]) for v in p.vms]
         ledger.record(OWNER, "vms", testbed, names=[v.name for v in specs])
         progress(f"booting {len(specs)} vms through the vm engine")
-        report = await vm_apply(specs, **(vm_options or {}))
+        # `net up` has no memory option: the budget error names what sets it.
+        report = await vm_apply(specs, **{"budget_option": "the environment variable MEGAFLEET_VM_MEM_BUDGET",
+                                          **(vm_options or {})})
         failed = [r for r in report.results if r.outcome not in ("ready", "already")]
         if failed:
             raise LiveError(f"{len(failed)} of {len(specs)} vms did not boot (first: {failed[0].name}: "
@@ -754,7 +774,11 @@ async def adown(testbed: str, progress: Progress = _quiet, ledger: Ledger | None
 
 
 def _down_sync(testbed: str, by_kind: dict, ledger: Ledger, progress: Progress) -> dict:
-    stopped = 0
+    from megafleet.netlang import routers
+
+    # Routing daemons first, all at once and without a graceful stop: one by
+    # one, each would make every router still running recompute (a storm).
+    stopped = routers.kill_all(by_kind.get("process", []))
     for r in by_kind.get("process", []):
         rp = None
         if "pid" in r.data:
