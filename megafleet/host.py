@@ -223,7 +223,15 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
                       **({"failed_guest": result.name, "reason": result.reason}
                          if result.outcome == "failed" else {})})
 
-        report = await vm_apply(p.vms, progress=progress, **m.vm_options)
+        try:
+            report = await vm_apply(p.vms, progress=progress, **m.vm_options)
+        except trio.Cancelled:
+            # Interrupted: guests that printed their ready line while the
+            # engine was being stopped are up; record them so (status and the
+            # collector's boot events then tell the truth).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(settle_guests, {v.name for v in p.vms})
+            raise
         ready = {r.name for r in report.results if r.outcome in ("ready", "already")}
         await live.start_vm_frr({r: c for r, c in p.vm_frr.items() if r in ready})
     phases["vm"] = time.monotonic() - t1
@@ -394,6 +402,13 @@ async def _down_one(t: str, ledger: Ledger, emit: Emit) -> dict[str, int]:
 
     emit({"phase": "down", "testbed": t, "state": "start"})
     daemons = [r for r in ledger.list(OWNER, "process") if r.key.startswith(t + "/")]
+    # An `up` killed mid-boot left guests that are up but recorded as starting:
+    # record them running and let the collector see them once before it stops.
+    vm_names = {n for r in ledger.list(live.OWNER, "vms") if r.key == t for n in r.data["names"]}
+    if vm_names and await trio.to_thread.run_sync(settle_guests, vm_names):
+        m = load_manifest(t)
+        if m is not None and _running(ledger, f"{t}/collect"):
+            await trio.sleep(min(1.5 * m.collect_interval, 5.0))
     # The collector flushes its pipeline on SIGTERM: give it time.
     await trio.to_thread.run_sync(_stop_daemons, daemons)
     ledger.forget_many(OWNER, "process", [r.key for r in daemons])
@@ -432,6 +447,29 @@ async def _teardown_guests(testbed: str, ledger: Ledger, emit: Emit) -> None:
         await Engine(ledger=ledger)._remove(names)
         emit({"phase": "down", "text": f"removed {len(names)} guests ({time.monotonic() - t0:.1f} s)"})
     ledger.forget_many(live.OWNER, "vms", [r.key for r in records])
+
+
+def settle_guests(names: set[str]) -> int:
+    """Guests among `names` still recorded as starting whose process is alive
+    and whose console has the ready line (the engine stopped or died before it
+    read it): recorded as running, with the guest's uptime at its ready line as
+    boot time. Returns how many."""
+    from megafleet.vm.engine import find_ready
+    from megafleet.vm.state import VmState
+
+    state = VmState()
+    settled = 0
+    for rec in state.list():
+        if rec.name not in names or rec.state != "starting" or not rec.pid or rec.pid_start is None:
+            continue
+        if not proc.RecordedProcess(rec.pid, rec.pid_start).alive():
+            continue
+        console = rec.handle.get("console") or str(Path(rec.handle.get("gdir", "")) / "console.log")
+        ready = find_ready(console)
+        if ready is not None:
+            state.update(rec.name, state="running", boot_s=round(ready.uptime, 3))
+            settled += 1
+    return settled
 
 
 def _stop_daemons(records) -> None:

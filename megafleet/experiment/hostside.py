@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import trio
 
-from megafleet import proc
+from megafleet import cgroup, locks, proc
 from megafleet.experiment.refs import LinkRef, LinkSettings
 from megafleet.gproc import handlers
 from megafleet.ledger import Ledger
@@ -785,13 +785,16 @@ async def _link_handler(payload: Any, ctx: handlers.Context) -> list[dict]:
         return []
     refs = [LinkRef.from_json(r) for r in payload["links"]]
     op = payload["op"]
-    if op == "set":
-        s = LinkSettings.from_json(payload["settings"])
-        done = await trio.to_thread.run_sync(lambda: link_set(t, refs, s))
-    elif op in ("up", "down"):
-        done = await trio.to_thread.run_sync(lambda: link_state(t, refs, op == "up"))
-    else:
-        raise ExperimentError(f"unknown link operation {op!r}")
+    # One controller per testbed and host; what it starts runs in the testbed's cgroup.
+    async with locks.atestbed_lock(t, f"link {op}"):
+        with cgroup.scope(t), cgroup.spawning("daemons"):
+            if op == "set":
+                s = LinkSettings.from_json(payload["settings"])
+                done = await trio.to_thread.run_sync(lambda: link_set(t, refs, s))
+            elif op in ("up", "down"):
+                done = await trio.to_thread.run_sync(lambda: link_state(t, refs, op == "up"))
+            else:
+                raise ExperimentError(f"unknown link operation {op!r}")
     await trio.to_thread.run_sync(_fault, payload, ctx.host, done)
     return done
 
@@ -829,7 +832,9 @@ async def _node_handler(payload: Any, ctx: handlers.Context) -> list[dict]:
     t = payload["testbed"]
     if not await trio.to_thread.run_sync(lambda: _has_testbed(t)):
         return []
-    done = await node_action(t, payload["nodes"], payload["action"])
+    async with locks.atestbed_lock(t, f"node {payload['action']}"):   # one controller per testbed and host
+        with cgroup.scope(t):                                          # restarted guests: its cgroup
+            done = await node_action(t, payload["nodes"], payload["action"])
     await trio.to_thread.run_sync(_fault, payload, ctx.host, done)
     return done
 

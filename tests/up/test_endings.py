@@ -31,3 +31,11 @@ def test_interrupted():
         "interrupted: 68 of 120 guests up")
     assert final_line(summary(ready=0, namespaces_up=0, interrupted=True)).startswith(
         "interrupted: nothing is up")
+
+
+def test_a_failed_ip_batch_names_the_line_it_failed_on():
+    from megafleet.netlang import live
+
+    msg = live._batch_failure(["ip"], ["link add mfue-a type bridge", "link add mfue-b type bridge"],
+                              "RTNETLINK answers: File exists\nCommand failed -:2\n")
+    assert msg == "ip 'link add mfue-b type bridge': RTNETLINK answers: File exists"
