@@ -334,7 +334,25 @@ def _batch(argv: list[str], lines: list[str], force: bool = False) -> None:
         argv = argv[:1] + ["-force"] + argv[1:]
     # If we are killed, the batch must die with us: a batch that kept creating
     # namespaces after a crash would race the `down` that cleans up after it.
-    proc.run(_DIE_WITH_US + argv + ["-batch", "-"], input="\n".join(lines) + "\n", check=not force)
+    try:
+        proc.run(_DIE_WITH_US + argv + ["-batch", "-"], input="\n".join(lines) + "\n", check=not force)
+    except proc.CommandFailed as exc:
+        exc.args = (_batch_failure(argv, lines, exc.stderr),)
+        raise
+
+
+def _batch_failure(argv: list[str], lines: list[str], stderr: str) -> str:
+    """A failed batch named by the line that failed ("Command failed -:N"), so
+    that a raw "RTNETLINK answers: File exists" says which namespace, link or
+    bridge it concerns."""
+    import re
+
+    errors = [l for l in stderr.strip().splitlines() if l and not l.startswith("Command failed")]
+    m = re.search(r"Command failed -:(\d+)", stderr)
+    what = f"{' '.join(argv)} -batch"
+    if m and 0 < int(m.group(1)) <= len(lines):
+        what = f"{argv[0]} {lines[int(m.group(1)) - 1]!r}"
+    return f"{what}: {errors[0] if errors else stderr.strip()[-200:]}"
 
 
 def existing_links() -> set[str]:
