@@ -46,6 +46,20 @@ def test_hosts_ls_and_check(testfleet):
     rows = [line.split(None, 2) for line in check.stdout.splitlines()[1:]]
     p = testfleet.prefix
     assert rows == [[f"{p}h[0,3-5]", "ok", "answered"], [f"{p}h[1-2]", "unreachable", "connection refused"]]
+    # An image the hosts' cache lacks (an empty cache directory), folded too.
+    from megafleet.imagegen import store
+
+    try:
+        image = store.find("tiny")
+    except store.ImageNotFound:
+        image = None
+    if image is not None:
+        empty = testfleet.workdir / "empty-cache"
+        empty.mkdir(exist_ok=True)
+        check = megafleet("hosts", "check", "-i", inv, "-w", names, "--image", "tiny", "--cache-dir", str(empty))
+        assert check.returncode == 1
+        assert check.stdout.splitlines()[1].split(None, 2) == [f"{p}h[0-4]", "image",
+                                                                f"missing tiny ({image.hash[:12]})"]
     assert wait_no_agents(testfleet) == {}
 
 
