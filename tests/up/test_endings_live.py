@@ -134,6 +134,20 @@ def test_two_ups_racing_one_waits_and_nothing_is_applied_twice(tmp_path):
         status = megafleet_json("status", testbed)
         (bed,) = status["hosts"]["local"]["value"]["testbeds"]
         assert bed["nodes"] == {"up": 1, "running": 6}
+        # A `down` while another controller holds the testbed: --no-wait is
+        # refused cleanly; without it, it waits (saying for whom), then goes.
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, testbed], cwd=REPO, stdout=subprocess.PIPE,
+                                  text=True)
+        assert holder.stdout.readline().strip() == "held"
+        refused = megafleet("down", testbed, "--no-wait", check=False)
+        assert refused.returncode == 1 and "busy" in refused.stdout + refused.stderr, refused.stdout
+        assert "Traceback" not in refused.stderr
+        waiting = popen_megafleet("down", testbed)
+        wait_for_line(waiting, "waiting for", 60)
+        holder.terminate()
+        holder.wait()
+        out, err = waiting.communicate(timeout=300)
+        assert waiting.returncode == 0, out + err
     finally:
         for p in (first,) + ((second,) if "second" in locals() else ()):
             if p.poll() is None:
@@ -142,6 +156,15 @@ def test_two_ups_racing_one_waits_and_nothing_is_applied_twice(tmp_path):
         down = megafleet_json("down", testbed, check=False)
     assert down["ok"], down
     nothing_left(testbed)
+
+
+HOLD = """
+import sys, time
+from megafleet import locks
+with locks.testbed_lock(sys.argv[1], "a test's live change"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
 
 
 def _probe_qemus(parent: int) -> list[int]:
