@@ -91,3 +91,16 @@ def test_sweep_removes_cgroups_of_testbeds_no_longer_recorded(cg):
     assert cgroup.sweep() == 1                     # no "up"/"net" record owns it
     sleeper.wait(timeout=5)
     assert not cgroup.testbed_path(TESTBED).exists() and cgroup.recorded() == []
+
+
+def test_without_cgroup_v2_everything_is_a_no_op_with_one_notice(monkeypatch, capsys):
+    monkeypatch.setattr(cgroup, "support", lambda: cgroup.Support(None, False, None, "no cgroup v2 hierarchy mounted"))
+    monkeypatch.setattr(cgroup, "_noticed", [False])
+    assert cgroup.create(TESTBED) is None
+    assert cgroup.create(TESTBED) is None
+    with cgroup.scope(TESTBED):
+        assert cgroup.popen_kwargs("guests") == {} and cgroup.implicit_preexec() is None
+    assert cgroup.kill(TESTBED).processes == 0 and cgroup.control_kwargs() == {}
+    err = capsys.readouterr().err
+    assert err.count("no cgroup v2 hierarchy mounted: testbed processes are stopped by pid") == 1
+    assert cgroup.recorded() == []
