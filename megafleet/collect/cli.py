@@ -383,10 +383,15 @@ def prune(obj: _Context, older_than: str, with_events: bool, as_json: bool) -> N
 @click.option("--ttl", default=None,
               help="Let the server expire samples after this long (7d, 12h), where it supports "
                    "TTL indexes; see `info`. Otherwise use `prune`.")
+@click.option("--guest-samples", type=click.Choice(["per-guest", "aggregate"]), default="per-guest",
+              show_default=True,
+              help="One sample per guest and interval, or one document per interval for all of this "
+                   "host's guests (counts by state, CPU and RSS totals): for thousands of guests per "
+                   "host; boot events stay per guest.")
 @click.pass_obj
 def run_command(obj: _Context, host_name: str | None, duration: float | None, interval: float,
                 switches: tuple[str, ...], with_vm: bool, spool_dir: str | None,
-                ttl: str | None) -> None:
+                ttl: str | None, guest_samples: str) -> None:
     """Sample this host (guests, interfaces, host, KSM, switches) into the store.
 
     Prints the pipeline's counters every interval (to stderr). The same
@@ -435,7 +440,7 @@ def run_command(obj: _Context, host_name: str | None, duration: float | None, in
                               container_source=containers,
                               guest_interval=interval, iface_interval=interval,
                               host_interval=interval, sniff_interval=interval,
-                              switches=switches)
+                              switches=switches, guest_aggregate=guest_samples == "aggregate")
     except InvalidName as exc:
         raise click.BadParameter(str(exc)) from None
     except SpoolBusy as exc:
