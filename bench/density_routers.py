@@ -1,17 +1,19 @@
 """Benchmark: a mesh of OSPF routers (a ring plus random chords) brought up on
-this host through `megafleet net up`; prints one JSON line:
+this host through `megafleet up` (or `megafleet net up` with --via net);
+prints one JSON line:
 
     routers_n              OSPF routers in the mesh (--routers, default 750)
     routers_daemon         frr | bird | auto (--daemon: `ospf daemon X` on every router)
     routers_links          point-to-point links (ring + chords)
-    routers_up_s           `net up` until it returned (namespaces, links, daemons started)
-    routers_converged_s    `net up` started until, with every router's daemons
+    routers_via            up | net: which command brought it up and down
+    routers_up_s           `up` until it returned (namespaces, links, daemons started)
+    routers_converged_s    `up` started until, with every router's daemons
                            started (`up` returned), a host behind the first router
                            answers a ping from a host behind the router half way
                            round the ring (from inside our own namespaces only)
     routers_first_reach_s  the same, the first ping that answered at all (a path
                            through the routers started so far may come earlier)
-    routers_down_s         `net down` of the whole testbed
+    routers_down_s         `down` of the whole testbed
     routers_max_load1      highest 1-minute load average seen while converging
     routers_steady_cpu     CPU (in cores) all routing daemons use together over
                            --steady seconds (default 20) once converged: what the
@@ -121,7 +123,13 @@ def run(args: argparse.Namespace) -> dict:
     args = argparse.Namespace(**{**vars(parser().parse_args([])), **vars(args)})
     if os.geteuid() != 0:
         raise SystemExit("density_routers needs root (namespaces, daemons)")
-    result: dict = {"routers_n": args.routers, "routers_daemon": args.daemon, "load1_before": _load1()}
+    result: dict = {"routers_n": args.routers, "routers_daemon": args.daemon, "routers_via": args.via,
+                    "load1_before": _load1()}
+    # `megafleet up` without the KSM daemon (no guests here) and without its own
+    # convergence wait (measured here); telemetry samples rarely.
+    up_argv = ["up", "--no-ksm", "--no-verify", "--telemetry-interval", "60"] if args.via == "up" \
+        else ["net", "up"]
+    down_argv = ["down"] if args.via == "up" else ["net", "down"]
     with tempfile.TemporaryDirectory(prefix="mfr-bench-") as tmp:
         path = Path(tmp) / "mesh.fleet"
         text, links = mesh(args.routers, args.daemon, args.ipv6)
@@ -131,9 +139,9 @@ def run(args: argparse.Namespace) -> dict:
         dst = net.node("ha").ifaces[0][2][4].split("/")[0]
         src_ns = f"{NAME}-hb"
         if _leftovers()["namespaces"]:
-            _megafleet("net", "down", NAME).wait()
+            _megafleet(*down_argv, NAME).wait()
         t0 = time.monotonic()
-        up = _megafleet("net", "up", str(path), "-N", NAME, stdout=subprocess.DEVNULL)
+        up = _megafleet(*up_argv, str(path), "-N", NAME, stdout=subprocess.DEVNULL)
         converged = up_s = first = None
         max_load = 0.0
         try:
@@ -142,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
                 max_load = max(max_load, _load1())
                 if up_s is None and up.poll() is not None:
                     if up.returncode != 0:
-                        raise SystemExit(f"net up failed (exit {up.returncode})")
+                        raise SystemExit(f"{' '.join(up_argv)} failed (exit {up.returncode})")
                     up_s = time.monotonic() - t0
                 if (NETNS / src_ns).exists() and _ping(src_ns, dst):
                     first = first if first is not None else time.monotonic() - t0
@@ -164,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
                     up.kill()
                     up.wait()
             t1 = time.monotonic()
-            down = _megafleet("net", "down", NAME, stdout=subprocess.DEVNULL)
+            down = _megafleet(*down_argv, NAME, stdout=subprocess.DEVNULL)
             down.wait()
             result["routers_down_s"] = round(time.monotonic() - t1, 2)
             result["leftovers"] = _leftovers()
@@ -187,6 +195,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--daemon", choices=("auto", "frr", "bird"), default="auto",
                     help="`ospf daemon X` on every router (auto: megafleet chooses by count)")
     ap.add_argument("--ipv6", action="store_true", help="an IPv6 pool too (OSPFv3)")
+    ap.add_argument("--via", choices=("up", "net"), default="up",
+                    help="bring it up and down with `megafleet up`/`down` (default) or `net up`/`net down`")
     ap.add_argument("--steady", type=float, default=20,
                     help="seconds over which the converged mesh's daemon CPU is measured (0: skip)")
     ap.add_argument("--timeout", type=float, default=480,

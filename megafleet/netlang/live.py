@@ -774,7 +774,11 @@ async def adown(testbed: str, progress: Progress = _quiet, ledger: Ledger | None
 
 
 def _down_sync(testbed: str, by_kind: dict, ledger: Ledger, progress: Progress) -> dict:
-    stopped = 0
+    from megafleet.netlang import routers
+
+    # Routing daemons first, all at once and without a graceful stop: one by
+    # one, each would make every router still running recompute (a storm).
+    stopped = routers.kill_all(by_kind.get("process", []))
     for r in by_kind.get("process", []):
         rp = None
         if "pid" in r.data:
