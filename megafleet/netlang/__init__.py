@@ -159,7 +159,7 @@ OSPF-PROPS, in any order after `ospf`:
 Timers not given scale with the number of OSPF routers N in the description
 (`megafleet.netlang.ospftimers`): N <= 50 keeps hello 1 s, dead 4 s and the
 daemon's SPF/LSA defaults; above, hello = ceil(N/75) s (at most 10), dead 4x,
-SPF delay/hold/max = min(N, 1000) ms / min(2N, 5000) ms / 10 s, LSA 1000 ms.
+SPF delay/hold/max = min(N, 1000) ms / min(5N, 5000) ms / 10 s, LSA 1000 ms.
 Explicit values always win. A bad value is an error with file:line.
 
 `daemon`: FRR (zebra + ospfd, + ospf6d with IPv6) or BIRD 2 (one `bird`

@@ -12,7 +12,7 @@ Scale (n = OSPF routers in the description; `scaled`):
     n <= 50      hello 1 s, dead 4 s, the daemon's SPF and LSA defaults
                  (what small emulated networks want: a cut noticed in seconds)
     n > 50       hello ceil(n / 75) s capped at 10, dead 4x hello,
-                 SPF delay/hold/max = min(n, 1000) ms / min(2n, 5000) ms / 10 s,
+                 SPF delay/hold/max = min(n, 1000) ms / min(5n, 5000) ms / 10 s,
                  LSA pacing (minimum interval between originations of one LSA,
                  and minimum arrival interval) = 1000 ms
 
@@ -56,7 +56,7 @@ def scaled(n_routers: int) -> OspfTimers:
         return OspfTimers()
     hello = min(10, math.ceil(n_routers / 75))
     return OspfTimers(hello_s=hello, dead_s=4 * hello, spf_delay_ms=min(n_routers, 1000),
-                      spf_hold_ms=min(2 * n_routers, 5000), spf_max_ms=10000, lsa_ms=1000)
+                      spf_hold_ms=min(5 * n_routers, 5000), spf_max_ms=10000, lsa_ms=1000)
 
 
 def ospf_router_count(net: Net) -> int:

@@ -56,13 +56,13 @@ def test_timers_scale_with_the_router_count():
     assert ospftimers.scaled(50) == ospftimers.OspfTimers()
     t = ospftimers.scaled(750)
     assert (t.hello_s, t.dead_s, t.spf_delay_ms, t.spf_hold_ms, t.spf_max_ms, t.lsa_ms) == \
-        (10, 40, 750, 1500, 10000, 1000)
+        (10, 40, 750, 3750, 10000, 1000)
     assert ospftimers.scaled(100).hello_s == 2 and ospftimers.scaled(100).dead_s == 8
     # Scaled values reach the generated FRR configuration.
     net = compile_text(ring(100, "daemon frr"))
     conf = frr.configs(net, "r7")["ospfd"]
     assert " ip ospf hello-interval 2\n ip ospf dead-interval 8\n" in conf
-    assert " timers throttle spf 100 200 10000\n" in conf
+    assert " timers throttle spf 100 500 10000\n" in conf
     assert " timers throttle lsa all 1000\n timers lsa min-arrival 1000\n" in conf
 
 
@@ -80,7 +80,7 @@ def test_explicit_timers_compile_into_the_config_and_win_over_scaled_ones():
     net = compile_text(ring(100, "daemon frr dead 20s"))
     conf = frr.configs(net, "r5")["ospfd"]
     assert " ip ospf hello-interval 5\n ip ospf dead-interval 20\n" in conf
-    assert " timers throttle spf 100 200 10000\n" in conf
+    assert " timers throttle spf 100 500 10000\n" in conf
     # Explicit values on a small testbed too.
     net = compile_text(ring(4, "hello 2"))
     assert " ip ospf dead-interval 8\n" in frr.configs(net, "r1")["ospfd"]
