@@ -174,8 +174,10 @@ is refused on routers with an image (VM routers run their image's FRR) or with
 setting (RFC 2328's fixed intervals), so `lsa` does not apply to it.
 
 Routers start with admission control: at most 2 x CPUs routers starting at
-once, and none while more than 2 x CPUs threads are runnable on the host, with
-a progress line every 5 s (`megafleet.netlang.routers`).
+once, and none while the host has more than 2 x CPUs runnable threads beyond
+those it had before the first start, with a progress line every 5 s
+(`megafleet.netlang.routers`). `down` kills a testbed's routing daemons all at
+once (no graceful stop: it would make the routers still running recompute).
 
 Assertions
 ----------

@@ -54,8 +54,9 @@ class RouterStartError(LiveError):
 @dataclass(frozen=True)
 class Admission:
     """How many routers start at once (`window`) and under what load: no start
-    while more than `runnable_per_cpu` x CPUs threads are runnable. `progress_s`:
-    seconds between progress lines."""
+    while more than `runnable_per_cpu` x CPUs threads beyond those runnable
+    before the first start are runnable. `progress_s`: seconds between
+    progress lines."""
 
     window: int = 0                  # 0: 2 x CPUs
     runnable_per_cpu: float = 2.0
