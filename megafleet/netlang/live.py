@@ -760,11 +760,14 @@ async def adown(testbed: str, progress: Progress = _quiet, ledger: Ledger | None
     for r in mine:
         by_kind.setdefault(r.kind, []).append(r)
     if "vms" in by_kind:
-        from megafleet.vm.api import teardown
+        from megafleet.vm.api import remove
 
-        for r in by_kind["vms"]:
-            for name in r.data["names"]:
-                await teardown(name)
+        # All the testbed's guests in one engine pass: one by one, 1,100
+        # containers took minutes.
+        names = {name for r in by_kind["vms"] for name in r.data["names"]}
+        t1 = time.monotonic()
+        await remove(names, ledger)
+        progress(f"removed {len(names)} guests ({time.monotonic() - t1:.1f} s)")
         ledger.forget_many(OWNER, "vms", [r.key for r in by_kind["vms"]])
     result = await trio.to_thread.run_sync(_down_sync, testbed, by_kind, ledger, progress)
     ledger.forget_many(OWNER, "testbed", [r.key for r in by_kind.get("testbed", [])])

@@ -24,3 +24,11 @@ async def teardown(pattern: str = "*") -> list[str]:
     everything recorded for it (processes, domains, sockets, overlays, files).
     Returns the names removed."""
     return await Engine().teardown(pattern)
+
+
+async def remove(names: set[str] | list[str], ledger: Any = None) -> None:
+    """Stop and remove the named guests, all in one engine pass (in parallel),
+    with everything recorded for them; names not running are fine. `ledger`: the
+    megafleet.ledger.Ledger to use (default: this host's)."""
+    engine = Engine(ledger=ledger) if ledger is not None else Engine()
+    await engine._remove(set(names))
