@@ -152,6 +152,20 @@ def test_zoo_labels_become_unique_readable_names():
     assert readable("1st Ave") == "n_1st_Ave" and readable("???") == "n"
     namer = Namer()
     assert [namer.take(x) for x in ("Paris", "Paris", "paris")] == ["Paris", "Paris_2", "paris_3"]
+    # A name taken as a label of its own is skipped by the suffixes that follow.
+    assert [namer.take(x) for x in ("Paris_4", "Paris", "Paris")] == ["Paris_4", "Paris_5", "Paris_6"]
+    # Many nodes of one label: each suffix found where the last one stopped.
+    many = Namer()
+    assert [many.take("X") for _ in range(20_000)][-1] == "X_20000"
+
+
+def test_graphml_positions_name_line_and_column_of_nodes_and_edges():
+    from megafleet.netlang.importers.graphml import _xml_positions
+    text = ('<graphml>\n  <graph>\n    <node id="a"/><node id="b&amp;c"/>\n'
+            '      <edge source="b&amp;c" target="a"/>\n  <edge target="a" source="b&amp;c"/>\n</graph>')
+    nodes, edges = _xml_positions("m.graphml", text)
+    assert {k: str(v) for k, v in nodes.items()} == {"a": "m.graphml:3:5", "b&c": "m.graphml:3:19"}
+    assert [str(x) for x in edges[("a", "b&c")]] == ["m.graphml:4:7", "m.graphml:5:3"]
 
 
 def test_graphml_hyperedges_parallel_edges_geo_delays_and_rates():

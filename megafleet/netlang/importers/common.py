@@ -227,13 +227,20 @@ class Namer:
 
     def __init__(self) -> None:
         self.used: set[str] = set()
+        # base (lower case) -> the suffix it last got: every smaller one is
+        # taken, so the search resumes there (10,000 nodes of one label would
+        # otherwise try 1 + 2 + ... + 10,000 names).
+        self.last: dict[str, int] = {}
 
     def take(self, base: str) -> str:
-        name, n = base, 1
+        key = base.lower()
+        n = self.last.get(key, 1)
+        name = base if n == 1 else f"{base}_{n}"
         while name.lower() in self.used:
             n += 1
             name = f"{base}_{n}"
         self.used.add(name.lower())
+        self.last[key] = n
         return name
 
 

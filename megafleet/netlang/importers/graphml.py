@@ -41,8 +41,8 @@ C_FIBRE_KM_S = 299_792.458 * 2 / 3
 EARTH_RADIUS_KM = 6371.0
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
-_NODE_RE = re.compile(r"<node\b[^>]*?\bid\s*=\s*([\"'])(.*?)\1")
-_EDGE_RE = re.compile(r"<edge\b[^>]*>")
+_TAG_RE = re.compile(r"<(node|edge)\b[^>]*>")
+_NODE_ID_RE = re.compile(r"\bid\s*=\s*([\"'])(.*?)\1")
 _ATTR_RE = re.compile(r"\b(source|target)\s*=\s*([\"'])(.*?)\2")
 _HYPER_RE = re.compile(r"<hyperedge\b[^>]*?/>|<hyperedge\b[^>]*>.*?</hyperedge\s*>", re.S)
 _ENDPOINT_RE = re.compile(r"<endpoint\b[^>]*?\bnode\s*=\s*([\"'])(.*?)\1")
@@ -96,16 +96,46 @@ def _loc_at(file: str, text: str, pos: int, lines: list[int]) -> Loc:
     return Loc(file, line, pos - (lines[line - 2] if line > 1 else -1))
 
 
+class _Lines:
+    """file:line:col of offsets visited in increasing order: counts the newlines
+    since the previous offset instead of searching a table of all of them (a
+    10,000-node map has 30,000 tags to locate)."""
+
+    def __init__(self, file: str, text: str):
+        self.file, self.text = file, text
+        self.pos, self.line, self.start = 0, 1, 0      # last offset, its line, that line's start
+
+    def at(self, pos: int) -> Loc:
+        if pos < self.pos:                               # out of order: start again
+            self.pos, self.line, self.start = 0, 1, 0
+        n = self.text.count("\n", self.pos, pos)
+        if n:
+            self.line += n
+            self.start = self.text.rfind("\n", self.pos, pos) + 1
+        self.pos = pos
+        return Loc(self.file, self.line, pos - self.start + 1)
+
+
+def _unescape(s: str) -> str:
+    return html.unescape(s) if "&" in s else s
+
+
 def _xml_positions(file: str, text: str) -> tuple[dict[str, Loc], dict[tuple[str, str], list[Loc]]]:
-    nl: list[int] = []
-    nodes = {html.unescape(m.group(2)): _loc_at(file, text, m.start(), nl)
-             for m in _NODE_RE.finditer(text)}
+    """Where each <node id> and each <edge> (by its sorted (source, target)) is
+    written; one pass over the text, nodes and edges in the order they come."""
+    lines = _Lines(file, text)
+    nodes: dict[str, Loc] = {}
     edges: dict[tuple[str, str], list[Loc]] = {}
-    for m in _EDGE_RE.finditer(text):
-        attrs = {a.group(1): html.unescape(a.group(3)) for a in _ATTR_RE.finditer(m.group(0))}
+    for m in _TAG_RE.finditer(text):
+        if m.group(1) == "node":
+            nid = _NODE_ID_RE.search(m.group(0))
+            if nid is not None:
+                nodes[_unescape(nid.group(2))] = lines.at(m.start())
+            continue
+        attrs = {a.group(1): _unescape(a.group(3)) for a in _ATTR_RE.finditer(m.group(0))}
         if "source" in attrs and "target" in attrs:
-            key = tuple(sorted((attrs["source"], attrs["target"])))
-            edges.setdefault(key, []).append(_loc_at(file, text, m.start(), nl))
+            a, b = attrs["source"], attrs["target"]
+            edges.setdefault((a, b) if a <= b else (b, a), []).append(lines.at(m.start()))
     return nodes, edges
 
 
@@ -124,8 +154,10 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
 
     stripped = _HYPER_RE.sub(cut, text) if "<hyperedge" in text else text
     try:
-        # networkx makes a MultiGraph itself when the file has parallel edges.
-        g = nx.parse_graphml(stripped)
+        # A MultiGraph always (parallel edges stay parallel): networkx would
+        # otherwise copy the MultiGraph it builds into a Graph when the file
+        # has none, a second pass over every edge (a third of its parse time).
+        g = nx.parse_graphml(stripped, force_multigraph=True)
     except ParseError as err:
         line, col = err.position
         raise ImportFailed([Note(Loc(file, line, col + 1), f"invalid GraphML (XML): "
@@ -250,8 +282,10 @@ def _emit(g, fmt: str, file: str, node_locs: dict, edge_locs: dict, hyper: list,
         [(a, b, 0, d) for a, b, d in g.edges(data=True)]
     link_lines: list[tuple[str, str]] = []
     used: dict[tuple, int] = {}
+    node_data = dict(g.nodes(data=True))         # plain dict lookups in the loop below
     for a, b, _k, d in edges:
-        pair = tuple(sorted((str(a), str(b))))
+        sa, sb = str(a), str(b)
+        pair = (sa, sb) if sa <= sb else (sb, sa)
         locs = edge_locs.get(pair) or edge_locs.get(tuple(sorted((a, b), key=str))) or []
         j = used.get(pair, 0)
         used[pair] = j + 1
@@ -264,7 +298,7 @@ def _emit(g, fmt: str, file: str, node_locs: dict, edge_locs: dict, hyper: list,
         if delay:
             words.append(f"delay {delay}")
         elif opts.delays == "geo":
-            us = geo_delay_us(g.nodes[a], g.nodes[b])
+            us = geo_delay_us(node_data[a], node_data[b])
             if us is None:
                 warnings.append(Note(loc, f"link {names[a]} -- {names[b]}: no coordinates on both "
                                           f"ends: no delay"))
