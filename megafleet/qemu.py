@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from megafleet import paths
 from megafleet.imagegen.contract import AGENT_PORT_NAME, EXEC_PORT_NAME, READY_MARKER
@@ -77,7 +78,7 @@ def qemu_argv(kernel: str | Path, initrd: str | Path, append: str, *, name: str,
               qmp_socket: str | Path | None = None, console_log: str | Path | None = None,
               agent_socket: str | Path | None = None, agent_log: str | Path | None = None,
               exec_socket: str | Path | None = None,
-              nics: list[Nic | dict] = (), machine: str = "q35") -> list[str]:
+              nics: Sequence[Nic | dict] = (), machine: str = "q35") -> list[str]:
     """The argv of one guest. `append` is the kernel command line (megafleet.*
     parameters from contract.GuestConfig.kernel_args); `console=ttyS0`,
     `panic=-1` and FAST_BOOT_ARGS are added when absent. The agent port goes to a unix socket that
@@ -225,7 +226,7 @@ def _probe_kvm(kernel: Path, initrd: Path, timeout: float) -> tuple[bool, str]:
         if line:
             return True, f"KVM runs a guest (ready in {time.monotonic() - start:.1f} s)"
         if proc.poll() is not None:
-            err = (proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()
+            err = ((proc.stderr.read() if proc.stderr else b"") or b"").decode(errors="replace").strip().splitlines()
             return False, "KVM failed: " + (err[-1] if err else f"qemu exited {proc.returncode}")
         console = log.read_text(errors="replace") if log.exists() else ""
         stage = "after the BIOS" if not console.strip() else "during boot"

@@ -22,7 +22,7 @@ import itertools
 import os
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 
@@ -256,7 +256,7 @@ class Fleet:
                                timeout + 5, on_output=on_output)
 
     async def call(self, handler: str, payload: Any = None, *, per_host: dict[str, Any] | None = None,
-                   modules: list[str] = (), hosts: list[str] | None = None, timeout: float = 300.0,
+                   modules: Sequence[str] = (), hosts: list[str] | None = None, timeout: float = 300.0,
                    on_event: EventCallback | None = None) -> Report:
         """Run the registered handler on each host with `payload` (or its own entry
         of `per_host`); handlers' progress comes to on_event(host, data)."""

@@ -33,7 +33,7 @@ import inspect
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 Handler = Callable[[Any, "Context"], Awaitable[Any] | Any]
 MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -67,7 +67,7 @@ def handler(name: str) -> Callable[[Handler], Handler]:
     return decorate
 
 
-def lookup(name: str, modules: list[str] = ()) -> Handler:
+def lookup(name: str, modules: Sequence[str] = ()) -> Handler:
     """The handler `name`, importing the named modules (then entry points) first."""
     for module in modules:
         if not isinstance(module, str) or not MODULE_RE.fullmatch(module):

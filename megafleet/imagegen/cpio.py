@@ -99,6 +99,7 @@ def extract(entries: Iterable[Entry], root: Path) -> None:
             os.chmod(path, stat.S_IMODE(e.mode))
         elif stat.S_ISLNK(e.mode):
             path.parent.mkdir(parents=True, exist_ok=True)
+            assert e.target is not None, e.path       # a symlink entry carries its target
             os.symlink(e.target, path)
         elif stat.S_ISREG(e.mode):
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from megafleet import paths
 from megafleet.imagegen import scratch
@@ -118,7 +119,7 @@ def _provider(virtual: str) -> str | None:
     return None
 
 
-def resolve(wanted: list[str], exclude: list[str] = ()) -> list[Package]:
+def resolve(wanted: list[str], exclude: Sequence[str] = ()) -> list[Package]:
     """The dependency closure of `wanted` (Depends and Pre-Depends, first satisfiable
     alternative of each or-group), sorted by name. Packages in `exclude` are neither
     included nor followed. Raises PackageError naming a package that is unknown."""

@@ -12,7 +12,7 @@ from megafleet.vm.admission import BudgetError
 from megafleet.vm.spec import DRIVERS, GuestResult, GuestSpec, SpecError
 
 
-def _human_bytes(n: int | None) -> str:
+def _human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):

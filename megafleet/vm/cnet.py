@@ -128,7 +128,7 @@ def route_message(dest: str | None, via: str, seq: int) -> bytes:
     plen = net.prefixlen if net is not None else 0
     body = struct.pack("=BBBBBBBBI", family, plen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT,
                        RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
-    if plen:
+    if plen and net is not None:
         body += _attr(RTA_DST, net.network_address.packed)
     body += _attr(RTA_GATEWAY, gw.packed)
     return _header(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, seq, body)

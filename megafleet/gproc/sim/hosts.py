@@ -30,7 +30,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import trio
 
@@ -99,7 +99,7 @@ class SimHosts:
                       "host.down": self.sim_down, "host.status": self.sim_status,
                       "gproc.ping": self.sim_ping}
 
-    def lookup(self, name: str, modules: list[str] = ()) -> handlers.Handler:
+    def lookup(self, name: str, modules: Sequence[str] = ()) -> handlers.Handler:
         """`handlers.lookup` for simulated agents: the simulation handlers only
         (the modules named by the request are not imported)."""
         try:
