@@ -146,7 +146,8 @@ def ready_rates(prefix: str = "") -> dict:
 def bridge_trees_landed() -> bool:
     """Has the bridge-tree work (switches over 1,024 ports) been committed here?"""
     try:
-        log = subprocess.run(["git", "log", "--oneline", "-i", "--grep", "bridge tree"], cwd=REPO,
+        log = subprocess.run(["git", "log", "--oneline", "-i", "-E", "--grep",
+                              "bridge[- ]trees?|trees? of bridges"], cwd=REPO,
                              capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return False

@@ -122,17 +122,28 @@ class ContainerDriver(Driver):
         self._next = 0
         self._rootfs: dict[str, str] = {}
         self._rootfs_lock = trio.Lock()
+        self._cgroup_procs: list[str] = []
 
     def admission_kind(self) -> str:
         return "container"
 
     async def open(self, count: int) -> None:
         n = max(1, min(len(os.sched_getaffinity(0)), count))
+        # Inside a testbed's cgroup scope the launchers (megafleet's work) run in
+        # the high-weight control cgroup and move each container's init into the
+        # testbed's low-weight guests cgroup before it runs: a host busy with
+        # other work then slows the guests, not their start.
+        testbed = cgroup.current()
+        if testbed is not None and cgroup.available():
+            self._cgroup_procs = [str(d / "cgroup.procs") for d in cgroup.leaf_dirs(testbed, "guests")]
+            spawn_kwargs = cgroup.control_kwargs()
+        else:
+            self._cgroup_procs = []
+            spawn_kwargs = {}
         for _ in range(n):
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-I", "-S", str(NSSPAWN)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                **cgroup.popen_kwargs("guests"))  # its containers inherit the testbed's cgroup
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, **spawn_kwargs)
             self._helpers.append(_Helper(process))
 
     async def aclose(self) -> None:
@@ -167,7 +178,7 @@ class ContainerDriver(Driver):
         # forks nothing before its ready line (and runs no agent: the host's
         # collector samples containers, megafleet.collect.containers).
         req = {"id": spec.name, "gdir": str(gdir), "lower": lower, "init": GUEST_INIT,
-               "hostname": spec.name, "net": net_request(spec),
+               "hostname": spec.name, "net": net_request(spec), "cgroup_procs": self._cgroup_procs,
                "cmdline": " ".join(spec.guest_config().kernel_args())}
         helper = self._helpers[self._next % len(self._helpers)]
         self._next += 1

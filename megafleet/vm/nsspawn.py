@@ -20,7 +20,9 @@ For each request, with ``gdir`` the guest's directory (already recorded):
    ``gdir/pid`` at once.
 3. The init-to-be unshares mount, UTS, IPC and network namespaces and waits
    while the launcher moves its NICs (veth ends) into that network namespace
-   (renamed ethN, with the guest's MAC) and, when the request carries ``net``,
+   (renamed ethN, with the guest's MAC), moves the init into the cgroups the
+   request names (``cgroup_procs``: the testbed's guests cgroup; the launcher
+   itself runs in megafleet's control cgroup) and, when the request carries ``net``,
    enters that namespace and configures it: lo and NICs up, MTUs, addresses,
    routes, gateways, forwarding (`cnet`: rtnetlink messages, no process).
 4. It mounts the overlay (image rootfs as read-only lower dir, ``upper`` and
@@ -144,6 +146,13 @@ def launcher(req, console_fd, report_w):
     try:
         if os.read(ready_r, 1) != b"u":
             raise RuntimeError("container init died before its namespaces were ready")
+        for procs in req.get("cgroup_procs", ()):
+            # Before the init runs anything: what it forks stays in there too.
+            try:
+                with open(procs, "w") as f:
+                    f.write(str(pid))
+            except OSError as exc:
+                raise RuntimeError(f"moving the container into its cgroup {procs}: {exc.strerror}") from None
         netns = f"/proc/{pid}/ns/net"
         if req.get("net") is not None:
             # The launcher ends up in the container's network namespace; it
