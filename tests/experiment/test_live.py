@@ -35,8 +35,10 @@ def ns_ping(testbed: str, node: str, addr: str, count: int = 1, wait: float = 1,
                            str(wait), "-i", str(interval), addr], capture_output=True, text=True)
 
 
-def avg_rtt(out: str) -> float:
-    return float(out.split("rtt min/avg/max/mdev = ")[1].split("/")[1])
+def min_rtt(out: str) -> float:
+    """The least round trip of a ping run: the link's delay, with none of the
+    scheduling noise a loaded host adds to the others."""
+    return float(out.split("rtt min/avg/max/mdev = ")[1].split("/")[0])
 
 
 def recorded(owner: str | None = None) -> list[dict]:
@@ -99,16 +101,16 @@ def test_link_down_cuts_a_staff_host_off_and_up_restores_it_within_the_dead_inte
 def test_link_delay_loss_and_restore_on_a_live_link(campus):
     www1 = "10.20.5.2"
     r = ns_ping(T1, "probe1", www1, count=3)
-    assert r.returncode == 0 and avg_rtt(r.stdout) < 5
+    assert r.returncode == 0 and min_rtt(r.stdout) < 5
     megafleet("link", "set", "dist1", "--", "core", "delay", "50ms")
     r = ns_ping(T1, "probe1", www1, count=3, wait=2)
-    assert r.returncode == 0 and avg_rtt(r.stdout) >= 100, r.stdout
+    assert r.returncode == 0 and min_rtt(r.stdout) >= 100, r.stdout
     megafleet("link", "set", "dist1", "--", "core", "loss", "100%")
     r = ns_ping(T1, "probe1", www1, count=5, wait=1)
     assert " 0 received" in r.stdout, r.stdout
     megafleet("link", "set", "dist1", "--", "core", "delay", "none", "loss", "none")
     r = ns_ping(T1, "probe1", www1, count=3)
-    assert r.returncode == 0 and avg_rtt(r.stdout) < 5, r.stdout
+    assert r.returncode == 0 and min_rtt(r.stdout) < 5, r.stdout
 
     # Recorded, shown by status, and kept by `up` of the same file.
     megafleet("link", "set", "dist1", "--", "core", "delay", "20ms")
@@ -118,7 +120,7 @@ def test_link_delay_loss_and_restore_on_a_live_link(campus):
     again = megafleet_json("up", str(CAMPUS), "-N", T1, "-D", "staff=2", "-D", "lab=2", "--no-ksm", timeout=600)
     assert again["ok"]
     r = ns_ping(T1, "probe1", www1, count=3, wait=2)
-    assert r.returncode == 0 and avg_rtt(r.stdout) >= 40, r.stdout
+    assert r.returncode == 0 and min_rtt(r.stdout) >= 40, r.stdout
     megafleet("link", "set", "dist1", "--", "core", "delay", "none")
 
 
