@@ -14,7 +14,10 @@ the dict `run(args)` returns with the container and router parts).
     qemu_ready              of those, how many printed their ready line
     qemu_up_s               `megafleet up` wall time (compile to all ready)
     qemu_host_mem_used_mb   host memory in use once they are up (MemTotal -
-                            MemAvailable), minus the same before `up`
+                            MemAvailable), minus the same before `up` (counts
+                            whatever else the host started meanwhile)
+    qemu_pss_mb             the guests' QEMU processes' proportional set size
+                            (KSM-merged pages shared out): their own memory
     ksm_saved_mb            what KSM saves then ((pages_sharing) x page size)
     qemu_down_s             `megafleet down` wall time
 
@@ -60,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tiny guest's RAM is all resident, mostly zero or the same kernel "
                              "and initramfs pages as its siblings')")
     parser.add_argument("--boot-timeout", type=float, default=600.0)
+    parser.add_argument("--up-limit", type=float, default=900.0,
+                        help="cut `up` after this many seconds and report what was ready")
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--skip-up", action="store_true")
 
@@ -78,6 +83,25 @@ def _ksm_saved_mb() -> int:
     except (OSError, ValueError):
         return 0
     return sharing * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+
+
+def _pss_mb(testbed: str) -> int:
+    """Proportional memory of the testbed's QEMU processes (/proc/PID/smaps_rollup
+    Pss: a page shared by n processes, KSM's merged pages too, counts 1/n in
+    each): what the guests take, whatever else the host runs meanwhile."""
+    from megafleet.vm.engine import Engine
+
+    total_kb = 0
+    for view in Engine().list("*"):
+        if not view.pid:
+            continue
+        try:
+            for line in Path(f"/proc/{view.pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kb // 1024
 
 
 def fitting_count(count: int, budget_mb: int, ksm_sharing: float) -> int:
@@ -103,7 +127,7 @@ async def idle_part(seconds: float) -> dict:
 
 
 async def up_part(count: int, host_mem: int | None, ksm_sharing: float, boot_timeout: float,
-                  work: Path) -> dict:
+                  work: Path, up_limit: float = 900.0) -> dict:
     from megafleet import up
 
     budget = host_mem or int(up.local_mem_mb() * 0.8)     # what `up` offers the local host
@@ -117,18 +141,30 @@ async def up_part(count: int, host_mem: int | None, ksm_sharing: float, boot_tim
     used_before = _meminfo_used_mb()
     target = up.Target(host_mem_mb=budget, ksm_sharing=ksm_sharing)
     t = time.monotonic()
+    summary: dict = {}
     try:
-        summary = await up.up(path, target, name=TESTBED, out=out, verify=False,
-                              vm_options={"timeout_s": boot_timeout, "retries": 0})
-        up_s = time.monotonic() - t
+        # A run longer than `up_limit` is cut (heavy runs stay short on a shared
+        # host): what was ready by then is reported, with qemu_up_s null.
+        with trio.move_on_after(up_limit):
+            summary = await up.up(path, target, name=TESTBED, out=out, verify=False,
+                                  vm_options={"timeout_s": boot_timeout, "retries": 0})
+        up_s = round(time.monotonic() - t, 1) if summary else None
+        if not summary:
+            from megafleet.vm.engine import Engine
+            summary = {"ready": sum(1 for v in Engine().list("q*") if v.state == "running"),
+                       "failed": None, "cut_after_s": up_limit}
         used_after = _meminfo_used_mb()
         saved = _ksm_saved_mb()
+        pss = _pss_mb(TESTBED)
     finally:
         t = time.monotonic()
         down = await up.down(TESTBED, None, out)
         down_s = time.monotonic() - t
-    return {"qemu_n": n, "qemu_ready": summary.get("ready"), "qemu_failed": summary.get("failed"),
-            "qemu_up_s": round(up_s, 1), "qemu_host_mem_used_mb": used_after - used_before,
+    failed = summary.get("failed") or []
+    return {"qemu_n": n, "qemu_ready": summary.get("ready"), "qemu_failed": len(failed),
+            "qemu_first_failure": failed[0] if failed else None,
+            "qemu_up_s": up_s, "qemu_cut_after_s": summary.get("cut_after_s"),
+            "qemu_host_mem_used_mb": used_after - used_before, "qemu_pss_mb": pss,
             "ksm_saved_mb": saved, "qemu_down_s": round(down_s, 1), "qemu_down_ok": down.get("ok"),
             "qemu_budget_mb": budget, "qemu_ksm_sharing": ksm_sharing, "qemu_mem_mb": GUEST_MEM_MB,
             "qemu_phases": summary.get("phases")}
@@ -149,7 +185,8 @@ async def main(args) -> dict:
         try:
             result.update(await up_part(count, getattr(args, "host_mem", None),
                                         getattr(args, "ksm_sharing", 0.75),
-                                        getattr(args, "boot_timeout", 600.0), base))
+                                        getattr(args, "boot_timeout", 600.0), base,
+                                        getattr(args, "up_limit", 900.0)))
         finally:
             shutil.rmtree(base, ignore_errors=True)
     result["load_after"] = round(os.getloadavg()[0], 2)
