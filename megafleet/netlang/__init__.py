@@ -190,6 +190,30 @@ assertion's line, when that component's routers learn routes in different ways
 (static, OSPF, BGP: nothing is redistributed between them), or when more than
 two BGP routers in it share an AS (no iBGP full mesh or route reflector is
 generated).
+`megafleet up` then checks every assertion live, once the guests are ready:
+a ping from inside each node of A to the first address (per family) of each
+node of B, repeated until routing has converged (at most 60 s); failures are
+listed with the assertion's file:line and make `up` exit 1. `megafleet verify`
+runs the same checks at any time (`megafleet.experiment.verify`).
+
+Fault schedules
+---------------
+    at +30s link r1 -- r2 down          once, 30 s after `up` returned
+    at +60s link r1 -- r2 up
+    at +45s node web[1..10] restart     stop, start, restart or kill
+    every 20s for 2m link core* loss 5% at +0, +20 s, ... while before +2 min
+    every 30s for 5m from +10s node r2 restart
+Times: 500ms, 30s, 2m, 1h (a leading + is allowed). A link is `A -- B` (node --
+switch, node -- node, switch -- switch) or `A` alone (every link of A), with
+the usual references; its action is `down`, `up` or settings (`delay D`,
+`jitter J`, `loss P%`, `rate R`; `none` removes one). References and links are
+checked at compile time (file:line); `every` needs `for` (a schedule ends).
+`megafleet up` starts the schedule in the background when it returns (or run
+it with `megafleet run-schedule`); each action is a `fault` event in telemetry
+(`megafleet telemetry events --kind fault`). Delay, jitter and loss on a running
+link are VDE wirefilter (this kernel has no netem), spliced into the link's host
+side; on a node -- node link only rate can change at runtime
+(`megafleet.netlang.faults`, `megafleet.experiment`).
 
 Compilation
 -----------
