@@ -315,6 +315,10 @@ def split(p: Plan, placement: Placement, *, addresses: dict[str, str] | None = N
     for ns, v in p.ns_sysctls.items():
         if ns in ns_host:
             sysctls_of[ns_host[ns]][ns] = v
+    exec_of: dict[str, dict] = {h: {} for h in hosts}
+    for ns, cmds in p.ns_exec.items():
+        if ns in ns_host:
+            exec_of[ns_host[ns]][ns] = cmds
     bridges_of: dict[str, list[Bridge]] = {h: [] for h in hosts}
     for b in p.bridges:
         for h in sorted(bridge_hosts[(b.switch, b.vlan)] if b.root is None else leaf_hosts[b.ifname]):
@@ -374,7 +378,7 @@ def split(p: Plan, placement: Placement, *, addresses: dict[str, str] | None = N
             # `type bridge` as a bridge option.
             bridges=bridges_of[host], vde=vde_of[host], ports=host_ports, p2p=p2p[host],
             trunks=trunks[host], wires=wires[host], vxlan=tunnels_of[host], ns_ops=ns_ops,
-            ns_sysctls=sysctls_of[host], routers=routers_of[host], frr=frr_of[host],
+            ns_sysctls=sysctls_of[host], ns_exec=exec_of[host], routers=routers_of[host], frr=frr_of[host],
             vm_frr=vm_frr_of[host], vms=guests, digest="")
         manifests[host] = HostManifest(testbed=p.name, host=host, net=sub.to_json(), **common)
     return manifests

@@ -19,7 +19,8 @@ What is done per kind of change:
   namespaces configured, new wires and VDE plugs started, new routers' daemons
   started; added guests are booted by `host.apply` afterwards;
 - changed items (same identity, other content): removed, then added; a changed
-  namespace configuration gets its new operations (addresses, routes) added;
+  namespace configuration gets its new operations (addresses, routes) added,
+  changed startup commands (`exec`) run those not in the old list;
   a router whose configuration changed has its daemons restarted; a changed
   guest is torn down and booted again.
 """
@@ -39,7 +40,7 @@ NET = "net"
 
 def _label(item) -> str:
     k = getattr(item, "kind", "")
-    if k in ("netns", "ns-config", "router", "guest"):
+    if k in ("netns", "ns-config", "ns-exec", "router", "guest"):
         return item.name
     if k == "bridge":
         return item.switch + ("" if item.vlan is None else f"/{item.vlan}") + (" (leaf)" if item.root else "")
@@ -80,7 +81,7 @@ def locate(net, item) -> str | None:
     loc = None
     if k in ("guest", "router", "netns"):
         loc = node_loc(item.name)
-    elif k == "ns-config":
+    elif k in ("ns-config", "ns-exec"):
         node = item.name.split("-", 1)[1] if "-" in item.name else item.name
         loc = node_loc(node)
     elif k in ("bridge", "vde-switch") and item.switch in net.switches:
@@ -111,6 +112,8 @@ def diff_rows(old_net_json: dict | None, new_net_json: dict | None, net=None) ->
             label = _label(item)
             if getattr(item, "kind", "") == "ns-config":
                 label = label.removeprefix(new.name + "-") + " (addresses, routes)"
+            elif getattr(item, "kind", "") == "ns-exec":
+                label = label.removeprefix(new.name + "-") + " (startup commands)"
             rows.append({"change": change, "kind": _kind(item), "name": label,
                          "loc": locate(net, item) if change != "-" else None})
     order = {"-": 0, "~": 1, "+": 2}
@@ -240,8 +243,19 @@ async def _add_net(t: str, new, old, come: list, ledger: Ledger, progress: Calla
     if sub.frr:
         sub.netns = {r: new.netns[r] for r in sub.frr}
         await live.start_routers(sub, ledger, progress)
+    # Startup commands: all of a new namespace's; of one whose commands changed,
+    # those not in its old list (the others ran when it was built).
+    only: dict[str, set[int]] = {}
+    for ns in {x.name for x in kinds("ns-exec")}:
+        had = set() if ns in new_ns.values() else set(old.ns_exec.get(ns, []))
+        only[ns] = {i for i, c in enumerate(new.ns_exec.get(ns, [])) if c not in had}
+    if any(only.values()):
+        from megafleet.netlang import nsexec
+        sub.ns_exec = {ns: new.ns_exec[ns] for ns in only}
+        await nsexec.run_all(sub, ledger, progress, only=only)
     return {"namespaces_added": len(new_ns), "namespaces_configured": configured,
-            "interfaces_added": len(sub.host_links()), "routers_started": len(sub.frr)}
+            "interfaces_added": len(sub.host_links()), "routers_started": len(sub.frr),
+            "startup_commands": sum(len(v) for v in only.values())}
 
 
 # ---------------------------------------------------------------------------

@@ -67,16 +67,17 @@ switch's line.
 
 Nodes
 -----
-    host   REF [on ATTACH]... [route CIDR via ADDR]...
+    host   REF [on ATTACH]... [route CIDR via ADDR]... [exec "CMD"]...
     vm     REF image NAME [mem SIZE] [vcpus N] [driver qemu|libvirt|container] [on ATTACH]...
     router REF [on ATTACH]... [ospf [OSPF-PROPS]] [bgp [as] N] [route CIDR via ADDR]...
-           [image NAME [mem SIZE] [vcpus N] [driver D]]      (with an image: a VM router)
+           [exec "CMD"]... [image NAME [mem SIZE] [vcpus N] [driver D]]   (with an image: a VM router)
 A block form puts properties on their own lines; `iface` is a synonym of `on`:
 
     router gw {
       iface core 10.0.0.1/24
       iface lan* auto          # one interface per matching switch
       ospf area 0
+      exec "ip addr add 192.0.2.1/32 dev lo"
     }
 
 ATTACH is `SWITCH-REF [ADDRESS|auto|none]... [vlan N] [LINK-PROPS]`:
@@ -92,6 +93,33 @@ ATTACH is `SWITCH-REF [ADDRESS|auto|none]... [vlan N] [LINK-PROPS]`:
   vm's port are refused (a guest's NIC cannot join the VDE wire that carries
   them); so are rate and impairments on a vm's port of a VDE switch, and a
   libvirt or container vm on a VDE switch (those drivers have no VDE NIC).
+
+Startup commands
+----------------
+    exec "CMD"                on a host or a namespace router; repeatable
+`net up` (and `up` on each host) runs a node's commands in order once its
+network is built and the routing daemons are started, inside the node's network
+namespace (`ip netns exec NS ARGV...`, as root; mounts, files and processes are
+the host's), every node's at the same time; containerlab's `exec` becomes this.
+CMD is split into argv like a POSIX shell splits words (Python's `shlex`:
+quotes with `'`, backslash escapes), and argv[0] is run directly: never through
+a shell, so pipes, redirections, `&&`, globs and variables are not interpreted
+unless the command itself is a shell (`exec "sh -c 'echo 1 > /tmp/x'"`, the
+description's own choice). Each command is waited for up to 10 s
+(MEGAFLEET_EXEC_WAIT_S): one that exits non-zero, or cannot be started, stops
+`net up` with the node, the command, its exit status, the end of its output and
+the statement's file:line (the testbed stays as built for `net down`); one still
+running then is a long-lived process (a server): recorded in the ledger, left
+running, stopped by `down`. Output goes to RUN_DIR/net/TESTBED/exec/NODE.log.
+A command runs when the testbed is built, not again when an unchanged testbed
+is brought up again; a changed description (`megafleet up` of an edited file)
+runs the commands that are new.
+Limits: CMD is one quoted word, so it cannot hold `"` or a line break (quote
+inside it with `'`); `$NAME` in it is a parameter, substituted as anywhere (a
+literal `$` before a letter cannot be written); not on vms nor on routers with
+an image (no namespace of theirs on the host: their image's services run there).
+A group may give `exec` as a default: its hosts and routers run it before their
+own commands.
 
 Groups with defaults
 --------------------
@@ -174,8 +202,8 @@ is refused on routers with an image (VM routers run their image's FRR) or with
 setting (RFC 2328's fixed intervals), so `lsa` does not apply to it.
 
 Routers start with admission control: at most 2 x CPUs routers starting at
-once, and none while the host has more than 2 x CPUs runnable threads beyond
-those it had before the first start, with a progress line every 5 s
+once, and none while the host has more than 2 x CPUs runnable threads (on a
+busy host nearly one by one, which converges best), with a progress line every 5 s
 (`megafleet.netlang.routers`). `down` kills a testbed's routing daemons all at
 once (no graceful stop: it would make the routers still running recompute).
 

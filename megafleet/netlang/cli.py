@@ -224,9 +224,12 @@ def up(file: str, name: str | None, defines: tuple[str, ...], as_json: bool) -> 
     Switches become Linux bridges (or vde_switch processes with 'vde'), hosts
     and routers network namespaces NAME-NODE joined by veth pairs, links get tc
     netem/tbf shaping, routers forwarding with static routes or FRR daemons,
-    vm nodes taps booted through the vm engine. Everything is recorded before
-    it is created. Running it again changes nothing; a testbed left half-built
-    by a crash is torn down and rebuilt.
+    vm nodes taps booted through the vm engine; last, the startup commands
+    (`exec "CMD"`) of hosts and routers run in their namespaces (a command
+    that fails stops here, naming node, command and line; one still running
+    after MEGAFLEET_EXEC_WAIT_S, default 10 s, stays as a recorded process).
+    Everything is recorded before it is created. Running it again changes
+    nothing; a testbed left half-built by a crash is torn down and rebuilt.
     """
     from megafleet import proc
     from megafleet.netlang import live

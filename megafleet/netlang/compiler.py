@@ -18,6 +18,7 @@ import bisect
 import fnmatch
 import gc
 import re
+import shlex
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -38,13 +39,13 @@ _GLOB_CHARS = set("*?")
 # Which properties each kind of node accepts (a group's defaults apply where they fit).
 NODE_PROPS = {
     "vm": {"image", "mem", "vcpus", "driver", "on", "iface", "route"},
-    "host": {"on", "iface", "route"},
-    "router": {"image", "mem", "vcpus", "driver", "on", "iface", "route", "ospf", "bgp"},
+    "host": {"on", "iface", "route", "exec"},
+    "router": {"image", "mem", "vcpus", "driver", "on", "iface", "route", "ospf", "bgp", "exec"},
 }
 LINK_PROPS = {"rate", "delay", "jitter", "loss", "mtu"}
 # props dict key -> the property word that sets it
 _PROP_OF_KEY = {"image": "image", "mem_mib": "mem", "vcpus": "vcpus", "driver": "driver",
-                "ospf": "ospf", "bgp": "bgp", "routes_static": "route"}
+                "ospf": "ospf", "bgp": "bgp", "routes_static": "route", "exec": "exec"}
 
 
 # ---------------------------------------------------------------------------
@@ -164,8 +165,27 @@ def _ospf_option(sub: Word, w: Word, cur: Cursor, ospf: dict) -> None:
         ospf["daemon"] = w.text
 
 
+def _exec_argv(key: Word, cur: Cursor) -> tuple[tuple[str, ...], Loc]:
+    """`exec "CMD"`: the command line split into argv as a POSIX shell would split
+    words (shlex), never run by a shell. Returns (argv, where it is written)."""
+    w = cur.value(key, 'a quoted command line (exec "CMD")')
+    if not w.quoted:
+        raise PropError(w.loc, f'expected a quoted command line after exec (exec "CMD"), got {w.text!r}')
+    try:
+        argv = tuple(shlex.split(w.text))
+    except ValueError as err:
+        raise PropError(w.loc, f"invalid command line {w.text!r}: {err} (it is split like a shell's "
+                               f"words: quote with ' inside the \"...\")") from None
+    if not argv:
+        raise PropError(w.loc, "empty command line after exec")
+    return argv, key.loc
+
+
 def _node_prop(kind: str, key: Word, cur: Cursor, props: dict[str, Any], attaches: list[Attach]) -> None:
     k = key.text
+    if k == "exec" and kind == "vm":
+        raise PropError(key.loc, "exec is for hosts and routers (a command run in the node's network "
+                                 "namespace); a vm runs its image's own services")
     if k not in NODE_PROPS[kind]:
         known = ", ".join(sorted(NODE_PROPS[kind]))
         raise PropError(key.loc, f"unknown property {k!r} for {kind} (known: {known})")
@@ -218,6 +238,8 @@ def _node_prop(kind: str, key: Word, cur: Cursor, props: dict[str, Any], attache
             raise PropError(via.loc, f"invalid gateway {via.text!r} for route {dest.text} "
                                      f"(an IPv{route.family} address without prefix length)")
         props.setdefault("routes_static", []).append((route, via.text))
+    elif k == "exec":
+        props.setdefault("exec", []).append(_exec_argv(key, cur))
 
 
 # ---------------------------------------------------------------------------
@@ -390,6 +412,10 @@ class Compiler:
             self._props(kind, Cursor(sub.words, 0), props, attaches)
         if kind == "vm" and "image" not in props:
             self.err(stmt.words[1].loc, f"vm {stmt.words[1].text} needs an image ('image NAME')")
+        if kind == "router" and "image" in props and props.get("exec"):
+            # A VM router has no namespace on the host to run the command in.
+            self.err(props["exec"][0][1], f"router {stmt.words[1].text}: exec runs a command in a namespace "
+                                          f"router; this one has an image (a VM router)")
         if props.get("ospf", {}).get("daemon") == "bird" and ("image" in props or "bgp" in props):
             # BIRD runs OSPF only, in namespace routers; VM routers run their image's FRR.
             self.err(stmt.words[1].loc, f"router {stmt.words[1].text}: 'ospf daemon bird' is for namespace "

@@ -22,7 +22,8 @@ Each item says what it creates: `links()` (host-side interfaces, recorded in the
 ledger before they exist; teardown deletes what the ledger holds, so it also works
 after a crash), `ip_lines()` (its lines of the host's one `ip -batch`), and
 serialises itself (`to_json`, `item_from_json`). A `Plan` holds them in typed
-lists, plus the namespaces' configuration and the routers' daemon configs;
+lists, plus the namespaces' configuration, their startup commands (`NsExec`)
+and the routers' daemon configs;
 `diff(old, new)` compares two plans item by item (what a running testbed must
 change). `live.plan` makes a Plan from a compiled description, `manifest.split`
 cuts it per host, `live.apply` builds one and `live.adown` removes it.
@@ -339,6 +340,30 @@ class Vxlan(_Item):
         return [f"fdb append 00:00:00:00:00:00 dev {self.ifname} dst {r}" for r in self.remotes]
 
 
+@dataclass(frozen=True)
+class NsExec:
+    """A startup command of a namespace node (`exec "CMD"` in the description):
+    `argv` run in the node's namespace after its routing starts (netlang.nsexec).
+    Kept per namespace, in order, in `Plan.ns_exec`; the statement's file:line is
+    not part of it (moving a line must not change the plan's digest)."""
+
+    node: str
+    argv: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "argv": list(self.argv)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "NsExec":
+        try:
+            argv = d["argv"]
+            if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+                raise TypeError(f"argv must be a non-empty list of strings, got {argv!r}")
+            return cls(str(d["node"]), tuple(argv))
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"malformed startup command in a plan: {exc}") from None
+
+
 # Every kind, by its JSON name (each name once: checked below).
 ITEM_KINDS: dict[str, Any] = {c.kind: c for c in (Bridge, VdeSwitch, VethPort, TapPort, ContainerPort, VdePort,
                                                      GuestVdePort, WiredPort, P2pLink, Trunk, Wire, Vxlan)}
@@ -363,7 +388,8 @@ _LISTS = ("bridges", "vde", "ports", "p2p", "trunks", "wires", "vxlan")
 class Plan:
     """Everything one testbed's network needs on a host (or on all hosts, before
     `manifest.split` cuts it). Namespaces are node -> namespace; `ns_ops` and
-    `ns_sysctls` configure each namespace (netlink); `frr`/`vm_frr` are
+    `ns_sysctls` configure each namespace (netlink), `ns_exec` are its startup
+    commands in order; `frr`/`vm_frr` are
     router -> daemon -> configuration text; `vms` are the vm engine's GuestSpecs."""
 
     name: str
@@ -377,6 +403,7 @@ class Plan:
     vxlan: list[Vxlan] = field(default_factory=list)
     ns_ops: dict[str, list[netlink.Op]] = field(default_factory=dict)
     ns_sysctls: dict[str, dict[str, str]] = field(default_factory=dict)
+    ns_exec: dict[str, list[NsExec]] = field(default_factory=dict)  # namespace -> startup commands
     routers: list[str] = field(default_factory=list)            # namespace routers
     frr: dict[str, dict[str, str]] = field(default_factory=dict)
     vm_frr: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -444,6 +471,8 @@ class Plan:
             return [item.to_json() for item in v]
         if name == "ns_ops":
             return {ns: [[type(op).__name__, dataclasses.asdict(op)] for op in ops] for ns, ops in v.items()}
+        if name == "ns_exec":
+            return {ns: [c.to_json() for c in cmds] for ns, cmds in v.items()}
         if name == "vms":
             return [g.to_dict() for g in v]
         return v
@@ -461,6 +490,8 @@ class Plan:
                 v = [item_from_json(x) for x in v]
             elif k == "ns_ops":
                 v = {ns: [_op_from_json(op) for op in ops] for ns, ops in v.items()}
+            elif k == "ns_exec":
+                v = {ns: [NsExec.from_json(c) for c in cmds] for ns, cmds in v.items()}
             elif k == "vms":
                 from megafleet.vm.manifest import GuestSpec
                 v = [GuestSpec.from_dict(g) for g in v]
@@ -510,9 +541,10 @@ def _op_from_json(item: list) -> netlink.Op:
 class PlanDiff:
     """What differs between two plans, item by item: `removed` (only in the old),
     `added` (only in the new), `changed` ((old, new) with the same identity but
-    other content). Namespaces, their configuration, routers' daemon configs and
-    guests are compared as items too (kinds "netns", "ns-config", "router",
-    "guest")."""
+    other content). Namespaces, their configuration, their startup commands,
+    routers' daemon configs and guests are compared as items too (kinds "netns",
+    "ns-config", "ns-exec" (value: the namespace's NsExec tuple, in order),
+    "router", "guest")."""
 
     removed: list[Any] = field(default_factory=list)
     added: list[Any] = field(default_factory=list)
@@ -543,6 +575,9 @@ def _keyed(p: Plan) -> dict[tuple, Any]:
     for ns in set(p.ns_ops) | set(p.ns_sysctls):
         out[("ns-config", ns)] = Named("ns-config", ns, (repr(p.ns_ops.get(ns, [])),
                                                         sorted(p.ns_sysctls.get(ns, {}).items())))
+    for ns, cmds in p.ns_exec.items():
+        if cmds:
+            out[("ns-exec", ns)] = Named("ns-exec", ns, tuple(cmds))
     for r, daemons in {**p.frr, **p.vm_frr}.items():
         out[("router", r)] = Named("router", r, sorted(daemons.items()))
     for g in p.vms:

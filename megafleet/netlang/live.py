@@ -48,7 +48,7 @@ from megafleet import paths, proc
 from megafleet.ledger import Ledger
 from megafleet.names import IfNames, InvalidName, check_ifnames, check_name
 from megafleet.netlang import frr, limits, netlink
-from megafleet.netlang.hostplan import (Bridge, ContainerPort, GuestVdePort, P2pLink, Plan, Port,
+from megafleet.netlang.hostplan import (Bridge, ContainerPort, GuestVdePort, NsExec, P2pLink, Plan, Port,
                                         TapPort, Trunk, VdePort, VdeSwitch, VethPort, Wire,
                                         WiredPort, WireEnd)
 from megafleet.netlang.model import LinkProps, Net
@@ -209,6 +209,8 @@ def plan(net: Net, name: str) -> Plan:
                 ops.append(netlink.RouteAdd(net_.version, int(net_.network_address), net_.prefixlen,
                                             int(ipaddress.ip_address(via))))
             p.ns_ops[ns] = ops
+            if g.props.get("exec"):
+                p.ns_exec[ns] = [NsExec(node, argv) for argv, _ in g.props["exec"]]
             sysctls = {}
             if g.kind == "router":
                 sysctls.update({"ipv4/ip_forward": "1", "ipv6/conf/all/forwarding": "1"})
@@ -427,7 +429,14 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
     ledger = ledger or Ledger()
     t0 = time.monotonic()
     p = plan(net, testbed)
-    result = await apply(p, ledger, progress, source=net.files[0])
+    try:
+        result = await apply(p, ledger, progress, source=net.files[0])
+    except LiveError as exc:
+        from megafleet.netlang.nsexec import ExecFailed, statement_loc
+        if isinstance(exc, ExecFailed):
+            raise LiveError(f"{statement_loc(net, exc)}: {exc}; 'megafleet net down {testbed}' removes "
+                            f"everything") from None
+        raise
     if not result["changed"]:
         progress(f"testbed {testbed} is already up; nothing changed")
         return {"testbed": testbed, "changed": False, "seconds": time.monotonic() - t0}
@@ -519,6 +528,11 @@ async def apply(p: Plan, ledger: Ledger | None = None, progress: Progress = _qui
     await trio.to_thread.run_sync(_shape_and_route, p, limiter=limiter)
     if p.frr:
         await start_routers(p, ledger, progress)
+    if p.ns_exec:
+        # Startup commands last, as containerlab's exec: the node's network
+        # (addresses, routes, daemons) is there when they run.
+        from megafleet.netlang import nsexec
+        await nsexec.run_all(p, ledger, progress)
     counts = p.counts()
     ledger.record(OWNER, "testbed", t, digest=p.digest, file=source, complete=True, counts=counts)
     return {"changed": True, "seconds": round(time.monotonic() - t0, 3), **counts}
@@ -734,8 +748,10 @@ def _intact(testbed: str, ledger: Ledger) -> bool:
             return False
         if r.kind == "link" and r.data["ifname"] not in links:
             return False
-        if r.kind == "process" and ("pid" not in r.data or
-                                    not proc.RecordedProcess(r.data["pid"], r.data["start"]).alive()):
+        # A startup command's process (exec) may end on its own: not a sign of
+        # a broken network.
+        if r.kind == "process" and not r.key.startswith(f"{testbed}/exec/") and (
+                "pid" not in r.data or not proc.RecordedProcess(r.data["pid"], r.data["start"]).alive()):
             return False
     return True
 

@@ -137,7 +137,8 @@ class NodeView:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "kind": self.kind,
-            "props": {k: v for k, v in self.props.items() if k != "routes_static"},
+            "props": {k: ([{"argv": list(argv), "at": str(loc)} for argv, loc in v] if k == "exec" else v)
+                      for k, v in self.props.items() if k != "routes_static"},
             "ifaces": [{"name": n, "switch": i.switch, "peer": i.peer, "vlan": i.vlan,
                         "domain": i.domain.name, "mtu": i.props.mtu or i.domain.mtu,
                         "link": i.props.to_json(),

@@ -96,12 +96,64 @@ def test_clab_reports_what_has_no_equivalent_node_by_node_with_file_and_line():
     assert has(rf"^{re.escape(file)}:17:5: warning: node srl1: kind nokia_srlinux .*vendor configuration")
     assert has(rf"^{re.escape(file)}:19:7: warning: node srl1: not carried over: startup-config")
     assert has(r"lab.clab.yml:23:7: warning: node frr1: not carried over: binds, image")
-    assert has(r"lab.clab.yml:28:7: warning: node client1: exec \(1 command\)")
     assert has(r"lab.clab.yml:54:7: warning: link client2:eth9 -- host:client2-eth9: 'host' endpoints")
     assert has(r"interface srl1:ethernet-1/2 is named ethernet-1-2")
-    # Each statement says where it came from; the exec command is kept as a comment.
+    # Each statement says where it came from; the exec command is client1's startup command.
     assert re.search(r"^link srl1:e1-1 -- frr1:eth1 .*# .*lab.clab.yml:36:7$", result.text, re.M)
-    assert "# exec on client1" in result.text and "ip route add 10.0.0.0/8" in result.text
+    assert re.search(r'^  exec "ip addr add 192.0.2.21/32 dev lo"  # .*lab.clab.yml:29:11$', result.text, re.M)
+    assert not has("exec")
+    net = compile_text(result.text, "lab.fleet")
+    assert [argv for argv, _ in net.groups[net.index["client1"][0]].props["exec"]] == \
+        [("ip", "addr", "add", "192.0.2.21/32", "dev", "lo")]
+
+
+EXEC_LAB = """\
+name: ex
+topology:
+  nodes:
+    r1:
+      kind: frr
+      exec:
+        - ip addr add 192.0.2.1/32 dev lo
+        - bash -c "echo up > /dev/null"
+    h1:
+      kind: linux
+      exec: ["sh -c \\"echo it's\\"", "echo $HOME", "sleep 1"]
+    br:
+      kind: bridge
+      exec: ["true"]
+  links:
+    - endpoints: ["r1:eth1", "h1:eth1"]
+"""
+
+
+def test_clab_exec_becomes_startup_commands_and_what_cannot_be_carried_is_reported(tmp_path):
+    lab = tmp_path / "ex.clab.yml"
+    lab.write_text(EXEC_LAB)
+    result = convert([lab])
+    net = compile_text(result.text, "ex.fleet")
+    cmds = lambda n: [argv for argv, _ in net.groups[net.index[n][0]].props.get("exec", [])]  # noqa: E731
+    # Router and host commands are carried (re-quoted with ' where the line had ").
+    assert cmds("r1") == [("ip", "addr", "add", "192.0.2.1/32", "dev", "lo"), ("bash", "-c", "echo up > /dev/null")]
+    assert "exec \"bash -c 'echo up > /dev/null'\"" in result.text
+    assert cmds("h1") == [("sleep", "1")]
+    notes = [n.render() for n in result.warnings]
+    # Both quotes, a $NAME (a parameter in .fleet) and a bridge's commands: comments and warnings.
+    assert any(re.search(r"ex.clab.yml:11:\d+: warning: node h1: exec .*echo it.* cannot be quoted", n) for n in notes)
+    assert any(re.search(r"ex.clab.yml:11:\d+: warning: node h1: exec 'echo \$HOME' not carried", n) for n in notes)
+    assert any(re.search(r"ex.clab.yml:14:\d+: warning: node br: exec 'true' not carried over: a bridge", n)
+               for n in notes)
+    assert "# exec on h1" in result.text and "# exec on br" in result.text
+    # As container guests, the hosts' commands are not carried; the router's are.
+    cont = convert([lab], opts=ImportOptions(linux="container"))
+    assert any("node h1: exec 'sleep 1' not carried over: commands for container guests" in n.render()
+               for n in cont.warnings)
+    net2 = compile_text(cont.text, "ex.fleet")
+    assert len(net2.groups[net2.index["r1"][0]].props["exec"]) == 2
+    # Exported back to containerlab, the commands are the node's exec list again.
+    back = yaml.safe_load(formats_export(net, "clab", "ex"))
+    assert back["topology"]["nodes"]["r1"]["exec"] == ["ip addr add 192.0.2.1/32 dev lo",
+                                                       "bash -c 'echo up > /dev/null'"]
 
 
 def test_clab_multi_host_pair_becomes_one_testbed():

@@ -82,6 +82,8 @@ def test_clab_lab_comes_up_and_its_assertions_hold(testbed):
     out = proc.run(["ip", "-n", netns["srl1"], "-br", "link"]).stdout
     assert {line.split()[0].split("@")[0] for line in out.splitlines()} == {"lo", "eth0", "e1-1", "ethernet-1-2"}
     assert ping(netns["client2"], "172.31.10.21").returncode == 0
+    # client1's exec command ran in its namespace.
+    assert "192.0.2.21/32" in proc.run(["ip", "-n", netns["client1"], "-o", "addr", "show", "dev", "lo"]).stdout
 
 
 def test_clab_multi_host_pair_comes_up_as_one_testbed(testbed):

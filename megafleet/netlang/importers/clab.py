@@ -18,7 +18,12 @@ What maps to what (containerlab's topology schema, `topology.nodes` / `links` /
   absent) -> switch `mgmt`, every node's `eth0` on it at its `mgmt-ipv4`.
   Routers join it without an address so routing never leaks through it (the
   vendor NOSes keep it in a management VRF);
-- `exec` -> a comment (the language has no startup command yet), reported;
+- `exec` -> the node's startup commands (`exec "CMD"`, run in its namespace
+  after the testbed is up, in order, as containerlab runs them); commands
+  that cannot be carried stay as comments and are reported: those of container
+  guests (`--linux container`) and bridges, and command lines the language
+  cannot quote (holding both `"` and `'`, or a `$NAME`, which would be read as
+  a parameter);
 - impairments: containerlab sets them at run time (`containerlab tools netem
   set --delay --jitter --loss --rate`); the same keys on a link (`delay: 10ms`,
   `jitter: 1ms`, `loss: 5` %, `rate: 1000` kbit/s) are kept;
@@ -33,10 +38,12 @@ What maps to what (containerlab's topology schema, `topology.nodes` / `links` /
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
 from megafleet.netlang.errors import Loc
+from megafleet.netlang.parser import _PARAM_RE
 from megafleet.netlang.importers.common import (FleetWriter, ImportFailed, ImportOptions, Imported,
                                                  Namer, Note, YList, YMap, fmt_delay_us, header,
                                                  ifname_for, item_loc, load_yaml, private_as,
@@ -196,9 +203,6 @@ class _Lab:
             if ex is not None:
                 cmds = ex if isinstance(ex, list) else [ex]
                 node.exec_ = [(str(c), item_loc(ex, i, spec.at("exec"))) for i, c in enumerate(cmds)]
-                self.warn(spec.at("exec") if "exec" in spec else loc,
-                          f"node {orig}: exec ({len(cmds)} command{'s' if len(cmds) != 1 else ''}) "
-                          f"kept as comments: the language has no per-node startup command")
             other = sorted(str(k) for k in spec if k not in READ_KEYS)
             if role != "switch" and other:
                 self.warn(spec.at(other[0]), f"node {orig}: not carried over: {', '.join(other)}")
@@ -382,8 +386,7 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
             w.stmt(f"vm {n.name} image linux driver container mem {opts.mem}{on}", origin)
         else:
             w.stmt(f"host {n.name}{on}", origin)
-        for cmd, cloc in n.exec_:
-            w.comment(f"exec on {n.name} ({cloc}): {cmd}")
+        _exec_lines(w, n, containers, warnings)
     w.section("links")
     # A container guest names its NICs eth0, eth1, ... in order (eth0: mgmt).
     order = {id(n): (1 if opts.mgmt and mgmts else 0) for n in all_nodes}
@@ -405,6 +408,51 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
     top.blank()
     top.lines += w.lines
     return Imported("clab", [f for f, _ in files], top.render(), warnings)
+
+
+def exec_word(cmd: str) -> str | None:
+    """A containerlab exec command as the quoted word of `exec "CMD"`, or None
+    when the language cannot carry it. containerlab splits the command line
+    into argv like a shell's words and runs it without a shell, as megafleet
+    does: the text is kept as it is when it has no '"', else re-quoted with
+    single quotes."""
+    if "\n" in cmd or _PARAM_RE.search(cmd):
+        return None
+    try:
+        argv = shlex.split(cmd)
+    except ValueError:
+        return None
+    if not argv:
+        return None
+    text = cmd.strip() if '"' not in cmd else shlex.join(argv)
+    return None if '"' in text else f'"{text}"'
+
+
+def _exec_lines(w: FleetWriter, n: _Node, containers: bool, warnings: list[Note]) -> None:
+    """A node's exec commands: `exec` lines of its block (the statement just
+    written gets the block), or comments and a warning for what cannot be
+    carried."""
+    if not n.exec_:
+        return
+    why = ""
+    if n.role == "switch":
+        why = "a bridge has no namespace to run commands in"
+    elif containers and n.role == "host":
+        why = "commands for container guests are not carried (they run their image's services)"
+    words = [(exec_word(cmd), cmd, cloc) for cmd, cloc in n.exec_]
+    if not why:
+        carried = [(word, cloc) for word, _, cloc in words if word is not None]
+        if carried:
+            stmt, sep, origin = w.lines[-1].partition("  # ")
+            w.lines[-1] = f"{stmt} {{" + (f"  # {origin}" if sep else "")
+            for word, cloc in carried:
+                w.stmt(f"  exec {word}", cloc)
+            w.lines.append("}")
+    for word, cmd, cloc in words:
+        if why or word is None:
+            reason = why or "the command line cannot be quoted in a .fleet file (both \" and ', or $NAME)"
+            warnings.append(Note(cloc, f"node {n.orig}: exec {cmd!r} not carried over: {reason}"))
+            w.comment(f"exec on {n.name} ({cloc}): {cmd}")
 
 
 def _side(node: _Node, iface: str, warnings: list[Note], origin: str, order: dict[int, int],
@@ -476,6 +524,8 @@ def export(net, name: str) -> str:
                 link: dict[str, Any] = {"endpoints": [f"{n}:{eth}", f"{iface.peer}:{peer_eth}"]}
                 link.update(_impairments(iface.props))
                 links.append(link)
+        if g.props.get("exec"):
+            spec["exec"] = [shlex.join(argv) for argv, _ in g.props["exec"]]
         nodes[n] = spec
     for sl in net.switch_links:
         for sw in (sl.a, sl.b):
