@@ -124,3 +124,21 @@ def test_a_command_that_cannot_be_started_is_reported(tmp_path):
     assert r.exit_code == 0, r.output
     assert leftovers(name) == clean(name)
     assert Path(live.run_base(name)).exists() is False
+
+
+def test_megafleet_up_runs_the_commands_on_its_host(tmp_path):
+    """`megafleet up` builds each host's share of the plan (manifest.split, the
+    host side's apply): the startup commands travel with it."""
+    name = "mfnex4"
+    fleet = tmp_path / "ex.fleet"
+    fleet.write_text('pool p 10.9.0.0/16\nswitch lan\nhost a on lan exec "ip addr add 192.0.2.31/32 dev lo"\nhost b on lan\n'
+                     "reachable a b\n")
+    runner = CliRunner()
+    try:
+        r = runner.invoke(root, ["up", str(fleet), "-N", name])
+        assert r.exit_code == 0, r.output
+        assert "192.0.2.31/32" in lo_addrs(f"{name}-a")
+    finally:
+        r = runner.invoke(root, ["down", name])
+    assert r.exit_code == 0, r.output
+    assert leftovers(name) == clean(name)
