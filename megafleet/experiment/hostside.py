@@ -257,6 +257,21 @@ def splice(t: str, obj: LinkObjects, settings: dict[str, Any], ledger: Ledger) -
     return str(mgmt)
 
 
+def unsplice(t: str, x: str, ledger: Ledger) -> None:
+    """Remove the wire spliced into interface x (its processes and interfaces),
+    tolerating what is already gone."""
+    keys = {f"{t}/xwire/{x}.{end}" for end in ("a", "b", "wf")}
+    for r in ledger.list(NET_OWNER, "process"):
+        if r.key in keys and "pid" in r.data:
+            proc.RecordedProcess(r.data["pid"], r.data["start"]).stop(grace=2)
+    ledger.forget_many(NET_OWNER, "process", keys)
+    names = [ifname(t, part, x) for part in ("yb", "ya", "yc")]
+    for n in names:
+        if os.path.exists(f"/sys/class/net/{n}"):
+            proc.run(["ip", "link", "del", n], check=False)
+    ledger.forget_many(NET_OWNER, "link", [f"{t}/{n}" for n in names])
+
+
 def _start_wirefilter(ledger: Ledger, key: str, socks: list, pidfile: Path, mgmt: Path) -> None:
     ledger.record(NET_OWNER, "process", key, pidfile=str(pidfile))
     mgmt.unlink(missing_ok=True)
@@ -344,6 +359,7 @@ def link_set(t: str, refs: list[LinkRef], s: LinkSettings, ledger: Ledger | None
             wf_command(mgmt, wf_lines(new))
         else:
             mgmt = splice(t, o, new, ledger)
+            rec = {**rec, "splice_if": o.splice[0]}
         ledger.record(OWNER, "link", key, **{**rec, "link": o.ref.to_json(), "settings": new,
                                              "state": rec.get("state", "up"), "mgmt": mgmt})
         out.append({"link": o.ref.label, "iface": o.key, "settings": new})
@@ -443,7 +459,11 @@ def reapply(t: str, ledger: Ledger | None = None) -> list[dict]:
     for key, rec in records.items():
         o = by_key.get(key)
         if o is None:
-            ledger.forget(OWNER, "link", key)      # the link is no longer in the testbed
+            # The link is no longer in the testbed (a reconciling up removed it):
+            # its spliced wire goes too.
+            if rec.get("splice_if"):
+                unsplice(t, rec["splice_if"], ledger)
+            ledger.forget(OWNER, "link", key)
             continue
         settings = rec.get("settings", {})
         mgmt = rec.get("mgmt")

@@ -41,6 +41,14 @@ def min_rtt(out: str) -> float:
     return float(out.split("rtt min/avg/max/mdev = ")[1].split("/")[0])
 
 
+def wait_for_pcap_header(path: Path, seconds: float = 60) -> None:
+    """tcpdump writes the pcap header (24 bytes) as it starts capturing."""
+    deadline = time.monotonic() + seconds
+    while not (path.exists() and path.stat().st_size >= 24):
+        assert time.monotonic() < deadline, f"no pcap header in {path}"
+        time.sleep(0.1)
+
+
 def recorded(owner: str | None = None) -> list[dict]:
     from megafleet.ledger import Ledger
     return [{"owner": r.owner, "kind": r.kind, "key": r.key} for r in Ledger().list(owner)]
@@ -130,7 +138,7 @@ def test_capture_of_ten_pings_reads_twenty_icmp(campus, tmp_path):
                             "-w", str(pcap), "--count", "20", "--filter", "icmp", "-t", T1], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(3)             # tcpdump listening
+        wait_for_pcap_header(pcap)        # tcpdump is listening
         assert ns_ping(T1, "probe1", "10.20.5.2", count=10).returncode == 0
         cap.wait(timeout=30)
     finally:
