@@ -334,11 +334,12 @@ def link_set(t: str, refs: list[LinkRef], s: LinkSettings, ledger: Ledger | None
     for o in problems:
         if (s.delay_us or s.jitter_us or s.loss_pct is not None or s.rate_bit is not None) and not o.ns_ifs:
             raise ExperimentError(f"link {o.ref.label}: a guest's port on a VDE switch cannot be changed at runtime")
-        if o.ref.kind == "p2p" and (s.delay_us or s.jitter_us or s.loss_pct is not None):
+        if s.delay_us or s.jitter_us or s.loss_pct is not None:
+            what = "a point-to-point link" if o.ref.kind == "p2p" else "a namespace's port on a VDE switch"
             raise ExperimentError(
-                f"link {o.ref.label}: delay, jitter and loss cannot be changed at runtime on a "
-                f"point-to-point link (this kernel has no netem; a veth pair cannot be split without "
-                f"renumbering both nodes): declare them in the description, or join the nodes by a switch")
+                f"link {o.ref.label}: delay, jitter and loss cannot be changed at runtime on {what} "
+                f"(this kernel has no netem, and there is no host-side end to splice a wire into): "
+                f"declare them in the description, or use a bridge switch")
     records = _records(t, ledger)
     out = []
     for o in objs:

@@ -181,3 +181,22 @@ def test_wirefilter_management_socket_changes_settings_live():
     time.sleep(0.2)
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_host_links_find_each_links_kernel_objects_in_a_typed_plan(net):
+    from megafleet.netlang import live
+
+    p = live.plan(net, "mfxu")
+    objs = {o.ref: o for o in hostside.host_links(p.to_json())}
+    assert set(objs) == set(R.all_links(net))
+    port = objs[R.LinkRef("port", "r1", "core")]
+    assert port.host_ifs and port.splice == (port.host_ifs[0], p.bridge("core", None).ifname)
+    p2p = objs[R.LinkRef("p2p", "a", "b")]
+    assert p2p.splice is None and {ns for ns, _ in p2p.ns_ifs} == {"mfxu-a", "mfxu-b"}
+    trunk = objs[R.LinkRef("swlink", "lan1", "lan2")]
+    assert len(trunk.host_ifs) == 2 and trunk.splice[1] == p.bridge("lan2", None).ifname
+    # A delayed link in the description is a wire: found with its ends.
+    wired = compile_text(NET.replace("link a -- b", "link a -- b delay 5ms"), "w.fleet", graph=False)
+    objs = {o.ref: o for o in hostside.host_links(live.plan(wired, "mfxu").to_json())}
+    w = objs[R.LinkRef("p2p", "a", "b")]
+    assert w.wire is not None and w.props == {"delay_us": 5000} and len(w.ns_ifs) == 2
