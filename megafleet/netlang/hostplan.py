@@ -463,7 +463,14 @@ class Plan:
 
     # -- JSON --------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {f.name: self._field_json(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: self._field_json(f.name, getattr(self, f.name)) for f in self._fields()}
+
+    def _fields(self) -> list[dataclasses.Field]:
+        """The fields that make the plan: `ns_exec` only when there are startup
+        commands, so that a plan without any has the JSON and digest it had
+        before they existed (a testbed up across an upgrade stays "the same
+        description", and a host of the previous version reads the plan)."""
+        return [f for f in dataclasses.fields(self) if f.name != "ns_exec" or self.ns_exec]
 
     @staticmethod
     def _field_json(name: str, v: Any) -> Any:
@@ -504,7 +511,7 @@ class Plan:
         computed item by item so that the JSON of the whole plan never exists
         at once (at a million guests it was the controller's peak memory)."""
         h = hashlib.sha256()
-        names = sorted(f.name for f in dataclasses.fields(self) if f.name != "digest")
+        names = sorted(f.name for f in self._fields() if f.name != "digest")
         h.update(b"{")
         for i, name in enumerate(names):
             h.update((", " if i else "").encode() + json.dumps(name).encode() + b": ")

@@ -139,3 +139,12 @@ def test_a_failure_names_node_command_and_the_statement():
     assert str(exc) == "node h1: startup command 'sleep 1' exited 2: sleep: invalid time"
     assert nsexec.statement_loc(net, exc) == "<text>.fleet:6"
     assert nsexec.statement_loc(net, nsexec.ExecFailed("nobody", 0, ("x",), 1, "")) == "?"
+
+
+def test_a_plan_without_commands_keeps_the_json_and_digest_it_had_before_them():
+    p = live.plan(compile_text("switch lan\nhost a on lan\n"), "tb")
+    assert "ns_exec" not in p.to_json()
+    back = hostplan.Plan.from_json(p.to_json())
+    assert back == p and back.compute_digest() == p.digest
+    with_cmd = live.plan(compile_text('switch lan\nhost a on lan exec "true"\n'), "tb")
+    assert with_cmd.to_json()["ns_exec"] == {"tb-a": [{"node": "a", "argv": ["true"]}]}
