@@ -99,23 +99,29 @@ async def run_all(p: Plan, ledger: Ledger, progress=lambda _msg: None,
     ledger.record(OWNER, "dir", f"{p.name}/exec", path=str(base))
     base.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()           # one ledger writer at a time (sqlite)
+    # Threads only start processes; the waits are trio's (a node whose server
+    # takes the whole wait holds no thread).
     limiter = trio.CapacityLimiter(2 * (os.cpu_count() or 1))
     failures: list[ExecFailed] = []
 
-    def node_commands(ns: str, cmds: list[NsExec]) -> None:
+    async def one(ns: str, cmds: list[NsExec]) -> None:
         for i, cmd in enumerate(cmds):
             if only is not None and i not in only[ns]:
                 continue
-            if _run_one(p.name, ns, i, cmd, base, wait, ledger, lock):
-                report.running += 1
-            else:
+            try:
+                child, key, log = await trio.to_thread.run_sync(_start, p.name, ns, i, cmd, base, ledger, lock,
+                                                                limiter=limiter)
+                status = await _wait(child, wait)
+                if status is None:
+                    report.running += 1
+                    continue
+                await trio.to_thread.run_sync(_forget, ledger, lock, key)
+                if status != 0:
+                    raise ExecFailed(cmd.node, i, cmd.argv, status, _tail(log))
                 report.done += 1
-
-    async def one(ns: str, cmds: list[NsExec]) -> None:
-        try:
-            await trio.to_thread.run_sync(node_commands, ns, cmds, limiter=limiter)
-        except ExecFailed as exc:
-            failures.append(exc)
+            except ExecFailed as exc:
+                failures.append(exc)
+                return
 
     progress(f"running the startup commands of {len(todo)} nodes")
     async with trio.open_nursery() as nursery:
@@ -132,10 +138,10 @@ async def run_all(p: Plan, ledger: Ledger, progress=lambda _msg: None,
     return report
 
 
-def _run_one(testbed: str, ns: str, index: int, cmd: NsExec, base: Path, wait: float,
-             ledger: Ledger, lock: threading.Lock) -> bool:
-    """Run one command in namespace `ns`; True when it is still running after
-    `wait` seconds (left recorded), False when it exited 0. Raises ExecFailed."""
+def _start(testbed: str, ns: str, index: int, cmd: NsExec, base: Path, ledger: Ledger,
+           lock: threading.Lock) -> tuple[subprocess.Popen, str, Path]:
+    """Start one command in namespace `ns`, recorded first; returns (the child,
+    its ledger key, its log file). Raises ExecFailed when it cannot start."""
     # Unique per command line too: a changed testbed may run a new command at
     # the index of one still running.
     key = f"{testbed}/exec/{cmd.node}/{index}-{hashlib.sha256(repr(cmd.argv).encode()).hexdigest()[:8]}"
@@ -156,24 +162,42 @@ def _run_one(testbed: str, ns: str, index: int, cmd: NsExec, base: Path, wait: f
                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                      **cgroup.popen_kwargs("routers"))
         except OSError as exc:
-            with lock:
-                ledger.forget(OWNER, "process", key)
+            _forget(ledger, lock, key)
             raise ExecFailed(cmd.node, index, cmd.argv, None, str(exc)) from None
     try:
         rp = proc.RecordedProcess.of(child.pid)
         with lock:
             ledger.record(OWNER, "process", key, pid=rp.pid, start=rp.start, **about)
     except ProcessLookupError:
-        pass                          # already gone (and reaped): its status says how
-    try:
-        status = child.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
-        return True
+        pass                          # cannot happen before it is reaped; harmless if it did
+    return child, key, log
+
+
+def _forget(ledger: Ledger, lock: threading.Lock, key: str) -> None:
     with lock:
         ledger.forget(OWNER, "process", key)
-    if status != 0:
-        raise ExecFailed(cmd.node, index, cmd.argv, status, _tail(log))
-    return False
+
+
+async def _wait(child: subprocess.Popen, seconds: float) -> int | None:
+    """The child's exit status, or None while it still runs after `seconds`.
+    Waits on a pidfd (readable when the process exits) where the kernel has
+    them, else polls."""
+    try:
+        fd = os.pidfd_open(child.pid)
+    except (AttributeError, OSError):
+        fd = None
+    with trio.move_on_after(seconds):
+        if fd is not None:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+        else:
+            pause = 0.005
+            while child.poll() is None:
+                await trio.sleep(pause)
+                pause = min(pause * 2, 0.1)
+    return child.poll()
 
 
 def _tail(log: Path, limit: int = 300) -> str:
