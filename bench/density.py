@@ -178,7 +178,9 @@ def up_down(path: Path, name: str, extra: tuple[str, ...] = ()) -> dict:
     result: dict = {"settle_up_s": settle()}
     up = megafleet("up", str(path), "-N", name, "--no-ksm", "--json", "--host-mem", str(BIG_HOST_MEM), *extra)
     summary = _json_out(up, f"up {path.name}")
-    result.update(up_s=round(up.seconds, 2), ready=summary.get("ready"), failed=summary.get("failed"),
+    failed = summary.get("failed") or []
+    result.update(up_s=round(up.seconds, 2), ready=summary.get("ready"), failed=len(failed),
+                  failed_reason=failed[0].get("reason") if failed else None,
                   phases=summary.get("phases"), rates=ready_rates())
     down = megafleet("down", name, "--json")
     result["down_s"] = round(down.seconds, 2)
@@ -208,9 +210,12 @@ def part_containers(args, n: int, key: str, with_reference: bool) -> dict:
                         "vm_boot_ready_rate_ratio": rates.get("ratio"),
                         "settle_vm_boot_s": settled})
         r = up_down(path, "mfbd" + ("x" if key != "containers" else "c"))
-    out.update({f"{key}_ready": r["ready"], f"{key}_up_s": r["up_s"], f"{key}_down_s": r["down_s"],
+    out.update({f"{key}_ready": r["ready"], f"{key}_failed": r["failed"], f"{key}_up_s": r["up_s"],
+                f"{key}_down_s": r["down_s"],
                 f"{key}_down_ok": r["down_ok"], f"settle_{key}_up_s": r["settle_up_s"],
                 f"{key}_phases": r["phases"]})
+    if r["failed_reason"]:
+        out[f"{key}_failed_reason"] = r["failed_reason"][:300]
     if key == "containers":
         out.update(ready_rate_first100=r["rates"].get("first"), ready_rate_last100=r["rates"].get("last"),
                    ready_rate_ratio=r["rates"].get("ratio"))
@@ -222,7 +227,8 @@ def part_containers(args, n: int, key: str, with_reference: bool) -> dict:
 def part_lan1000(args) -> dict:
     n = 100 if args.quick else 1000
     r = up_down(LAN1000, "mfbdl", ("-D", f"guests={n}"))
-    return {"lan1000_n": n, "lan1000_ready": r["ready"], "lan1000_up_s": r["up_s"],
+    return {"lan1000_n": n, "lan1000_ready": r["ready"], "lan1000_failed": r["failed"],
+            "lan1000_failed_reason": (r["failed_reason"] or "")[:300] or None, "lan1000_up_s": r["up_s"],
             "lan1000_down_s": r["down_s"], "lan1000_ready_rate_ratio": r["rates"].get("ratio"),
             "lan1000_phases": r["phases"], "settle_lan1000_up_s": r["settle_up_s"]}
 
