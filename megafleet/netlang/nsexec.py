@@ -4,9 +4,9 @@ After a testbed's namespaces are configured and its routing daemons started,
 `live.apply` runs each namespace's `Plan.ns_exec` commands in order, inside the
 node's network namespace (`ip netns exec NS ARGV...`: the argv the compiler split
 with shlex, never a shell). Nodes run their commands at the same time (at most
-`2 x CPUs` at once); one node's commands one after the other, each waited for up
-to `wait_s()` seconds (containerlab's `exec` runs them the same way, in order,
-after the node is up):
+`2 x CPUs` of them being started at once; waiting takes no thread); one node's
+commands one after the other, each waited for up to `wait_s()` seconds
+(containerlab's `exec` runs them the same way, in order, after the node is up):
 
 - exit 0: done, nothing is left to record;
 - a non-zero exit, or a program that cannot be started: `ExecFailed` naming the
