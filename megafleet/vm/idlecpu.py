@@ -1,13 +1,13 @@
 """What an idle guest costs the host: the CPU of its QEMU process, with the
 megafleet agent and exec channel against the same image without them.
 
-Both guests boot from the same image with the same QEMU command line (from
-`megafleet.qemu.qemu_argv`), except that the reference gets `megafleet.agent=0`
+The guests boot from the same image with the same QEMU command line (from
+`megafleet.qemu.qemu_argv`), except that the references get `megafleet.agent=0`
 and no exec port, so the guest daemon has nothing to serve and exits. After
-both are ready, one command runs through the first guest's exec channel (so
-the measured guest has served a host program and gone back to waiting for the
-next), both settle, then their QEMU processes' CPU time (utime + stime) is
-sampled over the same window: the ratio compares them under the same host
+all are ready, one command runs through each agent guest's exec channel (so
+the measured guests have served a host program and gone back to waiting for
+the next), all settle, then their QEMU processes' CPU time (scheduler run time)
+is sampled over the same window: the ratio compares them under the same host
 load. Used by tests/vm/test_idle_cpu.py and bench/density_qemu.py.
 """
 
@@ -38,8 +38,8 @@ class IdleCpu:
     """CPU seconds used by each QEMU process over the same `seconds` window."""
 
     seconds: float
-    agent_cpu_s: float          # the guest with agent (default interval) and exec port
-    bare_cpu_s: float           # the same image with megafleet.agent=0 and no exec port
+    agent_cpu_s: float          # a guest with agent (default interval) and exec port (mean)
+    bare_cpu_s: float           # the same image with megafleet.agent=0 and no exec port (mean)
     agent_interval: float
     accel: str
 
@@ -123,21 +123,24 @@ def cleanup(ledger: Ledger | None = None) -> int:
 async def measure_idle(image, *, seconds: float = 20.0, settle: float = 10.0,
                        agent_interval: float = GuestConfig.agent_interval, mem_mb: int = 128,
                        accel: str | None = None, prefix: str = "mfv-idle",
-                       boot_timeout: float = 240.0) -> IdleCpu:
-    """Boot `image` twice (with agent + exec port, and without), wait until both
-    are ready, run `true` through the exec channel, wait `settle` seconds, then
-    measure both QEMU processes' CPU over `seconds`. Both guests are stopped and
-    forgotten before returning, also on error. Raises RuntimeError when a guest
-    does not boot or the exec channel does not answer."""
+                       boot_timeout: float = 240.0, pairs: int = 2) -> IdleCpu:
+    """Boot `image` `pairs` times each with agent + exec port and without, wait
+    until all are ready, run `true` through each exec channel, wait `settle`
+    seconds, then measure the QEMU processes' CPU over `seconds` (each kind's
+    figure is the mean of its guests: an idle guest uses a few ms per second,
+    and one guest's luck with the host's timers is a good part of that). All
+    guests are stopped and forgotten before returning, also on error. Raises
+    RuntimeError when a guest does not boot or an exec channel does not answer."""
     if accel is None:
         accel = (await trio.to_thread.run_sync(qemu.probe_accel, limiter=_limiter))[0]
     ledger = Ledger()
     guests: list[_Guest] = []
     try:
-        guests.append(_start(ledger, image, f"{prefix}-agent", agent_interval=agent_interval,
-                             exec_port=True, mem_mb=mem_mb, accel=accel))
-        guests.append(_start(ledger, image, f"{prefix}-bare", agent_interval=0, exec_port=False,
-                             mem_mb=mem_mb, accel=accel))
+        for i in range(pairs):
+            guests.append(_start(ledger, image, f"{prefix}-agent{i}", agent_interval=agent_interval,
+                                 exec_port=True, mem_mb=mem_mb, accel=accel))
+            guests.append(_start(ledger, image, f"{prefix}-bare{i}", agent_interval=0,
+                                 exec_port=False, mem_mb=mem_mb, accel=accel))
         deadline = time.monotonic() + boot_timeout
         for g in guests:
             line = await trio.to_thread.run_sync(qemu.wait_for_line, g.work / "console.log",
@@ -145,17 +148,21 @@ async def measure_idle(image, *, seconds: float = 20.0, settle: float = 10.0,
             if line is None:
                 raise RuntimeError(f"{g.name} did not boot within {boot_timeout:.0f} s: "
                                    + (g.work / "console.log").read_text(errors="replace")[-500:])
-        result = await exec_in_guest(guests[0].work / "exec.sock", ["true"], timeout=120)
-        if result.rc != 0:
-            raise RuntimeError(f"exec of `true` in {guests[0].name} gave {result}")
+        with_agent, bare = guests[0::2], guests[1::2]
+        for g in with_agent:
+            result = await exec_in_guest(g.work / "exec.sock", ["true"], timeout=120)
+            if result.rc != 0:
+                raise RuntimeError(f"exec of `true` in {g.name} gave {result}")
         await trio.sleep(settle)
-        before = [cpu_seconds(g.proc.pid) for g in guests]
+        before = {g.name: cpu_seconds(g.proc.pid) for g in guests}
         start = time.monotonic()
         await trio.sleep(seconds)
-        after = [cpu_seconds(g.proc.pid) for g in guests]
+        used = {g.name: cpu_seconds(g.proc.pid) - before[g.name] for g in guests}
         elapsed = time.monotonic() - start
-        return IdleCpu(seconds=elapsed, agent_cpu_s=after[0] - before[0],
-                       bare_cpu_s=after[1] - before[1], agent_interval=agent_interval, accel=accel)
+        return IdleCpu(seconds=elapsed,
+                       agent_cpu_s=sum(used[g.name] for g in with_agent) / pairs,
+                       bare_cpu_s=sum(used[g.name] for g in bare) / pairs,
+                       agent_interval=agent_interval, accel=accel)
     finally:
         for g in guests:
             await trio.to_thread.run_sync(_stop, ledger, g, limiter=_limiter)
