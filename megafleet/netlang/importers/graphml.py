@@ -41,9 +41,10 @@ C_FIBRE_KM_S = 299_792.458 * 2 / 3
 EARTH_RADIUS_KM = 6371.0
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
-_TAG_RE = re.compile(r"<(node|edge)\b[^>]*>")
-_NODE_ID_RE = re.compile(r"\bid\s*=\s*([\"'])(.*?)\1")
-_ATTR_RE = re.compile(r"\b(source|target)\s*=\s*([\"'])(.*?)\2")
+# A <node id=...> (groups 1, 3) or an <edge> with source and target in either
+# order (groups 5, 7): one match per tag, no second look at its attributes.
+_TAG_RE = re.compile(r"<(?:(node)\b[^>]*?\bid\s*=\s*([\"'])(.*?)\2"
+                     r"|edge\b(?=[^>]*?\bsource\s*=\s*([\"'])(.*?)\4)(?=[^>]*?\btarget\s*=\s*([\"'])(.*?)\6))")
 _HYPER_RE = re.compile(r"<hyperedge\b[^>]*?/>|<hyperedge\b[^>]*>.*?</hyperedge\s*>", re.S)
 _ENDPOINT_RE = re.compile(r"<endpoint\b[^>]*?\bnode\s*=\s*([\"'])(.*?)\1")
 
@@ -127,14 +128,10 @@ def _xml_positions(file: str, text: str) -> tuple[dict[str, Loc], dict[tuple[str
     nodes: dict[str, Loc] = {}
     edges: dict[tuple[str, str], list[Loc]] = {}
     for m in _TAG_RE.finditer(text):
-        if m.group(1) == "node":
-            nid = _NODE_ID_RE.search(m.group(0))
-            if nid is not None:
-                nodes[_unescape(nid.group(2))] = lines.at(m.start())
-            continue
-        attrs = {a.group(1): _unescape(a.group(3)) for a in _ATTR_RE.finditer(m.group(0))}
-        if "source" in attrs and "target" in attrs:
-            a, b = attrs["source"], attrs["target"]
+        if m.group(1):
+            nodes[_unescape(m.group(3))] = lines.at(m.start())
+        else:
+            a, b = _unescape(m.group(5)), _unescape(m.group(7))
             edges.setdefault((a, b) if a <= b else (b, a), []).append(lines.at(m.start()))
     return nodes, edges
 
