@@ -142,3 +142,30 @@ def test_megafleet_up_runs_the_commands_on_its_host(tmp_path):
         r = runner.invoke(root, ["down", name])
     assert r.exit_code == 0, r.output
     assert leftovers(name) == clean(name)
+
+
+def test_an_edited_description_runs_only_the_commands_it_adds(tmp_path):
+    """`megafleet up` of an edited file changes the running testbed in place
+    (experiment.reconcile): a command added to a node runs there; the one it
+    already had does not run again (it would fail: the address exists)."""
+    name = "mfnex6"
+    fleet = tmp_path / "ed.fleet"
+    first = ('pool p 10.9.0.0/16\nswitch lan\nhost a on lan exec "ip addr add 192.0.2.51/32 dev lo"\n'
+             "host b on lan\nreachable a b\n")
+    runner = CliRunner()
+    try:
+        fleet.write_text(first)
+        r = runner.invoke(root, ["up", str(fleet), "-N", name])
+        assert r.exit_code == 0, r.output
+        inode = os.stat(f"/run/netns/{name}-a").st_ino
+        fleet.write_text(first.replace('192.0.2.51/32 dev lo"', '192.0.2.51/32 dev lo" exec "ip addr add '
+                                       '192.0.2.52/32 dev lo"'))
+        r = runner.invoke(root, ["up", str(fleet), "-N", name])
+        assert r.exit_code == 0, r.output
+        addrs = lo_addrs(f"{name}-a")
+        assert "192.0.2.51/32" in addrs and "192.0.2.52/32" in addrs
+        assert os.stat(f"/run/netns/{name}-a").st_ino == inode
+    finally:
+        r = runner.invoke(root, ["down", name])
+    assert r.exit_code == 0, r.output
+    assert leftovers(name) == clean(name)
