@@ -110,7 +110,9 @@ description's own choice). Each command is waited for up to 10 s
 `net up` with the node, the command, its exit status, the end of its output and
 the statement's file:line (the testbed stays as built for `net down`); one still
 running then is a long-lived process (a server): recorded in the ledger, left
-running, stopped by `down`. Output goes to RUN_DIR/net/TESTBED/exec/NODE.log.
+running, stopped by `down` (a daemon a command forks off is stopped by `down`
+too: it runs in the node's namespace). Output goes to
+RUN_DIR/net/TESTBED/exec/NODE.log.
 A command runs when the testbed is built, not again when an unchanged testbed
 is brought up again; a changed description (`megafleet up` of an edited file)
 runs the commands that are new.

@@ -17,6 +17,10 @@ commands one after the other, each waited for up to `wait_s()` seconds
   do anything, stays running, and `down` stops it (as it stops everything left
   in the testbed's namespaces).
 
+A command that detaches (forks a daemon and exits 0, `iperf3 -s -D`) is done
+when it exits; its daemon lives in the node's namespace, where `down` finds and
+stops it with everything else running there (`live.pids_in_netns`).
+
 Each command's output goes to `<run dir>/net/<testbed>/exec/<node>.log`
 (removed with the testbed), preceded by a `$ COMMAND` line.
 """

@@ -169,3 +169,22 @@ def test_an_edited_description_runs_only_the_commands_it_adds(tmp_path):
         r = runner.invoke(root, ["down", name])
     assert r.exit_code == 0, r.output
     assert leftovers(name) == clean(name)
+
+
+def test_a_daemon_a_command_leaves_behind_is_stopped_by_down(tmp_path):
+    name = "mfnex7"
+    pidfile = tmp_path / "daemon.pid"
+    fleet = tmp_path / "d.fleet"
+    fleet.write_text(f"switch lan\nhost a on lan exec \"sh -c 'sleep 301 & echo $! > {pidfile}'\"\n")
+    runner = CliRunner()
+    try:
+        r = runner.invoke(root, ["net", "up", str(fleet), "-N", name])
+        assert r.exit_code == 0, r.output
+        daemon = proc.RecordedProcess.of(int(pidfile.read_text()))
+        assert os.stat(f"/proc/{daemon.pid}/ns/net").st_ino == os.stat(f"/run/netns/{name}-a").st_ino
+        assert exec_records(name) == []        # sh exited 0: done
+    finally:
+        r = runner.invoke(root, ["net", "down", name])
+    assert r.exit_code == 0, r.output
+    assert not daemon.alive()
+    assert leftovers(name) == clean(name)
