@@ -30,7 +30,8 @@ def test_over_budget_is_refused_before_anything_starts(tiny):
         trio.run(lambda: Engine(mem_budget_mb=1024).apply(specs))
     message = str(info.value)
     assert "refusing to boot 8 guest(s)" in message and "1024 MiB" in message
-    assert "KSM currently saves" in message and "Nothing was started" in message
+    assert "KSM saves" in message and "Nothing was started" in message
+    assert "--mem-budget" in message          # the option of `vm boot`, which this engine serves
     _nothing_started("mfvbud")
 
 
