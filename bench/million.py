@@ -102,7 +102,7 @@ w = run.controller_work(args["path"], names, args["capacity"])
 out = {{"guests": w.guests, "hosts": len(w.hosts), "compile_s": round(w.compile_s, 3),
         "plan_s": round(w.plan_s, 3), "manifests_s": round(w.manifests_s, 3),
         "controller_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "manifest_mb": round(sum(len(json.dumps(m)) for m in w.manifests.values()) / 1e6, 1)}}
+        "manifest_mb": round(sum(len(m) for m in w.manifests.values()) / 1e6, 1)}}
 link = links.LinkModel(latency_s=args["latency_s"], bandwidth_bps=args["bandwidth_bps"],
                        decode_s_per_byte=args["decode_s_per_byte"])
 model = hosts.BootModel.containers_here()

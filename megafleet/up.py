@@ -393,9 +393,10 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
                 out.line(f"vxlan    {len(lowered)} spanning segments, underlay MTU {mtu}, "
                          f"segment MTU {min(lowered.values())}")
             t = phase_done("manifests", t)
-            go = {h: m.to_json() for h, m in manifests.items() if h not in host_errors}
+            # Each manifest as its JSON text: relays pass it on without parsing it.
+            go = {h: json.dumps(manifests.pop(h).to_json()) for h in list(manifests) if h not in host_errors}
             report = await fleet.call("host.apply", per_host=go, modules=HOST_MODULES, timeout=3600,
-                                      on_event=out.event)
+                                      on_event=out.event, encoded=True)
             for h, r in report.results.items():
                 if r.status == "ok":
                     results[h] = r.value

@@ -257,10 +257,15 @@ class Fleet:
 
     async def call(self, handler: str, payload: Any = None, *, per_host: dict[str, Any] | None = None,
                    modules: Sequence[str] = (), hosts: list[str] | None = None, timeout: float = 300.0,
-                   on_event: EventCallback | None = None) -> Report:
+                   on_event: EventCallback | None = None, encoded: bool = False) -> Report:
         """Run the registered handler on each host with `payload` (or its own entry
-        of `per_host`); handlers' progress comes to on_event(host, data)."""
+        of `per_host`); handlers' progress comes to on_event(host, data).
+        `encoded`: the per_host values are JSON texts, decoded only on their own
+        host: relays pass them on as strings (a fraction of the memory and
+        parsing of nested objects, at every level of the tree)."""
         fields: dict[str, Any] = {"handler": handler, "modules": list(modules), "timeout": timeout}
+        if encoded:
+            fields["encoded"] = True
         targets = self._targets(hosts if hosts is not None or per_host is None else list(per_host))
         if per_host is not None:
             fields["per_host"] = per_host

@@ -94,6 +94,19 @@ def is_async(fn: Handler) -> bool:
     return inspect.iscoroutinefunction(fn)
 
 
+def own_payload(req: dict[str, Any], host: str | None) -> Any:
+    """The payload of a call request for `host`: its entry of `per_host` (JSON
+    text decoded here when the request is `encoded`), else the common one."""
+    if "per_host" not in req:
+        return req.get("payload")
+    payload = req["per_host"].get(host)
+    if req.get("encoded") and isinstance(payload, str):
+        import json
+
+        payload = json.loads(payload)
+    return payload
+
+
 # --- built-in handlers ---------------------------------------------------------
 
 @handler("gproc.ping")

@@ -149,8 +149,8 @@ class Leaf:
 
     def call(self, op_id: str, req: dict[str, Any]) -> None:
         start = time.monotonic()
-        payload = req["per_host"].get(self.me) if "per_host" in req else req.get("payload")
         try:
+            payload = handlers.own_payload(req, self.me)
             fn = handlers.lookup(req["handler"], req.get("modules", []))
             if handlers.is_async(fn):
                 value = self._run_async(op_id, fn, payload, req.get("timeout"))

@@ -455,12 +455,12 @@ class Node:
 
     async def _call(self, op: Op) -> dict[str, Any]:
         req = op.req
-        payload = req["per_host"].get(self.me) if "per_host" in req else req.get("payload")
 
         async def emit(data: Any) -> None:
             await self.progress(op.id, self.me, data)
 
         try:
+            payload = handlers.own_payload(req, self.me)
             fn = self.lookup(req["handler"], req.get("modules", []))
             ctx = handlers.Context(self.me, emit)
             if handlers.is_async(fn):

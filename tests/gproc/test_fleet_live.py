@@ -4,6 +4,7 @@ reached over real SSH; the agents are real `megafleet agent` processes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 
@@ -233,9 +234,14 @@ def test_call_carries_per_host_manifests_to_registered_handlers(testfleet, tmp_p
             # A handler that overruns its timeout: failed on every host (inner
             # agents and leaves alike), nothing hangs.
             slow = await fleet.call("mfgtest.slow", {}, modules=["mfg_test_handlers"], timeout=2)
-            return report, unknown, ping, slow
+            # The manifests as JSON texts: relays pass them on, each host decodes its own.
+            encoded = await fleet.call("mfgtest.apply", per_host={h: json.dumps(m) for h, m in manifests.items()},
+                                       modules=["mfg_test_handlers"], encoded=True)
+            return report, unknown, ping, slow, encoded
 
-    report, unknown, ping, slow = trio.run(main)
+    report, unknown, ping, slow, encoded = trio.run(main)
+    assert {h: (r.status, r.value, r.error) for h, r in encoded.results.items()} == \
+        {h: (r.status, r.value, r.error) for h, r in report.results.items()}
     assert slow.counts() == {"ok": 0, "failed": 7, "unreachable": 0}
     assert {r.error for r in slow.results.values()} == {"timed out after 2 s"}
     for i, h in enumerate(hosts):

@@ -5,6 +5,7 @@ trio's virtual clock. Small sizes only; the figures come from bench/million.py."
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def work(tmp_path_factory):
 def test_up_and_down_of_racks_on_simulated_hosts(work):
     assert work.guests == 120 and len(work.hosts) == 6
     # Each host's manifest holds its own rack only.
-    assert sorted(len(m["net"]["vms"]) for m in work.manifests.values()) == [20] * 6
+    assert sorted(len(json.loads(m)["net"]["vms"]) for m in work.manifests.values()) == [20] * 6
     model = sim_hosts.BootModel.containers_here()
     r = run.simulate(functools.partial(run.sim_up, work, 2, links.LinkModel(), model, fail_fraction=0.1))
     assert r.ready + r.failed_guests == 120 and 0 < r.failed_guests < 40
@@ -81,3 +82,13 @@ def test_simulated_hosts_refuse_what_they_do_not_simulate():
     from megafleet.gproc.handlers import UnknownHandler
     with pytest.raises(UnknownHandler, match="no simulation handler named 'host.exec'"):
         hosts.lookup("host.exec")
+
+
+def test_encoded_manifests_are_decoded_only_on_their_own_host():
+    from megafleet.gproc.handlers import own_payload
+
+    req = {"per_host": {"a": '{"vms": [1, 2]}', "b": '{"vms": []}'}, "encoded": True}
+    assert own_payload(req, "a") == {"vms": [1, 2]}
+    assert own_payload(req, "c") is None
+    assert own_payload({"per_host": {"a": '{"x": 1}'}}, "a") == '{"x": 1}'    # not encoded: as given
+    assert own_payload({"payload": {"y": 2}}, "a") == {"y": 2}

@@ -7,6 +7,7 @@ Each driver is a trio function meant to run under
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -99,7 +100,8 @@ class ControllerWork:
     plan: Any
     placed: Any
     hosts: list[str]
-    manifests: dict[str, dict[str, Any]]   # host -> manifest JSON, as sent
+    plan_hosts: dict[str, list[str]]       # host -> its guests
+    manifests: dict[str, str]              # host -> manifest JSON text, as sent
     guests: int
     compile_s: float
     plan_s: float
@@ -130,10 +132,13 @@ def controller_work(path: str, hosts: list[str], capacity: int, testbed: str = "
     addresses = {h: inv.by_name[h].address for h in used}
     split = manifest.split(plan, placed, addresses=addresses, images={"tiny": "tiny"},
                            ksm=True, telemetry=None, vm_options={}, source=path, collect_interval=10.0)
-    # As up.py does: each host's manifest object is dropped once its JSON is made.
-    manifests = {h: split.pop(h).to_json() for h in list(split)}
+    # As up.py does: each host's manifest as its JSON text, the object dropped.
+    manifests = {h: json.dumps(split.pop(h).to_json()) for h in list(split)}
     manifests_s = time.perf_counter() - t
-    return ControllerWork(testbed, plan, placed, used, manifests, len(plan.vms), compile_s, plan_s, manifests_s)
+    vm_names = {v.name for v in plan.vms}
+    plan_hosts = {h: [n for n in placed.hosts[h] if n in vm_names] for h in used}
+    return ControllerWork(testbed, plan, placed, used, plan_hosts, manifests, len(plan.vms), compile_s, plan_s,
+                          manifests_s)
 
 
 @dataclass
@@ -211,7 +216,7 @@ async def sim_up(work: ControllerWork, fanout: int, link: LinkModel, model: Boot
                 if kill_fraction > 0:
                     n.start_soon(killer)
                 report = await fleet.call("host.apply", per_host=work.manifests, modules=up.HOST_MODULES,
-                                          timeout=apply_timeout, on_event=on_event)
+                                          timeout=apply_timeout, on_event=on_event, encoded=True)
                 n.cancel_scope.cancel()
             for h, r in report.results.items():
                 if r.status == "ok":
@@ -240,5 +245,5 @@ async def sim_up(work: ControllerWork, fanout: int, link: LinkModel, model: Boot
         events=counted["events"], event_frames=counted["frames"],
         tx_bytes=net.controller.tx_bytes, rx_bytes=net.controller.rx_bytes, rx_frames=net.controller.rx_frames,
         reattachments=reattachments, summary_ok=summary["ok"], errors=net.errors[:5],
-        agents_left=agents_left, killed=len(victims), survivors_guests=sum(len(m["net"]["vms"]) for h, m in work.manifests.items()
-                                                  if h not in set(victims)))
+        agents_left=agents_left, killed=len(victims),
+        survivors_guests=sum(len(work.plan_hosts[h]) for h in work.hosts if h not in set(victims)))
