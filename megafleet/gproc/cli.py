@@ -142,12 +142,13 @@ def hosts_ls(inventory_path: str, labels: tuple[str, ...], as_json: bool) -> Non
                                "known_hosts": inv.known_hosts,
                                "hosts": [{"name": h.name, "address": h.address, "port": h.port,
                                           "user": h.user, "labels": list(h.labels),
-                                          "capacity": h.capacity, "agent": list(h.agent)}
+                                          "capacity": h.capacity, "mem_mb": h.mem_mb,
+                                          "agent": list(h.agent)}
                                          for h in chosen]}))
         return
-    rows = [[h.name, h.address, h.port, h.user, ",".join(h.labels) or "-", h.capacity, " ".join(h.agent)]
-            for h in chosen]
-    click.echo(_table(rows, ["NAME", "ADDRESS", "PORT", "USER", "LABELS", "CAPACITY", "AGENT"]))
+    rows = [[h.name, h.address, h.port, h.user, ",".join(h.labels) or "-", h.capacity, h.mem_mb or "-",
+             " ".join(h.agent)] for h in chosen]
+    click.echo(_table(rows, ["NAME", "ADDRESS", "PORT", "USER", "LABELS", "CAPACITY", "MEM_MB", "AGENT"]))
 
 
 @hosts.command("check")
