@@ -63,7 +63,9 @@ one VLAN of it) with more is built as a tree of bridges with no change to the
 description (a root bridge and leaves of 1,022 ports, each leaf joined to the
 root by a veth; switch links and VXLAN tunnels stay on the root), up to
 1,022,000 ports per switch and VLAN; more is refused by `net check` with the
-switch's line.
+switch's line. A broadcast on a big switch is one copy per port at once, so
+`up` raises the host's net.core.netdev_max_backlog (default 1,000) to twice the
+largest switch while the testbed is up, and puts it back on `down`.
 
 Nodes
 -----

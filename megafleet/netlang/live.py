@@ -497,6 +497,7 @@ async def apply(p: Plan, ledger: Ledger | None = None, progress: Progress = _qui
         progress(f"testbed {t} is partly up; tearing it down and rebuilding")
         await adown(t, progress, ledger)
     ledger.record(OWNER, "testbed", t, digest=p.digest, file=source, complete=False)
+    await trio.to_thread.run_sync(_fit_backlog, p, ledger)
     limiter = trio.CapacityLimiter(4)
     await trio.to_thread.run_sync(_create_host_side, p, ledger, progress, limiter=limiter)
     progress(f"created {len(p.netns)} namespaces, {len(p.bridges)} bridges, {len(p.ports)} ports, "
@@ -542,6 +543,49 @@ async def teardown(testbed: str, progress: Progress = _quiet, ledger: Ledger | N
     """Remove everything recorded for `testbed` on this host (see `adown`): the
     one network teardown, for `net down` and `down`."""
     return await adown(testbed, progress, ledger)
+
+
+BACKLOG = Path("/proc/sys/net/core/netdev_max_backlog")
+
+
+def _fit_backlog(p: Plan, ledger: Ledger) -> None:
+    """A broadcast (ARP) on a switch is copied to each of its ports in one go,
+    and every copy to a veth waits in the CPU's receive backlog: with the
+    default net.core.netdev_max_backlog (1,000), a switch of ~1,000 ports drops
+    the copies beyond it and hosts never hear each other's ARP. Raise it (never
+    lower it) to twice the largest switch of the plan; the old value is recorded
+    and put back when the last testbed that raised it goes down."""
+    ports: dict[tuple[str, int | None], int] = {}
+    for port in p.ports:
+        ports[(port.switch, port.vlan)] = ports.get((port.switch, port.vlan), 0) + 1
+    need = 2 * max(ports.values(), default=0) + 64
+    try:
+        current = int(BACKLOG.read_text())
+    except (OSError, ValueError):
+        return
+    if need <= current:
+        return
+    old = current
+    for r in ledger.list(OWNER, "sysctl"):
+        if r.data.get("path") == str(BACKLOG):
+            old = r.data["old"]          # another testbed raised it first: keep its original
+            break
+    ledger.record(OWNER, "sysctl", f"{p.name}/netdev_max_backlog", path=str(BACKLOG), old=old, value=need)
+    BACKLOG.write_text(str(need))
+
+
+def _restore_sysctls(testbed: str, records: list, ledger: Ledger) -> None:
+    """Put back what `_fit_backlog` raised, to the highest value another testbed
+    still needs, else to the original."""
+    for r in records:
+        others = [o for o in ledger.list(OWNER, "sysctl")
+                  if o.data.get("path") == r.data["path"] and not o.key.startswith(testbed + "/")]
+        value = max((o.data["value"] for o in others), default=r.data["old"])
+        try:
+            Path(r.data["path"]).write_text(str(value))
+        except OSError:
+            pass
+    ledger.forget_many(OWNER, "sysctl", [r.key for r in records])
 
 
 def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
@@ -831,6 +875,7 @@ def _down_sync(testbed: str, by_kind: dict, ledger: Ledger, progress: Progress) 
     # Deleting one end of a veth removes the other; ignore "cannot find device".
     _batch(["ip"], [f"link del {name}" for name in gone_links], force=True)
     ledger.forget_many(OWNER, "link", [r.key for r in by_kind.get("link", [])])
+    _restore_sysctls(testbed, by_kind.get("sysctl", []), ledger)
     for r in by_kind.get("dir", []):
         shutil.rmtree(r.data["path"], ignore_errors=True)
     ledger.forget_many(OWNER, "dir", [r.key for r in by_kind.get("dir", [])])
