@@ -282,7 +282,7 @@ def part_idle_container(args) -> dict:
     from megafleet.collect.sources import vm_container_source
     from megafleet.imagegen.contract import GuestConfig
     from megafleet.vm.engine import Engine
-    from megafleet.vm.manifest import GuestSpec
+    from megafleet.vm.spec import GuestSpec
 
     n, window = 20, (10.0 if args.quick else 20.0)
     tick = 1 / os.sysconf("SC_CLK_TCK")

@@ -206,7 +206,7 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
     t1 = time.monotonic()
     report = None
     if p.vms:
-        from megafleet.vm.manifest import apply as vm_apply
+        from megafleet.vm.api import apply as vm_apply
 
         ledger.record(live.OWNER, "vms", t, names=[v.name for v in p.vms])
         total = len(p.vms)

@@ -12,7 +12,7 @@
   container sampler (`megafleet.collect.containers`), which reads their
   telemetry from the host: containers run no agent.
 - `boot_progress(collector, specs)`: a `progress` callback for
-  `megafleet.vm.manifest.apply` that turns each finished guest into a `boot`
+  `megafleet.vm.api.apply` that turns each finished guest into a `boot`
   event (duration, or failure reason) without blocking the engine.
 
 The vm package is imported only when these are used, so collect does not depend
@@ -62,7 +62,7 @@ def vm_agent_logs(engine: Any = None, pattern: str = "*") -> Callable[[], list[t
 
 def boot_progress(collector: Any, specs: Iterable[Any],
                   chain: Callable[..., None] | None = None) -> Callable[[int, int, Any], None]:
-    """progress(done, total, result) for vm.manifest.apply: each ready or failed
+    """progress(done, total, result) for vm.api.apply: each ready or failed
     guest becomes a boot event; `chain` (another progress callback) still runs."""
     images = {s.name: s.image for s in specs}
 

@@ -610,8 +610,8 @@ async def node_action(t: str, nodes: list[str], action: str, ledger: Ledger | No
 
 async def _guest_action(m, spec: dict, action: str, ledger: Ledger) -> None:
     from megafleet.vm.engine import Engine
-    from megafleet.vm.manifest import GuestSpec
-    from megafleet.vm.manifest import apply as vm_apply
+    from megafleet.vm.spec import GuestSpec
+    from megafleet.vm.api import apply as vm_apply
 
     name = spec["name"]
     if action in ("stop", "kill", "restart"):

@@ -500,7 +500,7 @@ class Plan:
             elif k == "ns_exec":
                 v = {ns: [NsExec.from_json(c) for c in cmds] for ns, cmds in v.items()}
             elif k == "vms":
-                from megafleet.vm.manifest import GuestSpec
+                from megafleet.vm.spec import GuestSpec
                 v = [GuestSpec.from_dict(g) for g in v]
             kw[k] = v
         return cls(**kw)

@@ -83,7 +83,7 @@ def test_lifecycle_from_engine_state_becomes_events():
 
 
 def test_boot_progress_hook_reports_engine_results():
-    manifest = __import__("pytest").importorskip("megafleet.vm.manifest")
+    manifest = __import__("pytest").importorskip("megafleet.vm.spec")
     from megafleet.collect.sources import boot_progress
 
     seen = []

@@ -1,5 +1,5 @@
 """The collector hooked to the real vm engine: one real QEMU guest (TCG) booted by
-`vm.manifest.apply`, its boot event from the engine's state, its state, CPU time
+`vm.api.apply`, its boot event from the engine's state, its state, CPU time
 and RSS from the engine's state and /proc, its agent lines from the qemu
 driver's agent.log; then torn down, with nothing left behind."""
 
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.root]
 def tiny_image(root_only):
     if not shutil.which("qemu-system-x86_64"):
         pytest.skip("qemu-system-x86_64 is not installed")
-    vm = pytest.importorskip("megafleet.vm.manifest")
+    vm = pytest.importorskip("megafleet.vm.spec")
     from megafleet.imagegen import store as images
 
     image = images.build(REPO / "examples/images/tiny.toml")

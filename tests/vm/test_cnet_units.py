@@ -9,7 +9,7 @@ import struct
 from megafleet.imagegen.contract import GuestConfig, NicConfig
 from megafleet.vm import cnet
 from megafleet.vm.container_driver import net_request
-from megafleet.vm.manifest import GuestSpec, NicSpec
+from megafleet.vm.spec import GuestSpec, NicSpec
 
 
 def _attrs(msg: bytes, header: int) -> dict[int, bytes]:
