@@ -198,13 +198,14 @@ def make_plan(net, testbed: str, target: Target):
 
 
 def placement_rows(plan, placed) -> list[dict[str, Any]]:
+    from megafleet.vm.driver import DRIVER_KINDS
     vms = {v.name: v for v in plan.vms}
     rows = []
     for host, nodes in placed.hosts.items():
         kinds = {"namespaces": 0, "vms": 0, "containers": 0}
         for n in nodes:
             v = vms.get(n)
-            kinds["namespaces" if v is None else "containers" if v.driver == "container" else "vms"] += 1
+            kinds["namespaces" if v is None else "vms" if DRIVER_KINDS[v.driver].ram_backed else "containers"] += 1
         segments = sorted(s for s, hs in placed.segment_hosts.items() if host in hs)
         rows.append({"host": host, "nodes": len(nodes), **kinds, "segments": segments})
     return rows
