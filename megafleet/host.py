@@ -648,11 +648,25 @@ async def _forward_events(ctx: handlers.Context, receive: trio.MemoryReceiveChan
 async def _with_events(ctx: handlers.Context, fn) -> Any:
     send, receive = trio.open_memory_channel(256)
 
-    def emit(event: dict[str, Any]) -> None:
+    def put(event: dict[str, Any]) -> None:
         try:
             send.send_nowait(event)
-        except trio.WouldBlock:
+        except (trio.WouldBlock, trio.ClosedResourceError):
             pass            # progress is best effort; results are not
+
+    def emit(event: dict[str, Any]) -> None:
+        # Progress also comes from worker threads (netlang's apply reports from
+        # trio.to_thread): a trio channel may only be touched from the trio
+        # thread, or the reader's wake-up can be lost and the call hang.
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            try:
+                trio.from_thread.run_sync(put, event)
+            except (RuntimeError, trio.RunFinishedError):
+                pass
+            return
+        put(event)
 
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:
