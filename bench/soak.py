@@ -7,9 +7,10 @@ Each cycle picks one ending (seeded, --seed):
     sigint-up     SIGINT to `up` at a random moment (as Ctrl-C)
     sigterm-up    SIGTERM to `up` at a random moment
     kill9-up      SIGKILL to `up` at a random moment
-    kill9-daemon  SIGKILL to one of the host's own daemons (telemetry collector
-                  or KSM daemon, the processes an agent runs for the testbed on
-                  its host) at a random moment during or after `up`
+    kill9-daemon  SIGKILL to one of a host's own daemons (telemetry collector
+                  or KSM daemon) at a random moment during or after `up`
+    kill9-agent   (with --hosts N) SIGKILL to one host's megafleet agent at a
+                  random moment during `up`
 The random moment is uniform over the length of the last clean `up`. Then
 `megafleet down` (no testbed named: also the sweep) is timed, and checked:
 
@@ -26,8 +27,11 @@ endings (count per ending), guests (per cycle), up_s (median clean up), load
 (1-minute load average at the start: others' load changes the timings).
 
 Runs as root in its own state and run directories (nothing of a user's
-testbeds is touched).
-    .venv/bin/python bench/soak.py [--cycles 50] [--staff 60 --lab 40] [--seed 1]
+testbeds is touched). Without --hosts everything runs on this machine (the
+embedded default: controller and host in one process, so no agent). With
+--hosts N, on N namespace hosts with their own sshd (gproc's test fleet),
+each with its own state directory, reached through gproc agents.
+    .venv/bin/python bench/soak.py [--cycles 50] [--staff 60 --lab 40] [--seed 1] [--hosts 2]
     .venv/bin/python bench/soak.py --quick          (5 cycles of a 20-guest campus)
 """
 
@@ -50,6 +54,9 @@ REPO = Path(__file__).resolve().parent.parent
 FLEET = REPO / "examples" / "campus-ospf.fleet"
 TESTBED = "mfusoak"
 ENDINGS = ["clean", "sigint-up", "sigterm-up", "kill9-up", "kill9-daemon"]
+# Where the testbed runs: [] (this machine) or --hosts/--host-state arguments.
+TARGET: list[str] = []
+HOST_STATES: list[Path] = []          # with --hosts: each host's state directory
 
 
 def megafleet(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -60,15 +67,26 @@ def megafleet(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 def start_up(defines: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-m", "megafleet", "up", str(FLEET), "-N", TESTBED,
-                                 "--telemetry-interval", "1", *defines], cwd=REPO, stdout=f,
+                                 "--telemetry-interval", "1", *defines, *TARGET], cwd=REPO, stdout=f,
                                 stderr=subprocess.STDOUT)
 
 
-def daemons() -> list[tuple[int, int]]:
-    """(pid, start) of this run's host daemons (collector, KSM daemon), from the ledger."""
+def ledgers():
     from megafleet.ledger import Ledger
 
-    return [(r.data["pid"], r.data["start"]) for r in Ledger().list("up", "process") if "pid" in r.data]
+    return [Ledger()] + [Ledger(d / "ledger.sqlite") for d in HOST_STATES if (d / "ledger.sqlite").exists()]
+
+
+def daemons() -> list[tuple[int, int]]:
+    """(pid, start) of this run's host daemons (collector, KSM daemon), from the ledgers."""
+    return [(r.data["pid"], r.data["start"]) for led in ledgers() for r in led.list("up", "process")
+            if "pid" in r.data]
+
+
+def proc_start(pid: int) -> int:
+    from megafleet.proc import start_time
+
+    return start_time(pid) or -1
 
 
 def kill_recorded(pid: int, start: int) -> bool:
@@ -78,7 +96,7 @@ def kill_recorded(pid: int, start: int) -> bool:
 
 
 def running_guests() -> int:
-    r = megafleet("status", "--json", timeout=300)
+    r = megafleet("status", "--json", *TARGET[:4], timeout=300)
     try:
         hosts = json.loads(r.stdout)["hosts"]
     except (ValueError, KeyError):
@@ -91,29 +109,48 @@ def boot_events(since: datetime) -> int:
     from megafleet.collect import queries
     from megafleet.collect.stores import open_store
 
-    store = open_store(None)
+    uri = next((TARGET[i + 1] for i, a in enumerate(TARGET) if a == "--telemetry"), None)
+    store = open_store(uri)
     try:
         return sum(row["boots"] for row in queries.boot_times(store, since))
     finally:
         store.close()
 
 
-def leftovers(state: Path) -> list[str]:
+def _netns_of(fleet, host: str | None) -> list[str]:
+    if host is None:
+        try:
+            return os.listdir("/run/netns")
+        except FileNotFoundError:
+            return []
+    # A host's sshd (and the agents it starts) has a mount namespace of its own.
+    out = subprocess.run(["nsenter", "-t", str(fleet.sshd[host].pid), "-m", "ls", "-1", "/run/netns"],
+                         capture_output=True, text=True).stdout
+    return out.split()
+
+
+def leftovers(state: Path, fleet=None) -> list[str]:
     """What is left of the testbed after `down`, as readable lines."""
+    import hashlib
+
     from megafleet import cgroup
-    from megafleet.ledger import Ledger
 
     found = []
-    try:
-        found += [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(TESTBED + "-")]
-    except FileNotFoundError:
-        pass
-    found += [f"link {n}" for n in os.listdir("/sys/class/net") if n.startswith(TESTBED)]
-    group = cgroup.group_name(TESTBED)
+    for host in [None] + (list(fleet.names) if fleet else []):
+        found += [f"netns {n}" + (f" on {host}" if host else "") for n in _netns_of(fleet, host)
+                  if n.startswith(TESTBED + "-")]
+        argv = ["ip", "-o", "link", "show"] if host is None else ["ip", "-n", host, "-o", "link", "show"]
+        names = [line.split(":")[1].strip().split("@")[0]
+                 for line in subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()
+                 if ":" in line]
+        found += [f"link {n}" + (f" on {host}" if host else "") for n in names if n.startswith(TESTBED)]
     s = cgroup.support()
-    for root in (s.v2, s.cpu_v1):
-        if root is not None and (root / cgroup.BASE / group).exists():
-            found.append(f"cgroup {root / cgroup.BASE / group}")
+    for d in [state] + HOST_STATES:
+        group = f"{TESTBED}.{hashlib.sha1(str(d.resolve()).encode()).hexdigest()[:8]}"
+        for root in (s.v2, s.cpu_v1):
+            if root is not None and (root / cgroup.BASE / group).exists():
+                found.append(f"cgroup {root / cgroup.BASE / group}")
+    group = f"/{cgroup.BASE}/{TESTBED}."
     marker = f"MEGAFLEET_STATE={state}".encode()
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -126,7 +163,8 @@ def leftovers(state: Path) -> list[str]:
         if f"/{group}/" in cg or (marker in env.split(b"\0") and int(pid) != os.getpid()):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:80]
             found.append(f"process {pid} {cmd.decode(errors='replace')}")
-    found += [f"ledger {r.owner}/{r.kind}/{r.key}" for r in Ledger().list()]
+    found += [f"ledger {r.owner}/{r.kind}/{r.key}" for led in ledgers() for r in led.list()
+              if r.owner != "gproc-testfleet"]      # the test fleet's own hosts, not the testbed
     return found
 
 
@@ -141,6 +179,8 @@ def main() -> None:
     ap.add_argument("--staff", type=int, default=60)
     ap.add_argument("--lab", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--hosts", type=int, default=0, metavar="N",
+                    help="Run on N namespace hosts through gproc agents (adds the kill9-agent ending).")
     ap.add_argument("--quick", action="store_true", help="5 cycles of a campus of 20 guests")
     ap.add_argument("--verbose", action="store_true", help="A line per cycle on stderr.")
     args = ap.parse_args()
@@ -155,15 +195,37 @@ def main() -> None:
     run.mkdir()
     defines = ["-D", f"staff={args.staff}", "-D", f"lab={args.lab}"]
     rng = random.Random(args.seed)
+    fleet = None
+    endings_used = list(ENDINGS)
+    if args.hosts:
+        from megafleet.gproc.testfleet import TestFleet
+
+        fleet = TestFleet("mfusk", args.hosts, base / "fleet", subnet="10.149.77.0/24")
+        fleet.up()
+        TARGET.extend(["--hosts", str(fleet.inventory_path), "--host-state", str(base / "h" / "{host}"),
+                       "--telemetry", f"sqlite:{base / 'telemetry.sqlite'}"])
+        HOST_STATES.extend(base / "h" / h / "state" for h in fleet.names)
+        endings_used.append("kill9-agent")
+    try:
+        result = soak(args, base, state, defines, rng, fleet, endings_used)
+    finally:
+        if fleet is not None:
+            megafleet("down", *TARGET[:4], timeout=900)
+            fleet.down()
+    print(json.dumps(result))
+
+
+def soak(args, base: Path, state: Path, defines: list[str], rng: random.Random, fleet,
+         endings_used: list[str]) -> dict:
     load = float(open("/proc/loadavg").read().split()[0])
     downs: list[float] = []
     ups: list[float] = []
     guests: list[int] = []
-    endings: dict[str, int] = {e: 0 for e in ENDINGS}
+    endings: dict[str, int] = {e: 0 for e in endings_used}
     left_total = lost = extra = 0
     details = []
     for cycle in range(args.cycles):
-        ending = "clean" if not ups else rng.choice(ENDINGS)
+        ending = "clean" if not ups else rng.choice(endings_used)
         endings[ending] += 1
         since = datetime.now(timezone.utc)
         log = base / f"up-{cycle}.log"
@@ -176,6 +238,13 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 up.send_signal({"sigint-up": signal.SIGINT, "sigterm-up": signal.SIGTERM,
                                 "kill9-up": signal.SIGKILL}[ending])
+        elif ending == "kill9-agent":
+            deadline = time.monotonic() + moment
+            while time.monotonic() < deadline and up.poll() is None:
+                time.sleep(0.1)
+            pid = fleet.agent_pid(rng.randrange(fleet.count))
+            if pid is not None:
+                kill_recorded(pid, proc_start(pid))
         elif ending == "kill9-daemon":
             deadline = time.monotonic() + moment
             while time.monotonic() < deadline and up.poll() is None:
@@ -195,10 +264,10 @@ def main() -> None:
         # Give the collector one interval to see the last boots before down.
         time.sleep(1.5)
         t1 = time.monotonic()
-        down = megafleet("down", "--json", timeout=900)
+        down = megafleet("down", "--json", *TARGET[:4], timeout=900)
         downs.append(time.monotonic() - t1)
         counted = boot_events(since)
-        left = leftovers(state)
+        left = leftovers(state, fleet)
         left_total += len(left)
         lost += max(0, booted - counted)
         extra += max(0, counted - booted)
@@ -210,14 +279,14 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr)
         if left:
             # Clean up for the next cycle, so one failure is counted once.
-            megafleet("down", timeout=900)
+            megafleet("down", *TARGET[:4], timeout=900)
     (base / "cycles.json").write_text(json.dumps(details, indent=1))
-    print(json.dumps({"cycles": args.cycles, "leftovers": left_total, "down_p95_s": round(p95(downs), 2),
+    return ({"cycles": args.cycles, "leftovers": left_total, "down_p95_s": round(p95(downs), 2),
                       "down_max_s": round(max(downs), 2) if downs else 0.0, "lost_events": lost,
                       "extra_events": extra, "endings": endings, "guests": guests,
                       "up_s": round(statistics.median(ups), 2) if ups else None,
                       "staff": args.staff, "lab": args.lab, "seed": args.seed, "load": load,
-                      "details": str(base / "cycles.json")}))
+                      "hosts": args.hosts or 1, "details": str(base / "cycles.json")})
 
 
 if __name__ == "__main__":

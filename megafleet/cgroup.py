@@ -97,10 +97,34 @@ def _mounts() -> list[tuple[str, str, str]]:
     return out
 
 
+def _private_mounts() -> None:
+    """In a mount namespace of our own (a test fleet's host: sshd under `ip
+    netns exec`, which mounts a fresh /sys without the cgroup hierarchies),
+    mount them under the run directory: the same global hierarchies, seen from
+    here. Never in the host's own mount namespace (nothing is left mounted
+    there)."""
+    try:
+        if os.geteuid() != 0 or os.readlink("/proc/self/ns/mnt") == os.readlink("/proc/1/ns/mnt"):
+            return
+    except OSError:
+        return
+    import subprocess
+
+    fstypes = {fs for _, fs, _ in _mounts()}
+    wanted = [] if "cgroup2" in fstypes else [("cgroup2", ["-t", "cgroup2"])]
+    if "cgroup" not in fstypes:
+        wanted.append(("cgroup-cpu", ["-t", "cgroup", "-o", "cpu"]))
+    for name, args in wanted:
+        target = paths.run_dir() / name
+        target.mkdir(exist_ok=True)
+        subprocess.run(["mount", *args, "none", str(target)], capture_output=True, timeout=10)
+
+
 @lru_cache(maxsize=1)
 def support() -> Support:
     """Probe once per process: a cgroup2 mount, cgroup.kill (Linux >= 5.14) and
     permission to create `megafleet/` under it (tried for real)."""
+    _private_mounts()
     mounts = _mounts()
     v2 = next((Path(m) for m, fs, _ in mounts if fs == "cgroup2"), None)
     cpu_v1 = next((Path(m) for m, fs, opts in mounts
@@ -133,11 +157,18 @@ def available() -> bool:
 _noticed = [False]
 
 
-def notice() -> None:
-    """The one-line notice that teardown stops processes by pid instead."""
+def notice(say: Callable[[str], None] | None = None) -> None:
+    """The one-line notice that teardown stops processes by pid instead, once
+    per process: through `say` (a progress callback: in a gproc agent stdout
+    and stderr carry the protocol, so nothing may be printed there), else on
+    stderr."""
     if not _noticed[0] and not available():
         _noticed[0] = True
-        print(f"megafleet: {support().reason}: testbed processes are stopped by pid", file=sys.stderr)
+        text = f"{support().reason}: testbed processes are stopped by pid"
+        if say is not None:
+            say(text)
+        else:
+            print(f"megafleet: {text}", file=sys.stderr)
 
 
 def group_name(testbed: str) -> str:
@@ -187,10 +218,10 @@ def _set_weight(rel: str, weight: int, shares: int) -> None:
 
 def create(testbed: str, ledger=None) -> Path | None:
     """Create the testbed's cgroup and its per-kind children (idempotent), with a
-    low CPU weight. Recorded in the ledger first. None without cgroup support."""
+    low CPU weight. Recorded in the ledger first. None without cgroup support
+    (the caller says so: `notice`)."""
     path = testbed_path(testbed)
     if path is None:
-        notice()
         return None
     from megafleet.ledger import Ledger
 

@@ -143,6 +143,7 @@ async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = No
     # processes (in the testbed's low-weight cgroup) load the host.
     cgroup.join_control()
     async with locks.atestbed_lock(t, "up", on_wait=lambda text: emit({"phase": "lock", "text": text})):
+        cgroup.notice(lambda text: emit({"phase": "net", "text": text}))
         with cgroup.scope(t):
             try:
                 return await _apply_locked(m, emit, ledger or Ledger(), t)
@@ -419,7 +420,7 @@ async def _down_one(t: str, ledger: Ledger, emit: Emit) -> dict[str, int]:
         emit({"phase": "down", "text": f"killed {killed.processes} processes of the testbed's cgroup "
                                        f"({killed.seconds:.1f} s)"})
     if not cgroup.available():
-        cgroup.notice()
+        cgroup.notice(lambda text: emit({"phase": "down", "text": text}))
     await _teardown_guests(t, ledger, emit)
     result = await live.adown(t, lambda text: emit({"phase": "down", "text": text}), ledger)
     await trio.to_thread.run_sync(cgroup.remove, t, ledger)

@@ -563,6 +563,8 @@ async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool
                 # Raised outside the nursery below: the user sees this error,
                 # not an exception group around it.
                 error = exc
+            if testbed not in deployments():
+                locks.forget(testbed)       # nothing was recorded: no lock file either
         if state["signals"]:
             summary = None
             with trio.move_on_after(60):
@@ -676,6 +678,12 @@ async def down(testbed: str | None, hosts: str | None, out: Output, host_state: 
                         ledger.forget(CONTROLLER, "testbed", key)
         else:
             ok = False
+    # The controller's own lock files, of testbeds it no longer knows.
+    from megafleet import locks
+    known = deployments(ledger)
+    for r in ledger.list(locks.OWNER, "file"):
+        if r.key not in known:
+            locks.forget(r.key)
     return {"ok": ok, "seconds": round(time.monotonic() - t0, 3), "results": results}
 
 
