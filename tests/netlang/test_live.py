@@ -453,3 +453,23 @@ def test_a_switch_beyond_one_bridge_is_a_tree_of_bridges_that_forwards(testbed):
         assert r.returncode == 0, (a, b, r.stdout + r.stderr)
     live.down(name)
     assert int(live.BACKLOG.read_text()) < 2 * 1100
+
+
+def test_container_guests_through_net_up_get_veths(testbed, tmp_path):
+    """`net up` of container guests: the plan gives them veth ports (not taps),
+    the vm engine moves the far ends in, and a namespace host reaches them."""
+    pytest.importorskip("megafleet.vm.spec")
+    from megafleet.vm.engine import Engine
+
+    name = testbed("mfnc")
+    desc = tmp_path / "c.fleet"
+    desc.write_text(f'image tiny from "{REPO}/examples/images/tiny.toml"\npool p 10.78.0.0/16\nswitch lan\n'
+                    "vm mfncg[1..3] image tiny driver container mem 64M on lan\nhost h on lan\n")
+    net = compile_file(str(desc))
+    assert {port.kind for port in live.plan(net, name).ports} == {"cveth", "veth"}
+    live.up(net, name, vm_options={"timeout_s": 120})
+    assert sorted(g.name for g in Engine().list("mfncg*")) == ["mfncg1", "mfncg2", "mfncg3"]
+    for g in ("mfncg1", "mfncg2", "mfncg3"):
+        assert ping_within(f"{name}-h", addr_of(net, g), 30), g
+    live.down(name)
+    assert Engine().list("mfncg*") == []
