@@ -101,6 +101,13 @@ def test_without_cgroup_v2_everything_is_a_no_op_with_one_notice(monkeypatch, ca
     with cgroup.scope(TESTBED):
         assert cgroup.popen_kwargs("guests") == {} and cgroup.implicit_preexec() is None
     assert cgroup.kill(TESTBED).processes == 0 and cgroup.control_kwargs() == {}
-    err = capsys.readouterr().err
-    assert err.count("no cgroup v2 hierarchy mounted: testbed processes are stopped by pid") == 1
+    said: list[str] = []
+    cgroup.notice(said.append)          # through the caller's progress (an agent's events)
+    cgroup.notice(said.append)
+    cgroup.notice()
+    assert said == ["no cgroup v2 hierarchy mounted: testbed processes are stopped by pid"]
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cgroup, "_noticed", [False])
+    cgroup.notice()                     # else on stderr
+    assert "stopped by pid" in capsys.readouterr().err
     assert cgroup.recorded() == []
