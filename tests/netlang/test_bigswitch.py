@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from megafleet.netlang.compiler import compile_file
 
 # Booting 1,500 containers takes minutes on this 2-core host: more than the
 # suite's default 600 s timeout.
-pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[2]
 N = int(os.environ.get("MEGAFLEET_BIGSWITCH_N", "1500"))
 
@@ -93,8 +94,10 @@ def test_1500_containers_on_one_switch_ping_the_first_and_down_leaves_nothing(tm
         trio.run(ping_all)
         assert failed == [], f"{len(failed)} guests did not reach {first} (first: {failed[:5]})"
     finally:
+        # In a process of its own: a timeout that interrupts `up` inside trio
+        # leaves this process unable to start trio again, and nothing may stay.
         t0 = time.monotonic()
-        live.down(name)
+        subprocess.run([sys.executable, "-m", "megafleet", "net", "down", name], check=True, timeout=900)
         print(f"down in {time.monotonic() - t0:.0f} s")
     assert Engine().list(prefix + "*") == []
     assert leftovers(name) == {"netns": [], "links": [], "ledger": []}
