@@ -319,11 +319,27 @@ def _start_ksm(testbed: str, ledger: Ledger, guests_follow: bool) -> None:
         time.sleep(0.05)
 
 
-def _start_collector(m: HostManifest, ledger: Ledger) -> None:
+def _collector_argv(m: HostManifest, interval: float | None = None) -> list[str]:
     argv = [sys.executable, "-m", "megafleet", "telemetry"]
     if m.telemetry:
         argv += ["--telemetry", m.telemetry]
-    argv += ["run", "--host", m.host, "--interval", f"{m.collect_interval:g}"]
+    return argv + ["run", "--host", m.host, "--interval", f"{interval or m.collect_interval:g}"]
+
+
+def _catch_up_telemetry(m: HostManifest) -> None:
+    """The collector died (killed) before `down`: sample once more, so that the
+    boots it missed are stored (boot events carry ids made from the guest's
+    record: what it had already stored is not stored twice). Best effort."""
+    argv = _collector_argv(m, 0.5) + ["--duration", "2"]
+    try:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=_daemon_env(), timeout=30, **cgroup.control_kwargs())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def _start_collector(m: HostManifest, ledger: Ledger) -> None:
+    argv = _collector_argv(m)
     # Sniff every switch bridge of this host's share, named as in the description
     # (a VLAN's bridge as SWITCH.VLAN): traffic by protocol per switch.
     # (A tree of bridges is sniffed at its root: what crosses leaves.)
@@ -406,9 +422,13 @@ async def _down_one(t: str, ledger: Ledger, emit: Emit) -> dict[str, int]:
     # An `up` killed mid-boot left guests that are up but recorded as starting:
     # record them running and let the collector see them once before it stops.
     vm_names = {n for r in ledger.list(live.OWNER, "vms") if r.key == t for n in r.data["names"]}
-    if vm_names and await trio.to_thread.run_sync(settle_guests, vm_names):
-        m = load_manifest(t)
-        if m is not None and _running(ledger, f"{t}/collect"):
+    settled = vm_names and await trio.to_thread.run_sync(settle_guests, vm_names)
+    m = load_manifest(t) if vm_names else None
+    if m is not None and any(r.key == f"{t}/collect" for r in daemons):
+        if not _running(ledger, f"{t}/collect"):
+            # Its collector was killed: what it did not store of the boots, now.
+            await trio.to_thread.run_sync(_catch_up_telemetry, m)
+        elif settled:
             await trio.sleep(min(1.5 * m.collect_interval, 5.0))
     # The collector flushes its pipeline on SIGTERM: give it time.
     await trio.to_thread.run_sync(_stop_daemons, daemons)
