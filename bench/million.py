@@ -100,7 +100,7 @@ args = json.loads(sys.argv[1])
 names = run.host_names(args["hosts"])
 w = run.controller_work(args["path"], names, args["capacity"])
 out = {{"guests": w.guests, "hosts": len(w.hosts), "compile_s": round(w.compile_s, 3),
-        "plan_s": round(w.plan_s, 3), "manifests_s": round(w.manifests_s, 3),
+        "plan_s": round(w.plan_s, 3), "manifests_s": round(w.manifests_s, 3), "cpu_s": w.cpu_s,
         "controller_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "manifest_mb": round(sum(len(m) for m in w.manifests.values()) / 1e6, 1)}}
 link = links.LinkModel(latency_s=args["latency_s"], bandwidth_bps=args["bandwidth_bps"],
@@ -280,6 +280,10 @@ def main() -> None:
             result[name] = head[key]
             result[f"{key}_by_size"] = values
             result[f"{key}_growth_per_10x"] = growth(values, sizes) if len(sizes) > 1 else []
+        for part in ("compile", "plan", "manifests"):
+            values = [s["cpu_s"][part] for s in per_size]
+            result[f"{part}_cpu_s_by_size"] = values
+            result[f"{part}_cpu_s_growth_per_10x"] = growth(values, sizes) if len(sizes) > 1 else []
         up = head["up"]
         result.update({
             f"up_{tag}_s": up["up_s"],
