@@ -182,24 +182,46 @@ def parse_capture_target(net, text: str) -> dict[str, Any]:
 async def capture(tb: Testbed, what: dict[str, Any], write: Callable[[bytes], None], *, count: int | None,
                   duration: float | None, bpf: str | None) -> dict[str, Any]:
     """Stream a pcap from the host that has `what` to `write` (called in this
-    thread with each chunk). The pcap header comes first, from tcpdump itself."""
-    import base64
-
-    def on_event(host: str, event: Any) -> None:
-        if isinstance(event, dict) and "pcap" in event:
-            write(base64.b64decode(event["pcap"]))
-
-    # One host captures (a switch spanning hosts: the first that has it), so
-    # that one pcap stream comes back.
-    probe = await on_hosts(tb, "experiment.capture", {"what": what, "probe": True})
+    thread with each chunk; the pcap header comes first, from tcpdump itself).
+    One host captures (a switch spanning hosts: the first that has it), so that
+    one pcap stream comes back. Locally tcpdump runs as a child of this process;
+    on a remote host through gproc's exec, whose output is a byte stream."""
+    payload = {"what": what, "count": count, "duration": duration, "filter": bpf}
+    probe = await on_hosts(tb, "experiment.capture", {**payload, "probe": True})
     having = sorted(h for h, v in probe.items() if v.get("has"))
     if not having:
         raise ControlError("no host of the testbed has that capture point (is the node running?)")
-    payload = {"what": what, "count": count, "duration": duration, "filter": bpf}
-    timeout = (duration or 24 * 3600) + 60
-    res = await on_hosts(tb, "experiment.capture", payload, timeout=timeout, on_event=on_event,
-                         only=having[:1])
-    return {h: v for h, v in res.items() if not v.get("absent")}
+    host = having[0]
+    if tb.target.embedded:
+        from megafleet.experiment import hostside
+
+        async def sink(chunk: bytes) -> None:
+            write(chunk)
+
+        return {host: await hostside.capture(tb.name, what, sink, count=count, duration=duration, bpf=bpf)}
+    from megafleet.gproc import Fleet
+
+    argv = probe[host]["argv"]
+    if duration:
+        # SIGINT: tcpdump flushes what it has and exits 0.
+        argv = ["timeout", "-s", "INT", f"{duration:g}"] + argv
+    total = {"bytes": 0}
+    errors: list[bytes] = []
+
+    def on_output(h: str, fd: int, data: bytes) -> None:
+        if fd == 1:
+            total["bytes"] += len(data)
+            write(data)
+        else:
+            errors.append(data)
+
+    inv = tb.target.inventory()
+    async with Fleet.connect(inv, hosts=[host], fanout=8) as fleet:
+        report = await fleet.exec(argv, hosts=[host], timeout=(duration or 24 * 3600) + 30, on_output=on_output)
+    r = report.results[host]
+    if r.status != "ok" and not total["bytes"]:
+        raise ControlError(f"capture on {host} failed: {r.error or b''.join(errors).decode(errors='replace')[-300:]}")
+    return {host: {"bytes": total["bytes"]}}
 
 
 def run(fn, *args, **kwargs):

@@ -716,18 +716,24 @@ def has_capture_point(t: str, what: dict[str, Any]) -> bool:
         return False
 
 
-async def capture(t: str, what: dict[str, Any], sink: Callable[[bytes], Any], *, count: int | None = None,
-                  duration: float | None = None, bpf: str | None = None) -> dict[str, Any]:
-    """Run tcpdump where `what` lives, writing pcap bytes to `sink` (an async
-    callable) as they come, until `count` packets, `duration` seconds, or the
-    caller is cancelled. Returns {"iface", "bytes"}."""
-    m = await trio.to_thread.run_sync(_manifest, t)
+def capture_argv(m, what: dict[str, Any], count: int | None = None, bpf: str | None = None) -> tuple[list[str], str]:
+    """(tcpdump argv writing pcap to stdout, interface) for a capture point on this host."""
     prefix, iface = capture_point(m, what)
     argv = prefix + ["tcpdump", "-i", iface, "-U", "-w", "-", "-n", "-s", "0", "--immediate-mode"]
     if count:
         argv += ["-c", str(int(count))]
     if bpf:
         argv += [bpf]          # one argv word: tcpdump parses it as its filter expression
+    return argv, iface
+
+
+async def capture(t: str, what: dict[str, Any], sink: Callable[[bytes], Any], *, count: int | None = None,
+                  duration: float | None = None, bpf: str | None = None) -> dict[str, Any]:
+    """Run tcpdump where `what` lives (on this host), writing pcap bytes to
+    `sink` (an async callable) as they come, until `count` packets, `duration`
+    seconds, or the caller is cancelled. Returns {"iface", "bytes"}."""
+    m = await trio.to_thread.run_sync(_manifest, t)
+    argv, iface = capture_argv(m, what, count, bpf)
     total = 0
     err = b""
     deadline = trio.current_time() + duration if duration else float("inf")
@@ -878,7 +884,13 @@ async def _capture_handler(payload: Any, ctx: handlers.Context) -> dict[str, Any
     what = payload["what"]
     has = await trio.to_thread.run_sync(lambda: _has_testbed(t) and has_capture_point(t, what))
     if payload.get("probe"):
-        return {"has": has}
+        # The controller streams a remote capture through gproc's exec (whose
+        # output is a byte stream; handler events are coalesced snapshots).
+        argv = None
+        if has:
+            argv = (await trio.to_thread.run_sync(lambda: capture_argv(
+                _manifest(t), what, payload.get("count"), payload.get("filter"))))[0]
+        return {"has": has, "argv": argv}
     if not has:
         return {"absent": True}
 
