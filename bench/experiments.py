@@ -1,0 +1,178 @@
+"""Benchmark of experiments on a running testbed: prints one JSON line.
+
+    converge_s             campus-ospf: from `up --no-verify` returning to every
+                           reachable assertion true (pings from inside the nodes)
+    verify_s               campus-ospf: all its assertions checked live once more
+                           (`megafleet verify`, in-process), every check passing
+    verify_checks          how many pings that is
+    link_set_ms            from `link set dist1 -- core delay 50ms` (in-process
+                           call, the first change of that link: a wirefilter is
+                           spliced in) to the first reply of a running 10 ms ping
+                           with RTT >= 100 ms
+    link_change_ms         the same for a later change (delay 80ms) on the same
+                           link (the wirefilter's management socket), reply >= 160 ms
+    link_set_cli_ms        link_set through the CLI (a fresh `megafleet` process)
+    reconcile_s            lan1000 up: `up` of the file with 10 guests more
+    redeploy_s             the reference, same run: `down` + `up` of that file
+    reconcile_vs_redeploy  reconcile_s / redeploy_s (target <= 0.1)
+
+Run as root:  .venv/bin/python bench/experiments.py [--quick]
+(--quick: campus with 4+4 staff/lab guests, lan1000 with 100 guests.)
+Full size boots 200 + 1010 container guests: run it under the heavy-run lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _dirs(base: Path) -> None:
+    for name, env in (("state", "MEGAFLEET_STATE"), ("run", "MEGAFLEET_RUN")):
+        (base / name).mkdir(parents=True, exist_ok=True)
+        os.environ[env] = str(base / name)
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "megafleet", *args], capture_output=True, text=True, cwd=REPO)
+    if check and r.returncode != 0:
+        raise SystemExit(f"megafleet {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def up(path: Path, name: str, defines: list[str], verify: bool = False) -> tuple[float, dict]:
+    t0 = time.monotonic()
+    args = ["up", str(path), "-N", name, "--no-ksm", "--json"] + [x for d in defines for x in ("-D", d)]
+    if not verify:
+        args.append("--no-verify")
+    r = cli(*args)
+    return time.monotonic() - t0, json.loads(r.stdout)
+
+
+def start_ping(ns: str, addr: str) -> subprocess.Popen:
+    """A running 10 ms ping inside a namespace, each reply with its epoch time (-D)."""
+    return subprocess.Popen(["ip", "netns", "exec", ns, "ping", "-n", "-D", "-i", "0.01", "-W", "1", addr],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def first_slow(p: subprocess.Popen, threshold_ms: float, since: float, timeout: float = 10) -> float | None:
+    deadline = time.time() + timeout
+    pat = re.compile(r"^\[(\d+\.\d+)\].*time=([\d.]+) ms")
+    for line in p.stdout:
+        m = pat.match(line)
+        if m and float(m.group(2)) >= threshold_ms:
+            # The reply's receive time minus its RTT: when the echo request left.
+            sent = float(m.group(1)) - float(m.group(2)) / 1000
+            if sent >= since:
+                return sent
+        if time.time() > deadline:
+            return None
+    return None
+
+
+def campus(base: Path, quick: bool) -> dict:
+    from megafleet.experiment import control, verify
+    from megafleet.experiment import refs as R
+
+    name = "mfxbc"
+    defines = ["staff=4", "lab=4"] if quick else []
+    path = REPO / "examples" / "campus-ospf.fleet"
+    out: dict = {}
+    try:
+        up_s, summary = up(path, name, defines)
+        returned = time.monotonic()
+        tb = control.testbed(name)
+        res = trio.run(lambda: verify.converge(tb, within=180))
+        out["converge_s"] = round(time.monotonic() - returned, 3) if res.ok else None
+        out["converge_checks_s"] = res.converge_s
+        t0 = time.monotonic()
+        res2 = trio.run(lambda: verify.converge(tb, within=0))
+        out["verify_s"] = round(time.monotonic() - t0, 3)
+        out["verify_checks"] = res2.checks
+        out["verify_ok"] = res2.ok
+
+        ns, www1 = f"{name}-probe1", "10.20.5.2"
+        for key, delay, threshold, via_cli in (("link_set_ms", "50ms", 100, False),
+                                               ("link_change_ms", "80ms", 160, False),
+                                               ("link_set_cli_ms", "20ms", 40, True)):
+            if via_cli:
+                # The same link (its wire is in place): the management-socket
+                # path plus a fresh megafleet process.
+                cli("link", "set", "dist1", "--", "core", "delay", "none", "-t", name)
+            p = start_ping(ns, www1)
+            try:
+                time.sleep(1)
+                t0 = time.time()
+                if via_cli:
+                    cli("link", "set", "dist1", "--", "core", "delay", delay, "-t", name)
+                else:
+                    trio.run(lambda: control.link(control.testbed(name), "set", "dist1", "core",
+                                                  R.parse_settings(["delay", delay])))
+                seen = first_slow(p, threshold, t0)
+            finally:
+                p.kill()
+                p.wait()
+            out[key] = round((seen - t0) * 1000, 1) if seen else None
+        out["campus_guests"] = summary["guests"]
+        out["campus_up_s"] = round(up_s, 3)
+    finally:
+        cli("down", name, check=False)
+    return out
+
+
+def lan(base: Path, quick: bool) -> dict:
+    name = "mfxbl"
+    n = 100 if quick else 1000
+    text = (REPO / "examples" / "lan1000.fleet").read_text().replace(
+        'image tiny from "images/tiny.toml"', f'image tiny from "{REPO}/examples/images/tiny.toml"')
+    path = base / "lan.fleet"
+    path.write_text(text)
+    out: dict = {"lan_guests": n}
+    try:
+        up(path, name, [f"guests={n}"])
+        reconcile_s, s = up(path, name, [f"guests={n + 10}"])
+        assert s["ok"] and s["ready"] == n + 10, s
+        out["reconcile_s"] = round(reconcile_s, 3)
+        t0 = time.monotonic()
+        cli("down", name)
+        up(path, name, [f"guests={n + 10}"])
+        out["redeploy_s"] = round(time.monotonic() - t0, 3)
+        out["reconcile_vs_redeploy"] = round(out["reconcile_s"] / out["redeploy_s"], 4)
+    finally:
+        cli("down", name, check=False)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (see the module text)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root")
+    base = Path(tempfile.mkdtemp(prefix="mfxb-"))
+    try:
+        _dirs(base)
+        os.environ.setdefault("MEGAFLEET_CACHE", str(REPO / ".cache" / "test"))
+        result = {"bench": "experiments", "quick": args.quick}
+        result.update(campus(base, args.quick))
+        result.update(lan(base, args.quick))
+        result["load"] = os.getloadavg()[0]
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
