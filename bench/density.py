@@ -209,7 +209,8 @@ def part_containers(args, n: int, key: str, with_reference: bool) -> dict:
                         "vm_boot_ready_rate_ratio": rates.get("ratio"),
                         "settle_vm_boot_s": settled})
         r = up_down(path, "mfbd" + ("x" if key != "containers" else "c"))
-    out.update({f"{key}_ready": r["ready"], f"{key}_failed": r["failed"], f"{key}_up_s": r["up_s"],
+    out.update({f"{key}_complete": r["ready"] == n,
+                f"{key}_ready": r["ready"], f"{key}_failed": r["failed"], f"{key}_up_s": r["up_s"],
                 f"{key}_down_s": r["down_s"],
                 f"{key}_down_ok": r["down_ok"], f"settle_{key}_up_s": r["settle_up_s"],
                 f"{key}_phases": r["phases"]})
@@ -218,7 +219,9 @@ def part_containers(args, n: int, key: str, with_reference: bool) -> dict:
     if key == "containers":
         out.update(ready_rate_first100=r["rates"].get("first"), ready_rate_last100=r["rates"].get("last"),
                    ready_rate_ratio=r["rates"].get("ratio"))
-        if "containers_vm_boot_s" in out:
+        # A ratio only of two complete boots (an interrupted or partly failed
+        # `up` would look faster than it is).
+        if "containers_vm_boot_s" in out and r["ready"] == n:
             out["containers_up_vs_vm_boot"] = round(r["up_s"] / out["containers_vm_boot_s"], 3)
     return out
 
