@@ -108,9 +108,11 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
 
     async def graph(request: Request) -> Response:
         t = await testbed_of(request)
-        collapse = {"auto": None, "yes": True, "no": False}.get(request.query_params.get("collapse", "auto"), "bad")
-        if collapse == "bad":
+        choices: dict[str, bool | None] = {"auto": None, "yes": True, "no": False}
+        wanted = request.query_params.get("collapse", "auto")
+        if wanted not in choices:
             raise BadRequest("collapse", "collapse: one of auto, yes, no")
+        collapse = choices[wanted]
         expand = frozenset(x for x in request.query_params.get("expand", "").split(",") if x)
         snap = await snapshot()
         topo = await trio.to_thread.run_sync(

@@ -311,14 +311,15 @@ def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = Non
                     cluster_of[name] = cid
     for name, kind in kinds.items():
         state = bad.get(name, healthy(kind))
-        cid = cluster_of.get(name)
-        if cid is None:
+        member_of = cluster_of.get(name)
+        if member_of is None:
             addresses = [a for _, _, addrs in net.node(name).ifaces for a in addrs.values()]
             nodes[name] = NodeInfo(name, name, kind, where.get(name), state, group_of[name], addresses)
             continue
-        c = nodes.get(cid)
+        c = nodes.get(member_of)
         if c is None:
-            c = nodes[cid] = NodeInfo(cid, group_of[name], "cluster", where.get(name), state, group_of[name])
+            c = nodes[member_of] = NodeInfo(member_of, group_of[name], "cluster", where.get(name), state,
+                                            group_of[name])
             c.count = 0
         c.count += 1
         c.states[state] = c.states.get(state, 0) + 1
@@ -327,7 +328,8 @@ def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = Non
     seen_cluster_edges: dict[tuple[str, str], LinkInfo] = {}
     for a, b, kind, ifname, props in edges:
         a2, b2 = cluster_of.get(a, a), cluster_of.get(b, b)
-        ends = tuple(sorted((a, b)))
+        first, second = sorted((a, b))
+        ends = (first, second)
         state = link_states.get(ends, "up")
         rate = traffic.get(ends) if traffic else None
         if a2 != a or b2 != b:
