@@ -289,8 +289,8 @@ def part_idle_container(args) -> dict:
     n, window = 20, (10.0 if args.quick else 20.0)
     tick = 1 / os.sysconf("SC_CLK_TCK")
     specs = ([GuestSpec(name=f"mfbdi{i}", image="tiny", driver="container") for i in range(n)]
-             + [GuestSpec(name=f"mfbdq{i}", image="tiny", driver="container",
-                          config=GuestConfig(name=f"mfbdq{i}", agent_interval=0)) for i in range(n)])
+             + [GuestSpec(name=f"mfbdn{i}", image="tiny", driver="container",
+                          config=GuestConfig(name=f"mfbdn{i}", agent_interval=0)) for i in range(n)])
     engine = Engine(timeout_s=120)
 
     def tree_ticks(pid: int) -> int:
@@ -310,7 +310,7 @@ def part_idle_container(args) -> dict:
         if len(report.ready) != 2 * n:
             raise BenchError(f"idle: {len(report.ready)} of {2 * n} containers ready")
         time.sleep(2)
-        pids = {v.name: v.pid for v in engine.list("mfbd[iq]*")}
+        pids = {v.name: v.pid for v in engine.list("mfbd[in]*")}
         sampler = ContainerSampler("bench", vm_container_source(engine, "mfbdi*"), interval=5.0)
         stop, cpu = threading.Event(), [0.0]
 
@@ -329,9 +329,9 @@ def part_idle_container(args) -> dict:
         thread.join()
         used = {k: (tree_ticks(p) - before[k]) * tick for k, p in pids.items()}
     finally:
-        trio.run(lambda: engine.teardown("mfbd[iq]*"))
+        trio.run(lambda: engine.teardown("mfbd[in]*"))
     default = sum(v for k, v in used.items() if k.startswith("mfbdi")) + cpu[0]
-    quiet = sum(v for k, v in used.items() if k.startswith("mfbdq"))
+    quiet = sum(v for k, v in used.items() if k.startswith("mfbdn"))
     floor = n * tick  # the clock-tick resolution of n processes' counters
     return {"idle_cpu_ratio_container": round(default / max(quiet, floor), 3),
             "idle_cpu_container_default_s": round(default, 3),
