@@ -16,7 +16,7 @@
     redeploy_s             the reference, same run: `down` + `up` of that file
     reconcile_vs_redeploy  reconcile_s / redeploy_s (target <= 0.1)
 
-Run as root:  .venv/bin/python bench/experiments.py [--quick]
+Run as root:  .venv/bin/python bench/experiments.py [--quick] [--guests N]
 (--quick: campus with 4+4 staff/lab guests, lan1000 with 100 guests.)
 Full size boots 200 + 1010 container guests: run it under the heavy-run lock.
 """
@@ -132,9 +132,9 @@ def campus(base: Path, quick: bool) -> dict:
     return out
 
 
-def lan(base: Path, quick: bool) -> dict:
+def lan(base: Path, quick: bool, guests: int | None = None) -> dict:
     name = "mfxbl"
-    n = 100 if quick else 1000
+    n = guests or (100 if quick else 1000)
     text = (REPO / "examples" / "lan1000.fleet").read_text().replace(
         'image tiny from "images/tiny.toml"', f'image tiny from "{REPO}/examples/images/tiny.toml"')
     path = base / "lan.fleet"
@@ -158,6 +158,7 @@ def lan(base: Path, quick: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (see the module text)")
+    ap.add_argument("--guests", type=int, default=None, help="lan guests before the 10 added (default 1000; 100 with --quick)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root")
@@ -167,7 +168,7 @@ def main() -> None:
         os.environ.setdefault("MEGAFLEET_CACHE", str(REPO / ".cache" / "test"))
         result = {"bench": "experiments", "quick": args.quick}
         result.update(campus(base, args.quick))
-        result.update(lan(base, args.quick))
+        result.update(lan(base, args.quick, args.guests))
         result["load"] = os.getloadavg()[0]
         print(json.dumps(result))
     finally:
