@@ -42,13 +42,15 @@ class NetlinkError(OSError):
     pass
 
 
-@dataclass(frozen=True)
+# Slots: a plan holds one op per route of every router (routers x subnets,
+# 21 million at a million guests); without a __dict__ each takes ~40% less.
+@dataclass(frozen=True, slots=True)
 class LinkUp:
     dev: str
     mtu: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AddrAdd:
     dev: str
     family: int
@@ -56,7 +58,7 @@ class AddrAdd:
     plen: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteAdd:
     family: int
     dst: int          # 0 with plen 0 for the default route
