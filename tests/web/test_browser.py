@@ -19,12 +19,23 @@ pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.browser]
 def browser():
     if not os.path.exists(CHROMIUM):
         pytest.skip("no /usr/bin/chromium (scripts/setup installs it)")
+    import asyncio
+
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    # Playwright's sync API runs its own asyncio loop. trio_asyncio (the SSH
+    # transport's adapter, imported by other tests in this process) replaces
+    # asyncio's loop policy with one whose loops cannot be driven that way, so
+    # the browser gets the default policy while it runs.
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            yield b
+            b.close()
+    finally:
+        asyncio.set_event_loop_policy(policy)
 
 
 @pytest.fixture
