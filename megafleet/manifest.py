@@ -34,7 +34,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from megafleet.names import IfNames
 from megafleet.netlang.hostplan import VXLAN_PORT, Bridge, Plan, PlanError, Vxlan  # noqa: F401 (VXLAN_PORT: re-exported)
@@ -280,7 +280,20 @@ def spanning_segments(p: Plan, placement: Placement) -> list[dict[str, Any]]:
 def split(p: Plan, placement: Placement, *, addresses: dict[str, str] | None = None,
           underlay_mtu: int = 1500, images: dict[str, str] | None = None,
           **common: Any) -> dict[str, HostManifest]:
-    """One manifest per host of `placement` (hosts without nodes get none).
+    """One manifest per host of `placement` (hosts without nodes get none), as
+    `iter_split` makes them, all at once."""
+    return dict(iter_split(p, placement, addresses=addresses, underlay_mtu=underlay_mtu, images=images,
+                           **common))
+
+
+def iter_split(p: Plan, placement: Placement, *, addresses: dict[str, str] | None = None,
+               underlay_mtu: int = 1500, images: dict[str, str] | None = None,
+               **common: Any) -> Iterator[tuple[str, HostManifest]]:
+    """(host, manifest) for each host of `placement` (hosts without nodes get
+    none), in host order, one at a time: a caller that turns each into its JSON
+    text at once never holds every host's manifest as objects (at a million
+    guests, each router's route to every subnet made those the controller's
+    largest memory).
 
     `addresses`: each host's underlay address for VXLAN (needed when a segment
     spans hosts); `underlay_mtu`: the smallest underlay MTU between the hosts;
@@ -354,7 +367,6 @@ def split(p: Plan, placement: Placement, *, addresses: dict[str, str] | None = N
                     local=addresses[host], remotes=tuple(addresses[h] for h in members if h != host),
                     mtu=mtu_of[key]))
 
-    manifests: dict[str, HostManifest] = {}
     for host in hosts:
         host_ports = []
         for port in ports[host]:
@@ -380,8 +392,7 @@ def split(p: Plan, placement: Placement, *, addresses: dict[str, str] | None = N
             trunks=trunks[host], wires=wires[host], vxlan=tunnels_of[host], ns_ops=ns_ops,
             ns_sysctls=sysctls_of[host], ns_exec=exec_of[host], routers=routers_of[host], frr=frr_of[host],
             vm_frr=vm_frr_of[host], vms=guests, digest="")
-        manifests[host] = HostManifest(testbed=p.name, host=host, net=sub.to_json(), **common)
-    return manifests
+        yield host, HostManifest(testbed=p.name, host=host, net=sub.to_json(), **common)
 
 
 def _fix_mtu_ops(ops: list, want: dict[str, int]) -> list:

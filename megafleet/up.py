@@ -383,19 +383,23 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
             failed_push = await push_images(fleet, images, probes, out)
             host_errors.update({h: f"image push: {e}" for h, e in failed_push.items()})
             t = phase_done("push", t)
-            manifests = manifest.split(plan, placed, addresses=addresses, underlay_mtu=mtu,
-                                       images=image_names, **common)
-            for h, m in manifests.items():
+            # Each manifest as its JSON text as soon as it is made (relays pass it
+            # on without parsing it): every host's manifest as objects at once was
+            # the controller's largest memory at a million guests.
+            go: dict[str, str] = {}
+            lowered: dict[str, int] = {}
+            for h, m in manifest.iter_split(plan, placed, addresses=addresses, underlay_mtu=mtu,
+                                            images=image_names, **common):
                 m.vm_options = {**m.vm_options, "mem_budget_mb": budgets[h]}
                 d = target.dirs(h)
                 m.state_dir, m.run_dir, m.cache_dir = d["state_dir"], d["run_dir"], d["cache_dir"]
-            lowered = {x.segment: x.mtu for m in manifests.values() for x in m.vxlan}
+                lowered.update({x.segment: x.mtu for x in m.vxlan})
+                if h not in host_errors:
+                    go[h] = json.dumps(m.to_json())
             if lowered:
                 out.line(f"vxlan    {len(lowered)} spanning segments, underlay MTU {mtu}, "
                          f"segment MTU {min(lowered.values())}")
             t = phase_done("manifests", t)
-            # Each manifest as its JSON text: relays pass it on without parsing it.
-            go = {h: json.dumps(manifests.pop(h).to_json()) for h in list(manifests) if h not in host_errors}
             report = await fleet.call("host.apply", per_host=go, modules=HOST_MODULES, timeout=3600,
                                       on_event=out.event, encoded=True)
             for h, r in report.results.items():

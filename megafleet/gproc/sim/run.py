@@ -134,10 +134,10 @@ def controller_work(path: str, hosts: list[str], capacity: int, testbed: str = "
     used = [h for h, nodes in placed.hosts.items() if nodes]
     inv = sim_inventory(hosts)
     addresses = {h: inv.by_name[h].address for h in used}
-    split = manifest.split(plan, placed, addresses=addresses, images={"tiny": "tiny"},
-                           ksm=True, telemetry=None, vm_options={}, source=path, collect_interval=10.0)
-    # As up.py does: each host's manifest as its JSON text, the object dropped.
-    manifests = {h: json.dumps(split.pop(h).to_json()) for h in list(split)}
+    # As up.py does: each host's manifest as its JSON text as soon as it is made.
+    manifests = {h: json.dumps(m.to_json()) for h, m in manifest.iter_split(
+        plan, placed, addresses=addresses, images={"tiny": "tiny"}, ksm=True, telemetry=None, vm_options={},
+        source=path, collect_interval=10.0)}
     manifests_s = time.perf_counter() - t
     cpu["manifests"] = round(time.process_time() - c, 3)
     vm_names = {v.name for v in plan.vms}
