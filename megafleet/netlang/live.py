@@ -129,6 +129,7 @@ def plan(net: Net, name: str) -> Plan:
             else:
                 p.trunks.append(Trunk(link.a, link.b, v, a_if, b_if, br_a, br_b, mtu, link.props))
     seen_p2p: set[int] = set()
+    route_ops: dict[tuple[str, str], netlink.RouteAdd] = {}
     for g, k, node in net.iter_nodes():
         view = net.node(node)
         is_vm = g.kind == "vm" or (g.kind == "router" and "image" in g.props)
@@ -206,7 +207,13 @@ def plan(net: Net, name: str) -> Plan:
             for fam, gw in sorted(view.gateways.items()):
                 ops.append(netlink.RouteAdd(fam, 0, 0, int(ipaddress.ip_address(gw))))
             for dest, via in view.routes:
-                ops.append(netlink.RouteAdd(*_route_dest(dest), _route_via(via)))
+                # One (immutable) op per distinct route, shared by the routers
+                # that have it: the racks of a pod reach every other subnet via
+                # the same next hop (21M routes at 1M guests, ~30x fewer ops).
+                op = route_ops.get((dest, via))
+                if op is None:
+                    op = route_ops[(dest, via)] = netlink.RouteAdd(*_route_dest(dest), _route_via(via))
+                ops.append(op)
             p.ns_ops[ns] = ops
             if g.props.get("exec"):
                 p.ns_exec[ns] = [NsExec(node, argv) for argv, _ in g.props["exec"]]
