@@ -222,9 +222,9 @@ def plan(net: Net, name: str) -> Plan:
                 sysctls.update({"ipv4/ip_forward": "1", "ipv6/conf/all/forwarding": "1"})
             # No duplicate address detection: the kernel's link-local addresses
             # (used for IPv6 neighbour discovery) are usable at once, not ~1 s later.
-            for op in ops:
-                if isinstance(op, netlink.AddrAdd) and op.family == 6:
-                    sysctls[f"ipv6/conf/{op.dev}/accept_dad"] = "0"
+            for item in ops:
+                if isinstance(item, netlink.AddrAdd) and item.family == 6:
+                    sysctls[f"ipv6/conf/{item.dev}/accept_dad"] = "0"
             if sysctls:
                 p.ns_sysctls[ns] = sysctls
             if g.kind == "router":
@@ -519,7 +519,7 @@ async def apply(p: Plan, ledger: Ledger | None = None, progress: Progress = _qui
         progress(f"testbed {t} is partly up; tearing it down and rebuilding")
         await adown(t, progress, ledger)
     ledger.record(OWNER, "testbed", t, digest=p.digest, file=source, complete=False)
-    await trio.to_thread.run_sync(_fit_backlog, p, ledger)
+    await trio.to_thread.run_sync(_fit_sysctls, p, ledger)
     limiter = trio.CapacityLimiter(4)
     await trio.to_thread.run_sync(_create_host_side, p, ledger, progress, limiter=limiter)
     progress(f"created {len(p.netns)} namespaces, {len(p.bridges)} bridges, {len(p.ports)} ports, "
@@ -567,37 +567,53 @@ async def teardown(testbed: str, progress: Progress = _quiet, ledger: Ledger | N
     return await adown(testbed, progress, ledger)
 
 
-BACKLOG = Path("/proc/sys/net/core/netdev_max_backlog")
+SYSCTL = Path("/proc/sys")
 
 
-def _fit_backlog(p: Plan, ledger: Ledger) -> None:
-    """A broadcast (ARP) on a switch is copied to each of its ports in one go,
-    and every copy to a veth waits in the CPU's receive backlog: with the
-    default net.core.netdev_max_backlog (1,000), a switch of ~1,000 ports drops
-    the copies beyond it and hosts never hear each other's ARP. Raise it (never
-    lower it) to twice the largest switch of the plan; the old value is recorded
-    and put back when the last testbed that raised it goes down."""
+def _needed_sysctls(p: Plan) -> dict[str, int]:
+    """Host-wide kernel limits a plan this large needs, by /proc/sys path.
+
+    - net/core/netdev_max_backlog: a broadcast (ARP) on a switch is copied to
+      each of its ports in one go, and every copy to a veth waits in the CPU's
+      receive backlog: with the default (1,000) a switch of ~1,000 ports drops
+      the copies beyond it and hosts never hear each other's ARP. Twice the
+      largest switch.
+    - net/ipv{4,6}/neigh/default/gc_thresh{2,3}: the kernel's neighbour (ARP,
+      NDP) table is one for all namespaces, 1,024 entries at most by default;
+      1,500 guests pinging one neighbour need ~3,000 (one at each end), and past
+      the limit the kernel drops new entries ("neighbour table overflow").
+      Four entries per port (hard limit) and two (before garbage collection)."""
     ports: dict[tuple[str, int | None], int] = {}
     for port in p.ports:
         ports[(port.switch, port.vlan)] = ports.get((port.switch, port.vlan), 0) + 1
-    need = 2 * max(ports.values(), default=0) + 64
-    try:
-        current = int(BACKLOG.read_text())
-    except (OSError, ValueError):
-        return
-    if need <= current:
-        return
-    old = current
-    for r in ledger.list(OWNER, "sysctl"):
-        if r.data.get("path") == str(BACKLOG):
-            old = r.data["old"]          # another testbed raised it first: keep its original
-            break
-    ledger.record(OWNER, "sysctl", f"{p.name}/netdev_max_backlog", path=str(BACKLOG), old=old, value=need)
-    BACKLOG.write_text(str(need))
+    need = {"net/core/netdev_max_backlog": 2 * max(ports.values(), default=0) + 64}
+    for family in ("ipv4", "ipv6"):
+        need[f"net/{family}/neigh/default/gc_thresh2"] = 2 * len(p.ports) + 512
+        need[f"net/{family}/neigh/default/gc_thresh3"] = 4 * len(p.ports) + 1024
+    return need
+
+
+def _fit_sysctls(p: Plan, ledger: Ledger) -> None:
+    """Raise (never lower) the host-wide limits `_needed_sysctls` names; each
+    old value is recorded first and put back when the last testbed that raised
+    it goes down (`_restore_sysctls`)."""
+    recorded = ledger.list(OWNER, "sysctl")
+    for name, need in _needed_sysctls(p).items():
+        path = SYSCTL / name
+        try:
+            current = int(path.read_text())
+        except (OSError, ValueError):
+            continue                     # not on this kernel: nothing to fit
+        if need <= current:
+            continue
+        # Another testbed raised it first: keep its original.
+        old = next((r.data["old"] for r in recorded if r.data.get("path") == str(path)), current)
+        ledger.record(OWNER, "sysctl", f"{p.name}/{name}", path=str(path), old=old, value=need)
+        path.write_text(str(need))
 
 
 def _restore_sysctls(testbed: str, records: list, ledger: Ledger) -> None:
-    """Put back what `_fit_backlog` raised, to the highest value another testbed
+    """Put back what `_fit_sysctls` raised, to the highest value another testbed
     still needs, else to the original."""
     for r in records:
         others = [o for o in ledger.list(OWNER, "sysctl")
