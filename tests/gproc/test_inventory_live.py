@@ -86,8 +86,16 @@ labels = ["test"]
         assert summary["ok"] and summary["namespaces"] == COUNT
         assert sorted(h["host"] for h in summary["hosts"]) == sorted(f.names)
         assert all(h["nodes"] == 1 and h["status"] == "ok" for h in summary["hosts"])
+        # The test hosts share one /run/netns: every host sees the 64 namespaces,
+        # one per host; each host's own record holds exactly its own.
+        assert len(netns_with(testbed + "-", f, f.names[0])) == COUNT
+        from megafleet.ledger import Ledger
+        own = []
         for host in (f.names[0], f.names[-1]):
-            assert len(netns_with(testbed + "-", f, host)) == 1
+            ledger = Ledger(Path(state.replace("{host}", host)) / "state" / "ledger.sqlite")
+            (ns,) = [r.data["ns"] for r in ledger.list("net", "netns")]
+            own.append(ns)
+        assert len(set(own)) == 2 and all(ns.startswith(f"{testbed}-n") for ns in own)
     finally:
         down = megafleet("down", testbed, "--hosts", str(inv), "--host-state", state, "--json")
     assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
