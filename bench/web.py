@@ -156,7 +156,7 @@ def main() -> None:
     big = work / "big.fleet"
     big_description(big, args.nodes)
     live = work / "live.fleet"
-    live.write_text(f'image tiny from "{REPO}/examples/images/tiny.toml"\npool p 10.170.0.0/16\n'
+    live.write_text(f'image tiny from "{REPO}/examples/images/tiny.toml"\npool p 10.170.0.0/16 per /20\n'
                     f"switch lan\nvm g[1..{args.guests}] image tiny driver container mem 64M on lan\n")
     testbed = "mfwbench"
     with sync_playwright() as p:
@@ -183,6 +183,8 @@ def main() -> None:
 
             # -- a live testbed: SSE clients, server CPU, event to screen ------------
             r = megafleet("up", str(live), "-N", testbed, "--no-ksm", "--json", env=env)
+            if not r.stdout.strip():
+                raise SystemExit(f"bench/web.py: megafleet up failed:\n{r.stderr[-2000:]}")
             summary = json.loads(r.stdout)
             result["live_ready"] = summary["ready"]
             server = Server(env)
