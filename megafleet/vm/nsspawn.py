@@ -21,8 +21,8 @@ For each request, with ``gdir`` the guest's directory (already recorded):
 3. The init-to-be unshares mount, UTS, IPC and network namespaces and waits
    while the launcher moves its NICs (veth ends) into that network namespace
    (renamed ethN, with the guest's MAC), moves the init into the cgroups the
-   request names (``cgroup_procs``: the testbed's guests cgroup; the launcher
-   itself runs in megafleet's control cgroup) and, when the request carries ``net``,
+   request names (``cgroup_procs``, when the launcher is not already in the
+   testbed's guests cgroup, where `up` starts it) and, when the request carries ``net``,
    enters that namespace and configures it: lo and NICs up, MTUs, addresses,
    routes, gateways, forwarding (`cnet`: rtnetlink messages, no process).
 4. It mounts the overlay (image rootfs as read-only lower dir, ``upper`` and
