@@ -145,6 +145,14 @@ class TestFleet:
             "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
             "StrictModes no", "UseDNS no", "PrintMotd no", "PrintLastLog no",
             "MaxStartups 200:30:400", "MaxSessions 20", "LogLevel ERROR", ""]))
+        self.start_sshd(i)
+        return " ".join((d / "host_ed25519.pub").read_text().split()[:2])
+
+    def start_sshd(self, i: int) -> None:
+        """Start host i's sshd (again, after `stop_sshd`); its config and key
+        were written by `up`."""
+        ns, d = self.netns(i), self.hostdir(i)
+        config = d / "sshd_config"
         self.ledger.record(OWNER, "sshd", ns, prefix=self.prefix, pidfile=str(d / "sshd.pid"))
         log = open(d / "sshd.log", "ab")
         popen = subprocess.Popen(["ip", "netns", "exec", ns, SSHD, "-D", "-e", "-f", str(config)],
@@ -155,7 +163,6 @@ class TestFleet:
         self.sshd[ns] = recorded
         self.ledger.record(OWNER, "sshd", ns, prefix=self.prefix, pidfile=str(d / "sshd.pid"),
                            pid=recorded.pid, start=recorded.start)
-        return " ".join((d / "host_ed25519.pub").read_text().split()[:2])
 
     @staticmethod
     def _wait_port(address: str, port: int, timeout: float = 20.0) -> None:

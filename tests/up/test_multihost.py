@@ -275,7 +275,7 @@ def container_guests(prefix: str) -> list[str]:
 
 
 def test_dead_host_fails_its_nodes_the_rest_comes_up_and_down_cleans_the_rest(fleet2, tmp_path):
-    """Runs last in this module: it stops host 1's sshd for good."""
+    """Runs last in this module: it stops host 1's sshd, then starts it again."""
     fleet_file = tmp_path / "two.fleet"
     fleet_file.write_text(FLEET)
     inv = str(fleet2.inventory_path)
@@ -306,3 +306,14 @@ def test_dead_host_fails_its_nodes_the_rest_comes_up_and_down_cleans_the_rest(fl
     assert netns_with(TESTBED + "-", fleet2, alive) == []
     assert links_in(alive, TESTBED) == []
     assert daemons_in(fleet2, alive) == []
+    # The host is back: `down` again finishes the job, and the controller
+    # forgets the testbed (its record and its lock file).
+    fleet2.start_sshd(1)
+    fleet2._wait_port(fleet2.address(1), 22)
+    again = megafleet_json("down", check=False)
+    assert again["ok"] and again["results"][TESTBED][dead]["status"] == "ok", again
+    assert netns_with(TESTBED + "-", fleet2, dead) == []
+    assert links_in(dead, TESTBED) == []
+    from megafleet import locks, sweep
+    assert not locks.lock_path(TESTBED).exists()
+    assert [f for f in sweep.leftovers() if f.owner in ("lock", "up-controller")] == []

@@ -5,7 +5,6 @@ boot-time plot draws. Each test saves a screenshot in its temporary directory.""
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 import pytest
@@ -62,9 +61,9 @@ def test_killed_guest_turns_failed_without_reload(page, tmp_path):
     assert page.evaluate(colour) == "#2e9e44"
     page.evaluate("window.__marker = 1")                     # gone if the page reloaded
     megafleet("vm", "kill", "www2")
-    t0 = time.monotonic()
-    page.wait_for_function(f"{colour} === '#d0312d'", timeout=5000)
-    assert time.monotonic() - t0 < 5
+    # How fast is bench/web.py's figure (event to screen); here only that it
+    # arrives by the event stream, with room for a loaded CI machine.
+    page.wait_for_function(f"{colour} === '#d0312d'", timeout=30000)
     assert page.evaluate("window.__marker") == 1
     assert page.evaluate("window.megafleet.graph.getNodeAttribute('www2', 'state')") in ("exited", "failed", "stopped")
     page.screenshot(path=str(tmp_path / "killed.png"))
@@ -87,9 +86,9 @@ def test_link_down_from_the_api_shows_on_the_graph(page, server, tmp_path):
     try:
         r = httpx.post(f"{server.base}/api/v1/links/down", json=body, timeout=60)
         assert r.status_code == 200, r.text
-        page.wait_for_function(f"{edge}[0] === '#d0312d'", timeout=5000)
+        page.wait_for_function(f"{edge}[0] === '#d0312d'", timeout=30000)
         page.screenshot(path=str(tmp_path / "link-down.png"))
     finally:
         r = httpx.post(f"{server.base}/api/v1/links/up", json=body, timeout=60)
     assert r.status_code == 200, r.text
-    page.wait_for_function(f"{edge}[0] === '#c4c4c4'", timeout=5000)
+    page.wait_for_function(f"{edge}[0] === '#c4c4c4'", timeout=30000)
