@@ -26,7 +26,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable, Generator, Iterator
 
 from megafleet import paths
 from megafleet.names import check_name
@@ -107,6 +107,43 @@ def _release(key: str) -> None:
         os.close(entry[0])          # releases the flock
 
 
+POLL_S = 0.1       # how often a waiting caller tries the lock again
+
+
+def _acquire(testbed: str, what: str, wait: bool, timeout: float | None,
+             on_wait: Callable[[str], None] | None) -> Generator[float, None, str]:
+    """The one acquire loop of both lock versions, without its sleep: it yields
+    the seconds to sleep before the next try (the caller sleeps its own way:
+    time.sleep in a thread, trio.sleep in trio) and returns the lock's key once
+    held. Busy: LockBusy at once with wait=False, or after `timeout` seconds.
+    Closing the generator early (the caller was cancelled during its sleep)
+    closes the file descriptor it opened."""
+    key, fd = _open(testbed)
+    if key in _held:
+        os.close(fd)
+        _held[key][1] += 1
+        return key
+    deadline = None if timeout is None else time.monotonic() + timeout
+    told = False
+    try:
+        while not (got := _take(key, fd))[1]:
+            fd = got[0]
+            if not wait or (deadline is not None and time.monotonic() > deadline):
+                raise LockBusy(testbed, holder(testbed))
+            if not told and on_wait is not None:
+                on_wait(f"waiting for {holder(testbed)}, which holds testbed {testbed}'s lock "
+                        "(--no-wait fails instead)")
+                told = True
+            yield POLL_S
+    except BaseException:           # LockBusy, or GeneratorExit from a cancelled caller
+        os.close(fd)
+        raise
+    fd = got[0]
+    _mark(fd, what)
+    _held[key] = [fd, 1]
+    return key
+
+
 @contextlib.contextmanager
 def testbed_lock(testbed: str, what: str, *, wait: bool = True, timeout: float | None = None,
                  on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
@@ -114,27 +151,14 @@ def testbed_lock(testbed: str, what: str, *, wait: bool = True, timeout: float |
     plain scripts). `what` names the holder ("up", "down", "net change").
     Busy: with wait=False raise LockBusy at once; else call on_wait(message)
     once and wait (LockBusy after `timeout` seconds, if given)."""
-    key, fd = _open(testbed)
-    if key in _held:
-        os.close(fd)
-        _held[key][1] += 1
-    else:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        told = False
-        while not (got := _take(key, fd))[1]:
-            fd = got[0]
-            if not wait or (deadline is not None and time.monotonic() > deadline):
-                who = holder(testbed)
-                os.close(fd)
-                raise LockBusy(testbed, who)
-            if not told and on_wait is not None:
-                on_wait(f"waiting for {holder(testbed)}, which holds testbed {testbed}'s lock "
-                        "(--no-wait fails instead)")
-                told = True
-            time.sleep(0.1)
-        fd = got[0]
-        _mark(fd, what)
-        _held[key] = [fd, 1]
+    steps = _acquire(testbed, what, wait, timeout, on_wait)
+    try:
+        while True:
+            time.sleep(next(steps))
+    except StopIteration as done:
+        key = done.value
+    finally:
+        steps.close()
     try:
         yield
     finally:
@@ -148,29 +172,14 @@ async def atestbed_lock(testbed: str, what: str, *, wait: bool = True, timeout: 
     can still be cancelled (Ctrl-C)."""
     import trio
 
-    key, fd = _open(testbed)
-    if key in _held:
-        os.close(fd)
-        _held[key][1] += 1
-    else:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        told = False
-        try:
-            while not (got := _take(key, fd))[1]:
-                fd = got[0]
-                if not wait or (deadline is not None and time.monotonic() > deadline):
-                    raise LockBusy(testbed, holder(testbed))
-                if not told and on_wait is not None:
-                    on_wait(f"waiting for {holder(testbed)}, which holds testbed {testbed}'s lock "
-                            "(--no-wait fails instead)")
-                    told = True
-                await trio.sleep(0.1)
-        except BaseException:
-            os.close(fd)
-            raise
-        fd = got[0]
-        _mark(fd, what)
-        _held[key] = [fd, 1]
+    steps = _acquire(testbed, what, wait, timeout, on_wait)
+    try:
+        while True:
+            await trio.sleep(next(steps))
+    except StopIteration as done:
+        key = done.value
+    finally:
+        steps.close()
     try:
         yield
     finally:

@@ -78,3 +78,45 @@ def test_async_waiter_gets_the_lock_when_the_holder_goes():
         child.wait()
     locks.forget(TESTBED)
     assert Ledger().list(locks.OWNER) == []
+
+
+def _open_fds() -> int:
+    """File descriptors of this process open on the test's lock file."""
+    path = str(locks.lock_path(TESTBED))
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == path
+        except OSError:
+            pass
+    return n
+
+
+def test_cancelled_async_waiter_closes_its_file_and_does_not_hold():
+    """Both versions share one acquire loop (locks._acquire): a trio waiter
+    cancelled during its sleep closes the lock file it opened and holds nothing."""
+    child = _holder()
+    try:
+        before = _open_fds()
+        assert before == 0
+
+        async def main():
+            with trio.move_on_after(0.3) as scope:
+                async with locks.atestbed_lock(TESTBED, "down"):
+                    raise AssertionError("got a lock another process holds")
+            return scope.cancelled_caught
+
+        assert trio.run(main)
+        assert _open_fds() == before and locks._held == {}
+        with pytest.raises(locks.LockBusy):                 # the sync version's timeout
+            with locks.testbed_lock(TESTBED, "down", timeout=0.3):
+                pass
+        assert _open_fds() == before and locks._held == {}
+    finally:
+        child.kill()
+        child.wait()
+    with locks.testbed_lock(TESTBED, "down", wait=False):
+        assert list(locks._held.values())[0][1] == 1
+    assert locks._held == {}
+    locks.forget(TESTBED)
+    assert Ledger().list(locks.OWNER) == []
