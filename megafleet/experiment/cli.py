@@ -184,34 +184,29 @@ def link_set(words, testbed, json_mode):
     _print_done(done, json_mode, "settings")
 
 
-@link.command("down", context_settings={"ignore_unknown_options": True})
-@click.argument("words", nargs=-1, required=True, type=click.UNPROCESSED)
-@_testbed_option
-@_json_option
-def link_down(words, testbed, json_mode):
-    """A -- B: pull the cable (both ends lose carrier; addresses stay)."""
-    words, late = _late_options(words, _LINK_VALUE, _LINK_FLAGS)
-    testbed, json_mode = late.get("testbed", testbed), late.get("json_mode", json_mode)
-    a, b, rest = _link_words(words)
-    if rest:
-        raise click.UsageError(f"unexpected {' '.join(rest)!r} after the link")
-    done = _run(control.link, _testbed(testbed), "down", a, b)
-    _print_done(done, json_mode, "state")
+def _link_state_command(word: str, doc: str):
+    """`link down` and `link up`: the same command but for the state it sets."""
+
+    @link.command(word, context_settings={"ignore_unknown_options": True}, help=doc)
+    @click.argument("words", nargs=-1, required=True, type=click.UNPROCESSED)
+    @_testbed_option
+    @_json_option
+    def command(words, testbed, json_mode):
+        words, late = _late_options(words, _LINK_VALUE, _LINK_FLAGS)
+        testbed, json_mode = late.get("testbed", testbed), late.get("json_mode", json_mode)
+        a, b, rest = _link_words(words)
+        if rest:
+            raise click.UsageError(f"unexpected {' '.join(rest)!r} after the link")
+        done = _run(control.link, _testbed(testbed), word, a, b)
+        _print_done(done, json_mode, "state")
+
+    return command
 
 
-@link.command("up", context_settings={"ignore_unknown_options": True})
-@click.argument("words", nargs=-1, required=True, type=click.UNPROCESSED)
-@_testbed_option
-@_json_option
-def link_up(words, testbed, json_mode):
-    """A -- B: plug the cable back in."""
-    words, late = _late_options(words, _LINK_VALUE, _LINK_FLAGS)
-    testbed, json_mode = late.get("testbed", testbed), late.get("json_mode", json_mode)
-    a, b, rest = _link_words(words)
-    if rest:
-        raise click.UsageError(f"unexpected {' '.join(rest)!r} after the link")
-    done = _run(control.link, _testbed(testbed), "up", a, b)
-    _print_done(done, json_mode, "state")
+link_down = _link_state_command(
+    "down", "A -- B: pull the cable (both ends lose carrier; addresses stay).\n\n"
+    "Routing daemons see the carrier go and reconverge around the link.")
+link_up = _link_state_command("up", "A -- B: plug the cable back in.")
 
 
 @link.command("show")

@@ -109,6 +109,20 @@ def test_cli_link_words_without_the_double_dash():
         "link r1 -- core delay 50ms loss none"
 
 
+def test_cli_link_down_and_up_are_one_command_for_two_states():
+    from click.testing import CliRunner
+
+    from megafleet.experiment.cli import link
+
+    runner = CliRunner()
+    for word in ("down", "up"):
+        cmd = link.commands[word]
+        assert [p.name for p in cmd.params] == ["words", "testbed", "json_mode"]
+        r = runner.invoke(link, [word, "r1", "--", "core", "extra"])
+        assert r.exit_code == 2 and "unexpected 'extra' after the link" in r.output
+    assert "pull the cable" in link.commands["down"].help and "plug the cable" in link.commands["up"].help
+
+
 def test_fault_schedule_compiles_to_steps(net):
     texts = [(s.at_s, s.text) for s in schedule.steps(net.faults)]
     assert texts == [(0.0, "link lan* loss 5%"), (20.0, "link lan* loss 5%"), (30.0, "link r1 -- core down"),
