@@ -185,7 +185,7 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
     # go into the testbed's cgroup as they are spawned.
     with cgroup.spawning("daemons"):
         net_result = await apply_net(p, ledger, lambda text: emit({"phase": "net", "text": text}),
-                                     m.source)
+                                     m.source, m.exec_locs)
     phases["net"] = time.monotonic() - t0
 
     # The KSM daemon before the guests: the vm engine announces the boot to it,
@@ -250,16 +250,22 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
     return result
 
 
-async def apply_net(p, ledger: Ledger, progress: Callable[[str], None], source: str = "") -> dict:
+async def apply_net(p, ledger: Ledger, progress: Callable[[str], None], source: str = "",
+                    exec_locs: dict[str, list[str]] | None = None) -> dict:
     """This host's share of the network: netlang's one instantiation
     (`live.apply`), the same `net up` uses: namespaces, bridges (trees of them
     for big switches), ports of every kind (container guests' veths too), links,
     wires, the VXLAN tunnels of spanning segments, routers. Idempotent; refuses a
-    testbed of this name built from another description."""
+    testbed of this name built from another description. A failed startup
+    command's error leads with its statement's file:line (`exec_locs`, node ->
+    file:line of each `exec`, from the manifest)."""
     from megafleet.netlang import live
+    from megafleet.netlang.nsexec import ExecFailed, located
 
     try:
         return await live.apply(p, ledger, progress, source=source or "megafleet up")
+    except ExecFailed as exc:
+        raise HostError(located(exc, exec_locs or {})) from None
     except live.LiveError as exc:
         raise HostError(str(exc)) from None
 
@@ -591,69 +597,86 @@ def _tail(path: Path, lines: int = 2) -> str:
         return ""
 
 
+def guest_exec_routes(vms: list[dict[str, Any]]) -> dict[str, Any]:
+    """How to run a command inside each guest of a manifest's `vms` (dicts with
+    "name" and "driver"): guest name -> `megafleet.vm.driver.ExecRoute`, or a
+    str saying why not (not running, no exec channel). Each guest's driver
+    decides (`Driver.exec_route`: a container is entered with nsenter, a QEMU
+    or libvirt guest is asked through its exec channel)."""
+    from megafleet.vm.driver import driver_kind
+    from megafleet.vm.guestexec import GuestExecError
+    from megafleet.vm.state import VmState
+
+    views = _guest_views({v["name"] for v in vms})
+    handles = {r.name: r.handle for r in VmState().list() if r.name in views}
+    out: dict[str, Any] = {}
+    for v in vms:
+        name = v["name"]
+        view = views.get(name)
+        if view is None or view.state != "running":
+            out[name] = "guest is not running"
+            continue
+        try:
+            out[name] = driver_kind(v["driver"]).driver_class().exec_route(name, view.pid, handles.get(name))
+        except (GuestExecError, ValueError) as exc:
+            out[name] = str(exc)
+    return out
+
+
 async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, *,
                      timeout: float = 30.0, state_dir: str | None = None,
                      run_dir: str | None = None) -> list[dict[str, Any]]:
     """Run argv inside every node matching `pattern`: in a namespace node's
-    namespace (`ip netns exec`), in a container guest's namespaces (`nsenter`),
-    in a QEMU or libvirt guest through its exec channel (`vm.guestexec`)."""
+    namespace (`ip netns exec`), in a guest the way its driver says
+    (`guest_exec_routes`). One dict per node: node, rc, stdout, stderr, error
+    (rc None when the command could not run; error says why)."""
     use_dirs(state_dir, run_dir)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise HostError("exec needs a command (a list of words)")
-    from megafleet.vm.guestexec import GuestExecError, exec_in_guest, exec_socket
-    from megafleet.vm.state import VmState
+    from megafleet.vm.driver import ExecRoute
+    from megafleet.vm.guestexec import GuestExecError, exec_in_guest
 
     ledger = Ledger()
-    # (node, host argv to run, exec socket of a guest, error)
-    targets: list[tuple[str, list[str] | None, Path | None, str | None]] = []
-    joins: dict[str, dict] = {}
+    # node -> how to run a command in it, or why not
+    targets: dict[str, ExecRoute | str] = {}
     for t in ([testbed] if testbed else testbeds(ledger)):
         m = load_manifest(t)
         if m is None:
             continue
         for node, ns in sorted(m.net["netns"].items()):
             if fnmatch.fnmatchcase(node, pattern):
-                targets.append((node, ["ip", "netns", "exec", ns, *argv], None, None))
-        vms = [v for v in m.net["vms"] if fnmatch.fnmatchcase(v["name"], pattern)]
-        views = _guest_views({v["name"] for v in vms})
-        handles = {r.name: r.handle for r in VmState().list() if r.name in views}
-        for v in sorted(vms, key=lambda v: v["name"]):
-            view = views.get(v["name"])
-            if view is None or view.state != "running":
-                targets.append((v["name"], None, None, "guest is not running"))
-            elif v["driver"] == "container":
-                targets.append((v["name"], ["nsenter", "-t", str(view.pid), "-m", "-u", "-i", "-n",
-                                            "-p", "-r", "-w", *argv], None, None))
-                joins[v["name"]] = cgroup.kwargs_like(view.pid)   # the session runs in its cgroup
-            else:
-                try:
-                    targets.append((v["name"], None, exec_socket(v["name"], handles.get(v["name"])), None))
-                except GuestExecError as exc:
-                    targets.append((v["name"], None, None, str(exc)))
+                targets[node] = ExecRoute(prefix=("ip", "netns", "exec", ns))
+        targets.update(guest_exec_routes([v for v in m.net["vms"] if fnmatch.fnmatchcase(v["name"], pattern)]))
     results: list[dict[str, Any]] = []
     limiter = trio.CapacityLimiter(8)
 
-    async def one(node: str, full: list[str] | None, sock: Path | None, error: str | None) -> None:
-        rc, stdout, stderr = None, "", ""
+    async def one(node: str, route: ExecRoute | str) -> None:
+        rc: int | None = None
+        stdout, stderr = "", ""
+        error = route if isinstance(route, str) else None
         async with limiter:
-            if error is None and sock is not None:
+            if isinstance(route, str):
+                pass
+            elif route.sock is not None:
                 try:
-                    r = await exec_in_guest(sock, argv, timeout)
+                    r = await exec_in_guest(route.sock, argv, timeout)
                     rc, stdout, stderr = r.rc, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
                 except GuestExecError as exc:
                     error = str(exc)
-            elif error is None:
+            else:
+                # A command entering a guest runs in the guest's cgroup.
+                join = cgroup.kwargs_like(route.cgroup_pid) if route.cgroup_pid else {}
                 with trio.move_on_after(timeout) as scope:
-                    r = await proc.arun(full, check=False, **joins.get(node, {}))
+                    done = await proc.arun([*route.prefix, *argv], check=False, **join)
                 if scope.cancelled_caught:
                     error = f"timed out after {timeout:g} s"
                 else:
-                    rc, stdout, stderr = r.returncode, r.stdout, r.stderr
+                    rc, stdout, stderr = done.returncode, done.stdout, done.stderr
         results.append({"node": node, "rc": rc, "stdout": stdout, "stderr": stderr, "error": error})
 
     async with trio.open_nursery() as nursery:
-        for target in targets:
-            nursery.start_soon(one, *target)
+        for node, route in sorted(targets.items()):
+            nursery.start_soon(one, node, route)
     return sorted(results, key=lambda r: r["node"])
 
 

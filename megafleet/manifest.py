@@ -81,6 +81,10 @@ class HostManifest:
     run_dir: str | None = None                # override $MEGAFLEET_RUN
     cache_dir: str | None = None              # override $MEGAFLEET_CACHE
     source: str = ""                          # the description file, for status
+    # node -> file:line of each `exec` statement (netlang.nsexec.statement_locs):
+    # a failed startup command names its line. Not in the digest (nor the plan):
+    # moving a line changes nothing that runs.
+    exec_locs: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def vxlan(self) -> list[Vxlan]:

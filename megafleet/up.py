@@ -334,6 +334,10 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     vm_options = {**(vm_options or {}), "ksm_sharing": target.ksm_sharing, "budget_option": "--host-mem"}
     common = {"ksm": ksm, "telemetry": telemetry, "vm_options": vm_options, "source": str(path),
               "collect_interval": collect_interval}
+    # Each host gets the file:line of its nodes' `exec` statements: a failed
+    # startup command there names its line, as `net up` does.
+    from megafleet.netlang.nsexec import statement_locs
+    exec_locs = statement_locs(net, {c.node for cmds in plan.ns_exec.values() for c in cmds})
 
     ledger = Ledger()
     results: dict[str, dict[str, Any]] = {}
@@ -347,6 +351,7 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
         manifests = manifest.split(plan, placed, images=image_names, **common)
         for h, m in manifests.items():
             m.vm_options = {**m.vm_options, "mem_budget_mb": budgets[h]}
+            m.exec_locs = {n: locs for n, locs in exec_locs.items() if n in m.net["netns"]}
         t = phase_done("manifests", t)
         for h, m in manifests.items():
             try:
@@ -391,6 +396,7 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
             for h, m in manifest.iter_split(plan, placed, addresses=addresses, underlay_mtu=mtu,
                                             images=image_names, **common):
                 m.vm_options = {**m.vm_options, "mem_budget_mb": budgets[h]}
+                m.exec_locs = {n: locs for n, locs in exec_locs.items() if n in m.net["netns"]}
                 d = target.dirs(h)
                 m.state_dir, m.run_dir, m.cache_dir = d["state_dir"], d["run_dir"], d["cache_dir"]
                 lowered.update({x.segment: x.mtu for x in m.vxlan})

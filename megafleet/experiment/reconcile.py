@@ -144,7 +144,13 @@ async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None
         await Engine(ledger=ledger)._remove(guests_gone)
         progress(f"removed {len(guests_gone)} guests")
     await trio.to_thread.run_sync(_remove_net, t, old, gone, [x for _, x in d.changed], ledger)
-    added = await _add_net(t, new, old, come, ledger, progress)
+    from megafleet.netlang.nsexec import ExecFailed, located
+    try:
+        added = await _add_net(t, new, old, come, ledger, progress)
+    except ExecFailed as exc:
+        from megafleet.host import HostError
+        # The new description's file:line of the statement, as a first `up` says it.
+        raise HostError(located(exc, new_m.exec_locs)) from None
     from megafleet.netlang import live
     live_record = next((r.data for r in ledger.list(live.OWNER, "testbed") if r.key == t), {})
     ledger.record(live.OWNER, "testbed", t, **{**live_record, "digest": new_m.digest(), "complete": True,

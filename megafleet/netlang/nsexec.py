@@ -218,9 +218,28 @@ def _tail(log: Path, limit: int = 300) -> str:
 def statement_loc(net, exc: ExecFailed) -> str:
     """file:line of the `exec` statement of a failed command in compiled `net`
     ("?" when the node or the command is not in it)."""
-    try:
-        g = net.groups[net.index[exc.node][0]]
-        loc = g.props["exec"][exc.index][1]
-    except (KeyError, IndexError):
-        return "?"
-    return f"{loc.file}:{loc.line}"
+    locs = statement_locs(net, [exc.node]).get(exc.node, [])
+    return locs[exc.index] if exc.index < len(locs) else "?"
+
+
+def statement_locs(net, nodes) -> dict[str, list[str]]:
+    """node -> the file:line of each of its `exec` statements, in the order its
+    commands run (`Plan.ns_exec`), for the nodes of `nodes` that have any. The
+    plan leaves file:line out (moving a line keeps its digest); `megafleet up`
+    hands this to each host with its manifest, so a host's failure names it."""
+    out: dict[str, list[str]] = {}
+    for node in nodes:
+        try:
+            cmds = net.groups[net.index[node][0]].props.get("exec") or []
+        except (KeyError, IndexError):
+            continue
+        if cmds:
+            out[node] = [f"{loc.file}:{loc.line}" for _, loc in cmds]
+    return out
+
+
+def located(exc: ExecFailed, locs: dict[str, list[str]]) -> str:
+    """The failure's message, led by its statement's file:line when `locs`
+    (statement_locs) has it."""
+    where = locs.get(exc.node, [])
+    return f"{where[exc.index]}: {exc}" if exc.index < len(where) else str(exc)

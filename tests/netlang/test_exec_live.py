@@ -188,3 +188,40 @@ def test_a_daemon_a_command_leaves_behind_is_stopped_by_down(tmp_path):
     assert r.exit_code == 0, r.output
     assert not daemon.alive()
     assert leftovers(name) == clean(name)
+
+
+def test_a_failing_command_under_megafleet_up_names_the_statements_line(tmp_path):
+    """`megafleet up` applies each host's manifest (host.apply), which has the
+    plan but not the description: the manifest carries each node's exec
+    file:line, so the failure names it as `net up` does. The same for a command
+    a reconciling `up` of an edited file adds."""
+    name = "mfnex8"
+    fleet = tmp_path / "f.fleet"
+    fleet.write_text('pool p 10.9.0.0/16\nswitch lan\nhost a on lan {\n  exec "ip addr add 192.0.2.61/32 dev lo"\n'
+                     '  exec "ip route add 203.0.113.0/24 via 198.51.100.1"\n}\nhost b on lan\n')
+    runner = CliRunner()
+    try:
+        r = runner.invoke(root, ["up", str(fleet), "-N", name, "--no-ksm", "--no-verify"])
+        assert r.exit_code != 0
+        assert re.search(rf"{re.escape(str(fleet))}:5: node a: startup command "
+                         rf"'ip route add 203.0.113.0/24 via 198.51.100.1' exited \d+", r.output), r.output
+        assert "192.0.2.61/32" in lo_addrs(f"{name}-a")      # the command before it ran
+    finally:
+        r = runner.invoke(root, ["down", name])
+    assert r.exit_code == 0, r.output
+    assert leftovers(name) == clean(name)
+
+    first = 'pool p 10.9.0.0/16\nswitch lan\nhost a on lan\nhost b on lan\n'
+    try:
+        fleet.write_text(first)
+        r = runner.invoke(root, ["up", str(fleet), "-N", name, "--no-ksm", "--no-verify"])
+        assert r.exit_code == 0, r.output
+        fleet.write_text(first + 'host c on lan {\n  exec "/nonexistent/mfnex-tool"\n}\n')
+        r = runner.invoke(root, ["up", str(fleet), "-N", name, "--no-ksm", "--no-verify"])
+        assert r.exit_code != 0
+        assert re.search(rf"{re.escape(str(fleet))}:6: node c: startup command '/nonexistent/mfnex-tool' "
+                         rf"exited \d+", r.output), r.output
+    finally:
+        r = runner.invoke(root, ["down", name])
+    assert r.exit_code == 0, r.output
+    assert leftovers(name) == clean(name)
