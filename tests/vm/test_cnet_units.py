@@ -67,3 +67,15 @@ def test_net_request_matches_nics_to_their_config_by_mac():
     config = cnet.NetConfig.from_json(req)
     assert config.gateway == "10.0.0.1" and config.routes == (("10.9.0.0/16", "10.0.0.1"),) and config.forward
     assert config.nics[1] == cnet.Nic("p0", "eth1", "52:54:00:00:00:01", ("10.0.0.2/24",), 1400)
+
+
+def test_move_message_can_ask_for_no_ipv6_link_local_address():
+    """addrgenmode none rides in the move itself (IFLA_AF_SPEC / AF_INET6), not
+    in a sysctl write that spins on the rtnl lock."""
+    msg = cnet.move_message(7, 42, "eth0", "52:54:00:aa:bb:cc", 1, no_ipv6_ll=True)
+    spec = _attrs(msg, 16)[cnet.IFLA_AF_SPEC | cnet.NLA_F_NESTED]
+    length, kind = struct.unpack_from("=HH", spec)
+    assert kind == socket.AF_INET6 | cnet.NLA_F_NESTED and length == len(spec)
+    inner_length, inner_kind = struct.unpack_from("=HH", spec, 4)
+    assert (inner_kind, spec[8]) == (cnet.IFLA_INET6_ADDR_GEN_MODE, cnet.IN6_ADDR_GEN_MODE_NONE)
+    assert cnet.IFLA_AF_SPEC | cnet.NLA_F_NESTED not in _attrs(cnet.move_message(7, 42, "eth0", "52:54:00:aa:bb:cc", 1), 16)

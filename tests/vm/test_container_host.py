@@ -75,7 +75,9 @@ def test_network_configured_from_the_host(tiny, lan):
             name=f"mfvh{i + 1}", image="tiny", driver="container",
             nics=[NicSpec(mac=mac, kind="veth", ifname=host, peer=peer)],
             config=GuestConfig(name=f"mfvh{i + 1}",
-                               nics=(NicConfig(mac, (f"10.251.0.{i + 2}/24", f"fd00:251::{i + 2}/64"), 1400),),
+                               # The third guest, IPv4 only: no IPv6 address at all.
+                               nics=(NicConfig(mac, (f"10.251.0.{i + 2}/24",) + ((f"fd00:251::{i + 2}/64",)
+                                                                                 if i < 2 else ()), 1400),),
                                gateway="10.251.0.1", routes=(("10.99.0.0/16", "10.251.0.1"),),
                                forward=(i == 2))))
     engine = Engine(timeout_s=120)
@@ -98,6 +100,10 @@ def test_network_configured_from_the_host(tiny, lan):
         routes = inside(pid, "ip", "route")
         assert "default via 10.251.0.1 dev eth0" in routes
         assert "10.99.0.0/16 via 10.251.0.1 dev eth0" in routes
+        assert "fe80::" in addrs               # a guest with IPv6 keeps its link-local address
+        v4_only = inside(views["mfvh3"].pid, "ip", "-o", "addr", "show", "dev", "eth0")
+        assert "10.251.0.4/24" in v4_only and "inet6" not in v4_only, v4_only
+        assert "mtu 1400" in inside(views["mfvh3"].pid, "ip", "-o", "link", "show", "eth0")
         assert inside(views["mfvh3"].pid, "cat", "/proc/sys/net/ipv4/ip_forward").strip() == "1"
         assert inside(pid, "cat", "/proc/sys/net/ipv4/ip_forward").strip() == "0"
         # Guests reach each other and the bridge, over IPv4 and IPv6.
