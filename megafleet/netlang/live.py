@@ -895,6 +895,8 @@ def _down_sync(testbed: str, by_kind: dict, ledger: Ledger, progress: Progress) 
         if rp is not None and rp.alive():
             rp.stop(grace=3)
             stopped += 1
+        elif rp is not None:
+            rp.reap()           # killed above (or by its cgroup): no zombie left to us
     ledger.forget_many(OWNER, "process", [r.key for r in by_kind.get("process", [])])
     namespaces = [r.data["ns"] for r in by_kind.get("netns", [])]
     for pid in pids_in_netns(namespaces):

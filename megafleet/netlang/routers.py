@@ -289,9 +289,11 @@ def kill_all(records: list, grace: float = 5.0) -> int:
             rp = proc.RecordedProcess(r.data["pid"], r.data["start"])
             if rp.signal(signal.SIGKILL):
                 victims.append(rp)
-    killed = len(victims)
+    killed = list(victims)
     deadline = time.monotonic() + grace
     while victims and time.monotonic() < deadline:
         time.sleep(0.05)
         victims = [rp for rp in victims if rp.alive()]
-    return killed
+    for rp in killed:
+        rp.reap()       # detached (-d): a subreaper caller inherits them, nobody else waits
+    return len(killed)
