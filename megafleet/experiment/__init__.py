@@ -11,7 +11,10 @@ ledger) and acts on them:
 - link impairments at runtime: this kernel has no netem, so delay, jitter and
   loss are VDE's wirefilter, changed through its management socket; a link that
   has no wire yet gets one spliced in on the host side (the node's interface,
-  its addresses and its routing daemons are untouched); rate is tc tbf;
+  its addresses and its routing daemons are untouched); a node -- node link
+  (a veth between two namespaces, no host-side end) gets its wire inside the
+  two namespaces, tc mirred sending the veth's traffic through it; rate alone
+  is tc tbf;
 - link down/up: the host-side ends go down (the node sees its carrier go);
 - node stop/start/restart/kill: guests through the vm engine (same spec, same
   identity), routers' FRR daemons by recorded pid;

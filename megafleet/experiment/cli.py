@@ -153,30 +153,39 @@ def _print_done(done: list[dict], json_mode: bool, key: str) -> None:
 
 @link.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("words", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--clear", is_flag=True,
+              help="Every setting not given on the command line goes back to none.")
 @_testbed_option
 @_json_option
-def link_set(words, testbed, json_mode):
+def link_set(words, clear, testbed, json_mode):
     """A -- B [delay D] [jitter J] [loss P%] [rate R]: change a link's impairments.
 
     \b
     Values: delay/jitter 50ms, 500us, 1s; loss 0.5%; rate 10mbit, 1gbit;
-    `none` removes a setting (delay none). Delay applies in each direction
-    (a ping's round trip grows by twice the delay).
-    This kernel has no netem: a link gets a VDE wirefilter spliced into its
-    host side the first time (about 100 ms); later changes take a few ms.
-    Delay, jitter and loss on a node -- node link are not supported (rate is).
+    `none` removes a setting (delay none); --clear removes every setting not
+    given. Delay applies in each direction (a ping's round trip grows by
+    twice the delay).
+    This kernel has no netem: delay, jitter and loss are a VDE wirefilter.
+    A link through a switch gets one spliced into its host side the first
+    time (about 100 ms); a node -- node link (a veth between two namespaces)
+    gets one inside the two namespaces (tc mirred redirects the veth's
+    traffic through it), which --clear (or none of delay, jitter and loss)
+    takes out again. Later changes take a few ms. Rate alone is tc tbf.
 
     \b
     Examples:
       megafleet link set r1 -- core delay 50ms jitter 5ms
       megafleet link set 'lab*' -- lab1 loss 5%
       megafleet link set r1 -- core delay none loss none
+      megafleet link set r1 -- r2 --clear
     """
-    words, late = _late_options(words, _LINK_VALUE, _LINK_FLAGS)
+    words, late = _late_options(words, _LINK_VALUE, {**_LINK_FLAGS, "--clear": "clear"})
     testbed, json_mode = late.get("testbed", testbed), late.get("json_mode", json_mode)
+    clear = late.get("clear", clear)
     a, b, rest = _link_words(words)
     try:
-        settings = R.parse_settings(rest)
+        settings = R.clear_others(R.parse_settings(rest) if rest else R.LinkSettings()) if clear \
+            else R.parse_settings(rest)
     except R.RefError as exc:
         raise click.ClickException(str(exc)) from None
     tb = _testbed(testbed)

@@ -14,7 +14,11 @@ a tap on BR; wirefilter joins A and B and listens on a management socket:
     node ethN ==veth== X -- SB -- tapA ~ vde A ~ wirefilter ~ vde B ~ tapB -- BR
 
 The node's interface, addresses and routing daemons stay as they are; later
-changes are one line on the management socket (well under a second). A wire the
+changes are one line on the management socket (well under a second). A
+point-to-point link (a veth between two namespaces) has no host-side end: its
+wire goes inside the two namespaces, tc mirred redirecting the veth's traffic
+through it (`splice_p2p`), and comes out again when no delay, jitter or loss
+is left. A wire the
 description declared (delay in the file) has its wirefilter restarted once with
 a management socket. Every process, interface and directory made here is
 recorded under netlang's ledger owner ("net", keys "TESTBED/...") before it
@@ -303,6 +307,114 @@ def rewire_declared(t: str, obj: LinkObjects, ledger: Ledger) -> str:
 
 
 # ---------------------------------------------------------------------------
+# A wire in a point-to-point link (a veth pair between two namespaces)
+# ---------------------------------------------------------------------------
+#
+# Such a link has no host-side end to move onto a wire, and this kernel has no
+# netem. So the wire goes inside the two namespaces, with the veth left as it is
+# (addresses, carrier, routing daemons untouched): in each node's namespace a
+# vde_switch owns a tap W; tc (clsact, u32 match-all, mirred) sends everything
+# the node's interface E transmits to W instead, and hands everything W
+# receives to E as if E had received it:
+#
+#   node A: E_a egress -> W_a ~ vde ~ wirefilter ~ vde ~ W_b ingress -> E_b ingress: node B
+#
+# W has E's MAC address, so frames for E are "to this host" on W too (the
+# kernel drops other hosts' unicast, ARP replies included). Removing it is the
+# other way round: E's redirect goes first (traffic is back on the veth), then
+# the processes (their taps go with them).
+
+def p2p_tag(t: str, o: LinkObjects) -> str:
+    """The name of a point-to-point link's wire (its files and ledger keys)."""
+    ns, eth = o.ns_ifs[0]
+    return ifname(t, "yp", ns, eth)
+
+
+def p2p_tap(eth: str) -> str:
+    """The wire's tap inside a node's namespace, next to the node's `eth`."""
+    return ifname("yw", eth)
+
+
+def _mac(ns: str, eth: str) -> str:
+    out = proc.run(["ip", "-n", ns, "-o", "link", "show", eth]).stdout
+    return out.split("link/ether ", 1)[1].split()[0]
+
+
+def _wait_ns_link(ns: str, name: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.run(["ip", "-n", ns, "link", "show", name], check=False).returncode:
+        if time.monotonic() > deadline:
+            raise ExperimentError(f"vde_switch did not create {name} in {ns}")
+        time.sleep(0.02)
+
+
+def splice_p2p(t: str, o: LinkObjects, settings: dict[str, Any], ledger: Ledger) -> str:
+    """Put a wire with `settings` into point-to-point link `o` (see above);
+    returns its management socket. Processes recorded before they start (owner
+    "net": `down` stops them); the taps and tc filters live in the nodes'
+    namespaces and go with them."""
+    tag = p2p_tag(t, o)
+    base = _wire_dir(t, ledger)
+    socks = []
+    for i, (ns, eth) in enumerate(o.ns_ifs):
+        sock, pidfile, key = base / f"{tag}.{i}", base / f"{tag}.{i}.pid", f"{t}/xwire/{tag}.{i}"
+        ledger.record(NET_OWNER, "process", key, pidfile=str(pidfile))
+        proc.run(["ip", "netns", "exec", ns, "vde_switch", "-s", str(sock), "-t", p2p_tap(eth), "-d",
+                  "-p", str(pidfile), "--dirmode", "0700"])
+        _record_pid(ledger, key, pidfile)
+        socks.append(sock)
+    mgmt = base / f"{tag}.mgmt"
+    _start_wirefilter(ledger, f"{t}/xwire/{tag}.wf", socks, base / f"{tag}.wf.pid", mgmt)
+    wf_command(mgmt, wf_lines(settings))          # impaired before any packet takes it
+    for ns, eth in o.ns_ifs:
+        tap = p2p_tap(eth)
+        _wait_ns_link(ns, tap)
+        proc.run(["ip", "-n", ns, "link", "set", tap, "address", _mac(ns, eth), "mtu", str(o.mtu), "up"])
+        # The tap is plumbing: no addresses of its own, no IPv6 chatter onto the wire.
+        proc.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"net.ipv6.conf.{tap}.disable_ipv6=1"],
+                 check=False)
+        proc.run(["tc", "-n", ns, "-batch", "-"], input=(
+            f"qdisc add dev {tap} clsact\n"
+            f"filter add dev {tap} ingress protocol all prio 1 u32 match u32 0 0 "
+            f"action mirred ingress redirect dev {eth}\n"))
+    # Last, on both ends: the node's traffic moves onto the wire.
+    for ns, eth in o.ns_ifs:
+        proc.run(["tc", "-n", ns, "-batch", "-"], input=(
+            f"qdisc add dev {eth} clsact\n"
+            f"filter add dev {eth} egress protocol all prio 1 u32 match u32 0 0 "
+            f"action mirred egress redirect dev {p2p_tap(eth)}\n"))
+    return str(mgmt)
+
+
+def unsplice_p2p(t: str, tag: str, ends: list[tuple[str, str]], ledger: Ledger) -> None:
+    """Take the wire `tag` out of a point-to-point link whose ends are `ends`
+    ((namespace, interface) pairs), tolerating what is already gone (a
+    namespace removed with its node)."""
+    for ns, eth in ends:
+        proc.run(["tc", "-n", ns, "qdisc", "del", "dev", eth, "clsact"], check=False)
+    keys = {f"{t}/xwire/{tag}.{end}" for end in ("0", "1", "wf")}
+    for r in ledger.list(NET_OWNER, "process"):
+        if r.key in keys and "pid" in r.data:
+            proc.RecordedProcess(r.data["pid"], r.data["start"]).stop(grace=2)
+    ledger.forget_many(NET_OWNER, "process", keys)
+    for ns, eth in ends:
+        # A non-persistent tap goes with its vde_switch; this is for one that lingers.
+        if proc.run(["ip", "-n", ns, "link", "show", p2p_tap(eth)], check=False).returncode == 0:
+            proc.run(["ip", "-n", ns, "link", "del", p2p_tap(eth)], check=False)
+
+
+def p2p_redirected(ns: str, eth: str) -> bool:
+    """Whether a point-to-point link's end sends its traffic onto a wire."""
+    out = proc.run(["tc", "-n", ns, "filter", "show", "dev", eth, "egress"], check=False).stdout
+    return "mirred" in out
+
+
+def p2p_wired(ns: str, eth: str) -> bool:
+    """Whether a point-to-point link's end has a wire in it (its tap exists)."""
+    return proc.run(["ip", "-n", ns, "link", "show", p2p_tap(eth)], check=False).returncode == 0
+
+
+# ---------------------------------------------------------------------------
 # link set / down / up / show
 # ---------------------------------------------------------------------------
 
@@ -330,16 +442,16 @@ def link_set(t: str, refs: list[LinkRef], s: LinkSettings, ledger: Ledger | None
     ledger = ledger or Ledger()
     m = _manifest(t)
     objs = _find(m.net, refs)
-    problems = [o for o in objs if o.splice is None and o.wire is None]
+    # Point-to-point links get a wire inside their namespaces (splice_p2p).
+    problems = [o for o in objs if o.splice is None and o.wire is None and o.ref.kind != "p2p"]
     for o in problems:
         if (s.delay_us or s.jitter_us or s.loss_pct is not None or s.rate_bit is not None) and not o.ns_ifs:
             raise ExperimentError(f"link {o.ref.label}: a guest's port on a VDE switch cannot be changed at runtime")
         if s.delay_us or s.jitter_us or s.loss_pct is not None:
-            what = "a point-to-point link" if o.ref.kind == "p2p" else "a namespace's port on a VDE switch"
             raise ExperimentError(
-                f"link {o.ref.label}: delay, jitter and loss cannot be changed at runtime on {what} "
-                f"(this kernel has no netem, and there is no host-side end to splice a wire into): "
-                f"declare them in the description, or use a bridge switch")
+                f"link {o.ref.label}: delay, jitter and loss cannot be changed at runtime on a namespace's "
+                f"port on a VDE switch (this kernel has no netem, and there is no host-side end to splice a "
+                f"wire into): declare them in the description, or use a bridge switch")
     records = _records(t, ledger)
     out = []
     for o in objs:
@@ -350,8 +462,10 @@ def link_set(t: str, refs: list[LinkRef], s: LinkSettings, ledger: Ledger | None
         mgmt = rec.get("mgmt")
         ledger.record(OWNER, "link", key, **{**rec, "link": o.ref.to_json(), "settings": new,
                                              "state": rec.get("state", "up")})
-        if o.splice is None and o.wire is None:
-            # Point-to-point (rate only) or a namespace's plug on a VDE switch: tc tbf.
+        if o.ref.kind == "p2p" and o.wire is None:
+            mgmt, rec = _set_p2p(t, o, new, rec, ledger)
+        elif o.splice is None and o.wire is None:
+            # A namespace's plug on a VDE switch (rate only): tc tbf.
             _tbf_ns(o, new.get("rate_bit"))
         elif mgmt and Path(mgmt).exists():
             wf_command(mgmt, wf_lines(new))
@@ -365,6 +479,39 @@ def link_set(t: str, refs: list[LinkRef], s: LinkSettings, ledger: Ledger | None
                                              "state": rec.get("state", "up"), "mgmt": mgmt})
         out.append({"link": o.ref.label, "iface": o.key, "settings": new})
     return out
+
+
+_IMPAIRMENTS = ("delay_us", "jitter_us", "loss_pct")
+
+
+def _set_p2p(t: str, o: LinkObjects, new: dict[str, Any], rec: dict[str, Any],
+             ledger: Ledger) -> tuple[str | None, dict[str, Any]]:
+    """Settings `new` on a point-to-point link: with delay, jitter or loss, a
+    wire inside its namespaces (spliced the first time; rate is the wire's
+    bandwidth then); without, no wire (removed if there was one) and rate as tc
+    tbf on both ends. Returns (the wire's management socket or None, the record
+    with the wire's tag and ends, or without)."""
+    mgmt = rec.get("mgmt")
+    if any(k in new for k in _IMPAIRMENTS):
+        if mgmt and rec.get("p2p_wire") and Path(mgmt).exists():
+            wf_command(mgmt, wf_lines(new))
+            return mgmt, rec
+        if rec.get("p2p_wire"):
+            # A wire that died with its namespaces (the testbed was rebuilt): its leftovers go first.
+            unsplice_p2p(t, rec["p2p_wire"], [tuple(e) for e in rec.get("ends", o.ns_ifs)], ledger)
+        tag = p2p_tag(t, o)
+        # Recorded before it exists: a crash half-way leaves what link set
+        # --clear (or a reconciling up) removes.
+        ledger.record(OWNER, "link", _record_key(t, o), **{
+            **rec, "link": o.ref.to_json(), "settings": new, "state": rec.get("state", "up"),
+            "p2p_wire": tag, "ends": [list(e) for e in o.ns_ifs]})
+        _tbf_ns(o, None)
+        mgmt = splice_p2p(t, o, new, ledger)
+        return mgmt, {**rec, "p2p_wire": tag, "ends": [list(e) for e in o.ns_ifs]}
+    if rec.get("p2p_wire"):
+        unsplice_p2p(t, rec["p2p_wire"], [tuple(e) for e in rec.get("ends", o.ns_ifs)], ledger)
+    _tbf_ns(o, new.get("rate_bit"))
+    return None, {k: v for k, v in rec.items() if k not in ("p2p_wire", "ends", "mgmt")}
 
 
 def _tbf_ns(o: LinkObjects, rate: int | None) -> None:
@@ -464,11 +611,16 @@ def reapply(t: str, ledger: Ledger | None = None) -> list[dict]:
             # its spliced wire goes too.
             if rec.get("splice_if"):
                 unsplice(t, rec["splice_if"], ledger)
+            if rec.get("p2p_wire"):
+                unsplice_p2p(t, rec["p2p_wire"], [tuple(e) for e in rec.get("ends", [])], ledger)
             ledger.forget(OWNER, "link", key)
             continue
         settings = rec.get("settings", {})
         mgmt = rec.get("mgmt")
-        if settings != _declared(o) and not (mgmt and Path(mgmt).exists()):
+        lost = not (mgmt and Path(mgmt).exists())
+        if rec.get("p2p_wire") and not all(p2p_redirected(ns, eth) for ns, eth in o.ns_ifs):
+            lost = True           # the veth was made again (a changed link): its wire is not in it
+        if settings != _declared(o) and lost:
             ledger.record(OWNER, "link", key, **{**rec, "mgmt": None, "settings": _declared(o)})
             s = LinkSettings(**{k: v for k, v in settings.items()},
                              clear=[n for n, f in (("delay", "delay_us"), ("jitter", "jitter_us"),
@@ -487,37 +639,29 @@ def reapply(t: str, ledger: Ledger | None = None) -> list[dict]:
 
 @dataclass
 class NodeTarget:
-    """How to run a command inside one node: host argv prefix, or an exec socket."""
+    """How to run a command inside one node: host argv prefix (in the cgroup of
+    process `cgroup_pid` when set), or an exec socket; `error` when neither."""
 
     node: str
-    kind: str                     # namespace | container | qemu (qemu and libvirt guests)
+    kind: str                     # "namespace", or the guest's driver
     prefix: list[str] | None = None
     sock: Path | None = None
     error: str | None = None
+    cgroup_pid: int | None = None
 
 
 def node_targets(m) -> dict[str, NodeTarget]:
-    from megafleet.host import _guest_views
-    from megafleet.vm.guestexec import GuestExecError, exec_socket
-    from megafleet.vm.state import VmState
+    from megafleet.host import guest_exec_routes
 
     out = {node: NodeTarget(node, "namespace", ["ip", "netns", "exec", ns])
            for node, ns in m.net["netns"].items()}
-    vms = m.net["vms"]
-    views = _guest_views({v["name"] for v in vms})
-    handles = {r.name: r.handle for r in VmState().list() if r.name in views}
-    for v in vms:
-        view = views.get(v["name"])
-        if view is None or view.state != "running":
-            out[v["name"]] = NodeTarget(v["name"], v["driver"], error="guest is not running")
-        elif v["driver"] == "container":
-            out[v["name"]] = NodeTarget(v["name"], "container", ["nsenter", "-t", str(view.pid), "-m", "-u",
-                                                                  "-i", "-n", "-p", "-r", "-w"])
+    drivers = {v["name"]: v["driver"] for v in m.net["vms"]}
+    for name, route in guest_exec_routes(m.net["vms"]).items():
+        if isinstance(route, str):
+            out[name] = NodeTarget(name, drivers[name], error=route)
         else:
-            try:
-                out[v["name"]] = NodeTarget(v["name"], "qemu", sock=exec_socket(v["name"], handles.get(v["name"])))
-            except GuestExecError as exc:
-                out[v["name"]] = NodeTarget(v["name"], "qemu", error=str(exc))
+            out[name] = NodeTarget(name, drivers[name], list(route.prefix) if route.prefix else None,
+                                   route.sock, cgroup_pid=route.cgroup_pid)
     return out
 
 
@@ -533,8 +677,9 @@ async def run_in(target: NodeTarget, argv: list[str], timeout: float) -> tuple[i
         except GuestExecError as exc:
             return None, "", str(exc)
         return r.rc, r.stdout.decode(errors="replace"), None
+    join = cgroup.kwargs_like(target.cgroup_pid) if target.cgroup_pid else {}
     with trio.move_on_after(timeout) as scope:
-        r = await proc.arun(target.prefix + argv, check=False)
+        r = await proc.arun((target.prefix or []) + argv, check=False, **join)
     if scope.cancelled_caught:
         return None, "", f"timed out after {timeout:g} s"
     return r.returncode, r.stdout + r.stderr, None
@@ -617,9 +762,9 @@ async def _guest_action(m, spec: dict, action: str, ledger: Ledger) -> None:
     if action in ("stop", "kill", "restart"):
         await Engine(ledger=ledger).stop(name, force=action == "kill")
     if action in ("start", "restart"):
-        if spec["driver"] == "container":
-            # The container's veths went with its network namespace: make them again.
-            await trio.to_thread.run_sync(_container_veths, m, name)
+        # A container's veths went with its network namespace: make again
+        # whatever host side of the guest's NICs is gone.
+        await trio.to_thread.run_sync(_guest_nics, m, name)
         report = await vm_apply([GuestSpec.from_dict(spec)], **m.vm_options)
         bad = [r for r in report.results if r.outcome not in ("ready", "already")]
         if bad:
@@ -629,13 +774,13 @@ async def _guest_action(m, spec: dict, action: str, ledger: Ledger) -> None:
             await live.start_vm_frr({name: m.net["vm_frr"][name]})
 
 
-def _container_veths(m, name: str) -> None:
-    """A container guest's NICs as `up` made them (veth on the bridge, far end
-    waiting on the host for the vm engine), where they are missing. The names
-    are already in netlang's ledger records."""
+def _guest_nics(m, name: str) -> None:
+    """Guest `name`'s NICs as `up` made them, where their host side is missing
+    (a container's veth went with its network namespace; a tap outlives its
+    QEMU). The names are already in netlang's ledger records."""
     lines = []
     for port in plan_of(m.net).ports:
-        if port.node == name and port.kind == "cveth" and not os.path.exists(f"/sys/class/net/{port.host_if}"):
+        if port.node == name and any(not os.path.exists(f"/sys/class/net/{i}") for i in port.links()):
             lines += port.ip_lines()
     if lines:
         proc.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
@@ -690,6 +835,10 @@ def capture_point(m, what: dict[str, Any]) -> tuple[list[str], str]:
         if o.host_ifs:
             return [], o.host_ifs[0]
         ns, eth = o.ns_ifs[0]
+        if o.ref.kind == "p2p" and o.wire is None and p2p_wired(ns, eth):
+            # What the node sends is redirected before the interface's capture
+            # point; the wire's tap sees both directions.
+            return ["ip", "netns", "exec", ns], p2p_tap(eth)
         return ["ip", "netns", "exec", ns], eth
     node, iface = what["node"], what.get("iface") or "eth0"
     if node in p.netns:

@@ -107,6 +107,16 @@ def parse_settings(words: list[str]) -> LinkSettings:
     return s
 
 
+_FIELDS = {"delay": "delay_us", "jitter": "jitter_us", "loss": "loss_pct", "rate": "rate_bit"}
+
+
+def clear_others(s: LinkSettings) -> LinkSettings:
+    """`link set --clear [settings]`: every setting `s` does not give goes back
+    to none (with no settings: the link has no impairment at all)."""
+    return LinkSettings(s.delay_us, s.jitter_us, s.loss_pct, s.rate_bit,
+                        clear=[k for k in SETTINGS if getattr(s, _FIELDS[k]) is None])
+
+
 def split_link_words(words: list[str]) -> tuple[str, str | None, list[str]]:
     """`A -- B rest...` -> (A, B, rest); `A rest...` -> (A, None, rest)."""
     if not words:

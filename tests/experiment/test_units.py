@@ -92,6 +92,13 @@ def test_parse_settings_and_errors():
     assert R.LinkSettings.from_json(s.to_json()) == s
 
 
+def test_clear_others_removes_every_setting_not_given():
+    assert R.clear_others(R.LinkSettings()).clear == ["delay", "jitter", "loss", "rate"]
+    s = R.clear_others(R.parse_settings(["delay", "5ms"]))
+    assert s.delay_us == 5000 and s.clear == ["jitter", "loss", "rate"]
+    assert hostside.effective({"delay_us": 1, "loss_pct": 2.0, "rate_bit": 8}, s) == {"delay_us": 5000}
+
+
 def test_effective_settings_and_wirefilter_lines():
     cur = {"delay_us": 20_000, "loss_pct": 1.0}
     new = hostside.effective(cur, R.parse_settings(["delay", "50ms", "loss", "none", "rate", "8mbit"]))
