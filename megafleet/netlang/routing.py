@@ -3,8 +3,6 @@ protocol, and the reachability check behind `reachable A B`."""
 
 from __future__ import annotations
 
-from collections import deque
-
 from megafleet.netlang.ipam import Subnet
 from megafleet.netlang.model import Domain, Net
 
@@ -23,40 +21,13 @@ def is_dynamic(net: Net, router: str) -> bool:
 
 
 def static_routes(net: Net) -> dict[str, list[tuple[Subnet, int]]]:
-    """For each router without OSPF/BGP: a route to every subnet it is not attached
-    to, via the first router on a shortest path (breadth-first over routers)."""
-    rdoms = _router_domains(net)
-    routes: dict[str, list[tuple[Subnet, int]]] = {}
-    for r, mine in rdoms.items():
-        if is_dynamic(net, r):
-            continue
-        out: list[tuple[Subnet, int]] = []
-        for fam in (4, 6):
-            seen_doms = {d.id for d, _ in mine}
-            seen_routers = {r}
-            queue: deque[tuple[str, int]] = deque()
-            for dom, my_addrs in mine:
-                if fam not in my_addrs:
-                    continue
-                for s, addrs in dom.routers:
-                    if s not in seen_routers and fam in addrs:
-                        seen_routers.add(s)
-                        queue.append((s, addrs[fam]))
-            while queue:
-                s, via = queue.popleft()
-                for dom, _ in rdoms.get(s, ()):
-                    if dom.id in seen_doms:
-                        continue
-                    seen_doms.add(dom.id)
-                    if fam in dom.subnets:
-                        out.append((dom.subnets[fam], via))
-                    for t, addrs in dom.routers:
-                        if t not in seen_routers:
-                            seen_routers.add(t)
-                            queue.append((t, via))
-        if out:
-            routes[r] = out
-    return routes
+    """For each router without OSPF/BGP: its static routes, (destination, next
+    hop); a tree of routers gets default routes toward its core and merged
+    prefixes (megafleet.netlang.treeroutes), anything else a route to every
+    subnet via the first router on a shortest path."""
+    from megafleet.netlang.treeroutes import static_routes as routes
+
+    return routes(net)
 
 
 def routing_kind(net: Net, router: str) -> str:

@@ -77,12 +77,15 @@ def racks_description(racks: int, guests_per_rack: int, *, racks_per_pod: int = 
     rack a switch behind its own router. Rack routers meet on one pod switch per
     `racks_per_pod` racks, pod routers on one spine switch: every segment that
     spans hosts spans few of them (a segment on all hosts would give each host a
-    VXLAN tunnel to every other one: hosts x hosts)."""
+    VXLAN tunnel to every other one: hosts x hosts). Pod switches take their
+    subnets from their own pool and racks theirs in rack order, so the racks
+    of a pod are one run of /24s: the routers' merged routes (a power-of-two
+    `racks_per_pod` makes each pod one prefix)."""
     pods = -(-racks // racks_per_pod)
     lines = [f'image tiny from "{image}"', "pool racks 10.0.0.0/8 per /24",
              "pool pods 100.64.0.0/10 per /26", "switch spine subnet 100.63.0.0/16"]
     for p in range(1, pods + 1):
-        lines.append(f"switch pod{p}")
+        lines.append(f"switch pod{p} subnet pods")
         lines.append(f"router p{p} {{ iface spine auto; iface pod{p} auto }}")
     for r in range(1, racks + 1):
         p = (r - 1) // racks_per_pod + 1
