@@ -426,17 +426,16 @@ async def _down_one(t: str, ledger: Ledger, emit: Emit) -> dict[str, int]:
     emit({"phase": "down", "testbed": t, "state": "start"})
     daemons = [r for r in ledger.list(OWNER, "process") if r.key.startswith(t + "/")]
     # An `up` killed mid-boot left guests that are up but recorded as starting:
-    # record them running and let the collector see them once before it stops.
+    # record them running, so the collector stores their boots: a running one
+    # looks once more when it is stopped below (Collector.final_events).
     vm_names = {n for r in ledger.list(live.OWNER, "vms") if r.key == t for n in r.data["names"]}
-    settled = vm_names and await trio.to_thread.run_sync(settle_guests, vm_names)
+    if vm_names:
+        await trio.to_thread.run_sync(settle_guests, vm_names)
     m = load_manifest(t) if vm_names else None
-    if m is not None and any(r.key == f"{t}/collect" for r in daemons):
-        if not _running(ledger, f"{t}/collect"):
-            # Its collector was killed: what it did not store of the boots, now.
-            await trio.to_thread.run_sync(_catch_up_telemetry, m)
-        elif settled:
-            await trio.sleep(min(1.5 * m.collect_interval, 5.0))
-    # The collector flushes its pipeline on SIGTERM: give it time.
+    if m is not None and any(r.key == f"{t}/collect" for r in daemons) and not _running(ledger, f"{t}/collect"):
+        # Its collector was killed: what it did not store of the boots, now.
+        await trio.to_thread.run_sync(_catch_up_telemetry, m)
+    # The collector takes a last look and flushes its pipeline on SIGTERM: give it time.
     await trio.to_thread.run_sync(_stop_daemons, daemons)
     ledger.forget_many(OWNER, "process", [r.key for r in daemons])
     # Every process of the testbed in one write, before anything else: a storm
@@ -479,22 +478,34 @@ async def _teardown_guests(testbed: str, ledger: Ledger, emit: Emit) -> None:
 def settle_guests(names: set[str]) -> int:
     """Guests among `names` still recorded as starting whose process is alive
     and whose console has the ready line (the engine stopped or died before it
-    read it): recorded as running, with the guest's uptime at its ready line as
-    boot time. Returns how many."""
+    read it): recorded as running, with their pid and the guest's uptime at its
+    ready line as boot time. Returns how many.
+
+    The process is the one the engine recorded or, when the engine was stopped
+    before it read the pid (a SIGTERM while a container's launcher was
+    reporting it), the one the driver's pidfile names: such a guest runs, and
+    `status` counts it, so its boot must be recorded too (the collector's boot
+    events come from these records)."""
+    from megafleet.vm.driver import handle_process
     from megafleet.vm.engine import find_ready
     from megafleet.vm.state import VmState
 
     state = VmState()
     settled = 0
     for rec in state.list():
-        if rec.name not in names or rec.state != "starting" or not rec.pid or rec.pid_start is None:
+        if rec.name not in names or rec.state != "starting":
             continue
-        if not proc.RecordedProcess(rec.pid, rec.pid_start).alive():
+        handle = dict(rec.handle)
+        if rec.pid and rec.pid_start is not None:
+            handle.update(pid=rec.pid, pid_start=rec.pid_start)
+        guest = handle_process(handle)
+        if guest is None or not guest.alive():
             continue
         console = rec.handle.get("console") or str(Path(rec.handle.get("gdir", "")) / "console.log")
         ready = find_ready(console)
         if ready is not None:
-            state.update(rec.name, state="running", boot_s=round(ready.uptime, 3))
+            state.update(rec.name, state="running", boot_s=round(ready.uptime, 3), pid=guest.pid,
+                         pid_start=guest.start)
             settled += 1
     return settled
 

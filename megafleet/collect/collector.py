@@ -31,6 +31,9 @@ from megafleet.collect.spool import Spool
 from megafleet.names import check_name
 
 log = logging.getLogger("megafleet.collect")
+# The longest a stopping collector looks for last events, per sampler: `down`
+# stops it with SIGTERM and a 10 s grace before SIGKILL.
+FINAL_EVENTS_S = 3.0
 
 
 def default_spool_dir(host: str) -> Path:
@@ -145,8 +148,25 @@ class Collector:
                 task_status.started()
                 await self._stop.wait()
                 inner.cancel_scope.cancel()
+            await self._final_events(limiter)
             self.pipeline.close()
         self.spool.close()
+
+    async def _final_events(self, limiter: trio.CapacityLimiter) -> None:
+        """One last look for events (boots) before the pipeline flushes: a boot
+        recorded less than an interval before `stop` is not lost. Bounded by
+        FINAL_EVENTS_S per sampler (whoever stops us waits only so long)."""
+        now_ms = D.now_ms()
+        for sampler in self.samplers:
+            with trio.move_on_after(FINAL_EVENTS_S):
+                try:
+                    docs = await trio.to_thread.run_sync(sampler.final_events, now_ms, limiter=limiter,
+                                                         abandon_on_cancel=True)
+                except Exception as exc:  # as in the sampling loop: say so, keep the rest
+                    self._sampler_failed(sampler.name, exc)
+                    continue
+                for doc in docs:
+                    self.pipeline.submit_event(doc)
 
     async def _sniff(self, sniffer: SwitchSniffer, *, task_status=trio.TASK_STATUS_IGNORED):
         try:

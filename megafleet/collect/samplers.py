@@ -65,6 +65,11 @@ class Sampler:
     def sample(self, now_ms: int) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    def final_events(self, now_ms: int) -> list[dict[str, Any]]:
+        """Events this sampler owes when the collector stops (blocking): what
+        changed since its last interval. None by default."""
+        return []
+
     async def run(self, submit: Callable[[dict[str, Any]], None], *,
                   submit_event: Callable[[dict[str, Any]], None] | None = None,
                   limiter: trio.CapacityLimiter | None = None,
@@ -172,6 +177,14 @@ class GuestSampler(Sampler):
         if self.aggregate:
             docs = aggregate_guest_samples(self.host, docs, now_ms)
         return docs + self._forget_gone(guests, now_ms)
+
+    def final_events(self, now_ms: int) -> list[dict[str, Any]]:
+        """The boot events of guests that reached running (or failed) since the
+        last interval: `down` records the boots an interrupted `up` left
+        unrecorded just before it stops the collector, which must not take
+        them with it. Teardowns are left to the next collector (guests are
+        still listed when `down` stops this one)."""
+        return [e for g in self.source() if (e := self._lifecycle_event(g)) is not None]
 
     def _forget_gone(self, guests: list[GuestInfo], now_ms: int) -> list[dict[str, Any]]:
         """Drop what we kept about guests that are gone; each is a teardown event."""

@@ -100,3 +100,18 @@ def test_boot_progress_hook_reports_engine_results():
     assert seen == [("mfc-a", {"ok": True, "duration_s": 3.5, "image": "tiny", "reason": None}),
                     ("mfc-b", {"ok": False, "duration_s": None, "image": "big",
                                "reason": "no ready line"})]
+
+
+def test_final_events_are_the_boots_since_the_last_interval():
+    """What a stopping collector still stores (Collector.final_events): the
+    boots recorded since its last interval, once, with the interval's ids."""
+    listing = [GuestInfo("mfc-g1", "running", None, "tiny", boot_s=1.5, changed_ms=1000)]
+    sampler = GuestSampler("mfc-h", lambda: listing)
+    assert [d["_id"] for d in sampler.sample(1500) if d["meta"]["kind"] == "event"] == [
+        "event:mfc-h:mfc-g1:boot:1000"]
+    # Recorded running after that interval (down settled an interrupted up's guests).
+    listing.append(GuestInfo("mfc-g2", "running", None, "tiny", boot_s=2.0, changed_ms=1700))
+    final = sampler.final_events(1800)
+    assert [(d["event"], d["meta"]["guest"], d["_id"]) for d in final] == [
+        ("boot", "mfc-g2", "event:mfc-h:mfc-g2:boot:1700")]
+    assert sampler.final_events(1900) == []          # each boot once

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,43 @@ def test_sigint_during_the_guest_phase_prints_an_interrupted_summary_and_down_le
             up.wait()
         down = megafleet_json("down", testbed, check=False)
     assert down["ok"], down
+    nothing_left(testbed)
+
+
+def test_sigterm_during_the_guest_phase_loses_no_boot_event(tmp_path):
+    """SIGTERM to `up` while its guests start: every guest that runs afterwards
+    has exactly one boot event in the store once `down` is done, also a guest
+    whose pid the engine never read (the signal came while its launcher was
+    reporting it) and although the collector samples only every 120 s (its
+    last look is when `down` stops it). The soak's lost_events, as a test."""
+    testbed = f"mfut{TAG}"
+    path = write_fleet(tmp_path, "term", containers=20, qemus=0, net=153)
+    since = datetime.now(timezone.utc).isoformat()
+    up = popen_megafleet("up", str(path), "-N", testbed, "--no-ksm", "--telemetry-interval", "120")
+    try:
+        wait_for_line(up, "vm       local: starting", 300)
+        # SIGTERM as soon as the first guest runs, while the others start.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and up.poll() is None:
+            if any(g["state"] == "running" for g in megafleet_json("vm", "ls")):
+                break
+            time.sleep(0.05)
+        up.send_signal(signal.SIGTERM)
+        stdout, stderr = up.communicate(timeout=60)
+        assert up.returncode == 130, stdout + stderr
+        assert stdout.strip().splitlines()[-1].startswith("interrupted: "), stdout
+        running = {g["name"] for g in megafleet_json("vm", "ls") if g["state"] == "running"}
+        assert running, "no guest ran: the signal came too early to test anything"
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        down = megafleet_json("down", testbed, check=False)
+    assert down["ok"], down
+    events = megafleet_json("telemetry", "events", "--kind", "boot", "--since", since, "-n", "0")
+    booted = sorted(e["meta"]["guest"] for e in events if e.get("ok"))
+    assert running <= set(booted), f"ran without a boot event: {sorted(running - set(booted))}"
+    assert len(booted) == len(set(booted)), f"a boot stored twice: {booted}"
     nothing_left(testbed)
 
 
