@@ -129,6 +129,14 @@ def place(nodes: list[NodeDemand], hosts: list[HostOffer], *, ksm_sharing: float
         """The first host in room order where `count` nodes needing `need` MB fit."""
         popped = []
         found = None
+        while heap and current[heap[0][1]] != heap[0]:
+            heapq.heappop(heap)             # stale
+        # A host that fits has min(slots, MB) >= min(count, need), and the top
+        # has the largest min: when even it is below, none fits. Without this,
+        # every segment too big for any host (a pod's routers) popped every
+        # host: segments x hosts.
+        if not heap or -heap[0][0] < min(count, need):
+            return None
         while heap:
             key = heapq.heappop(heap)
             if current[key[1]] != key:
