@@ -238,7 +238,7 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
     phases["vm"] = time.monotonic() - t1
 
     ledger.record(OWNER, "testbed", t, digest=digest, complete=True, source=m.source, host=m.host)
-    guests = report.to_dict() if report else {"ready": 0, "failed": 0, "already": 0, "guests": []}
+    guests: dict[str, Any] = report.to_dict() if report else {"ready": 0, "failed": 0, "already": 0, "guests": []}
     failed = [{"name": g["name"], "reason": g["reason"], "attempts": g["attempts"]}
               for g in guests["guests"] if g["outcome"] == "failed"]
     result = {"host": m.host, "testbed": t, "phases": {k: round(v, 3) for k, v in phases.items()},
@@ -559,7 +559,7 @@ def status(testbed: str | None = None, *, state_dir: str | None = None,
                     failures.append({"node": v["name"], "state": state,
                                      "reason": (view.reason if view else None) or "not running"})
         collector = _running(ledger, f"{t}/collect")
-        telemetry = {"collector": "running" if collector else "stopped",
+        telemetry: dict[str, Any] = {"collector": "running" if collector else "stopped",
                      "store": m.telemetry if m and m.telemetry else "sqlite (state dir)",
                      "log": _tail(paths.state_dir() / "up" / f"{t}.collect.log")}
         if m is not None:
@@ -568,8 +568,8 @@ def status(testbed: str | None = None, *, state_dir: str | None = None,
         beds.append({"testbed": t, "complete": record.get("complete", False),
                      "source": record.get("source"), "nodes": states, "failures": failures,
                      "telemetry": telemetry, "links": changed_links(t, ledger)})
-    ksm = {"daemon": "running" if any(r.key.endswith("/ksm") and _running(ledger, r.key)
-                                      for r in ledger.list(OWNER, "process")) else "stopped"}
+    ksm: dict[str, Any] = {"daemon": "running" if any(r.key.endswith("/ksm") and _running(ledger, r.key)
+                                                      for r in ledger.list(OWNER, "process")) else "stopped"}
     try:
         from megafleet.ksm.sysfs import KsmSysfs
         snap = KsmSysfs().read()
@@ -648,16 +648,17 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
     from megafleet.vm.guestexec import GuestExecError, exec_in_guest
 
     ledger = Ledger()
-    # node -> how to run a command in it, or why not
-    targets: dict[str, ExecRoute | str] = {}
+    # (node, how to run a command in it or why not); two testbeds may share a node name
+    targets: list[tuple[str, ExecRoute | str]] = []
     for t in ([testbed] if testbed else testbeds(ledger)):
         m = load_manifest(t)
         if m is None:
             continue
         for node, ns in sorted(m.net["netns"].items()):
             if fnmatch.fnmatchcase(node, pattern):
-                targets[node] = ExecRoute(prefix=("ip", "netns", "exec", ns))
-        targets.update(guest_exec_routes([v for v in m.net["vms"] if fnmatch.fnmatchcase(v["name"], pattern)]))
+                targets.append((node, ExecRoute(prefix=("ip", "netns", "exec", ns))))
+        routes = guest_exec_routes([v for v in m.net["vms"] if fnmatch.fnmatchcase(v["name"], pattern)])
+        targets += sorted(routes.items())
     results: list[dict[str, Any]] = []
     limiter = trio.CapacityLimiter(8)
 
@@ -686,7 +687,7 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
         results.append({"node": node, "rc": rc, "stdout": stdout, "stderr": stderr, "error": error})
 
     async with trio.open_nursery() as nursery:
-        for node, route in sorted(targets.items()):
+        for node, route in targets:
             nursery.start_soon(one, node, route)
     return sorted(results, key=lambda r: r["node"])
 

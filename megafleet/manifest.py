@@ -120,10 +120,12 @@ class HostManifest:
     def counts(self) -> dict[str, int]:
         from megafleet.vm.driver import DRIVER_KINDS
 
-        # A guest whose memory is host RAM is a vm; a process-backed one a container.
-        vm_like = sum(1 for v in self.net["vms"] if DRIVER_KINDS[v["driver"]].ram_backed)
+        # Each driver says which column counts its guests.
+        columns = {"vms": 0, "containers": 0}
+        for v in self.net["vms"]:
+            columns[DRIVER_KINDS[v["driver"]].summary_column] += 1
         return {"namespaces": len(self.net["netns"]), "routers": len(self.net["routers"]),
-                "vms": vm_like, "containers": len(self.net["vms"]) - vm_like,
+                **columns,
                 "bridges": len(self.net["bridges"]), "vxlan": len(self.net.get("vxlan", []))}
 
 

@@ -16,6 +16,7 @@ own ledger: given only `--hosts`, it removes every testbed on every host.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -205,7 +206,7 @@ def placement_rows(plan, placed) -> list[dict[str, Any]]:
         kinds = {"namespaces": 0, "vms": 0, "containers": 0}
         for n in nodes:
             v = vms.get(n)
-            kinds["namespaces" if v is None else "vms" if DRIVER_KINDS[v.driver].ram_backed else "containers"] += 1
+            kinds["namespaces" if v is None else DRIVER_KINDS[v.driver].summary_column] += 1
         segments = sorted(s for s, hs in placed.segment_hosts.items() if host in hs)
         rows.append({"host": host, "nodes": len(nodes), **kinds, "segments": segments})
     return rows
@@ -214,6 +215,10 @@ def placement_rows(plan, placed) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------
+
+def _image_progress(out: Output, name: str, text: str) -> None:
+    out.line(f"image    {name}: {text}")
+
 
 def build_images(net, plan, out: Output) -> dict[str, Any]:
     """Build (or find in the cache) every image a guest uses. Returns the description's
@@ -227,7 +232,7 @@ def build_images(net, plan, out: Output) -> dict[str, Any]:
             raise UpError(f"image {name!r} is used but not declared in the description")
         spec = net.images[name][0]
         try:
-            image = store.build(spec, progress=lambda text, n=name: out.line(f"image    {n}: {text}"))
+            image = store.build(spec, progress=functools.partial(_image_progress, out, name))
         except store.SpecError as exc:
             raise UpError(str(exc)) from None
         out.line(f"image    {name}: {image.name} {image.short} "
@@ -332,8 +337,8 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     # placement used, so what was placed on a host boots there.
     budgets = {o.name: o.mem_mb for o in target.offers()}
     vm_options = {**(vm_options or {}), "ksm_sharing": target.ksm_sharing, "budget_option": "--host-mem"}
-    common = {"ksm": ksm, "telemetry": telemetry, "vm_options": vm_options, "source": str(path),
-              "collect_interval": collect_interval}
+    common: dict[str, Any] = {"ksm": ksm, "telemetry": telemetry, "vm_options": vm_options,
+                              "source": str(path), "collect_interval": collect_interval}
     # Each host gets the file:line of its nodes' `exec` statements: a failed
     # startup command there names its line, as `net up` does.
     from megafleet.netlang.nsexec import statement_locs
@@ -355,7 +360,7 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
         t = phase_done("manifests", t)
         for h, m in manifests.items():
             try:
-                results[h] = await host_side.apply(m, lambda ev, h=h: out.event(h, ev))
+                results[h] = await host_side.apply(m, functools.partial(out.event, h))
             except Exception as exc:       # the host failed: report it, keep the record for down
                 host_errors[h] = f"{type(exc).__name__}: {exc}"
         phase_done("apply", t)
@@ -585,6 +590,8 @@ async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool
         nursery.cancel_scope.cancel()
     if error is not None and not state["signals"]:
         raise error
+    if summary is None:      # not reached: up returned one, or the hosts' report replaced it
+        raise UpError(f"up of {testbed} ended without a summary")
     return summary
 
 
@@ -629,6 +636,7 @@ async def _on_hosts(target: Target, handler: str, payload: dict[str, Any], out: 
     from megafleet import host as host_side
 
     if target.embedded:
+        value: Any            # what the handler returns (a dict, or exec's list of results)
         try:
             if handler == "host.down":
                 value = await host_side.down(payload.get("testbed"), lambda ev: out.event(LOCAL, ev),

@@ -90,10 +90,14 @@ def vm_container_source(engine: Any = None, pattern: str = "*") -> Callable[[], 
 
         engine = Engine()
 
+    from megafleet.vm.driver import DRIVER_KINDS
+
     def containers() -> list[ContainerInfo]:
         out = []
         for rec in engine.state.list(pattern):
-            if rec.driver != "container" or rec.state != "running" or not rec.pid:
+            kind = DRIVER_KINDS.get(rec.driver)
+            # Guests with no agent of their own: the host samples them.
+            if kind is None or not kind.host_sampled or rec.state != "running" or not rec.pid:
                 continue
             config = rec.spec.get("config") or {}
             by_mac = {n["mac"].lower(): tuple(n.get("addresses", ())) for n in config.get("nics", ())}

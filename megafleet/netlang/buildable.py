@@ -27,6 +27,7 @@ def _impaired(props: LinkProps) -> bool:
 
 def check(net: Net, diags: Diagnostics) -> None:
     """Report every statement a host cannot build into `diags`."""
+    from megafleet.vm.driver import DEFAULT_DRIVER
     from megafleet.vm.spec import DRIVER_NIC_KINDS
 
     vde = {s for s, sw in net.switches.items() if sw.vde}
@@ -34,7 +35,7 @@ def check(net: Net, diags: Diagnostics) -> None:
     reported: set[int] = set()
     for gi, g in enumerate(net.groups):
         is_vm = g.kind == "vm" or (g.kind == "router" and "image" in g.props)
-        driver = g.props.get("driver", "qemu")
+        driver = g.props.get("driver", DEFAULT_DRIVER)
         ifaces = list(g.ifaces) + [i for n in g.names if n in net.extra_ifaces for i in net.extra_ifaces[n]]
         for iface in ifaces:
             if iface.switch is not None:

@@ -32,7 +32,6 @@ from megafleet.netlang.model import (Domain, Iface, LinkProps, Net, NodeGroup, S
 from megafleet.netlang.parser import Stmt, Word, parse_file
 
 NODE_KINDS = ("vm", "host", "router")
-DRIVERS = ("qemu", "libvirt", "container")
 _DECL_RE = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*?)\[(\d+)\.\.(\d+)\]([A-Za-z0-9_.-]*)")
 _GLOB_CHARS = set("*?")
 
@@ -199,8 +198,9 @@ def _node_prop(kind: str, key: Word, cur: Cursor, props: dict[str, Any], attache
         props["vcpus"] = _value(cur.value(key, "a number"), lambda t: values.integer(t, 1, 1024, "vcpus"))
     elif k == "driver":
         w = cur.value(key, "a driver")
-        if w.text not in DRIVERS:
-            raise PropError(w.loc, f"unknown driver {w.text!r} (use {', '.join(DRIVERS)})")
+        from megafleet.vm.driver import DRIVER_NAMES  # the vm engine's registry (imports trio: late)
+        if w.text not in DRIVER_NAMES:
+            raise PropError(w.loc, f"unknown driver {w.text!r} (use {', '.join(DRIVER_NAMES)})")
         props["driver"] = w.text
     elif k == "ospf":
         ospf = {"area": "0"}

@@ -54,6 +54,7 @@ from megafleet.netlang.hostplan import (Bridge, ContainerPort, GuestVdePort, NsE
                                         WiredPort, WireEnd)
 from megafleet.netlang.model import LinkProps, Net
 from megafleet.netlang.routing import is_dynamic
+from megafleet.vm.driver import DEFAULT_DRIVER
 
 OWNER = "net"
 NETNS_DIR = Path("/run/netns")
@@ -136,7 +137,7 @@ def plan(net: Net, name: str) -> Plan:
         ns = None if is_vm else f"{name}-{node}"
         if ns:
             p.netns[node] = ns
-        kinds = _nic_kinds(g.props.get("driver", "qemu")) if is_vm else ()
+        kinds = _nic_kinds(g.props.get("driver", DEFAULT_DRIVER)) if is_vm else ()
         ops: list[netlink.Op] = [netlink.LinkUp("lo")] if ns else []
         nics: list[tuple[str, Any, dict[int, str], int, Port | None]] = []
         for eth, iface, addrs in view.ifaces:
@@ -324,7 +325,7 @@ def _guest_spec(net: Net, testbed: str, node: str, view_nics: list) -> Any:
     config = GuestConfig(name=node, nics=tuple(configs), gateway=view.gateways.get(4),
                          gateway6=view.gateways.get(6), routes=tuple(view.routes),
                          forward=g.kind == "router")
-    return GuestSpec(name=node, image=g.props["image"], driver=g.props.get("driver", "qemu"),
+    return GuestSpec(name=node, image=g.props["image"], driver=g.props.get("driver", DEFAULT_DRIVER),
                      mem_mb=g.props.get("mem_mib", 128), vcpus=g.props.get("vcpus", 1),
                      nics=tuple(specs), config=config)
 

@@ -25,9 +25,11 @@ from megafleet.vm import driver as driver_registry
 
 # Guests booting at once per CPU, by how much CPU a boot costs. A TCG boot keeps
 # a CPU busy for seconds, but not all the time (timers, calibration waits), so a
-# few per CPU keep the CPUs full; a KVM boot mostly waits; a container's init is
-# a few milliseconds of work.
-BOOTS_PER_CPU = {"tcg": 4, "kvm": 16, "container": 64}
+# few per CPU keep the CPUs full; a KVM boot mostly waits. A driver with a boot
+# kind of its own (a container's init is a few milliseconds of work) says how
+# many in its registry entry.
+BOOTS_PER_CPU = {"tcg": 4, "kvm": 16, **{k.boot_kind: k.boots_per_cpu for k in driver_registry.DRIVER_KINDS.values()
+                                         if k.boot_kind and k.boots_per_cpu}}
 MAX_PARALLEL = 256
 
 # Kept for callers that name them; the registry in megafleet.vm.driver is the truth.

@@ -9,6 +9,7 @@ import click
 import trio
 
 from megafleet.vm.admission import BudgetError
+from megafleet.vm.driver import DEFAULT_DRIVER
 from megafleet.vm.spec import DRIVERS, GuestResult, GuestSpec, SpecError
 
 
@@ -59,7 +60,7 @@ def vm() -> None:
               help="How many guests.")
 @click.option("--prefix", default="vm", show_default=True,
               help="Guest names are PREFIX1 .. PREFIXN.")
-@click.option("--driver", type=click.Choice(DRIVERS), default="qemu", show_default=True)
+@click.option("--driver", type=click.Choice(DRIVERS), default=DEFAULT_DRIVER, show_default=True)
 @click.option("--mem", "mem_mb", default=128, show_default=True, type=int,
               help="Guest RAM in MiB (qemu, libvirt).")
 @click.option("--vcpus", default=1, show_default=True, type=int)

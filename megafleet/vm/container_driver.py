@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,8 @@ import trio
 
 from megafleet import cgroup
 from megafleet.proc import RecordedProcess
-from megafleet.vm.driver import Driver, StartFailed, process_from_pidfile, reap
+from megafleet.vm.driver import (Driver, ExecRoute, StartFailed, handle_process, reap,
+                                 stop_processes)
 
 NSSPAWN = Path(__file__).with_name("nsspawn.py")
 GUEST_INIT = "/init"
@@ -70,7 +72,11 @@ class _Helper:
     matched to their callers by it."""
 
     def __init__(self, process: trio.Process):
+        if process.stdin is None or process.stdout is None:
+            raise StartFailed("the container launcher (nsspawn) was started without pipes")
         self.process = process
+        self.stdin: trio.abc.SendStream = process.stdin
+        self.stdout: trio.abc.ReceiveStream = process.stdout
         self.send_lock = trio.Lock()
         self.read_lock = trio.Lock()
         self._buffer = b""
@@ -84,7 +90,7 @@ class _Helper:
         done = self._waiting[req_id] = trio.Event()
         try:
             async with self.send_lock:
-                await self.process.stdin.send_all(json.dumps({**req, "id": req_id}).encode() + b"\n")
+                await self.stdin.send_all(json.dumps({**req, "id": req_id}).encode() + b"\n")
             while not done.is_set():
                 # Whoever holds the read lock reads for everyone; the others wait.
                 async with self.read_lock:
@@ -98,7 +104,7 @@ class _Helper:
 
     async def _read_one(self) -> None:
         while b"\n" not in self._buffer:
-            data = await self.process.stdout.receive_some(65536)
+            data = await self.stdout.receive_some(65536)
             if not data:
                 error = {"error": "the container launcher (nsspawn) exited"}
                 for rid, event in self._waiting.items():
@@ -116,6 +122,9 @@ class _Helper:
 
 class ContainerDriver(Driver):
     name = "container"
+    # Killing the init ends the PID namespace and with it every process, mount
+    # and the network namespace; nothing inside needs a clean exit.
+    kill_on_teardown = True
 
     def __init__(self) -> None:
         self._helpers: list[_Helper] = []
@@ -145,7 +154,7 @@ class ContainerDriver(Driver):
 
     async def aclose(self) -> None:
         for helper in self._helpers:
-            await helper.process.stdin.aclose()
+            await helper.stdin.aclose()
         for helper in self._helpers:
             with trio.move_on_after(5):
                 await helper.process.wait()
@@ -196,14 +205,20 @@ class ContainerDriver(Driver):
         return "container init exited"
 
     async def stop(self, name: str, handle: dict[str, Any], *, force: bool) -> None:
-        from megafleet.vm.driver import stop_processes
-        import signal
-
-        proc = None
-        if handle.get("pid") and handle.get("pid_start") is not None:
-            proc = RecordedProcess(handle["pid"], handle["pid_start"])
-        elif handle.get("pidfile"):
-            proc = process_from_pidfile(Path(handle["pidfile"]))
+        """Kill the container's init (SIGKILL whether `force` or not: the init of
+        a PID namespace ignores the signals it has no handler for, and its end
+        takes everything of the container with it)."""
+        proc = handle_process(handle)
         if proc is not None:
-            await stop_processes([proc], sig=signal.SIGKILL if force else signal.SIGTERM, grace=3.0)
+            await stop_processes([proc], sig=signal.SIGKILL, grace=3.0)
             reap(proc.pid)
+
+    @classmethod
+    def exec_route(cls, name: str, pid: int | None, handle: dict[str, Any] | None) -> ExecRoute:
+        """A container has no exec channel: the host enters its namespaces
+        (nsenter) and runs the command in its cgroup."""
+        if not pid:
+            from megafleet.vm.guestexec import GuestExecError
+            raise GuestExecError(f"{name}: no init process recorded")
+        return ExecRoute(prefix=("nsenter", "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-r", "-w"),
+                         cgroup_pid=pid)

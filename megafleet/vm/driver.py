@@ -18,7 +18,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -65,6 +65,14 @@ class DriverKind:
     boot_kind: str | None          # admission's boots-per-CPU class; None: the accelerator's (tcg, kvm)
     readiness: str                 # where the ready line shows: "serial" console or container "stdout"
     factory: str                   # "module:Class" of the Driver
+    # No agent in the guest: the host's collector samples it from outside
+    # (megafleet.collect.containers reads its namespaces and cgroup).
+    host_sampled: bool = False
+    # The column of `megafleet plan`/`up` summaries that counts these guests.
+    summary_column: Literal["vms", "containers"] = "vms"
+    # Guests of `boot_kind` booting at once per CPU (admission), when the
+    # driver has a boot kind of its own.
+    boots_per_cpu: int | None = None
 
     def footprint_mb(self, mem_mb: int, ksm_sharing: float = 0.0) -> float:
         """Host MiB one guest of `mem_mb` costs once KSM merges the expected
@@ -86,9 +94,14 @@ class DriverKind:
                     f"{self.min_mem_mb}M ({self.min_mem_why})")
         return None
 
-    def make(self) -> "Driver":
+    def driver_class(self) -> type["Driver"]:
+        """The Driver class (its module imported on first use)."""
         module, _, cls = self.factory.partition(":")
-        return getattr(importlib.import_module(module), cls)()
+        found: type[Driver] = getattr(importlib.import_module(module), cls)
+        return found
+
+    def make(self) -> "Driver":
+        return self.driver_class()()
 
 
 _KERNEL_MIN = "the Debian kernel of the images does not boot below -m 96"
@@ -103,9 +116,12 @@ DRIVER_KINDS: dict[str, DriverKind] = {k.name: k for k in (
                min_mem_why="the smallest guest size megafleet accepts; a container's RAM is its "
                            "processes, not `mem`", ram_backed=False,
                overhead_mb=CONTAINER_MB, boot_kind="container", readiness="stdout",
-               factory="megafleet.vm.container_driver:ContainerDriver"),
+               factory="megafleet.vm.container_driver:ContainerDriver",
+               host_sampled=True, summary_column="containers",
+               boots_per_cpu=64),          # a container's init is a few milliseconds of work
 )}
 DRIVER_NAMES = tuple(DRIVER_KINDS)
+DEFAULT_DRIVER = "qemu"           # a `vm` statement or spec that names none
 
 
 def driver_kind(name: str) -> DriverKind:
@@ -122,7 +138,7 @@ def check_guest_memory(net, diags) -> None:
     for g in net.groups:
         if not (g.kind == "vm" or (g.kind == "router" and "image" in g.props)):
             continue
-        kind = DRIVER_KINDS.get(g.props.get("driver", "qemu"))
+        kind = DRIVER_KINDS.get(g.props.get("driver", DEFAULT_DRIVER))
         mem = g.props.get("mem_mib")
         if kind is None or mem is None:
             continue
@@ -136,12 +152,31 @@ class StartFailed(RuntimeError):
     """A guest could not be started at all (the driver's own error)."""
 
 
+@dataclass(frozen=True)
+class ExecRoute:
+    """How the host runs a command inside one running guest: either on the host
+    with `prefix` before the command's argv (in the cgroup of process
+    `cgroup_pid` when set, so what it starts is charged to the guest), or
+    through the guest's exec channel, the unix socket `sock`
+    (megafleet.vm.guestexec)."""
+
+    prefix: tuple[str, ...] = ()
+    cgroup_pid: int | None = None
+    sock: Path | None = None
+
+
 class Driver:
     """Base class. `start` returns a handle: a JSON-able dict the engine stores
-    with the guest (pid, pid_start, paths) and passes back to `alive`/`stop`."""
+    with the guest (pid, pid_start, paths) and passes back to `alive`/`stop`.
+
+    The base implements a guest that is one host process the engine records
+    (by pid and start time, or by its pidfile before it is known)."""
 
     name = "base"
     owns_process = True  # the engine records and signals the guest's process
+    # Teardown sends SIGTERM and waits a grace period (a clean exit), or, when
+    # True, SIGKILL at once (nothing in the guest needs a clean exit).
+    kill_on_teardown = False
 
     def admission_kind(self) -> str:
         """'tcg', 'kvm' or 'container': how expensive a boot is (admission)."""
@@ -154,26 +189,59 @@ class Driver:
         """End the session (helpers, connections). Guests keep running."""
 
     def records(self, name: str, gdir: Path) -> list[tuple[str, str, dict[str, Any]]]:
-        """Resources (kind, key, data) to record in the ledger before `start`."""
+        """Resources (kind, key, data) to record in the ledger before `start`.
+        Each data names the guest ("guest") and this driver ("driver"), so
+        teardown finds the driver that removes it."""
         return [("process", name, {"guest": name, "driver": self.name,
                                    "pidfile": str(gdir / "pid")})]
 
-    async def start(self, spec, image, gdir: Path) -> dict[str, Any]:
+    async def start(self, spec: Any, image: Any, gdir: Path) -> dict[str, Any]:
         raise NotImplementedError
 
     def alive(self, handle: dict[str, Any]) -> bool:
-        pid, start = handle.get("pid"), handle.get("pid_start")
-        if not pid or start is None:
-            return False
-        return RecordedProcess(pid, start).alive()
+        """Whether the guest of `handle` (its pid and pid_start, else its
+        pidfile) is still running."""
+        proc = handle_process(handle)
+        return proc is not None and proc.alive()
+
+    def exit_reason(self, handle: dict[str, Any]) -> str:
+        """Why the guest of `handle` ended before its ready line, as far as the
+        driver can tell (an exit status, the tail of a log)."""
+        return f"{self.name} guest exited"
 
     async def stop(self, name: str, handle: dict[str, Any], *, force: bool) -> None:
         """Stop the guest; tolerate it being gone already."""
         raise NotImplementedError
 
+    async def remove(self, records: list[dict[str, Any]]) -> None:
+        """Teardown: end every guest whose ledger records (the data of this
+        driver's `records`, plus "key") are given, all at once; tolerate those
+        already gone."""
+        procs = [p for p in map(handle_process, records) if p is not None]
+        await stop_processes(procs, sig=signal.SIGKILL if self.kill_on_teardown else signal.SIGTERM,
+                             grace=3.0)
+
     def rss_bytes(self, handle: dict[str, Any]) -> int | None:
         pid = handle.get("pid")
         return rss_bytes(pid) if pid and self.alive(handle) else None
+
+    @classmethod
+    def exec_route(cls, name: str, pid: int | None, handle: dict[str, Any] | None) -> ExecRoute:
+        """How to run a command inside running guest `name` (init or QEMU `pid`,
+        the engine's `handle`). The base: the guest's exec channel, which QEMU
+        and libvirt guests have. GuestExecError when there is none."""
+        from megafleet.vm.guestexec import exec_socket
+        return ExecRoute(sock=exec_socket(name, handle))
+
+
+def handle_process(handle: dict[str, Any]) -> RecordedProcess | None:
+    """The process a handle or ledger record names: by pid and start time, or
+    by its pidfile (written before the pid was known to the engine)."""
+    if handle.get("pid") and handle.get("pid_start") is not None:
+        return RecordedProcess(handle["pid"], handle["pid_start"])
+    if handle.get("pidfile"):
+        return process_from_pidfile(Path(handle["pidfile"]))
+    return None
 
 
 def become_subreaper() -> None:

@@ -15,21 +15,19 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import trio
 
 from megafleet import paths
 from megafleet.imagegen.contract import BadLine, ReadyLine, parse_line
 from megafleet.ledger import Ledger
-from megafleet.proc import RecordedProcess
 from megafleet.vm import admission
 from megafleet.vm.driver import (Driver, StartFailed, become_subreaper, driver_kind,
-                                 process_from_pidfile, stop_processes)
+                                 process_from_pidfile)
 from megafleet.vm.spec import (BootReport, GuestResult, GuestSpec, Progress, SpecError,
                                    validate_all)
 from megafleet.vm.state import OWNER, GuestRecord, VmState
@@ -185,7 +183,7 @@ class Engine:
 
     # ------------------------------------------------------------------ boot
 
-    def admit(self, specs: list[GuestSpec], running: list[tuple[str, int]] = ()) -> int:
+    def admit(self, specs: list[GuestSpec], running: Sequence[tuple[str, int]] = ()) -> int:
         """Memory admission of a boot of `specs` next to `running` guests
         [(driver, mem_mb)]: the MiB it needs, or BudgetError (nothing started).
         The budget is this engine's (else 90 % of RAM); each guest costs its
@@ -313,6 +311,7 @@ class Engine:
         for attempt in range(1, self.retries + 2):
             result.attempts = attempt
             handle: dict[str, Any] | None = None
+            reason: str | None           # why this attempt failed; None: ready
             async with limiter:
                 _fresh_dir(gdir)
                 t0 = time.monotonic()
@@ -365,9 +364,7 @@ class Engine:
             if not driver.alive(handle):
                 if watcher.poll() is not None:
                     return None
-                reason = getattr(driver, "exit_reason", None)
-                why = reason(handle) if reason else f"{driver.name} guest exited"
-                return f"exited before the ready line ({why})"
+                return f"exited before the ready line ({driver.exit_reason(handle)})"
             if time.monotonic() > deadline:
                 return f"no ready line within {self.timeout_s:g} s"
             await trio.sleep(delay)
@@ -375,14 +372,15 @@ class Engine:
 
     # ------------------------------------------------------------- teardown
 
-    def _alive(self, rec: GuestRecord) -> bool:
-        if rec.driver == "libvirt":
-            return self.driver("libvirt").alive(rec.handle)
+    def _handle(self, rec: GuestRecord) -> dict[str, Any]:
+        """The guest's handle with the pid the engine saw (when it saw one)."""
+        handle = dict(rec.handle)
         if rec.pid and rec.pid_start is not None:
-            return RecordedProcess(rec.pid, rec.pid_start).alive()
-        pidfile = rec.handle.get("pidfile")
-        proc = process_from_pidfile(Path(pidfile)) if pidfile else None
-        return proc is not None and proc.alive()
+            handle.update(pid=rec.pid, pid_start=rec.pid_start)
+        return handle
+
+    def _alive(self, rec: GuestRecord) -> bool:
+        return self.driver(rec.driver).alive(self._handle(rec))
 
     async def stop(self, pattern: str = "*", *, force: bool = False) -> list[str]:
         """Stop matching guests (QMP quit / SIGTERM, or SIGKILL with force); their
@@ -399,28 +397,7 @@ class Engine:
         return [r.name for r in records]
 
     async def _stop_record(self, rec: GuestRecord, *, force: bool) -> None:
-        if rec.driver == "libvirt":
-            await self.driver("libvirt").stop(rec.name, rec.handle, force=force)
-            return
-        handle = dict(rec.handle)
-        if rec.pid and rec.pid_start is not None:
-            handle.update(pid=rec.pid, pid_start=rec.pid_start)
-        if rec.driver == "qemu":
-            await self.driver("qemu").stop(rec.name, handle, force=force)
-        else:
-            await self._stop_ledger_processes([handle], force=True)
-
-    async def _stop_ledger_processes(self, entries: list[dict[str, Any]], *, force: bool) -> None:
-        procs = []
-        for data in entries:
-            proc = None
-            if data.get("pid") and data.get("pid_start") is not None:
-                proc = RecordedProcess(data["pid"], data["pid_start"])
-            elif data.get("pidfile"):
-                proc = process_from_pidfile(Path(data["pidfile"]))
-            if proc is not None:
-                procs.append(proc)
-        await stop_processes(procs, sig=signal.SIGKILL if force else signal.SIGTERM, grace=3.0)
+        await self.driver(rec.driver).stop(rec.name, self._handle(rec), force=force)
 
     async def teardown(self, pattern: str = "*") -> list[str]:
         """Remove every matching guest and everything recorded for it."""
@@ -438,21 +415,25 @@ class Engine:
         if not names:
             return
         resources = [r for r in self.ledger.list(owner=OWNER) if r.data.get("guest") in names]
-        processes = [r for r in resources if r.kind == "process"]
-        domains = [r for r in resources if r.kind == "domain"]
         dirs = [r for r in resources if r.kind == "dir"]
-        qemu_like = [dict(r.data) for r in processes if r.data.get("driver") != "container"]
-        containers = [dict(r.data) for r in processes if r.data.get("driver") == "container"]
+        # Every other record is a driver's (`Driver.records`): each driver ends
+        # its own guests, all drivers at once. A record names its driver; one
+        # made before records did is the guest's driver in the state.
+        state_driver = {r.name: r.driver for r in self.state.list() if r.name in names}
+        by_driver: dict[str, list[dict[str, Any]]] = {}
+        by_kind: dict[str, list[str]] = {}
+        for r in resources:
+            if r.kind == "dir":
+                continue
+            by_kind.setdefault(r.kind, []).append(r.key)
+            name = r.data.get("driver") or state_driver.get(r.data.get("guest", ""))
+            if name:
+                by_driver.setdefault(name, []).append({**r.data, "key": r.key})
         async with trio.open_nursery() as nursery:
-            # QEMU exits cleanly on SIGTERM; a container is simply killed (its PID
-            # namespace, mounts and network namespace go with its init).
-            nursery.start_soon(lambda: self._stop_ledger_processes(qemu_like, force=False))
-            nursery.start_soon(lambda: self._stop_ledger_processes(containers, force=True))
-            if domains:
-                nursery.start_soon(self.driver("libvirt").destroy_many, [r.key for r in domains])
-        await self._db(self.ledger.forget_many, OWNER, "process", [r.key for r in processes])
-        if domains:
-            await self._db(self.ledger.forget_many, OWNER, "domain", [r.key for r in domains])
+            for name, records in by_driver.items():
+                nursery.start_soon(self.driver(name).remove, records)
+        for kind, keys in by_kind.items():
+            await self._db(self.ledger.forget_many, OWNER, kind, keys)
         await trio.to_thread.run_sync(_remove_dirs, [r.key for r in dirs])
         await self._db(self.ledger.forget_many, OWNER, "dir", [r.key for r in dirs])
         await self._db(self.state.delete_many, sorted(names))

@@ -118,7 +118,7 @@ class LibvirtDriver(Driver):
         await self._call(self.connection)
 
     def records(self, name: str, gdir: Path) -> list[tuple[str, str, dict[str, Any]]]:
-        return [("domain", name, {"guest": name, "uri": self.uri})]
+        return [("domain", name, {"guest": name, "driver": self.name, "uri": self.uri})]
 
     async def start(self, spec, image, gdir: Path) -> dict[str, Any]:
         xml = domain_xml(spec, image.kernel, image.initramfs, gdir, self.accel)
@@ -150,6 +150,10 @@ class LibvirtDriver(Driver):
 
     async def stop(self, name: str, handle: dict[str, Any], *, force: bool) -> None:
         await self._call(self._destroy, name, force)
+
+    async def remove(self, records: list[dict[str, Any]]) -> None:
+        """Teardown: destroy the domains recorded (key: the domain's name)."""
+        await self.destroy_many([r["key"] for r in records])
 
     async def destroy_many(self, names: list[str]) -> None:
         async with trio.open_nursery() as nursery:

@@ -30,7 +30,7 @@ from megafleet import cgroup
 from megafleet.proc import RecordedProcess
 from megafleet.qemu import Nic, probe_accel, qemu_argv
 from megafleet.vm import qmp
-from megafleet.vm.driver import Driver, StartFailed, process_from_pidfile, reap, stop_processes
+from megafleet.vm.driver import Driver, StartFailed, handle_process, reap, stop_processes
 
 # no_timer_check: under TCG on a busy host the guest kernel's IO-APIC timer test
 # can fail ("IO-APIC + timer doesn't work!") and panic; the test is pointless in a VM.
@@ -131,7 +131,7 @@ class QemuDriver(Driver):
         return reply.get("status")
 
     async def stop(self, name: str, handle: dict[str, Any], *, force: bool) -> None:
-        proc = _process(handle)
+        proc = handle_process(handle)
         if proc is None:
             return
         if not force and handle.get("qmp"):
@@ -146,14 +146,6 @@ class QemuDriver(Driver):
         if child is not None:
             child.poll()
         reap(proc.pid)
-
-
-def _process(handle: dict[str, Any]) -> RecordedProcess | None:
-    if handle.get("pid") and handle.get("pid_start") is not None:
-        return RecordedProcess(handle["pid"], handle["pid_start"])
-    if handle.get("pidfile"):
-        return process_from_pidfile(Path(handle["pidfile"]))
-    return None
 
 
 def _tail(path: Path, lines: int = 5) -> str:

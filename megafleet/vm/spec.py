@@ -49,7 +49,7 @@ from typing import Any, Callable
 
 from megafleet.imagegen.contract import GuestConfig, NicConfig
 from megafleet.names import check_name
-from megafleet.vm.driver import DRIVER_KINDS, DRIVER_NAMES
+from megafleet.vm.driver import DEFAULT_DRIVER, DRIVER_KINDS, DRIVER_NAMES
 
 DRIVERS = DRIVER_NAMES
 NIC_KINDS = ("tap", "veth", "vde")
@@ -102,7 +102,7 @@ class GuestSpec:
 
     name: str
     image: str
-    driver: str = "qemu"
+    driver: str = DEFAULT_DRIVER
     mem_mb: int = 128
     vcpus: int = 1
     nics: tuple[NicSpec, ...] | list[NicSpec] = ()
@@ -132,7 +132,7 @@ class GuestSpec:
                 agent_interval=config.get("agent_interval", 5.0),
                 services=tuple(config.get("services", ())),
                 forward=bool(config.get("forward", False)))
-        return cls(name=data["name"], image=data["image"], driver=data.get("driver", "qemu"),
+        return cls(name=data["name"], image=data["image"], driver=data.get("driver", DEFAULT_DRIVER),
                    mem_mb=int(data.get("mem_mb", 128)), vcpus=int(data.get("vcpus", 1)),
                    nics=tuple(NicSpec(**n) for n in data.get("nics", ())), config=config)
 
