@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -54,8 +55,8 @@ def fmt_settings(s: dict) -> str:
 def _late_options(words: tuple[str, ...], takes_value: dict[str, str], flags: dict[str, str]) -> tuple[list[str], dict]:
     """Options written after `A -- B` (click stops parsing options at `--`):
     `takes_value` and `flags` map each spelling to its parameter name."""
-    rest, found = [], {}
-    words = list(words)
+    rest: list[str] = []
+    found: dict[str, Any] = {}            # parameter name -> its value (True for a flag)
     i = 0
     while i < len(words):
         w = words[i]
@@ -80,14 +81,14 @@ _LINK_FLAGS = {"--json": "json_mode"}
 def _link_words(words: tuple[str, ...]) -> tuple[str, str | None, list[str]]:
     """click drops the first `--` of the command line: `r1 -- r2 delay 5ms`
     arrives as [r1, r2, delay, 5ms]. A second word that is not a setting is B."""
-    words = list(words)
-    if "--" in words:
-        return R.split_link_words(words)
-    if not words:
+    ws = list(words)
+    if "--" in ws:
+        return R.split_link_words(ws)
+    if not ws:
         raise click.UsageError("expected a link: A -- B")
-    if len(words) > 1 and words[1] not in R.SETTINGS:
-        return words[0], words[1], words[2:]
-    return words[0], None, words[1:]
+    if len(ws) > 1 and ws[1] not in R.SETTINGS:
+        return ws[0], ws[1], ws[2:]
+    return ws[0], None, ws[1:]
 
 
 # ---------------------------------------------------------------------------

@@ -169,9 +169,11 @@ def all_links(net: Net) -> list[LinkRef]:
         for _, iface, _ in net.node(node).ifaces:
             if iface.switch is not None:
                 ref = LinkRef("port", node, iface.switch)
-            else:
+            elif iface.peer is not None:
                 a, b = sorted((node, iface.peer))
                 ref = LinkRef("p2p", a, b)
+            else:
+                continue        # on neither a switch nor a link: no link to name
             if ref not in seen:
                 seen.add(ref)
                 out.append(ref)
