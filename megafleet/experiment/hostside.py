@@ -229,6 +229,8 @@ def _wire_dir(t: str, ledger: Ledger) -> Path:
 def splice(t: str, obj: LinkObjects, settings: dict[str, Any], ledger: Ledger) -> str:
     """Splice a wirefilter into obj's host-side interface; returns its management
     socket. Record before create; the ledger's "net" records make `down` remove it."""
+    if obj.splice is None:
+        raise ExperimentError(f"{obj.ref.label}: no host-side interface to splice a wire into")
     x, br = obj.splice
     base = _wire_dir(t, ledger)
     sb, ta, tb = ifname(t, "yb", x), ifname(t, "ya", x), ifname(t, "yc", x)
@@ -295,6 +297,8 @@ def rewire_declared(t: str, obj: LinkObjects, ledger: Ledger) -> str:
     from megafleet.netlang import live
 
     w = obj.wire
+    if w is None:
+        raise ExperimentError(f"{obj.ref.label}: the description declares no wire on this link")
     base = live.run_base(t) / "wire"
     key = f"{t}/wire/{w['key']}.wf"
     old = next((r for r in ledger.list(NET_OWNER, "process") if r.key == key), None)
@@ -472,7 +476,7 @@ def link_set(t: str, refs: list[LinkRef], s: LinkSettings, ledger: Ledger | None
         elif o.wire is not None:
             mgmt = rewire_declared(t, o, ledger)
             wf_command(mgmt, wf_lines(new))
-        else:
+        elif o.splice is not None:           # the only case left
             mgmt = splice(t, o, new, ledger)
             rec = {**rec, "splice_if": o.splice[0]}
         ledger.record(OWNER, "link", key, **{**rec, "link": o.ref.to_json(), "settings": new,
@@ -598,10 +602,10 @@ def reapply(t: str, ledger: Ledger | None = None) -> list[dict]:
     """After `up` of the same file: put back the recorded settings and cable
     states where the kernel lost them (the network was rebuilt)."""
     ledger = ledger or Ledger()
-    m = _manifest(t)
     records = _records(t, ledger)
     if not records:
-        return []
+        return []             # the usual case: nothing to read (a big testbed's manifest) for nothing
+    m = _manifest(t)
     done = []
     by_key = {_record_key(t, o): o for o in host_links(m.net)}
     for key, rec in records.items():
@@ -650,13 +654,17 @@ class NodeTarget:
     cgroup_pid: int | None = None
 
 
-def node_targets(m) -> dict[str, NodeTarget]:
+def node_targets(m, only: set[str] | None = None) -> dict[str, NodeTarget]:
+    """How to run a command in each node of this host's share (manifest `m`),
+    or only in the nodes named in `only` (a few checks' sources: asking every
+    guest of a big testbed for its exec route was most of a verify's time)."""
     from megafleet.host import guest_exec_routes
 
     out = {node: NodeTarget(node, "namespace", ["ip", "netns", "exec", ns])
-           for node, ns in m.net["netns"].items()}
-    drivers = {v["name"]: v["driver"] for v in m.net["vms"]}
-    for name, route in guest_exec_routes(m.net["vms"]).items():
+           for node, ns in m.net["netns"].items() if only is None or node in only}
+    vms = [v for v in m.net["vms"] if only is None or v["name"] in only]
+    drivers = {v["name"]: v["driver"] for v in vms}
+    for name, route in (guest_exec_routes(vms).items() if vms else ()):
         if isinstance(route, str):
             out[name] = NodeTarget(name, drivers[name], error=route)
         else:
@@ -673,10 +681,10 @@ async def run_in(target: NodeTarget, argv: list[str], timeout: float) -> tuple[i
         return None, "", target.error
     if target.sock is not None:
         try:
-            r = await exec_in_guest(target.sock, argv, timeout)
+            answer = await exec_in_guest(target.sock, argv, timeout)
         except GuestExecError as exc:
             return None, "", str(exc)
-        return r.rc, r.stdout.decode(errors="replace"), None
+        return answer.rc, answer.stdout.decode(errors="replace"), None
     join = cgroup.kwargs_like(target.cgroup_pid) if target.cgroup_pid else {}
     with trio.move_on_after(timeout) as scope:
         r = await proc.arun((target.prefix or []) + argv, check=False, **join)
@@ -690,7 +698,7 @@ async def ping(t: str, checks: list[dict[str, Any]], timeout: float = 2.0, paral
     (waiting up to `timeout` s for the answer). Returns the checks with ok,
     rtt_ms and error."""
     m = await trio.to_thread.run_sync(_manifest, t)
-    targets = await trio.to_thread.run_sync(node_targets, m)
+    targets = await trio.to_thread.run_sync(node_targets, m, {c["src"] for c in checks})
     limiter = trio.CapacityLimiter(parallel)
     results: list[dict] = []
 
@@ -887,24 +895,27 @@ async def capture(t: str, what: dict[str, Any], sink: Callable[[bytes], Any], *,
     err = b""
     deadline = trio.current_time() + duration if duration else float("inf")
     p = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None      # both are pipes
+    stdout: trio.abc.ReceiveStream = p.stdout
+    stderr: trio.abc.ReceiveStream = p.stderr
     try:
         async def read_stderr() -> None:
             nonlocal err
-            async for chunk in p.stderr:
+            async for chunk in stderr:
                 err += chunk
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_stderr)
             with trio.move_on_at(deadline):
-                async for chunk in p.stdout:
+                async for chunk in stdout:
                     total += len(chunk)
-                    await sink(chunk)
+                    await sink(bytes(chunk))
             if p.returncode is None:
                 p.terminate()
                 # What tcpdump still had buffered when it was told to stop.
-                async for chunk in p.stdout:
+                async for chunk in stdout:
                     total += len(chunk)
-                    await sink(chunk)
+                    await sink(bytes(chunk))
             await p.wait()
     finally:
         if p.returncode is None:

@@ -100,20 +100,19 @@ def locate(net, item) -> str | None:
 def diff_rows(old_net_json: dict | None, new_net_json: dict | None, net=None) -> list[dict[str, Any]]:
     """What differs between a host's running plan and the new one: rows of
     {change: "+"|"-"|"~", kind, name, loc}."""
-    from megafleet.netlang.hostplan import Plan, diff
+    from megafleet.netlang.hostplan import diff_json
 
     empty = {"name": (new_net_json or old_net_json or {}).get("name", "")}
-    old = Plan.from_json(old_net_json or empty)
-    new = Plan.from_json(new_net_json or empty)
-    d = diff(old, new)
+    new = new_net_json or empty
+    d = diff_json(old_net_json or empty, new)
     rows = []
     for change, items in (("-", d.removed), ("+", d.added), ("~", [b for _, b in d.changed])):
         for item in items:
             label = _label(item)
             if getattr(item, "kind", "") == "ns-config":
-                label = label.removeprefix(new.name + "-") + " (addresses, routes)"
+                label = label.removeprefix(new["name"] + "-") + " (addresses, routes)"
             elif getattr(item, "kind", "") == "ns-exec":
-                label = label.removeprefix(new.name + "-") + " (startup commands)"
+                label = label.removeprefix(new["name"] + "-") + " (startup commands)"
             rows.append({"change": change, "kind": _kind(item), "name": label,
                          "loc": locate(net, item) if change != "-" else None})
     order = {"-": 0, "~": 1, "+": 2}
@@ -127,12 +126,14 @@ def diff_rows(old_net_json: dict | None, new_net_json: dict | None, net=None) ->
 async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None]) -> dict[str, Any]:
     """Bring this host's share of a running testbed from `old_m` (the stored
     HostManifest) to `new_m` in place. Returns counts of what changed."""
-    from megafleet.netlang.hostplan import Plan, diff
+    from megafleet.netlang.hostplan import counts_json, diff_json
 
     t0 = time.monotonic()
-    old, new = Plan.from_json(old_m.net), Plan.from_json(new_m.net)
-    t = new.name
-    d = diff(old, new)
+    # The plans stay JSON: only what differs is built as typed items (a big
+    # testbed's plan parsed twice was most of a small change's time).
+    old, new = old_m.net, new_m.net
+    t = new["name"]
+    d = diff_json(old, new)
     gone = list(d.removed) + [a for a, _ in d.changed]
     come = list(d.added) + [b for _, b in d.changed]
     by_kind = lambda items, k: [x for x in items if getattr(x, "kind", "") == k]  # noqa: E731
@@ -143,7 +144,7 @@ async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None
         from megafleet.vm.engine import Engine
         await Engine(ledger=ledger)._remove(guests_gone)
         progress(f"removed {len(guests_gone)} guests")
-    await trio.to_thread.run_sync(_remove_net, t, old, gone, [x for _, x in d.changed], ledger)
+    await trio.to_thread.run_sync(_remove_net, t, gone, [x for _, x in d.changed], ledger)
     from megafleet.netlang.nsexec import ExecFailed, located
     try:
         added = await _add_net(t, new, old, come, ledger, progress)
@@ -154,8 +155,8 @@ async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None
     from megafleet.netlang import live
     live_record = next((r.data for r in ledger.list(live.OWNER, "testbed") if r.key == t), {})
     ledger.record(live.OWNER, "testbed", t, **{**live_record, "digest": new_m.digest(), "complete": True,
-                                               "counts": new.counts()})
-    ledger.record(live.OWNER, "vms", t, names=[v.name for v in new.vms])
+                                               "counts": counts_json(new)})
+    ledger.record(live.OWNER, "vms", t, names=[v["name"] for v in new.get("vms", [])])
     result = {"removed": len(d.removed), "added": len(d.added), "changed": len(d.changed),
               "guests_removed": len(guests_gone), "seconds": round(time.monotonic() - t0, 3), **added}
     progress(f"reconciled: {len(d.removed)} removed, {len(d.added)} added, {len(d.changed)} changed "
@@ -171,7 +172,7 @@ def _stop_keys(ledger: Ledger, keys: set[str]) -> None:
     ledger.forget_many(NET, "process", [r.key for r in recs])
 
 
-def _remove_net(t: str, old, gone: list, changed_new: list, ledger: Ledger) -> None:
+def _remove_net(t: str, gone: list, changed_new: list, ledger: Ledger) -> None:
     from megafleet.netlang import live
 
     # Routers whose configuration went or changed: their daemons stop.
@@ -210,19 +211,22 @@ def _remove_net(t: str, old, gone: list, changed_new: list, ledger: Ledger) -> N
     ledger.forget_many(NET, "netns", [f"{t}/{ns}" for ns in nss])
 
 
-async def _add_net(t: str, new, old, come: list, ledger: Ledger, progress: Callable[[str], None]) -> dict:
+async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list, ledger: Ledger,
+                   progress: Callable[[str], None]) -> dict:
+    """Create the items `come` (typed, from diff_json) of plan `new` (JSON; `old`
+    is the running one's), each list in the plan's order (roots before leaves)."""
     from megafleet.netlang import live, netlink
-    from megafleet.netlang.hostplan import Plan
+    from megafleet.netlang.hostplan import _LISTS, Named, NsExec, Plan, _op_from_json, item_identity
 
     kinds = lambda k: [x for x in come if getattr(x, "kind", "") == k]  # noqa: E731
     new_ns = {x.name: x.value for x in kinds("netns")}
-    sub = Plan(name=t, netns=new_ns,
-               bridges=[x for x in new.bridges if x in come], vde=[x for x in new.vde if x in come],
-               ports=[x for x in new.ports if x in come], p2p=[x for x in new.p2p if x in come],
-               trunks=[x for x in new.trunks if x in come], wires=[x for x in new.wires if x in come],
-               vxlan=[x for x in new.vxlan if x in come],
-               frr={x.name: new.frr[x.name] for x in kinds("router") if x.name in new.frr})
-    sub.digest = new.digest
+    items = {x.identity(): x for x in come if not isinstance(x, Named)}
+    # Each list in the new plan's order: only identities are computed for the rest.
+    lists = {name: [items[k] for k in map(item_identity, new.get(name, [])) if k in items] if items else []
+             for name in _LISTS}
+    sub = Plan(name=t, netns=new_ns, **lists,
+               frr={x.name: new["frr"][x.name] for x in kinds("router") if x.name in new.get("frr", {})})
+    sub.digest = new.get("digest", "")
     await trio.to_thread.run_sync(live._create_host_side, sub, ledger, progress)
     if sub.vde or any(getattr(p, "kind", "") == "vde" for p in sub.ports):
         await trio.to_thread.run_sync(live._start_vde, sub, ledger)
@@ -235,29 +239,30 @@ async def _add_net(t: str, new, old, come: list, ledger: Ledger, progress: Calla
     def configure() -> int:
         n = 0
         for ns in sorted(configs):
-            ops = new.ns_ops.get(ns, [])
+            ops = [_op_from_json(op) for op in new.get("ns_ops", {}).get(ns, [])]
             if ns not in new_ns.values():
-                had = {repr(op) for op in old.ns_ops.get(ns, [])}
+                had = {repr(_op_from_json(op)) for op in old.get("ns_ops", {}).get(ns, [])}
                 ops = [op for op in ops if repr(op) not in had]
             if ops or ns in new_ns.values():
-                netlink.apply(str(live.NETNS_DIR / ns), ops, new.ns_sysctls.get(ns))
+                netlink.apply(str(live.NETNS_DIR / ns), ops, new.get("ns_sysctls", {}).get(ns))
                 n += 1
         return n
 
     configured = await trio.to_thread.run_sync(configure)
     await trio.to_thread.run_sync(live._shape_and_route, sub)
     if sub.frr:
-        sub.netns = {r: new.netns[r] for r in sub.frr}
+        sub.netns = {r: new["netns"][r] for r in sub.frr}
         await live.start_routers(sub, ledger, progress)
     # Startup commands: all of a new namespace's; of one whose commands changed,
     # those not in its old list (the others ran when it was built).
+    cmds = lambda p, ns: [NsExec.from_json(c) for c in p.get("ns_exec", {}).get(ns, [])]  # noqa: E731
     only: dict[str, set[int]] = {}
     for ns in {x.name for x in kinds("ns-exec")}:
-        had = set() if ns in new_ns.values() else set(old.ns_exec.get(ns, []))
-        only[ns] = {i for i, c in enumerate(new.ns_exec.get(ns, [])) if c not in had}
+        had = set() if ns in new_ns.values() else set(cmds(old, ns))
+        only[ns] = {i for i, c in enumerate(cmds(new, ns)) if c not in had}
     if any(only.values()):
         from megafleet.netlang import nsexec
-        sub.ns_exec = {ns: new.ns_exec[ns] for ns in only}
+        sub.ns_exec = {ns: cmds(new, ns) for ns in only}
         await nsexec.run_all(sub, ledger, progress, only=only)
     return {"namespaces_added": len(new_ns), "namespaces_configured": configured,
             "interfaces_added": len(sub.host_links()), "routers_started": len(sub.frr),

@@ -124,6 +124,27 @@ def test_diff_names_the_items_that_changed():
     assert ("veth", "e") in {(x.kind, getattr(x, "node", None)) for x in d.added}
 
 
+def _as_sets(d: hostplan.PlanDiff) -> tuple:
+    return (sorted(map(repr, d.removed)), sorted(map(repr, d.added)), sorted(map(repr, d.changed)))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t,                                                            # nothing
+    lambda t: t.replace("rate 10mbit", "rate 20mbit"),                      # a port's props
+    lambda t: t.replace("host v on s2\n", "") + "host e on s1\n",           # a node gone, one new
+    lambda t: t.replace("vm c image tiny", "vm c image tiny mem 64M"),       # a guest changed
+    lambda t: t.replace("link r1 -- r2 loss 1%\n", "link r1 -- r2\n"),      # a wire becomes a veth
+    lambda t: t.replace("router r2 on s3 ospf", "router r2 on s3 ospf\nhost x on s3 exec \"true\""),
+    lambda t: t.replace("pool p 10.0.0.0/16", "pool p 10.9.0.0/16"),        # every address
+])
+def test_diff_json_is_diff_without_parsing_the_plans(edit):
+    old = live.plan(compile_text(PLAN_TEXT), "tb")
+    new = live.plan(compile_text(edit(PLAN_TEXT)), "tb")
+    oj, nj = json.loads(json.dumps(old.to_json())), json.loads(json.dumps(new.to_json()))
+    assert _as_sets(hostplan.diff_json(oj, nj)) == _as_sets(hostplan.diff(old, new))
+    assert hostplan.counts_json(nj) == new.counts()
+
+
 # -- Switches of any size: trees of bridges ------------------------------------------
 
 def test_a_switch_beyond_one_bridge_is_a_tree_of_bridges():
