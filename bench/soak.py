@@ -23,8 +23,10 @@ The random moment is uniform over the length of the last clean `up`. Then
                   when positive (target 0); extra_events the other way
 
 JSON keys: cycles, leftovers, down_p95_s, down_max_s, lost_events, extra_events,
-endings (count per ending), guests (per cycle), up_s (median clean up), load
-(1-minute load average at the start: others' load changes the timings).
+clean_failed (clean cycles whose `up` did not exit 0: then the cycle tested
+little), endings (count per ending), guests (per cycle), up_s (median clean
+up), load (1-minute load average at the start: others' load changes the
+timings), load_end (at the end).
 
 Runs as root in its own state and run directories (nothing of a user's
 testbeds is touched). Without --hosts everything runs on this machine (the
@@ -182,12 +184,19 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=0, metavar="N",
                     help="Run on N namespace hosts through gproc agents (adds the kill9-agent ending).")
     ap.add_argument("--quick", action="store_true", help="5 cycles of a campus of 20 guests")
+    ap.add_argument("--endings", default=None, metavar="E1,E2",
+                    help=f"Only these endings after the first clean cycle (of {', '.join(ENDINGS)}, kill9-agent).")
     ap.add_argument("--verbose", action="store_true", help="A line per cycle on stderr.")
     args = ap.parse_args()
     if args.quick:
         args.cycles, args.staff, args.lab = min(args.cycles, 5), 4, 2
     if os.geteuid() != 0:
         sys.exit("soak needs root (namespaces, containers, cgroups)")
+    if args.endings:
+        wanted = {e.strip() for e in args.endings.split(",") if e.strip()}
+        known = set(ENDINGS) | ({"kill9-agent"} if args.hosts else set())
+        if not wanted or wanted - known:
+            sys.exit(f"--endings {args.endings}: expected some of {', '.join(sorted(known))}")
     base = Path(tempfile.mkdtemp(prefix="mfusoak-"))
     state, run = base / "state", base / "run"
     os.environ["MEGAFLEET_STATE"], os.environ["MEGAFLEET_RUN"] = str(state), str(run)
@@ -202,10 +211,19 @@ def main() -> None:
 
         fleet = TestFleet("mfusk", args.hosts, base / "fleet", subnet="10.149.77.0/24")
         fleet.up()
-        TARGET.extend(["--hosts", str(fleet.inventory_path), "--host-state", str(base / "h" / "{host}"),
+        # The test fleet's hosts take 10 guests each: room for the whole campus.
+        from megafleet.gproc import inventory
+
+        inv = inventory.load(fleet.inventory_path)
+        roomy = base / "hosts.toml"
+        roomy.write_text(inventory.render([h.__class__(**{**h.__dict__, "capacity": 100_000}) for h in inv.hosts],
+                                          identity=inv.identity, known_hosts=inv.known_hosts))
+        TARGET.extend(["--hosts", str(roomy), "--host-state", str(base / "h" / "{host}"),
                        "--telemetry", f"sqlite:{base / 'telemetry.sqlite'}"])
         HOST_STATES.extend(base / "h" / h / "state" for h in fleet.names)
         endings_used.append("kill9-agent")
+    if args.endings:
+        endings_used = [e for e in endings_used if e in wanted]
     try:
         result = soak(args, base, state, defines, rng, fleet, endings_used)
     finally:
@@ -221,8 +239,8 @@ def soak(args, base: Path, state: Path, defines: list[str], rng: random.Random, 
     downs: list[float] = []
     ups: list[float] = []
     guests: list[int] = []
-    endings: dict[str, int] = {e: 0 for e in endings_used}
-    left_total = lost = extra = 0
+    endings: dict[str, int] = {e: 0 for e in ["clean", *endings_used]}
+    left_total = lost = extra = clean_failed = 0
     details = []
     for cycle in range(args.cycles):
         ending = "clean" if not ups else rng.choice(endings_used)
@@ -259,10 +277,12 @@ def soak(args, base: Path, state: Path, defines: list[str], rng: random.Random, 
             up.wait()
         if ending == "clean" and up.returncode in (0, 1):
             ups.append(time.monotonic() - t0)
+        if ending == "clean" and up.returncode != 0:
+            clean_failed += 1       # a failure of its own, not of the ending: a soak of nothing proves nothing
         booted = running_guests()
         guests.append(booted)
-        # Give the collector one interval to see the last boots before down.
-        time.sleep(1.5)
+        # No pause before down: the collector's last look when down stops it
+        # must store every boot `status` just counted.
         t1 = time.monotonic()
         down = megafleet("down", "--json", *TARGET[:4], timeout=900)
         downs.append(time.monotonic() - t1)
@@ -274,6 +294,8 @@ def soak(args, base: Path, state: Path, defines: list[str], rng: random.Random, 
         row = {"cycle": cycle, "ending": ending, "up_rc": up.returncode, "guests": booted,
                "boot_events": counted, "down_s": round(downs[-1], 2), "down_rc": down.returncode,
                "leftovers": left[:5]}
+        if up.returncode not in (0, 130, -signal.SIGKILL):
+            row["up_said"] = (log.read_text(errors="replace").strip().splitlines() or [""])[-1][:200]
         details.append(row)
         if args.verbose:
             print(json.dumps(row), file=sys.stderr)
@@ -283,10 +305,11 @@ def soak(args, base: Path, state: Path, defines: list[str], rng: random.Random, 
     (base / "cycles.json").write_text(json.dumps(details, indent=1))
     return ({"cycles": args.cycles, "leftovers": left_total, "down_p95_s": round(p95(downs), 2),
                       "down_max_s": round(max(downs), 2) if downs else 0.0, "lost_events": lost,
-                      "extra_events": extra, "endings": endings, "guests": guests,
+                      "extra_events": extra, "clean_failed": clean_failed, "endings": endings, "guests": guests,
                       "up_s": round(statistics.median(ups), 2) if ups else None,
                       "staff": args.staff, "lab": args.lab, "seed": args.seed, "load": load,
-                      "hosts": args.hosts or 1, "details": str(base / "cycles.json")})
+                      "hosts": args.hosts or 1, "details": str(base / "cycles.json"),
+                      "load_end": float(open("/proc/loadavg").read().split()[0])})
 
 
 if __name__ == "__main__":
