@@ -16,9 +16,11 @@
     redeploy_s             the reference, same run: `down` + `up` of that file
     reconcile_vs_redeploy  reconcile_s / redeploy_s (target <= 0.1)
 
-Run as root:  .venv/bin/python bench/experiments.py [--quick] [--guests N]
-(--quick: campus with 4+4 staff/lab guests, lan1000 with 100 guests.)
-Full size boots 200 + 1010 container guests: run it under the heavy-run lock.
+Run as root:  .venv/bin/python bench/experiments.py [--quick] [--guests N] [--only campus|lan]
+(--quick: campus with 4+4 staff/lab guests, lan1000 with 100 guests; --only:
+one of the two parts.) Full size boots 200 + 1010 container guests: run it
+under the heavy-run lock:
+    flock /tmp/megafleet-heavy.lock .venv/bin/python bench/experiments.py
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (see the module text)")
     ap.add_argument("--guests", type=int, default=None, help="lan guests before the 10 added (default 1000; 100 with --quick)")
+    ap.add_argument("--only", choices=("campus", "lan"), default=None, help="run one part only")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root")
@@ -167,8 +170,10 @@ def main() -> None:
         _dirs(base)
         os.environ.setdefault("MEGAFLEET_CACHE", str(REPO / ".cache" / "test"))
         result = {"bench": "experiments", "quick": args.quick}
-        result.update(campus(base, args.quick))
-        result.update(lan(base, args.quick, args.guests))
+        if args.only in (None, "campus"):
+            result.update(campus(base, args.quick))
+        if args.only in (None, "lan"):
+            result.update(lan(base, args.quick, args.guests))
         result["load"] = os.getloadavg()[0]
         print(json.dumps(result))
     finally:
