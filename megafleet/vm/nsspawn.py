@@ -183,12 +183,20 @@ def spawn(req):
     try:
         child = os.fork()
         if child == 0:
+            # The forked launcher must never return into the helper's loop below
+            # (it would serve the helper's requests and wait for its children):
+            # it exits here whatever happens, also when its report cannot be
+            # written because the helper is gone (its engine was interrupted).
             try:
                 os.close(report_r)
                 launcher(req, console_fd, report_w)
             except BaseException as exc:
-                os.write(report_w, json.dumps({"error": str(exc)}).encode())
-            os._exit(1)
+                try:
+                    os.write(report_w, json.dumps({"error": str(exc)}).encode())
+                except OSError:
+                    pass
+            finally:
+                os._exit(1)
     except BaseException:
         os.close(report_r)
         raise
@@ -198,10 +206,25 @@ def spawn(req):
     return child, report_r
 
 
+_engine_gone = False
+
+
 def _reply(req_id, reply):
+    """Answer the engine; once it has stopped reading (it was interrupted:
+    Ctrl-C or SIGTERM of `up`), answer no more but keep serving the launchers
+    under way, so each reports (its container's pidfile tells the rest) and is
+    reaped, and no traceback reaches the user's terminal."""
+    global _engine_gone
+    if _engine_gone:
+        return
     reply["id"] = req_id
-    sys.stdout.write(json.dumps(reply) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _engine_gone = True
+        # Python would flush stdout again at exit and print that it failed.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main():
