@@ -11,10 +11,12 @@ network, libvirtd, telemetry. `accel` also has "accel" ("kvm" or "tcg").
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 
@@ -116,7 +118,7 @@ def check_telemetry() -> dict:
     try:
         import pymongo
 
-        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=2000)
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=2000)
         client.admin.command("ping")
         client.close()
         return {"ok": True, "store": "mongodb", "detail": "MongoDB at MEGAFLEET_MONGO_URI answers"}
@@ -131,9 +133,11 @@ CHECKS = {"qemu": check_qemu, "accel": check_accel, "ksm": check_ksm,
 
 def run_checks(refresh: bool = False) -> dict:
     results = {}
-    for name, check in CHECKS.items():
+    # The accelerator probe is cached unless `refresh`.
+    checks: dict[str, Callable[[], dict]] = {**CHECKS, "accel": functools.partial(check_accel, refresh)}
+    for name, check in checks.items():
         try:
-            results[name] = check(refresh) if name == "accel" else check()
+            results[name] = check()
         except Exception as exc:  # one broken check must not hide the others
             results[name] = {"ok": False, "detail": f"check failed: {type(exc).__name__}: {exc}"}
     return results

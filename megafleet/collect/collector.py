@@ -15,6 +15,7 @@ itself on its own intervals.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -140,8 +141,8 @@ class Collector:
             await outer.start(self.pipeline.run)
             async with trio.open_nursery() as inner:
                 for sampler in self.samplers:
-                    inner.start_soon(lambda s=sampler: s.run(
-                        self.pipeline.submit, submit_event=self.pipeline.submit_event,
+                    inner.start_soon(functools.partial(
+                        sampler.run, self.pipeline.submit, submit_event=self.pipeline.submit_event,
                         limiter=limiter, on_error=self._sampler_failed))
                 for sniffer in self.sniffers:
                     await inner.start(self._sniff, sniffer)

@@ -189,7 +189,7 @@ class MongoStore:
         self.uri = uri
         self.insert_timeout_s = insert_timeout_s
         self.ttl_seconds = ttl_seconds
-        self.client = pymongo.MongoClient(
+        self.client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
             uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
             # Queries over big windows may take long on a loaded server; inserts
             # get their own, short deadline (insert_timeout_s) instead.

@@ -31,7 +31,7 @@ def _check_setup(header: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(host, dict):
         raise SetupError("setup.host: expected an object")
     try:
-        check_name(host.get("name"), "host name")
+        check_name(host.get("name", ""), "host name")
     except InvalidName as e:
         raise SetupError(f"setup.host.name: {e}") from None
     if not isinstance(header.get("children"), list):

@@ -391,7 +391,8 @@ def _fold(names: list[str]) -> str:
     for prefix, numbers in groups.items():
         numbers.sort()
         ranges, start = [], numbers[0]
-        for a, b in zip(numbers, numbers[1:] + [None]):
+        # -1 after the last: never the next of a host number (digits, >= 0)
+        for a, b in zip(numbers, numbers[1:] + [-1]):
             if b != a + 1:
                 ranges.append(f"{start}" if start == a else f"{start}-{a}")
                 start = b

@@ -53,7 +53,7 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from megafleet.names import InvalidName, check_name
 
@@ -247,7 +247,7 @@ def _range_hosts(entry: Any, defaults: dict[str, Any], i: int, source: str, text
     addresses: list[str | None]
     if "address" in entry:
         try:
-            addresses = expand(entry["address"])
+            addresses = list(expand(entry["address"]))
         except ValueError as e:
             raise InventoryError(f"{at}: range[{i}].address: bad address range {entry['address']!r}: {e}") from None
         if len(addresses) != len(names):
@@ -293,7 +293,7 @@ def _parse(text: str, source: str, base: Path | None, resolver) -> tuple[Invento
     if bad:
         raise InventoryError(f"{source}: defaults: unknown key(s) {', '.join(sorted(bad))} "
                              f"(allowed: {', '.join(sorted(DEFAULT_KEYS))})")
-    files = {}
+    files: dict[str, str | None] = {}        # identity, known_hosts: a path or none
     for key in ("identity", "known_hosts"):
         value = defaults.get(key)
         if value is None:
@@ -312,7 +312,8 @@ def _parse(text: str, source: str, base: Path | None, resolver) -> tuple[Invento
     ranges = data.get("range", [])
     if not isinstance(ranges, list):
         raise InventoryError(f"{source}: range: use [[range]] tables, one per host range")
-    hosts, seen = [], {}
+    hosts: list[Host] = []
+    seen: dict[str, str] = {}                # host name -> where the inventory gives it
     for i, entry in enumerate(entries):
         host = _host(entry, host_defaults, f"{source}: host[{i}]")
         if host.name in seen:
@@ -366,7 +367,7 @@ def _q(s: str) -> str:
     return json.dumps(s)
 
 
-def _cpus_per_node(env: dict[str, str], count: int) -> list[int] | None:
+def _cpus_per_node(env: Mapping[str, str], count: int) -> list[int] | None:
     """SLURM_JOB_CPUS_PER_NODE ("32(x2),16": 32, 32, 16), else SLURM_CPUS_ON_NODE
     for every node; None when Slurm says neither."""
     spec = env.get("SLURM_JOB_CPUS_PER_NODE")
@@ -387,7 +388,7 @@ def _cpus_per_node(env: dict[str, str], count: int) -> list[int] | None:
     return None
 
 
-def from_slurm(env: dict[str, str], file: str | None = None, *, resolver=None) -> Inventory:
+def from_slurm(env: Mapping[str, str], file: str | None = None, *, resolver=None) -> Inventory:
     """The hosts of the Slurm allocation described by `env` (os.environ inside
     salloc/sbatch): `SLURM_JOB_NODELIST` expanded with NodeSet, each address
     resolved by name, capacity = CPUs x GUESTS_PER_CPU, memory budget from

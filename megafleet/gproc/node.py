@@ -72,6 +72,7 @@ class Child:
     recv_q: trio.MemoryReceiveChannel
     alive: bool = True
     why: str = ""
+    ready: dict[str, Any] = field(default_factory=dict)    # its agent's `ready` answer to setup
 
     @property
     def name(self) -> str:
@@ -123,11 +124,11 @@ class Node:
     def __init__(self, me: str | None, emit_up: Emit, connect: Connect | None, *,
                  creds: dict[str, Any], connect_timeout: float = 15.0,
                  lookup: Callable[[str, list[str]], handlers.Handler] | None = None):
-        self.me = me
+        self.me = me                       # this host's name; None at the root
         # How a `call` finds its handler: the registry, or the simulator's hosts.
         self.lookup = lookup or handlers.lookup
         self._events: dict[str, dict[str, Any]] = {}   # op id -> {host: latest progress}
-        self._flush_scheduled = False                       # this host's name; None at the root
+        self._flush_scheduled = False
         self.emit_up = emit_up
         self.connect = connect
         self.creds = creds                 # identity / known_hosts passed to children
@@ -214,8 +215,7 @@ class Node:
                 await session.aclose()
             raise ConnectFailed(f"{spec['name']}: {e}") from None
         send_q, recv_q = trio.open_memory_channel(QUEUE_FRAMES)
-        child = Child(st, session, reader, set(tree.names(st)), send_q, recv_q)
-        child.ready = header   # type: ignore[attr-defined]
+        child = Child(st, session, reader, set(tree.names(st)), send_q, recv_q, ready=header)
         return child
 
     async def _run_child(self, child: Child) -> None:
@@ -283,7 +283,7 @@ class Node:
     async def _from_child(self, child: Child, header: dict[str, Any], payload: bytes) -> None:
         kind = header["t"]
         if kind == "res":
-            op = self.ops.get(header.get("id"))
+            op = self.ops.get(header.get("id", ""))
             if op is not None and header.get("host") in child.names:
                 fields = {k: v for k, v in header.items() if k not in ("t", "id", "host", "status")}
                 await self.result(op, header["host"], header["status"], **fields)
@@ -382,7 +382,8 @@ class Node:
                 except OSError as e:
                     op.complete.set()
                     if self.me in targets:
-                        await self.result(op, self.me, "failed", error=f"cannot write {req['dest']}: {e.strerror or e}")
+                        await self.result(op, self.host, "failed",
+                                          error=f"cannot write {req['dest']}: {e.strerror or e}")
                 else:
                     self.nursery.start_soon(self._write_sink, op)
         for child in list(self.children.values()):
@@ -395,6 +396,13 @@ class Node:
         if self.me in targets and req["op"] in ("exec", "call"):
             self.nursery.start_soon(self._run_local, op)
         return op
+
+    @property
+    def host(self) -> str:
+        """This host's name, for work it runs itself (the root runs none)."""
+        if self.me is None:
+            raise RuntimeError("the controller's root node runs no work of its own")
+        return self.me
 
     async def cancel(self, op_id: str) -> None:
         op = self.ops.pop(str(op_id), None)
@@ -424,7 +432,7 @@ class Node:
         if op.scope.cancelled_caught:
             return
         fields["seconds"] = round(trio.current_time() - start, 3)
-        await self.result(op, self.me, fields.pop("status"), **fields)
+        await self.result(op, self.host, fields.pop("status"), **fields)
 
     async def _exec(self, op: Op) -> dict[str, Any]:
         argv = op.req["argv"]
@@ -457,12 +465,12 @@ class Node:
         req = op.req
 
         async def emit(data: Any) -> None:
-            await self.progress(op.id, self.me, data)
+            await self.progress(op.id, self.host, data)
 
         try:
             payload = handlers.own_payload(req, self.me)
             fn = self.lookup(req["handler"], req.get("modules", []))
-            ctx = handlers.Context(self.me, emit)
+            ctx = handlers.Context(self.host, emit)
             if handlers.is_async(fn):
                 value = await fn(payload, ctx)
             else:
@@ -517,9 +525,9 @@ class Node:
         op.complete.set()
         if sink.final is not None and self.ops.get(op.id) is op:
             if error:
-                await self.result(op, self.me, "failed", error=error)
+                await self.result(op, self.host, "failed", error=error)
             else:
-                await self.result(op, self.me, "ok", bytes=sink.size,
+                await self.result(op, self.host, "ok", bytes=sink.size,
                                   seconds=round(trio.current_time() - op.started, 3))
         elif self.ops.get(op.id) is not op and sink.final is None:
             _unlink(sink.path)

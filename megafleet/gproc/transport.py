@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, cast
 
 import asyncssh
 import trio
@@ -198,7 +198,8 @@ class SSHTransport:
             raise ConnectError(f"{where}: {e}") from None
         try:
             command = shlex.join(spec["agent"])
-            chan, channel = await conn.create_session(_Channel, command, encoding=None)
+            chan, session = await conn.create_session(_Channel, command, encoding=None)
+            channel = cast(_Channel, session)    # the one its factory, _Channel, made
         except (asyncssh.Error, OSError) as e:
             conn.close()
             raise ConnectError(f"{where}: cannot start the agent: {e}") from None

@@ -91,12 +91,14 @@ def boot_test(image: Image, *, config: GuestConfig | None = None, accel: str | N
         if line is None:
             err = ""
             if proc.poll() is not None:
-                err = (proc.stderr.read() or b"").decode(errors="replace").strip()
+                err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
             raise BootFailed(f"image {image.name}: no {READY_MARKER} line within {timeout:.0f} s"
                              + (f" (qemu: {err.splitlines()[-1]})" if err else ""), text)
         ready = parse_line(line)
+        if not isinstance(ready, ReadyLine):
+            raise BootFailed(f"image {image.name}: not a {READY_MARKER} line: {line!r}", text)
         rss = _rss_bytes(proc.pid)
-        agent_line = None
+        agent_line: AgentLine | None = None
         if wait_agent and config.agent_interval:
             # A busy host can delay the first agent line well past its interval.
             wait = max(30.0, 4 * config.agent_interval)
@@ -104,7 +106,10 @@ def boot_test(image: Image, *, config: GuestConfig | None = None, accel: str | N
             if got is None:
                 raise BootFailed(f"image {image.name}: ready, but no {AGENT_MARKER} line on the "
                                  f"agent port within {wait:.0f} s", text)
-            agent_line = parse_line(got)
+            parsed = parse_line(got)
+            if not isinstance(parsed, AgentLine):
+                raise BootFailed(f"image {image.name}: not an {AGENT_MARKER} line: {got!r}", text)
+            agent_line = parsed
         return BootResult(image=image.name, hash=image.hash, accel=accel, machine=machine,
                           boot_to_ready_s=round(ready_at - start, 3),
                           guest_uptime_s=ready.uptime, guest_rss_bytes=rss,

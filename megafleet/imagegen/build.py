@@ -85,8 +85,8 @@ def input_key(spec: Spec) -> str:
         for path in sorted(overlay.rglob("*")):
             st = path.lstat()
             h.update(f"{path.relative_to(overlay)}:{st.st_mode}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    if spec.vmlinuz:
-        for p in (spec.vmlinuz, spec.modules_dir / "modules.dep"):
+    if (local := spec.local_kernel()) is not None:
+        for p in (local[0], local[1] / "modules.dep"):
             st = p.stat()
             h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     if spec.kernel_package or spec.packages or BASE_PACKAGES:
@@ -183,12 +183,16 @@ class _Tree:
 
 def _kernel_source(spec: Spec, progress: Progress) -> tuple[KernelSource, list[dict]]:
     """Where the kernel and its modules come from; the packages it took."""
-    if spec.vmlinuz:
-        return KernelSource(spec.vmlinuz, spec.modules_dir), []
+    if (local := spec.local_kernel()) is not None:
+        return KernelSource(*local), []
+    package = spec.kernel_package
+    if package is None:     # parsing gives one or the other; a Spec made in code may not
+        raise error_at(spec, "kernel.package", "kernel", "no kernel: give kernel.package, "
+                       "or kernel.vmlinuz and kernel.modules_dir")
     try:
-        pkg = debs._show([spec.kernel_package]).get(spec.kernel_package)
+        pkg = debs._show([package]).get(package)
         if pkg is None:
-            raise debs.PackageError(f"unknown Debian package {spec.kernel_package!r}")
+            raise debs.PackageError(f"unknown Debian package {package!r}")
         # A metapackage (linux-image-cloud-amd64) depends on the real image package.
         for _ in range(3):
             for group in pkg.depends:
@@ -200,7 +204,7 @@ def _kernel_source(spec: Spec, progress: Progress) -> tuple[KernelSource, list[d
         progress(f"kernel {pkg.name} {pkg.version}")
         tree = debs.unpack(debs.fetch(pkg), pkg.sha256)
     except debs.PackageError as exc:
-        raise error_at(spec, "kernel.package", spec.kernel_package, str(exc)) from None
+        raise error_at(spec, "kernel.package", package, str(exc)) from None
     vmlinuz = sorted((tree / "boot").glob("vmlinuz-*"))
     moddirs = sorted((tree / "lib/modules").glob("*"))
     if not vmlinuz or not moddirs:
@@ -277,7 +281,12 @@ def assemble(spec: Spec, workdir: Path, progress: Progress = lambda s: None) -> 
     for overlay in spec.overlays:
         tree.add_tree(overlay)
     for guest_path, item in sorted(spec.files.items()):
-        data = item.text.encode() if item.text is not None else item.source.read_bytes()
+        if item.text is not None:
+            data = item.text.encode()
+        elif item.source is not None:
+            data = item.source.read_bytes()
+        else:       # parsing gives a file its text or its source
+            raise error_at(spec, "files", guest_path, f"file {guest_path}: neither text nor source")
         tree.add_file(guest_path.lstrip("/"), data, item.mode)
 
     # The kernel opens /dev/console before init runs; devtmpfs comes later.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -21,7 +22,8 @@ def _progress(json_out: bool):
     return report
 
 
-def _table(rows: list[list[str]], headers: list[str]) -> str:
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    """Columns padded to their widest cell (each cell printed with str())."""
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]

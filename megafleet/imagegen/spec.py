@@ -101,6 +101,13 @@ class Spec:
     compress_level: int = 19
     chain: list[Path] = field(default_factory=list)  # the spec files read, parents first
 
+    def local_kernel(self) -> tuple[Path, Path] | None:
+        """(vmlinuz, modules_dir) of a local kernel (parsing sets both or
+        neither); None when the kernel comes from `kernel_package`."""
+        if self.vmlinuz is not None and self.modules_dir is not None:
+            return self.vmlinuz, self.modules_dir
+        return None
+
     def to_json(self) -> dict[str, Any]:
         """A canonical, JSON-able form (part of the cache key and the manifest)."""
         return {

@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -194,7 +195,7 @@ def run(interval: float, storm_cpu: float, pay_mb: float, steady: str, record: s
         click.echo(line)
 
     async def main() -> None:
-        daemon = Daemon(config=config, on_sample=show, record=record)
+        daemon = Daemon(config=config, on_sample=show, record=Path(record) if record else None)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 async def stop_on_signal() -> None:

@@ -185,19 +185,22 @@ def _gml_positions(file: str, text: str) -> tuple[dict[Any, Loc], dict[tuple, li
     nodes: dict[Any, Loc] = {}
     edges: dict[tuple, list[Loc]] = {}
     edge_list: list[Loc] = []
-    current, cur_loc, ends = None, None, {}
+    current: str | None = None            # "node" or "edge": the block being read
+    cur_loc: Loc | None = None            # where it starts
+    ends: dict[str, int] = {}             # the edge's source and target ids so far
     for m in _GML_TOKEN.finditer(text):
         if m.group(1):
-            if current == "edge" and len(ends) == 2:
+            if current == "edge" and cur_loc is not None and len(ends) == 2:
                 edges.setdefault(tuple(sorted((ends["source"], ends["target"]))), []).append(cur_loc)
-            current, cur_loc, ends = m.group(1), _loc_at(file, text, m.start(), nl), {}
+            current, ends = m.group(1), {}
+            cur_loc = _loc_at(file, text, m.start(), nl)
             if current == "edge":
                 edge_list.append(cur_loc)
-        elif current == "node" and m.group(2) == "id" and cur_loc not in nodes.values():
+        elif current == "node" and cur_loc is not None and m.group(2) == "id" and cur_loc not in nodes.values():
             nodes[int(m.group(3))] = cur_loc
         elif current == "edge" and m.group(2) in ("source", "target"):
             ends[m.group(2)] = int(m.group(3))
-    if current == "edge" and len(ends) == 2:
+    if current == "edge" and cur_loc is not None and len(ends) == 2:
         edges.setdefault(tuple(sorted((ends["source"], ends["target"]))), []).append(cur_loc)
     return nodes, edges, edge_list
 

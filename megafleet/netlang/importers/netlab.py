@@ -67,7 +67,7 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
             else:
                 nodes[str(n)] = {}
             node_loc[str(n if not isinstance(n, dict) else n["name"])] = item_loc(nodes_raw, i, here)
-    elif isinstance(nodes_raw, dict):
+    elif isinstance(nodes_raw, YMap):     # load_yaml's mappings
         for n, spec in nodes_raw.items():
             if spec is not None and not isinstance(spec, dict):
                 errors.append(Note(nodes_raw.vat(n), f"node {n}: expected a mapping of its attributes"))
@@ -84,14 +84,14 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
         groups = {}
     for gname, g in groups.items():
         gloc = groups.at(gname) if isinstance(groups, YMap) else here
-        members = g if isinstance(g, list) else (g.get("members") if isinstance(g, dict) else None)
+        group_members = g if isinstance(g, list) else (g.get("members") if isinstance(g, dict) else None)
         attrs = g if isinstance(g, dict) else {}
-        if not isinstance(members, list):
+        if not isinstance(group_members, list):
             errors.append(Note(gloc, f"group {gname}: expected a list of members or 'members:'"))
             continue
-        for i, m in enumerate(members):
+        for i, m in enumerate(group_members):
             if str(m) not in nodes:
-                errors.append(Note(item_loc(members, i, gloc), f"group {gname} refers to node {m!r}, "
+                errors.append(Note(item_loc(group_members, i, gloc), f"group {gname} refers to node {m!r}, "
                                                                f"which is not in 'nodes'"))
                 continue
             member_of.setdefault(str(m), []).append((str(gname), attrs))
@@ -131,7 +131,7 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
         modules = attr(n, "module") or []
         if isinstance(modules, str):
             modules = [modules]
-        words = []
+        protocols: list[str] = []           # "ospf [area A]", "bgp AS"
         if opts.routing is not None and kinds[n] == "router":
             modules = [] if opts.routing == "static" else [opts.routing]
         for mod in modules:
@@ -139,17 +139,17 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
                 continue
             if mod == "ospf":
                 area = attr(n, "ospf.area")
-                words.append("ospf" + (f" area {area}" if area is not None else ""))
+                protocols.append("ospf" + (f" area {area}" if area is not None else ""))
             elif mod == "bgp":
                 asn = attr(n, "bgp.as")
                 if asn is None:
                     errors.append(Note(loc, f"node {n} runs the bgp module but has no bgp.as "
                                             f"(on the node, its group or the topology)"))
                     continue
-                words.append(f"bgp {asn}")
+                protocols.append(f"bgp {asn}")
             else:
                 warnings.append(Note(_at(spec, "module", loc), f"node {n}: module {mod}: not carried over"))
-        routing[n] = " ".join(words)
+        routing[n] = " ".join(protocols)
         for k in spec:
             if k not in ("device", "module", "bgp", "bgp.as", "ospf", "ospf.area", "name", "group"):
                 warnings.append(Note(_at(spec, k, loc), f"node {n} {k}: not carried over"))
@@ -158,8 +158,9 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
     if not isinstance(links_raw, list):
         errors.append(Note(root.vat("links"), "'links' must be a list"))
         links_raw = []
-    lans: list[tuple[str, list[tuple[str, dict]], str, Loc]] = []     # (name, members, words, loc)
-    p2p: list[tuple[tuple[str, dict], tuple[str, dict], str, Loc]] = []
+    # words: the link's properties, {"rate": "1000kbit", "prefix": ...}
+    lans: list[tuple[str, list[tuple[str, dict]], dict[str, str], Loc]] = []     # (name, members, words, loc)
+    p2p: list[tuple[tuple[str, dict], tuple[str, dict], dict[str, str], Loc]] = []
     stubs: list[tuple[str, dict, Loc]] = []
     for i, link in enumerate(links_raw):
         loc = item_loc(links_raw, i, here)
@@ -240,11 +241,11 @@ def _end(name: str, ifc: dict) -> str:
     return out
 
 
-def _props(words: dict) -> str:
+def _props(words: dict[str, str]) -> str:
     return "".join(f" {k} {v}" for k, v in words.items())
 
 
-def _link_words(attrs: dict, loc: Loc, warnings: list[Note]) -> dict:
+def _link_words(attrs: dict, loc: Loc, warnings: list[Note]) -> dict[str, str]:
     out: dict[str, str] = {}
     if attrs.get("bandwidth"):
         out["rate"] = f"{attrs['bandwidth']}kbit"        # netlab: kbit/s
