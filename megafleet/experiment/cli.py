@@ -372,8 +372,11 @@ def run_schedule_command(testbed, start, json_mode):
 @click.argument("testbed_file", metavar="TESTBED.fleet", type=click.Path(dir_okay=False))
 @click.option("--name", "-N", help="Testbed name (default: the file's stem, as for `up`).")
 @click.option("-D", "defines", multiple=True, metavar="NAME=VALUE", help="Set a parameter of the description.")
+@click.option("--no-wait", is_flag=True,
+              help="Fail at once (status 2) if another command (up, down, a live change) holds the "
+                   "testbed's lock, instead of waiting for it.")
 @_json_option
-def diff_command(testbed_file, name, defines, json_mode):
+def diff_command(testbed_file, name, defines, no_wait, json_mode):
     """Show what differs between TESTBED.fleet and the testbed running from it:
     nodes, links, switches, impairments, routing, each with its file:line.
 
@@ -384,12 +387,22 @@ def diff_command(testbed_file, name, defines, json_mode):
     Guests and namespaces not listed stay as they are when `megafleet up`
     applies the file: running guests keep their pids.
     Exit status: 0 when nothing differs, 1 when something does.
+
+    It reads the running testbed under its lock, as `up` and `down` hold it:
+    while one of them (or a live change) runs, diff waits for it, saying for
+    whom; with --no-wait it fails instead.
     """
+    from megafleet import locks
     from megafleet.experiment import reconcile
     from megafleet.up import UpError, parse_defines
 
     try:
-        result = _run(reconcile.diff_file, testbed_file, name, parse_defines(defines))
+        result = _run(reconcile.diff_file, testbed_file, name, parse_defines(defines), wait=not no_wait,
+                      on_wait=lambda text: click.echo(text, err=True))
+    except locks.LockBusy as exc:
+        busy = click.ClickException(f"{exc}; without --no-wait, diff waits for it")
+        busy.exit_code = 2          # 1 says "something differs"
+        raise busy from None
     except UpError as exc:
         raise click.ClickException(str(exc)) from None
     rows = result["rows"]

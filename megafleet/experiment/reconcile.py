@@ -28,6 +28,7 @@ What is done per kind of change:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import trio
@@ -134,20 +135,29 @@ async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None
     old, new = old_m.net, new_m.net
     t = new["name"]
     d = diff_json(old, new)
-    gone = list(d.removed) + [a for a, _ in d.changed]
-    come = list(d.added) + [b for _, b in d.changed]
+    # Link properties (rate, a declared wire's delay, jitter, loss) change in
+    # place; everything else that changed is removed and made again.
+    props_only, remade = in_place(d.changed)
+    gone = list(d.removed) + [a for a, _ in remade]
+    come = list(d.added) + [b for _, b in remade]
     by_kind = lambda items, k: [x for x in items if getattr(x, "kind", "") == k]  # noqa: E731
 
-    # Guests first (they sit on the ports that go).
-    guests_gone = {x.name for x in by_kind(gone, "guest")}
+    # Guests first (they sit on the ports that go). A guest whose NIC's host
+    # side is made again boots again too (a QEMU tap or a container veth cannot
+    # be handed to a running guest).
+    guests_gone = {x.name for x in by_kind(gone, "guest")} | {
+        a.node for a, _ in remade if getattr(a, "kind", "") in ("tap", "cveth", "guest-vde")}
     if guests_gone:
         from megafleet.vm.engine import Engine
         await Engine(ledger=ledger)._remove(guests_gone)
         progress(f"removed {len(guests_gone)} guests")
-    await trio.to_thread.run_sync(_remove_net, t, gone, [x for _, x in d.changed], ledger)
+    await trio.to_thread.run_sync(_remove_net, t, gone, [x for _, x in remade], ledger)
+    if props_only:
+        await trio.to_thread.run_sync(apply_props, t, props_only, ledger)
+        progress(f"changed the properties of {len(props_only)} links in place")
     from megafleet.netlang.nsexec import ExecFailed, located
     try:
-        added = await _add_net(t, new, old, come, ledger, progress)
+        added = await _add_net(t, new, old, come, ledger, progress, remade=[b for _, b in remade])
     except ExecFailed as exc:
         from megafleet.host import HostError
         # The new description's file:line of the statement, as a first `up` says it.
@@ -211,10 +221,108 @@ def _remove_net(t: str, gone: list, changed_new: list, ledger: Ledger) -> None:
     ledger.forget_many(NET, "netns", [f"{t}/{ns}" for ns in nss])
 
 
+def in_place(changed: list[tuple[Any, Any]]) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
+    """Split a diff's changed pairs into those that differ in their link
+    properties alone (`apply_props` changes them where they run) and the rest
+    (removed and made again)."""
+    same, rest = [], []
+    for a, b in changed:
+        if type(a) is type(b) and hasattr(b, "props") and dataclasses.replace(a, props=b.props) == b:
+            same.append((a, b))
+        else:
+            rest.append((a, b))
+    return same, rest
+
+
+def apply_props(t: str, pairs: list[tuple[Any, Any]], ledger: Ledger) -> None:
+    """New link properties on running links (pairs of old and new item): rate
+    as tc tbf on the interfaces `up` shapes (replaced, or deleted when the new
+    item has none); a declared wire's delay, jitter and loss on its wirefilter,
+    restarted with a management socket (its vde_switches and taps stay). The
+    nodes' interfaces, addresses and routing daemons are untouched."""
+    from megafleet.experiment import hostside
+    from megafleet.netlang import live
+
+    shape: list[tuple[str | None, str, Any]] = []       # (namespace or None for the host, dev, props)
+    for a, b in pairs:
+        k = b.kind
+        if k == "veth":
+            shape += [(None, b.host_if, b.props), (b.ns, b.eth, b.props)]
+        elif k in ("tap", "cveth"):
+            shape.append((None, b.host_if, b.props))
+        elif k == "vde":
+            shape.append((b.ns, b.eth, b.props))
+        elif k == "p2p":
+            shape += [(b.ns_a, b.eth_a, b.props), (b.ns_b, b.eth_b, b.props)]
+        elif k == "trunk":
+            shape += [(None, b.if_a, b.props), (None, b.if_b, b.props)]
+        elif k == "wire":
+            shape += [(e.where if e.kind == "ns" else None, e.ifname, b.props)
+                      for e in b.ends if e.kind in ("ns", "bridge") and e.ifname]
+            impair = lambda p: (p.delay_us, p.jitter_us, p.loss_pct)  # noqa: E731
+            if impair(a.props) != impair(b.props):
+                (obj,) = hostside.host_links({"name": t, "wires": [b.to_json()]})
+                mgmt = hostside.rewire_declared(t, obj, ledger)
+                hostside.wf_command(mgmt, hostside.wf_lines(
+                    {f: v for f in ("delay_us", "jitter_us", "loss_pct") if (v := getattr(b.props, f)) is not None}))
+        # "wired" and "guest-vde" ports: their wire or switch carries the properties.
+    by_ns: dict[str | None, tuple[list[str], list[str]]] = {}
+    for ns, dev, props in shape:
+        lines = live._tbf_lines(dev, props)
+        put, drop = by_ns.setdefault(ns, ([], []))
+        if lines:
+            put.extend(lines)
+        else:
+            drop.append(f"qdisc del dev {dev} root")
+    for ns, (put, drop) in by_ns.items():
+        tc = ["tc"] if ns is None else ["tc", "-n", ns]
+        live._batch(tc, put)
+        live._batch(tc, drop, force=True)        # no qdisc there (never shaped): nothing to delete
+
+
+def _ops_of(ops: list, devs: set[str]) -> list:
+    """The operations of a namespace that a re-made interface in `devs` needs
+    again: its link up and addresses, and the routes through a gateway on one
+    of its subnets (the kernel dropped them with the old interface)."""
+    from megafleet.netlang import netlink
+    from megafleet.netlang.ipam import BITS
+
+    nets = [(op.family, op.addr >> (BITS[op.family] - op.plen), op.plen) for op in ops
+            if isinstance(op, netlink.AddrAdd) and op.dev in devs]
+    out = []
+    for op in ops:
+        if isinstance(op, (netlink.LinkUp, netlink.AddrAdd)):
+            if op.dev in devs:
+                out.append(op)
+        elif isinstance(op, netlink.RouteAdd):
+            if any(op.family == fam and op.via >> (BITS[fam] - plen) == prefix for fam, prefix, plen in nets):
+                out.append(op)
+    return out
+
+
+def _remade_ifaces(items: list) -> dict[str, set[str]]:
+    """namespace -> its interfaces that re-made items create anew."""
+    out: dict[str, set[str]] = {}
+    for x in items:
+        k = getattr(x, "kind", "")
+        pairs = []
+        if k in ("veth", "vde", "wired"):
+            pairs = [(x.ns, x.eth)]
+        elif k == "p2p":
+            pairs = [(x.ns_a, x.eth_a), (x.ns_b, x.eth_b)]
+        elif k == "wire":
+            pairs = [(e.where, e.ifname) for e in x.ends if e.kind == "ns" and e.ifname]
+        for ns, dev in pairs:
+            out.setdefault(ns, set()).add(dev)
+    return out
+
+
 async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list, ledger: Ledger,
-                   progress: Callable[[str], None]) -> dict:
+                   progress: Callable[[str], None], remade: list | None = None) -> dict:
     """Create the items `come` (typed, from diff_json) of plan `new` (JSON; `old`
-    is the running one's), each list in the plan's order (roots before leaves)."""
+    is the running one's), each list in the plan's order (roots before leaves).
+    `remade`: changed items among them, made again: the interfaces they make in
+    namespaces that stay get their addresses and routes again."""
     from megafleet.netlang import live, netlink
     from megafleet.netlang.hostplan import _LISTS, Named, NsExec, Plan, _op_from_json, item_identity
 
@@ -235,6 +343,8 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
     # Namespace configuration: all of a new namespace's; only the new operations
     # of one whose configuration changed (the rest is in place).
     configs = {x.name for x in kinds("ns-config")}
+    again = {ns: devs for ns, devs in _remade_ifaces(remade or []).items() if ns not in new_ns.values()}
+    configs |= set(again)
 
     def configure() -> int:
         n = 0
@@ -242,7 +352,8 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
             ops = [_op_from_json(op) for op in new.get("ns_ops", {}).get(ns, [])]
             if ns not in new_ns.values():
                 had = {repr(_op_from_json(op)) for op in old.get("ns_ops", {}).get(ns, [])}
-                ops = [op for op in ops if repr(op) not in had]
+                needed = {repr(op) for op in _ops_of(ops, again.get(ns, set()))}
+                ops = [op for op in ops if repr(op) not in had or repr(op) in needed]
             if ops or ns in new_ns.values():
                 netlink.apply(str(live.NETNS_DIR / ns), ops, new.get("ns_sysctls", {}).get(ns))
                 n += 1
@@ -273,19 +384,32 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
 # Controller side: `megafleet diff FILE`
 # ---------------------------------------------------------------------------
 
-async def diff_file(path, name: str | None, defines: dict[str, str]) -> dict[str, Any]:
+async def diff_file(path, name: str | None, defines: dict[str, str], *, wait: bool = True,
+                    on_wait: Callable[[str], None] | None = None) -> dict[str, Any]:
     """What `up` of `path` would change in the running testbed of that name:
     {"testbed", "up": bool, "rows": [{change, kind, name, host, loc}]}. Compiles
     and places as `up` does (images from the cache), then compares each host's
-    plan item by item with the one it runs (its stored manifest)."""
-    from pathlib import Path
+    plan item by item with the one it runs (its stored manifest).
 
+    Holds the testbed's lock (megafleet.locks) while it reads, so it never
+    compares with an `up`, `down` or live change half done: busy, it waits
+    (telling on_wait once) or, with wait=False, raises locks.LockBusy."""
+    from megafleet import locks
+    from megafleet import up as U
+
+    testbed = U.testbed_name(Path(path), name)
+    async with locks.atestbed_lock(testbed, "diff", wait=wait, on_wait=on_wait):
+        result = await _diff_locked(Path(path), testbed, defines)
+    if not result["up"]:
+        locks.forget(testbed)       # no lock file left for a testbed that is not up
+    return result
+
+
+async def _diff_locked(path: Path, testbed: str, defines: dict[str, str]) -> dict[str, Any]:
     from megafleet import manifest as M
     from megafleet import up as U
     from megafleet.experiment import control
 
-    path = Path(path)
-    testbed = U.testbed_name(path, name)
     try:
         tb = control.testbed(testbed)
         target, running = tb.target, True

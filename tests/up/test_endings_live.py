@@ -183,6 +183,10 @@ def test_two_ups_racing_one_waits_and_nothing_is_applied_twice(tmp_path):
         refused = megafleet("down", testbed, "--no-wait", check=False)
         assert refused.returncode == 1 and "busy" in refused.stdout + refused.stderr, refused.stdout
         assert "Traceback" not in refused.stderr
+        # diff reads under the lock too: --no-wait fails (2: 1 means "differs").
+        busy_diff = megafleet("diff", str(path), "-N", testbed, "--no-wait", check=False)
+        assert busy_diff.returncode == 2 and "busy" in busy_diff.stderr, busy_diff.stdout + busy_diff.stderr
+        assert "Traceback" not in busy_diff.stderr
         waiting = popen_megafleet("down", testbed)
         wait_for_line(waiting, "waiting for", 60)
         holder.terminate()
