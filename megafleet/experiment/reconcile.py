@@ -27,6 +27,7 @@ What is done per kind of change:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
