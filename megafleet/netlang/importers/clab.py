@@ -173,7 +173,7 @@ class _Lab:
             if spec is None:
                 spec = YMap()
                 spec.loc, spec.key_locs, spec.val_locs = loc, {}, {}
-            if not isinstance(spec, dict):
+            if not isinstance(spec, YMap):        # load_yaml's mappings
                 self.err(nodes.vat(orig), f"node {orig}: expected a mapping of its settings")
                 continue
             group = groups.get(spec.get("group")) if isinstance(groups, dict) else None
@@ -253,15 +253,15 @@ class _Lab:
             if not isinstance(eps, list) or len(eps) != 2:
                 self.err(loc, "a link's 'endpoints' must list two ends")
                 continue
-            ends = [self._end(e, item_loc(eps, j, loc)) for j, e in enumerate(eps)]
-            if None in ends:
+            a, b = (self._end(e, item_loc(eps, j, loc)) for j, e in enumerate(eps))   # both reported
+            if a is None or b is None:
                 continue
-            special = [e for e in ends if e.node in ("host", "mgmt-net", "macvlan")]
+            special = [e for e in (a, b) if e.node in ("host", "mgmt-net", "macvlan")]
             if special:
-                self.warn(loc, f"link {ends[0].node}:{ends[0].iface} -- {ends[1].node}:{ends[1].iface}: "
+                self.warn(loc, f"link {a.node}:{a.iface} -- {b.node}:{b.iface}: "
                                f"'{special[0].node}' endpoints have no equivalent; not carried over")
                 continue
-            self.links.append(_Link(ends[0], ends[1], loc, self._link_words(link, loc)))
+            self.links.append(_Link(a, b, loc, self._link_words(link, loc)))
 
     @staticmethod
     def _show(end: Any) -> str:
@@ -317,16 +317,14 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
     links: list[tuple[_Node, str, _Node, str, str, str]] = []   # a, aif, b, bif, words, origin
     for lab in labs:
         for link in lab.links:
-            ends = []
-            for e in (link.a, link.b):
-                n = by_lab.get((lab.file, e.node))
+            na, nb = by_lab.get((lab.file, link.a.node)), by_lab.get((lab.file, link.b.node))
+            for e, n in ((link.a, na), (link.b, nb)):
                 if n is None:
                     errors.append(Note(e.loc, f"link endpoint {e.node}:{e.iface} refers to node "
                                               f"{e.node!r}, which is not in topology.nodes"))
-                ends.append(n)
-            if None in ends:
+            if na is None or nb is None:
                 continue
-            links.append((ends[0], link.a.iface, ends[1], link.b.iface, link.words, str(link.loc)))
+            links.append((na, link.a.iface, nb, link.b.iface, link.words, str(link.loc)))
     # VXLAN ends of a multi-host pair, matched by VNI (and UDP port).
     by_vni: dict[tuple, list[tuple[_Lab, _Vxlan]]] = {}
     for lab in labs:
@@ -336,9 +334,9 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
                                                f"node {vx.end.node!r}, which is not in topology.nodes"))
                 continue
             by_vni.setdefault((str(vx.vni), str(vx.port)), []).append((lab, vx))
-    for (vni, _port), ends in by_vni.items():
-        if len(ends) == 2 and ends[0][0] is not ends[1][0]:
-            (la, va), (lb, vb) = ends
+    for (vni, _port), vx_ends in by_vni.items():
+        if len(vx_ends) == 2 and vx_ends[0][0] is not vx_ends[1][0]:
+            (la, va), (lb, vb) = vx_ends
             a, b = by_lab[(la.file, va.end.node)], by_lab[(lb.file, vb.end.node)]
             links.append((a, va.end.iface, b, vb.end.iface, "",
                           f"vxlan vni {vni}: {va.loc} and {vb.loc}"))
@@ -346,7 +344,7 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
                                          f"{vb.end.node}:{vb.end.iface}, {vb.loc}) becomes one link; "
                                          f"megafleet places the nodes and tunnels between hosts itself"))
             continue
-        for lab, vx in ends:
+        for lab, vx in vx_ends:
             warnings.append(Note(vx.loc, f"vxlan link of {vx.end.node}:{vx.end.iface} to {vx.remote} "
                                          f"vni {vni}: its other end is not among the imported files "
                                          f"(import both files of a multi-host pair together); "
@@ -391,18 +389,18 @@ def convert(files: list[tuple[str, str]], opts: ImportOptions) -> Imported:
     # A container guest names its NICs eth0, eth1, ... in order (eth0: mgmt).
     order = {id(n): (1 if opts.mgmt and mgmts else 0) for n in all_nodes}
     for a, aif, b, bif, words, origin in links:
-        ends = (_side(a, aif, warnings, origin, order, containers),
-                _side(b, bif, warnings, origin, order, containers))
+        sides = (_side(a, aif, warnings, origin, order, containers),
+                 _side(b, bif, warnings, origin, order, containers))
         guest = containers and "switch" not in (a.role, b.role) and "host" in (a.role, b.role)
         if not guest:
-            w.stmt(f"link {ends[0]} -- {ends[1]}" + (f" {words}" if words else ""), origin)
+            w.stmt(f"link {sides[0]} -- {sides[1]}" + (f" {words}" if words else ""), origin)
             continue
         # A container guest joins through a switch of its own (no veth straight
         # into a guest); the link's properties go on one side only.
         sw = namer.take(readable(f"{a.name}_{b.name}"))
         w.stmt(f"switch {sw}", f"{origin} (the link {a.name} -- {b.name})")
-        w.stmt(f"link {ends[0]} -- {sw}" + (f" {words}" if words else ""), origin)
-        w.stmt(f"link {ends[1]} -- {sw}", origin)
+        w.stmt(f"link {sides[0]} -- {sw}" + (f" {words}" if words else ""), origin)
+        w.stmt(f"link {sides[1]} -- {sw}", origin)
     top = FleetWriter()
     header(top, "containerlab", [f for f, _ in files], warnings)
     top.blank()
@@ -445,8 +443,8 @@ def _exec_lines(w: FleetWriter, n: _Node, containers: bool, warnings: list[Note]
         if carried:
             stmt, sep, origin = w.lines[-1].partition("  # ")
             w.lines[-1] = f"{stmt} {{" + (f"  # {origin}" if sep else "")
-            for word, cloc in carried:
-                w.stmt(f"  exec {word}", cloc)
+            for quoted, cloc in carried:
+                w.stmt(f"  exec {quoted}", cloc)
             w.lines.append("}")
     for word, cmd, cloc in words:
         if why or word is None:
