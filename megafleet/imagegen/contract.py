@@ -163,7 +163,8 @@ def parse_line(line: str) -> ReadyLine | AgentLine | None:
     try:
         if marker == READY_MARKER:
             return ReadyLine(name=fields["name"], uptime=float(fields["uptime"]), fields=fields)
-        load = tuple(float(x) for x in fields.get("load", "0,0,0").split(","))
+        loads = [float(x) for x in fields.get("load", "0,0,0").split(",")] + [0.0, 0.0, 0.0]
+        load = (loads[0], loads[1], loads[2])          # 1, 5 and 15 minutes; missing ones 0
         mem = [int(x) for x in fields.get("mem", "0,0,0").split(",")]
         interfaces = {}
         for item in filter(None, fields.get("if", "").split(",")):
@@ -175,7 +176,7 @@ def parse_line(line: str) -> ReadyLine | AgentLine | None:
             addresses.setdefault(name, []).append(cidr)
         return AgentLine(
             name=fields["name"], seq=int(fields.get("seq", 0)), uptime=float(fields["up"]),
-            load=(load + (0.0, 0.0, 0.0))[:3],  # type: ignore[arg-type]
+            load=load,
             mem_total_kb=mem[0], mem_free_kb=mem[1], mem_available_kb=mem[2],
             interfaces=interfaces,
             addresses={k: tuple(v) for k, v in addresses.items()},
