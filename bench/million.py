@@ -14,7 +14,10 @@ Figures (one JSON line; sizes and growth factors for each):
   compile_1m_s, plan_1m_s, manifests_1m_s, controller_rss_mb
         real compile, live plan + placement, manifest split + JSON of the whole
         testbed (racks of ~223 container guests behind routers, one rack per
-        host), in a fresh process per size; peak RSS of that process
+        host), in a fresh process per size; controller_rss_mb is that
+        process's peak RSS once compile, plan and manifests are done, before
+        the simulated up starts (controller_rss_after_plan_mb: after compile
+        and plan only)
   reach_s[fanout][N], reach_exponent
         simulated time until the tree to N agents is up (every agent answered
         `ready`), N in 100 .. 100,000, fanout 8/16/32; the exponent is the
@@ -31,6 +34,11 @@ Figures (one JSON line; sizes and growth factors for each):
         interval, one aggregated document per host (GuestSampler aggregate);
         the real ingest rate of such documents through the collect pipeline
         into FerretDB on this machine divided by that need
+
+Every figure is given at each size (*_by_size) with its growth per 10x of
+size (*_growth_per_10x; 10 is linear, 100 quadratic); reach_s has its growth
+per 10x of agents too and is drawn against N (reach_plot). The JSON says
+"simulated": true, and the summary on stderr names each figure simulated.
 
 Targets: up_1m_s <= 120 (simulated); controller_rss_mb <= 4,000;
 reach(100,000) <= 10 x reach(100); ingest_headroom >= 1; every growth factor
@@ -93,7 +101,7 @@ def write_description(path: Path, guests: int) -> int:
 # ---------------------------------------------------------------------------
 
 CHILD = r"""
-import functools, json, resource, sys, time
+import functools, json, os, resource, sys, time
 sys.path.insert(0, {repo!r})
 from megafleet.gproc.sim import run, links, hosts
 args = json.loads(sys.argv[1])
@@ -101,7 +109,8 @@ names = run.host_names(args["hosts"])
 w = run.controller_work(args["path"], names, args["capacity"])
 out = {{"guests": w.guests, "hosts": len(w.hosts), "compile_s": round(w.compile_s, 3),
         "plan_s": round(w.plan_s, 3), "manifests_s": round(w.manifests_s, 3), "cpu_s": w.cpu_s,
-        "controller_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "controller_rss_mb": w.peak_rss_mb["manifests"], "controller_rss_after_plan_mb": w.peak_rss_mb["plan"],
+        "controller_rss_after_compile_mb": w.peak_rss_mb["compile"], "load": round(os.getloadavg()[0], 1),
         "manifest_mb": round(sum(len(m) for m in w.manifests.values()) / 1e6, 1)}}
 link = links.LinkModel(latency_s=args["latency_s"], bandwidth_bps=args["bandwidth_bps"],
                        decode_s_per_byte=args["decode_s_per_byte"])
@@ -187,7 +196,7 @@ def plot_reach(reach: dict, path: Path) -> str | None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    return str(path.relative_to(REPO))
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 # ---------------------------------------------------------------------------
@@ -241,6 +250,43 @@ def growth(values: list[float], sizes: list[int]) -> list[float]:
     return out
 
 
+def print_summary(r: dict, tag: str, sizes: list[int]) -> None:
+    """The figures for a reader, on stderr, each marked as what it is: the hosts,
+    the wire and the guests are simulated in every one of them; the
+    controller's own work is real time on this machine (with simulated hosts)."""
+    def by(key: str) -> str:
+        vals = r.get(f"{key}_by_size") or []
+        g = r.get(f"{key}_growth_per_10x") or []
+        return (" / ".join(f"{v}" for v in vals) + f"  (growth per 10x: {', '.join(str(x) for x in g)})")
+
+    sz = " / ".join(f"{n:,}" for n in sizes)
+    lines = [f"million.py, simulated hosts, wire and guests; sizes {sz} guests; load {r['load_before']} before, "
+             f"{r['load_after']} after",
+             f"  compile_s (simulated testbed, real controller time)        {by('compile_s')}",
+             f"  plan_s (simulated testbed, real controller time)           {by('plan_s')}",
+             f"  manifests_s (simulated testbed, real controller time)      {by('manifests_s')}",
+             f"  controller_rss_mb (simulated testbed, peak before up)      {by('controller_rss_mb')}",
+             f"  controller_rss_after_plan_mb (simulated testbed)           {by('controller_rss_after_plan_mb')}",
+             f"  up_s (simulated)                                           {by('up_s')}",
+             f"  down_s (simulated)                                         {by('down_s')}",
+             f"  controller_tx_mb (simulated)                               {by('tx_mb')}",
+             f"  controller_rx_mb (simulated)                               {by('rx_mb')}",
+             f"  progress frames (simulated)                                {by('event_frames')}",
+             f"  telemetry docs/s (simulated collectors)                    "
+             f"{' / '.join(str(v) for v in r['telemetry_docs_per_s_by_size'])}"]
+    for fo, pts in r["reach_s"].items():
+        lines.append(f"  reach_s fanout {fo} (simulated, 1 ms per hop)              "
+                     + ", ".join(f"{int(n):,}: {v}" for n, v in pts.items())
+                     + f"  (growth per 10x: {', '.join(str(x) for x in r['reach_growth_per_10x'][fo])})")
+    f = r["failure_5pct"]
+    lines.append(f"  failure_5pct (simulated): {f['hosts_killed']} hosts killed, {f['ready']:,} ready, "
+                 f"up {f['up_s']} s simulated, rest came up: {f['rest_came_up']}")
+    if "ingest_headroom" in r:
+        lines.append(f"  ingest_headroom (simulated collectors, real FerretDB ingest) {r['ingest_headroom']}")
+    lines.append(f"  targets met (simulated): {r['met']}")
+    print("\n".join(lines), file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
@@ -274,7 +320,7 @@ def main() -> None:
             print(f"size {g}: {json.dumps(per_size[-1])}", file=sys.stderr)
         head = per_size[-1]
         tag = "1m" if sizes[-1] == 1_000_000 else f"{sizes[-1] // 1000}k"
-        for key in ("compile_s", "plan_s", "manifests_s", "controller_rss_mb"):
+        for key in ("compile_s", "plan_s", "manifests_s", "controller_rss_mb", "controller_rss_after_plan_mb"):
             values = [s[key] for s in per_size]
             name = key.replace("_s", f"_{tag}_s") if key.endswith("_s") else key
             result[name] = head[key]
@@ -321,8 +367,12 @@ def main() -> None:
         big, small = str(counts[-1]), "100"
         result["reach_ratio_largest_to_100"] = {fo: round(pts[big] / pts[small], 2)
                                                 for fo, pts in result["reach_s"].items()}
+        result["reach_growth_per_10x"] = {fo: growth(list(pts.values()), [int(n) for n in pts])
+                                          for fo, pts in result["reach_s"].items()}
         result["reach_plot"] = plot_reach(result["reach_s"], Path(args.out) / f"million-reach-{tag}.png")
 
+        result["telemetry_docs_per_s_by_size"] = [round(s["hosts"] / TELEMETRY_INTERVAL_S, 1) for s in per_size]
+        result["load_by_size"] = [s["load"] for s in per_size]
         if not args.skip_telemetry:
             result.update(telemetry(4480, 1_000_000, 2000 if args.quick else 20_000, work))
         result["targets"] = {f"up_{tag}_s": 120, "controller_rss_mb": 4000,
@@ -332,7 +382,9 @@ def main() -> None:
             "controller_rss_mb": result["controller_rss_mb"] <= 4000,
             "reach_ratio_largest_to_100": max(result["reach_ratio_largest_to_100"].values()) <= 10,
             "ingest_headroom": result.get("ingest_headroom", 0) >= 1}
+        result["load_after"] = round(os.getloadavg()[0], 2)
         result["bench_wall_s"] = round(time.perf_counter() - started, 1)
+        print_summary(result, tag, sizes)
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -27,10 +27,11 @@ The per-guest spread is a log-normal with the QEMU run's p95/p50 ratio.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import trio
 
@@ -149,32 +150,39 @@ class SimHosts:
         counts = {"ready": 0, "failed": 0}
         failed: list[dict[str, Any]] = []
         boots: list[float] = []
-        last = [-math.inf]
-
-        async def slot(mine: list[str]) -> None:
-            for guest in mine:
-                if guest in booted:
-                    seconds = booted[guest][1]
-                else:
-                    seconds = self.model.boot_s(rng)
-                    await trio.sleep(seconds)
-                    booted[guest] = (self._fails(guest), seconds)
-                if self._fails(guest):
+        t1 = trio.current_time()
+        last = -math.inf
+        # The guests boot `parallel` at a time, each slot taking its share in
+        # turn. Their completions are walked in time order and the simulation
+        # sleeps only until the next one that is reported (at most one
+        # progress event a second, plus each failure and the last): the same
+        # timeline and events as a sleep per guest, with far fewer wake-ups
+        # (a million guests are a million sleeps otherwise).
+        pending: list[tuple[float, str, float]] = []       # (at, guest, seconds): done, not reported
+        try:
+            for at, guest, seconds in self._completions(names, booted, rng, t1):
+                pending.append((at, guest, seconds))
+                fails = self._fails(guest)
+                if fails:
                     counts["failed"] += 1
                     failed.append({"name": guest, "reason": "simulated boot failure", "attempts": 2})
                 else:
                     counts["ready"] += 1
                     boots.append(seconds)
                 done_n = counts["ready"] + counts["failed"]
-                now = trio.current_time()
-                if now - last[0] > 1.0 or done_n == len(names) or self._fails(guest):
-                    last[0] = now
+                if at - last > 1.0 or done_n == len(names) or fails:
+                    await trio.sleep_until(at)
+                    for _, g, sec in pending:
+                        booted.setdefault(g, (self._fails(g), sec))
+                    pending.clear()
+                    last = at
                     await ctx.emit({"phase": "vm", "done": done_n, "total": len(names), **counts})
-
-        t1 = trio.current_time()
-        async with trio.open_nursery() as n:
-            for i in range(min(self.model.parallel, len(names))):
-                n.start_soon(slot, names[i::self.model.parallel])
+        finally:
+            # Cut short (the agent died): the guests already up stay booted.
+            now = trio.current_time()
+            for at, g, sec in pending:
+                if at <= now:
+                    booted.setdefault(g, (self._fails(g), sec))
         vm_s = trio.current_time() - t1
         boots.sort()
         result = {"host": host, "testbed": testbed, "simulated": True,
@@ -187,6 +195,31 @@ class SimHosts:
         await ctx.emit({"phase": "done", "ready": result["ready"], "failed": len(failed)})
         state.testbeds[testbed] = result
         return result
+
+    def _completions(self, names: list[str], booted: dict[str, tuple[bool, float]], rng: random.Random,
+                     t0: float) -> Iterator[tuple[float, str, float]]:
+        """(time, guest, boot seconds) of each guest's end of boot, in time
+        order: `parallel` slots, slot i booting names[i::parallel] one after
+        the other; a guest already booted (an apply re-sent after a
+        re-attachment) takes no time. Boot times are drawn from `rng` in the
+        order the slots start their guests."""
+        slots = [names[i::self.model.parallel] for i in range(min(self.model.parallel, len(names)))]
+        heap: list[tuple[float, int, int]] = []        # (ends at, slot, index in slot)
+
+        def start(i: int, k: int, at: float) -> None:
+            guest = slots[i][k]
+            seconds = booted[guest][1] if guest in booted else self.model.boot_s(rng)
+            heapq.heappush(heap, (at + (0.0 if guest in booted else seconds), i, k))
+            durations[(i, k)] = seconds
+
+        durations: dict[tuple[int, int], float] = {}
+        for i in range(len(slots)):
+            start(i, 0, t0)
+        while heap:
+            at, i, k = heapq.heappop(heap)
+            yield at, slots[i][k], durations.pop((i, k))
+            if k + 1 < len(slots[i]):
+                start(i, k + 1, at)
 
     async def sim_down(self, payload: Any, ctx: handlers.Context) -> dict[str, Any]:
         state = self.state.setdefault(ctx.host, _HostState())

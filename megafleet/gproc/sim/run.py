@@ -110,29 +110,38 @@ class ControllerWork:
     plan_s: float
     manifests_s: float
     cpu_s: dict[str, float] | None = None   # CPU seconds of each (a shared machine inflates wall time)
+    # The process's peak RSS (MB) at the end of each step: compile, plan, manifests.
+    peak_rss_mb: dict[str, float] | None = None
 
 
 def controller_work(path: str, hosts: list[str], capacity: int, testbed: str = "mil",
                     host_mem_mb: int = 1 << 20) -> ControllerWork:
     """The real compile, plan, placement and manifest split of `megafleet up`
     for `hosts` (each `capacity` nodes), timed in real seconds."""
+    import resource
     import time
     from pathlib import Path
 
     from megafleet import manifest, placement, up
     from megafleet.netlang import live
 
+    def peak() -> float:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)    # KB on Linux
+
     cpu: dict[str, float] = {}
+    rss: dict[str, float] = {}
     t, c = time.perf_counter(), time.process_time()
     net = up.compile_testbed(Path(path), {})
     compile_s = time.perf_counter() - t
     cpu["compile"] = round(time.process_time() - c, 3)
+    rss["compile"] = peak()
     t, c = time.perf_counter(), time.process_time()
     plan = live.plan(net, testbed)
     offers = [placement.HostOffer(h, capacity, host_mem_mb) for h in hosts]
     placed = placement.place(manifest.demands(net, plan), offers, ksm_sharing=0.3)
     plan_s = time.perf_counter() - t
     cpu["plan"] = round(time.process_time() - c, 3)
+    rss["plan"] = peak()
     t, c = time.perf_counter(), time.process_time()
     used = [h for h, nodes in placed.hosts.items() if nodes]
     inv = sim_inventory(hosts)
@@ -143,10 +152,11 @@ def controller_work(path: str, hosts: list[str], capacity: int, testbed: str = "
         source=path, collect_interval=10.0)}
     manifests_s = time.perf_counter() - t
     cpu["manifests"] = round(time.process_time() - c, 3)
+    rss["manifests"] = peak()
     vm_names = {v.name for v in plan.vms}
     plan_hosts = {h: [n for n in placed.hosts[h] if n in vm_names] for h in used}
     return ControllerWork(testbed, plan, placed, used, plan_hosts, manifests, len(plan.vms), compile_s, plan_s,
-                          manifests_s, cpu)
+                          manifests_s, cpu, rss)
 
 
 @dataclass
