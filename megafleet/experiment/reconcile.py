@@ -18,7 +18,13 @@ What is done per kind of change:
 - added items: created from their own `ip_lines` (recorded first), new
   namespaces configured, new wires and VDE plugs started, new routers' daemons
   started; added guests are booted by `host.apply` afterwards;
-- changed items (same identity, other content): removed, then added; a changed
+- changed link properties only (a port's, a link's or a trunk's rate, a
+  declared wire's delay, jitter, loss): changed where they run (tc, the wire's
+  filter), nothing made again;
+- other changed items (same identity, other content): removed, then added
+  (an interface made again inside a namespace that stays gets its addresses
+  and the routes through it again; a guest whose NIC's host side is made
+  again boots again); a changed
   namespace configuration gets its new operations (addresses, routes) added,
   changed startup commands (`exec`) run those not in the old list;
   a router whose configuration changed has its daemons restarted; a changed
@@ -158,7 +164,7 @@ async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None
         progress(f"changed the properties of {len(props_only)} links in place")
     from megafleet.netlang.nsexec import ExecFailed, located
     try:
-        added = await _add_net(t, new, old, come, ledger, progress, remade=[b for _, b in remade])
+        added = await _add_net(t, new, old, come, ledger, progress)
     except ExecFailed as exc:
         from megafleet.host import HostError
         # The new description's file:line of the statement, as a first `up` says it.
@@ -290,7 +296,7 @@ def _ops_of(ops: list, devs: set[str]) -> list:
 
     nets = [(op.family, op.addr >> (BITS[op.family] - op.plen), op.plen) for op in ops
             if isinstance(op, netlink.AddrAdd) and op.dev in devs]
-    out = []
+    out: list[netlink.Op] = []
     for op in ops:
         if isinstance(op, (netlink.LinkUp, netlink.AddrAdd)):
             if op.dev in devs:
@@ -302,7 +308,7 @@ def _ops_of(ops: list, devs: set[str]) -> list:
 
 
 def _remade_ifaces(items: list) -> dict[str, set[str]]:
-    """namespace -> its interfaces that re-made items create anew."""
+    """namespace -> the interfaces `items` create in it."""
     out: dict[str, set[str]] = {}
     for x in items:
         k = getattr(x, "kind", "")
@@ -319,11 +325,12 @@ def _remade_ifaces(items: list) -> dict[str, set[str]]:
 
 
 async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list, ledger: Ledger,
-                   progress: Callable[[str], None], remade: list | None = None) -> dict:
+                   progress: Callable[[str], None]) -> dict:
     """Create the items `come` (typed, from diff_json) of plan `new` (JSON; `old`
     is the running one's), each list in the plan's order (roots before leaves).
-    `remade`: changed items among them, made again: the interfaces they make in
-    namespaces that stay get their addresses and routes again."""
+    An interface they make in a namespace that stays (a changed item made
+    again, a wire that became a veth) gets its addresses and routes again, not
+    only the operations the new plan adds."""
     from megafleet.netlang import live, netlink
     from megafleet.netlang.hostplan import _LISTS, Named, NsExec, Plan, _op_from_json, item_identity
 
@@ -331,8 +338,8 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
     new_ns = {x.name: x.value for x in kinds("netns")}
     items = {x.identity(): x for x in come if not isinstance(x, Named)}
     # Each list in the new plan's order: only identities are computed for the rest.
-    lists = {name: [items[k] for k in map(item_identity, new.get(name, [])) if k in items] if items else []
-             for name in _LISTS}
+    lists: dict[str, Any] = {name: [items[k] for k in map(item_identity, new.get(name, [])) if k in items]
+                                    if items else [] for name in _LISTS}
     sub = Plan(name=t, netns=new_ns, **lists,
                frr={x.name: new["frr"][x.name] for x in kinds("router") if x.name in new.get("frr", {})})
     sub.digest = new.get("digest", "")
@@ -344,7 +351,7 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
     # Namespace configuration: all of a new namespace's; only the new operations
     # of one whose configuration changed (the rest is in place).
     configs = {x.name for x in kinds("ns-config")}
-    again = {ns: devs for ns, devs in _remade_ifaces(remade or []).items() if ns not in new_ns.values()}
+    again = {ns: devs for ns, devs in _remade_ifaces(come).items() if ns not in new_ns.values()}
     configs |= set(again)
 
     def configure() -> int:
@@ -420,7 +427,7 @@ async def _diff_locked(path: Path, testbed: str, defines: dict[str, str]) -> dic
     plan, placed = await trio.to_thread.run_sync(U.make_plan, net, testbed, target)
     images = await trio.to_thread.run_sync(U.build_images, net, plan, U.Output(quiet=True))
     old: dict[str, Any] = {}
-    if running:
+    if tb is not None:           # running
         res = await control.on_hosts(tb, "experiment.manifest", {})
         old = {h: v for h, v in res.items() if v is not None}
     addresses = None

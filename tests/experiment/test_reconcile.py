@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -84,3 +85,81 @@ def test_diff_and_up_after_adding_ten_guests_and_deleting_one_link(tmp_path):
         megafleet("down", T, check=False)
     nothing_left(T)
     assert pids() == {} or not any(k.startswith("g") for k in pids())
+
+
+PROPS = """pool p 10.74.0.0/16
+switch s1
+router r1 {
+  iface s1 auto
+}
+router r2
+link r1 -- r2 delay 5ms
+host a on s1 rate 10mbit
+host b on s1
+vm gx image tiny driver container mem 64M on s1 rate 10mbit
+reachable a b
+reachable b r1
+reachable gx b
+reachable b r2
+"""
+
+
+def _ifindex(node: str, dev: str) -> int:
+    return int(subprocess.run(["ip", "netns", "exec", f"{T2}-{node}", "cat", f"/sys/class/net/{dev}/ifindex"],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def _rtt(src: str, addr: str) -> float:
+    r = subprocess.run(["ip", "netns", "exec", f"{T2}-{src}", "ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", addr],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    return float(r.stdout.split("rtt min/avg/max/mdev = ")[1].split("/")[0])
+
+
+T2 = f"mfx{TAG}q"
+
+
+def test_changed_link_properties_apply_in_place_and_remade_interfaces_keep_their_addresses(tmp_path):
+    """Editing a running testbed's link properties changes them where they run:
+    a port's rate (tc, the interface stays), a declared wire's delay (its
+    wirefilter; the taps stay), a container guest's rate (the guest keeps its
+    pid). An edit that makes interfaces again (a wire that becomes a veth)
+    gives them back their addresses and routes: the assertions still hold."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    path = tmp_path / "props.fleet"
+    text = f'image tiny from "{REPO}/examples/images/tiny.toml"\n' + PROPS
+    path.write_text(text)
+    try:
+        assert megafleet_json("up", str(path), "-N", T2, "--no-ksm", timeout=600)["ok"]
+        r2 = subprocess.run(["ip", "-n", f"{T2}-r2", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+        r2_addr = next(line.split("inet ")[1].split("/")[0] for line in r2.splitlines() if " lo " not in line)
+        assert 10 <= _rtt("r1", r2_addr) < 40
+        a_if, r1_wire_if = _ifindex("a", "eth0"), _ifindex("r1", "eth1")
+        c_pid = pids().get("gx")
+        assert c_pid
+
+        path.write_text(text.replace("host a on s1 rate 10mbit", "host a on s1 rate 20mbit")
+                        .replace("delay 5ms", "delay 30ms")
+                        .replace("on s1 rate 10mbit\nreachable", "on s1 rate 30mbit\nreachable"))
+        rows = json.loads(megafleet("diff", str(path), "-N", T2, "--json", check=False).stdout)["rows"]
+        assert {(x["change"], x["kind"]) for x in rows} == {("~", "port"), ("~", "wire")}, rows
+        summary = megafleet_json("up", str(path), "-N", T2, "--no-ksm", timeout=600)
+        assert summary["ok"] and summary["verify"]["ok"], summary
+        assert _ifindex("a", "eth0") == a_if and _ifindex("r1", "eth1") == r1_wire_if
+        tc = subprocess.run(["tc", "-n", f"{T2}-a", "qdisc", "show", "dev", "eth0"], capture_output=True,
+                            text=True).stdout
+        assert "rate 20Mbit" in tc, tc
+        assert _rtt("r1", r2_addr) >= 60
+        assert pids().get("gx") == c_pid                 # its rate changed on the host side only
+
+        # The wire goes (no delay): r1's and r2's ends are made again as a veth,
+        # with their addresses and the routes through them (b reaches r2).
+        path.write_text(path.read_text().replace("link r1 -- r2 delay 30ms", "link r1 -- r2"))
+        summary = megafleet_json("up", str(path), "-N", T2, "--no-ksm", timeout=600)
+        assert summary["ok"] and summary["verify"]["ok"], summary
+        assert _rtt("r1", r2_addr) < 20
+        assert "0 to add, 0 to remove, 0 to change" in megafleet("diff", str(path), "-N", T2).stdout
+    finally:
+        megafleet("down", T2, check=False)
+    nothing_left(T2)
