@@ -210,8 +210,11 @@ class Driver:
         return f"{self.name} guest exited"
 
     async def stop(self, name: str, handle: dict[str, Any], *, force: bool) -> None:
-        """Stop the guest; tolerate it being gone already."""
-        raise NotImplementedError
+        """Stop the guest; tolerate it being gone already. The base: SIGTERM to
+        its process, SIGKILL after a grace period (at once with `force`)."""
+        proc = handle_process(handle)
+        if proc is not None:
+            await stop_processes([proc], sig=signal.SIGKILL if force else signal.SIGTERM, grace=3.0)
 
     async def remove(self, records: list[dict[str, Any]]) -> None:
         """Teardown: end every guest whose ledger records (the data of this

@@ -26,7 +26,7 @@ from megafleet import paths
 from megafleet.imagegen.contract import BadLine, ReadyLine, parse_line
 from megafleet.ledger import Ledger
 from megafleet.vm import admission
-from megafleet.vm.driver import (Driver, StartFailed, become_subreaper, driver_kind,
+from megafleet.vm.driver import (DRIVER_KINDS, Driver, StartFailed, become_subreaper, driver_kind,
                                  process_from_pidfile)
 from megafleet.vm.spec import (BootReport, GuestResult, GuestSpec, Progress, SpecError,
                                    validate_all)
@@ -177,6 +177,12 @@ class Engine:
         if name not in self._drivers:
             self._drivers[name] = make_driver(name)
         return self._drivers[name]
+
+    def _recorded_driver(self, name: str) -> Driver:
+        """The driver of a guest already recorded: its own, or, for a name this
+        megafleet does not know (a record of another version), the base Driver,
+        which checks and ends the recorded process."""
+        return self.driver(name) if name in DRIVER_KINDS else Driver()
 
     async def _db(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
@@ -380,7 +386,7 @@ class Engine:
         return handle
 
     def _alive(self, rec: GuestRecord) -> bool:
-        return self.driver(rec.driver).alive(self._handle(rec))
+        return self._recorded_driver(rec.driver).alive(self._handle(rec))
 
     async def stop(self, pattern: str = "*", *, force: bool = False) -> list[str]:
         """Stop matching guests (QMP quit / SIGTERM, or SIGKILL with force); their
@@ -397,7 +403,7 @@ class Engine:
         return [r.name for r in records]
 
     async def _stop_record(self, rec: GuestRecord, *, force: bool) -> None:
-        await self.driver(rec.driver).stop(rec.name, self._handle(rec), force=force)
+        await self._recorded_driver(rec.driver).stop(rec.name, self._handle(rec), force=force)
 
     async def teardown(self, pattern: str = "*") -> list[str]:
         """Remove every matching guest and everything recorded for it."""
@@ -431,7 +437,7 @@ class Engine:
                 by_driver.setdefault(name, []).append({**r.data, "key": r.key})
         async with trio.open_nursery() as nursery:
             for name, records in by_driver.items():
-                nursery.start_soon(self.driver(name).remove, records)
+                nursery.start_soon(self._recorded_driver(name).remove, records)
         for kind, keys in by_kind.items():
             await self._db(self.ledger.forget_many, OWNER, kind, keys)
         await trio.to_thread.run_sync(_remove_dirs, [r.key for r in dirs])
@@ -460,7 +466,7 @@ class Engine:
                 pid = proc.pid if proc else None
             rss = None
             if alive:
-                drv = self.driver(rec.driver)
+                drv = self._recorded_driver(rec.driver)
                 rss = drv.rss_bytes({**rec.handle, "pid": pid, "pid_start": rec.pid_start})
             views.append(GuestView(rec.name, rec.driver, rec.image, state,
                                    pid if alive else None, rss, rec.boot_s, rec.attempts,

@@ -147,3 +147,40 @@ async def _timed_remove(driver: Driver, records: list[dict]) -> float:
     t0 = trio.current_time()
     await driver.remove(records)
     return trio.current_time() - t0
+
+
+def test_a_guest_of_a_driver_this_megafleet_does_not_know_is_still_seen_and_removed(tmp_path):
+    """A record whose driver is not in the registry (written by another version)
+    is checked and ended as the recorded process it is: `vm ls` shows it, stop
+    and teardown end it, the ledger forgets it."""
+    import trio
+
+    from megafleet.ledger import Ledger
+    from megafleet.vm.engine import Engine
+    from megafleet.vm.state import OWNER, GuestRecord, VmState
+
+    children, records = _stubborn_processes(tmp_path, n=2)
+    try:
+        engine = Engine(state=VmState(tmp_path / "vm.sqlite"), ledger=Ledger(tmp_path / "ledger.sqlite"))
+        rows = []
+        for i, (child, rec) in enumerate(zip(children, records)):
+            name = f"mfvold{i}"
+            proc = RecordedProcess.of(child.pid)
+            rows.append(GuestRecord(name=name, driver="firecracker", image="tiny", spec={}, state="running",
+                                    pid=proc.pid, pid_start=proc.start, handle={"gdir": str(tmp_path)}))
+            engine.ledger.record(OWNER, "process", name, **{**rec, "guest": name, "driver": "firecracker"})
+        engine.state.put_many(rows)
+        assert [(v.name, v.state) for v in engine.list()] == [("mfvold0", "running"), ("mfvold1", "running")]
+        # stop --force: SIGKILL (the process ignores SIGTERM)
+        procs = [RecordedProcess.of(c.pid) for c in children]
+        assert trio.run(lambda: engine.stop("mfvold0", force=True)) == ["mfvold0"]
+        assert not procs[0].alive() and procs[1].alive()
+        assert [v.state for v in engine.list()] == ["stopped", "running"]
+        assert trio.run(engine.teardown) == ["mfvold0", "mfvold1"]
+        assert not procs[1].alive()
+        assert engine.list() == [] and engine.ledger.list(owner=OWNER) == []
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+            c.wait()
