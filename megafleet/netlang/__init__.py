@@ -161,8 +161,17 @@ Routing
 -------
 Hosts and vms get a default gateway: the first router on the first of their
 networks that has one (IPv4 and IPv6 separately). Routers without `ospf` or
-`bgp` get static routes computed from the graph: to every subnet they are not on,
-via the first router on a shortest path. `ospf` runs FRR's ospfd on every
+`bgp` get static routes computed from the graph, on shortest paths. Where
+routers and networks form a tree (per address family; racks under pods under a
+spine), a router gets a default route toward the tree's center (the router
+above it), a route to each network below each other router of its upstream
+network and below each router under it, and no route to what lies beyond its
+default; the center's routers have no default, so a packet to an address
+outside the testbed stops there. Prefixes going the same way are merged
+(10.0.0.0/24 and 10.0.1.0/24 into 10.0.0.0/23) when the tree has more than 256
+networks. Anywhere else (a ring, a mesh), and on a router given its own `route
+default`, a router gets a route to every subnet it is not on, via the first
+router on a shortest path. `ospf` runs FRR's ospfd on every
 IPv4 interface of the router and ospf6d on every IPv6 one (hello 1 s, dead 4 s,
 point-to-point on links, passive on a network no other router is on, connected
 networks redistributed); `bgp AS` runs bgpd,
