@@ -27,8 +27,10 @@ What is done per kind of change:
   again boots again); a changed
   namespace configuration gets its new operations (addresses, routes) added,
   changed startup commands (`exec`) run those not in the old list;
-  a router whose configuration changed has its daemons restarted; a changed
-  guest is torn down and booted again.
+  a router whose configuration changed takes it in place where it can
+  (BIRD reads it again; FRR restarts only the daemons whose configuration
+  changed, zebra keeping the interfaces), else has its daemons restarted; a
+  changed guest is torn down and booted again.
 """
 
 from __future__ import annotations
@@ -145,6 +147,13 @@ async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None
     # Link properties (rate, a declared wire's delay, jitter, loss) change in
     # place; everything else that changed is removed and made again.
     props_only, remade = in_place(d.changed)
+    # A router whose namespace stays takes its new configuration in place
+    # where its daemons allow (netlang.routers.reconfigurable).
+    from megafleet.netlang import routers as R
+    kept_ns = {x.name for x in d.removed + [a for a, _ in d.changed] if getattr(x, "kind", "") == "netns"}
+    reconf = [(a, b) for a, b in remade if getattr(a, "kind", "") == "router" and a.name not in kept_ns
+              and a.name in new.get("netns", {}) and R.reconfigurable(dict(a.value), dict(b.value))]
+    remade = [pair for pair in remade if pair not in reconf]
     gone = list(d.removed) + [a for a, _ in remade]
     come = list(d.added) + [b for _, b in remade]
     by_kind = lambda items, k: [x for x in items if getattr(x, "kind", "") == k]  # noqa: E731
@@ -169,12 +178,18 @@ async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None
         from megafleet.host import HostError
         # The new description's file:line of the statement, as a first `up` says it.
         raise HostError(located(exc, new_m.exec_locs)) from None
+    for a, b in reconf:
+        done = await trio.to_thread.run_sync(R.reconfigure, t, new["netns"][b.name], b.name, dict(a.value),
+                                             dict(b.value), ledger)
+        progress(f"router {b.name}: new configuration in place ({', '.join(done) or 'nothing'} "
+                 f"{'reconfigured' if done == ['bird'] else 'restarted'})")
     from megafleet.netlang import live
     live_record = next((r.data for r in ledger.list(live.OWNER, "testbed") if r.key == t), {})
     ledger.record(live.OWNER, "testbed", t, **{**live_record, "digest": new_m.digest(), "complete": True,
                                                "counts": counts_json(new)})
     ledger.record(live.OWNER, "vms", t, names=[v["name"] for v in new.get("vms", [])])
     result = {"removed": len(d.removed), "added": len(d.added), "changed": len(d.changed),
+              "routers_reconfigured": len(reconf),
               "guests_removed": len(guests_gone), "seconds": round(time.monotonic() - t0, 3), **added}
     progress(f"reconciled: {len(d.removed)} removed, {len(d.added)} added, {len(d.changed)} changed "
              f"({result['seconds']:.1f} s); running guests untouched")
@@ -210,7 +225,7 @@ def _remove_net(t: str, gone: list, changed_new: list, ledger: Ledger) -> None:
     # Host-side interfaces (a veth's far end goes with it); p2p veths from inside.
     links = [n for x in gone if hasattr(x, "links") for n in x.links()]
     present = live.existing_links()
-    live._batch(["ip"], [f"link del {n}" for n in links if n in present], force=True)
+    live.run_batch(["ip"], [f"link del {n}" for n in links if n in present], force=True)
     ledger.forget_many(NET, "link", [f"{t}/{n}" for n in links])
     for x in gone:
         if getattr(x, "kind", "") == "p2p":
@@ -224,7 +239,7 @@ def _remove_net(t: str, gone: list, changed_new: list, ledger: Ledger) -> None:
         except ProcessLookupError:
             pass
     present_ns = live.existing_netns()
-    live._batch(["ip"], [f"netns del {ns}" for ns in nss if ns in present_ns], force=True)
+    live.run_batch(["ip"], [f"netns del {ns}" for ns in nss if ns in present_ns], force=True)
     ledger.forget_many(NET, "netns", [f"{t}/{ns}" for ns in nss])
 
 
@@ -275,7 +290,7 @@ def apply_props(t: str, pairs: list[tuple[Any, Any]], ledger: Ledger) -> None:
         # "wired" and "guest-vde" ports: their wire or switch carries the properties.
     by_ns: dict[str | None, tuple[list[str], list[str]]] = {}
     for ns, dev, props in shape:
-        lines = live._tbf_lines(dev, props)
+        lines = live.tbf_lines(dev, props)
         put, drop = by_ns.setdefault(ns, ([], []))
         if lines:
             put.extend(lines)
@@ -283,8 +298,8 @@ def apply_props(t: str, pairs: list[tuple[Any, Any]], ledger: Ledger) -> None:
             drop.append(f"qdisc del dev {dev} root")
     for ns, (put, drop) in by_ns.items():
         tc = ["tc"] if ns is None else ["tc", "-n", ns]
-        live._batch(tc, put)
-        live._batch(tc, drop, force=True)        # no qdisc there (never shaped): nothing to delete
+        live.run_batch(tc, put)
+        live.run_batch(tc, drop, force=True)        # no qdisc there (never shaped): nothing to delete
 
 
 def _ops_of(ops: list, devs: set[str]) -> list:
@@ -343,11 +358,7 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
     sub = Plan(name=t, netns=new_ns, **lists,
                frr={x.name: new["frr"][x.name] for x in kinds("router") if x.name in new.get("frr", {})})
     sub.digest = new.get("digest", "")
-    await trio.to_thread.run_sync(live._create_host_side, sub, ledger, progress)
-    if sub.vde or any(getattr(p, "kind", "") == "vde" for p in sub.ports):
-        await trio.to_thread.run_sync(live._start_vde, sub, ledger)
-    if sub.wires:
-        await trio.to_thread.run_sync(live._start_wires, sub, ledger)
+    await live.create_items(sub, ledger, progress)
     # Namespace configuration: all of a new namespace's; only the new operations
     # of one whose configuration changed (the rest is in place).
     configs = {x.name for x in kinds("ns-config")}
@@ -368,7 +379,7 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
         return n
 
     configured = await trio.to_thread.run_sync(configure)
-    await trio.to_thread.run_sync(live._shape_and_route, sub)
+    await trio.to_thread.run_sync(live.shape_and_route, sub)
     if sub.frr:
         sub.netns = {r: new["netns"][r] for r in sub.frr}
         await live.start_routers(sub, ledger, progress)

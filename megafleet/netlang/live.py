@@ -562,6 +562,41 @@ async def apply(p: Plan, ledger: Ledger | None = None, progress: Progress = _qui
     return {"changed": True, "seconds": round(time.monotonic() - t0, 3), **counts}
 
 
+# ---------------------------------------------------------------------------
+# Parts of a plan, for changing a running testbed (experiment.reconcile): the
+# steps `apply` takes, on a plan that holds only the items to add.
+# ---------------------------------------------------------------------------
+
+async def create_items(p: Plan, ledger: Ledger, progress: Progress = _quiet) -> None:
+    """Create plan `p`'s namespaces and host-side items (interfaces, bridges,
+    VXLAN tunnels, VDE switches and plugs, wires), each recorded in the ledger
+    before it exists. `p` may be the part of a running testbed's plan that is
+    not built yet; a name in it that exists already is refused (LiveError)."""
+    await trio.to_thread.run_sync(_create_host_side, p, ledger, progress)
+    if p.vde or any(isinstance(port, VdePort) for port in p.ports):
+        await trio.to_thread.run_sync(_start_vde, p, ledger)
+    if p.wires:
+        await trio.to_thread.run_sync(_start_wires, p, ledger)
+
+
+def shape_and_route(p: Plan) -> None:
+    """The rates (tc tbf) of plan `p`'s ports and links, in one tc batch per
+    namespace (blocking). Delay, jitter and loss are the wires'."""
+    _shape_and_route(p)
+
+
+def run_batch(argv: list[str], lines: list[str], *, force: bool = False) -> None:
+    """`argv -batch -` ("ip", "tc", "bridge", with "-n NS" if any) over `lines`.
+    With `force`, lines whose object is already gone are passed over (teardown);
+    without, proc.CommandFailed names the line that failed."""
+    _batch(argv, lines, force=force)
+
+
+def tbf_lines(dev: str, props: LinkProps) -> list[str]:
+    """tc batch lines that limit `dev` to `props.rate_bit` (none without a rate)."""
+    return _tbf_lines(dev, props)
+
+
 async def teardown(testbed: str, progress: Progress = _quiet, ledger: Ledger | None = None) -> dict:
     """Remove everything recorded for `testbed` on this host (see `adown`): the
     one network teardown, for `net down` and `down`."""
