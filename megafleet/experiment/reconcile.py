@@ -347,14 +347,14 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
     again, a wire that became a veth) gets its addresses and routes again, not
     only the operations the new plan adds."""
     from megafleet.netlang import live, netlink
-    from megafleet.netlang.hostplan import _LISTS, Named, NsExec, Plan, _op_from_json, item_identity
+    from megafleet.netlang.hostplan import ITEM_LISTS, Named, NsExec, Plan, op_from_json, item_identity
 
     kinds = lambda k: [x for x in come if getattr(x, "kind", "") == k]  # noqa: E731
     new_ns = {x.name: x.value for x in kinds("netns")}
     items = {x.identity(): x for x in come if not isinstance(x, Named)}
     # Each list in the new plan's order: only identities are computed for the rest.
     lists: dict[str, Any] = {name: [items[k] for k in map(item_identity, new.get(name, [])) if k in items]
-                                    if items else [] for name in _LISTS}
+                                    if items else [] for name in ITEM_LISTS}
     sub = Plan(name=t, netns=new_ns, **lists,
                frr={x.name: new["frr"][x.name] for x in kinds("router") if x.name in new.get("frr", {})})
     sub.digest = new.get("digest", "")
@@ -368,9 +368,9 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
     def configure() -> int:
         n = 0
         for ns in sorted(configs):
-            ops = [_op_from_json(op) for op in new.get("ns_ops", {}).get(ns, [])]
+            ops = [op_from_json(op) for op in new.get("ns_ops", {}).get(ns, [])]
             if ns not in new_ns.values():
-                had = {repr(_op_from_json(op)) for op in old.get("ns_ops", {}).get(ns, [])}
+                had = {repr(op_from_json(op)) for op in old.get("ns_ops", {}).get(ns, [])}
                 needed = {repr(op) for op in _ops_of(ops, again.get(ns, set()))}
                 ops = [op for op in ops if repr(op) not in had or repr(op) in needed]
             if ops or ns in new_ns.values():

@@ -381,7 +381,8 @@ def item_from_json(d: dict[str, Any]):
 # The plan
 # ---------------------------------------------------------------------------
 
-_LISTS = ("bridges", "vde", "ports", "p2p", "trunks", "wires", "vxlan")
+# The Plan fields that hold items (what a partial plan of new items fills).
+ITEM_LISTS = ("bridges", "vde", "ports", "p2p", "trunks", "wires", "vxlan")
 
 
 @dataclass
@@ -426,7 +427,7 @@ class Plan:
 
     def items(self) -> Iterator[Any]:
         """Every item of the typed lists, in creation order."""
-        for name in _LISTS:
+        for name in ITEM_LISTS:
             yield from getattr(self, name)
 
     def host_links(self) -> list[str]:
@@ -474,7 +475,7 @@ class Plan:
 
     @staticmethod
     def _field_json(name: str, v: Any) -> Any:
-        if name in _LISTS:
+        if name in ITEM_LISTS:
             return [item.to_json() for item in v]
         if name == "ns_ops":
             return {ns: [[type(op).__name__, _op_fields(op)] for op in ops] for ns, ops in v.items()}
@@ -493,10 +494,10 @@ class Plan:
                             f"(different megafleet versions?)")
         kw: dict[str, Any] = {}
         for k, v in d.items():
-            if k in _LISTS:
+            if k in ITEM_LISTS:
                 v = [item_from_json(x) for x in v]
             elif k == "ns_ops":
-                v = {ns: [_op_from_json(op) for op in ops] for ns, ops in v.items()}
+                v = {ns: [op_from_json(op) for op in ops] for ns, ops in v.items()}
             elif k == "ns_exec":
                 v = {ns: [NsExec.from_json(c) for c in cmds] for ns, cmds in v.items()}
             elif k == "vms":
@@ -516,10 +517,10 @@ class Plan:
         for i, name in enumerate(names):
             h.update((", " if i else "").encode() + json.dumps(name).encode() + b": ")
             value = getattr(self, name)
-            if name in _LISTS or name == "vms":
+            if name in ITEM_LISTS or name == "vms":
                 h.update(b"[")
                 for j, item in enumerate(value):
-                    data = item.to_json() if name in _LISTS else item.to_dict()
+                    data = item.to_json() if name in ITEM_LISTS else item.to_dict()
                     h.update((", " if j else "").encode()
                              + json.dumps(data, sort_keys=True, default=str).encode())
                 h.update(b"]")
@@ -557,7 +558,9 @@ def _op_fields(op: netlink.Op) -> dict[str, Any]:
     return {n: getattr(op, n) for n in names}
 
 
-def _op_from_json(item: list) -> netlink.Op:
+def op_from_json(item: list) -> netlink.Op:
+    """A namespace operation from its JSON form ([kind, fields], as a plan's
+    ns_ops hold them); PlanError for a kind netlink does not know."""
     kind, fields = item
     if kind not in NETLINK_OPS:
         raise PlanError(f"unknown namespace operation {kind!r} in a plan")
@@ -638,7 +641,7 @@ def item_identity(d: dict[str, Any]) -> tuple:
 def _json_sections(p: dict[str, Any]) -> list[tuple[dict, Callable[[Any, Any], Any]]]:
     """A plan's JSON as `_keyed` sees it, section by section: (identity -> the
     item's JSON, a function building the typed item from identity and JSON)."""
-    lists = {item_identity(x): x for name in _LISTS for x in p.get(name, [])}
+    lists = {item_identity(x): x for name in ITEM_LISTS for x in p.get(name, [])}
     ops, sysctls = p.get("ns_ops", {}), p.get("ns_sysctls", {})
     configs = {("ns-config", ns): (ops.get(ns, []), sysctls.get(ns, {})) for ns in sorted(set(ops) | set(sysctls))}
 
@@ -650,7 +653,7 @@ def _json_sections(p: dict[str, Any]) -> list[tuple[dict, Callable[[Any, Any], A
         (lists, lambda k, x: item_from_json(x)),
         ({("netns", node): ns for node, ns in p.get("netns", {}).items()},
          lambda k, ns: Named("netns", k[1], ns)),
-        (configs, lambda k, c: Named("ns-config", k[1], (repr([_op_from_json(op) for op in c[0]]),
+        (configs, lambda k, c: Named("ns-config", k[1], (repr([op_from_json(op) for op in c[0]]),
                                                           sorted(c[1].items())))),
         ({("ns-exec", ns): cmds for ns, cmds in p.get("ns_exec", {}).items() if cmds},
          lambda k, cmds: Named("ns-exec", k[1], tuple(NsExec.from_json(c) for c in cmds))),
