@@ -142,6 +142,8 @@ class Target:
 
     def inventory(self):
         from megafleet.gproc import inventory
+        if self.inventory_path is None:
+            raise UpError("no inventory: this target is this host alone (give --inventory FILE)")
         try:
             return inventory.load(self.inventory_path)
         except (inventory.InventoryError, OSError) as exc:

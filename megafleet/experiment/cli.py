@@ -52,6 +52,12 @@ def fmt_settings(s: dict) -> str:
     return " ".join(parts) or "-"
 
 
+class _Busy(click.ClickException):
+    """The testbed's lock is held (exit status 2: `diff`'s 1 says "something differs")."""
+
+    exit_code = 2
+
+
 def _late_options(words: tuple[str, ...], takes_value: dict[str, str], flags: dict[str, str]) -> tuple[list[str], dict]:
     """Options written after `A -- B` (click stops parsing options at `--`):
     `takes_value` and `flags` map each spelling to its parameter name."""
@@ -400,9 +406,7 @@ def diff_command(testbed_file, name, defines, no_wait, json_mode):
         result = _run(reconcile.diff_file, testbed_file, name, parse_defines(defines), wait=not no_wait,
                       on_wait=lambda text: click.echo(text, err=True))
     except locks.LockBusy as exc:
-        busy = click.ClickException(f"{exc}; without --no-wait, diff waits for it")
-        busy.exit_code = 2          # 1 says "something differs"
-        raise busy from None
+        raise _Busy(f"{exc}; without --no-wait, diff waits for it") from None
     except UpError as exc:
         raise click.ClickException(str(exc)) from None
     rows = result["rows"]

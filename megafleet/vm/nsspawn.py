@@ -235,7 +235,7 @@ def main():
     carries its request's id)."""
     sel = selectors.DefaultSelector()
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, None)
-    pending = {}          # report fd -> (request id, launcher pid, chunks)
+    pending: dict[int, tuple[object, int, list[bytes]]] = {}   # report fd -> (request id, launcher pid, chunks)
     buffer = b""
     open_input = True
     while open_input or pending:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
 import click
 import trio
@@ -68,6 +69,7 @@ def web(listen, telemetry_uri, cert, key, tokens, poll_s, previews, defines, jso
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
+    from hypercorn.typing import ASGIFramework
 
     from megafleet.web.app import create_app
     from megafleet.web.auth import SCOPES, Auth
@@ -127,7 +129,9 @@ def web(listen, telemetry_uri, cert, key, tokens, poll_s, previews, defines, jso
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(broker.run)
-            await serve(app, config)
+            # Starlette is an ASGI 3 application; its annotations and hypercorn's
+            # spell the ASGI callable differently.
+            await serve(cast(ASGIFramework, app), config)
             nursery.cancel_scope.cancel()
 
     try:
