@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
@@ -158,3 +159,98 @@ def reap(pid: int) -> bool:
         return os.waitpid(pid, os.WNOHANG)[0] == pid
     except ChildProcessError:
         return False
+
+
+# --- the orphan reaper of a child subreaper ---------------------------------
+
+_reaper: threading.Thread | None = None
+_reaper_lock = threading.Lock()
+
+
+def start_orphan_reaper(interval: float = 2.0) -> None:
+    """In a process that is a child subreaper (`vm.driver.become_subreaper`):
+    a daemon thread that reaps, every `interval` seconds, the zombies among its
+    children that no Popen of this process waits for. Once per process (the
+    first call's interval holds).
+
+    Why: a subreaper adopts every orphan of its subtree: the daemons that
+    detach (FRR, vde_switch, wirefilter, BIRD), container inits, and all a
+    finished `megafleet up` child left running. Whoever kills them later (a
+    `down` in another process, a live change) is not their parent, so in a
+    long-lived subreaper (a test run, a gproc agent) each stayed a zombie.
+
+    Safe beside subprocess, trio and asyncio (all wait through a Popen): a
+    zombie is reaped only when no live Popen object has its pid, in two looks
+    one interval apart (the look before a new Popen records its pid cannot
+    reap it). No SIGCHLD handler is installed (trio and asyncio own theirs)."""
+    global _reaper
+    with _reaper_lock:
+        if _reaper is not None:
+            return
+        _reaper = threading.Thread(target=_reap_orphans_forever, args=(interval,),
+                                   name="megafleet-orphan-reaper", daemon=True)
+        _reaper.start()
+
+
+def zombie_children() -> set[tuple[int, int]]:
+    """(pid, start time) of this process's children that are zombies (each
+    thread's children: an orphan is adopted by any thread of a subreaper)."""
+    me = os.getpid()
+    kids: set[int] = set()
+    try:
+        for task in os.listdir(f"/proc/{me}/task"):
+            try:
+                with open(f"/proc/{me}/task/{task}/children") as f:
+                    kids.update(int(x) for x in f.read().split())
+            except OSError:
+                continue                # the thread ended meanwhile
+    except OSError:
+        return set()
+    out = set()
+    for pid in kids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] == "Z":
+            out.add((pid, int(fields[19])))
+    return out
+
+
+def _claimed() -> set[int]:
+    """Pids some live Popen of this process will wait for: subprocess.Popen
+    (also under trio's and asyncio's processes) and multiprocessing's."""
+    import gc
+
+    return {o.pid for o in gc.get_objects()
+            if type(o).__name__ == "Popen" and isinstance(getattr(o, "pid", None), int)
+            and getattr(o, "returncode", None) is None}
+
+
+def reap_orphans(suspects: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """One look of the orphan reaper: reap the unclaimed zombie children that
+    were unclaimed in the previous look too (`suspects`, from the last call);
+    returns this look's unclaimed ones, for the next."""
+    zombies = zombie_children()
+    if not zombies:
+        return set()
+    claimed = _claimed()
+    unclaimed = {z for z in zombies if z[0] not in claimed}
+    for pid, _ in unclaimed & suspects:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return unclaimed - suspects
+
+
+def _reap_orphans_forever(interval: float) -> None:
+    suspects: set[tuple[int, int]] = set()
+    while True:
+        time.sleep(interval)
+        try:
+            suspects = reap_orphans(suspects)
+        except Exception:       # never take the process down; try again next time
+            suspects = set()

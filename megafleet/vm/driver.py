@@ -250,12 +250,17 @@ def handle_process(handle: dict[str, Any]) -> RecordedProcess | None:
 def become_subreaper() -> None:
     """Orphaned guest processes (a container's init once its launcher exits, qemu
     after a crash of an engine child) are re-parented to us rather than to PID 1,
-    which on some hosts never reaps them. We reap them in `reap`."""
+    which on some hosts never reaps them. We reap them in `reap`, and the
+    orphans nobody waits for (detached daemons, what a finished child left
+    running, once killed) in proc's orphan reaper."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except OSError:
-        pass
+        return
+    from megafleet.proc import start_orphan_reaper
+
+    start_orphan_reaper()
 
 
 def reap(pid: int) -> None:

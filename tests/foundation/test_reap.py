@@ -60,3 +60,33 @@ def test_detached_daemons_stopped_leave_no_zombie():
     assert r["wrong_start"]
     assert r["left"] == []
     assert r["not_child"] is False and r["gone"] is False
+
+
+REAPER = r"""
+import json, os, signal, subprocess, sys, time
+from megafleet import proc
+proc.start_orphan_reaper(0.2)           # before become_subreaper's default: fast looks
+from megafleet.vm.driver import become_subreaper
+become_subreaper()
+
+# What a finished child left running comes to us (as a finished `up`'s
+# daemons come to a test run); another process kills them, as `down` would.
+pids = [int(proc.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"]).stdout) for _ in range(4)]
+subprocess.run(["kill", "-9", *map(str, pids)], check=True)
+# A child whose Popen waits for it later: its status must stay its own.
+late = subprocess.Popen(["sh", "-c", "exit 3"])
+time.sleep(2.0)
+left = sorted(p for p, _ in proc.zombie_children())
+print(json.dumps({"left": left, "late_pid": late.pid, "late": late.wait(),
+                  "run": proc.run(["sh", "-c", "exit 5"], check=False).returncode,
+                  "after": sorted(p for p, _ in proc.zombie_children())}))
+"""
+
+
+def test_orphan_reaper_reaps_what_nobody_waits_for_and_only_that():
+    out = subprocess.run([sys.executable, "-c", REAPER], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    # The killed orphans are reaped; the child whose Popen waits stays for it.
+    assert r["left"] == [r["late_pid"]], r
+    assert r["late"] == 3 and r["run"] == 5 and r["after"] == [], r
