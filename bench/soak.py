@@ -18,11 +18,14 @@ The random moment is uniform over the length of the last clean `up`. Then
                   cgroup, or a megafleet daemon of this run's state directory),
                   its cgroups (v2 and the v1 cpu mirror), ledger rows: any one
                   counts 1 (target 0)
-    lost_events   per cycle, guests that reached "running" (`status` before
-                  `down`) minus the boot events telemetry stored in that cycle,
-                  when positive (target 0); extra_events the other way
+    lost_events   per cycle, guests that ran just before `down` (by name, each
+                  host's `vm ls`) with no boot event stored in that cycle
+                  (target 0); extra_events, boots stored twice (target 0);
+                  late_boots, boot events of guests that became ready between
+                  that look and `down` (after a kill -9 of `up` its guests go on
+                  booting: real boots, not errors)
 
-JSON keys: cycles, leftovers, down_p95_s, down_max_s, lost_events, extra_events,
+JSON keys: cycles, leftovers, down_p95_s, down_max_s, lost_events, extra_events, late_boots,
 clean_failed (clean cycles whose `up` did not exit 0: then the cycle tested
 little), endings (count per ending), guests (per cycle), up_s (median clean
 up), load (1-minute load average at the start: others' load changes the
@@ -97,24 +100,31 @@ def kill_recorded(pid: int, start: int) -> bool:
     return RecordedProcess(pid, start).signal(signal.SIGKILL)
 
 
-def running_guests() -> int:
-    r = megafleet("status", "--json", *TARGET[:4], timeout=300)
-    try:
-        hosts = json.loads(r.stdout)["hosts"]
-    except (ValueError, KeyError):
-        return 0
-    return sum(b["nodes"].get("running", 0) for h in hosts.values() if h["status"] == "ok"
-               for b in h["value"]["testbeds"] if b["testbed"] == TESTBED)
+def running_guests() -> set[str]:
+    """Names of the testbed's guests that run now, on every host (each host's
+    vm state, as `megafleet vm ls` reads it: checked against /proc)."""
+    names: set[str] = set()
+    for d in [None] + HOST_STATES:
+        env = dict(os.environ) if d is None else {**os.environ, "MEGAFLEET_STATE": str(d)}
+        r = subprocess.run([sys.executable, "-m", "megafleet", "vm", "ls", "--json"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+        try:
+            names |= {g["name"] for g in json.loads(r.stdout) if g["state"] == "running"}
+        except (ValueError, KeyError, TypeError):
+            pass
+    return names
 
 
-def boot_events(since: datetime) -> int:
+def boot_events(since: datetime) -> list[str]:
+    """The guest of each successful boot event stored since `since` (a name
+    twice: one boot stored twice)."""
     from megafleet.collect import queries
     from megafleet.collect.stores import open_store
 
     uri = next((TARGET[i + 1] for i, a in enumerate(TARGET) if a == "--telemetry"), None)
     store = open_store(uri)
     try:
-        return sum(row["boots"] for row in queries.boot_times(store, since))
+        return [e["meta"]["guest"] for e in queries.events(store, since, "boot") if e.get("ok")]
     finally:
         store.close()
 
@@ -240,7 +250,7 @@ def soak(args, base: Path, state: Path, defines: list[str], rng: random.Random, 
     ups: list[float] = []
     guests: list[int] = []
     endings: dict[str, int] = {e: 0 for e in ["clean", *endings_used]}
-    left_total = lost = extra = clean_failed = 0
+    left_total = lost = extra = late = clean_failed = 0
     details = []
     for cycle in range(args.cycles):
         ending = "clean" if not ups else rng.choice(endings_used)
@@ -280,19 +290,22 @@ def soak(args, base: Path, state: Path, defines: list[str], rng: random.Random, 
         if ending == "clean" and up.returncode != 0:
             clean_failed += 1       # a failure of its own, not of the ending: a soak of nothing proves nothing
         booted = running_guests()
-        guests.append(booted)
+        guests.append(len(booted))
         # No pause before down: the collector's last look when down stops it
         # must store every boot `status` just counted.
         t1 = time.monotonic()
         down = megafleet("down", "--json", *TARGET[:4], timeout=900)
         downs.append(time.monotonic() - t1)
-        counted = boot_events(since)
+        events = boot_events(since)
+        stored = set(events)
         left = leftovers(state, fleet)
         left_total += len(left)
-        lost += max(0, booted - counted)
-        extra += max(0, counted - booted)
-        row = {"cycle": cycle, "ending": ending, "up_rc": up.returncode, "guests": booted,
-               "boot_events": counted, "down_s": round(downs[-1], 2), "down_rc": down.returncode,
+        lost += len(booted - stored)
+        extra += len(events) - len(stored)
+        late += len(stored - booted)
+        row = {"cycle": cycle, "ending": ending, "up_rc": up.returncode, "guests": len(booted),
+               "boot_events": len(events), "lost": sorted(booted - stored)[:5],
+               "late": len(stored - booted), "down_s": round(downs[-1], 2), "down_rc": down.returncode,
                "leftovers": left[:5]}
         if up.returncode not in (0, 130, -signal.SIGKILL):
             row["up_said"] = (log.read_text(errors="replace").strip().splitlines() or [""])[-1][:200]
@@ -305,7 +318,7 @@ def soak(args, base: Path, state: Path, defines: list[str], rng: random.Random, 
     (base / "cycles.json").write_text(json.dumps(details, indent=1))
     return ({"cycles": args.cycles, "leftovers": left_total, "down_p95_s": round(p95(downs), 2),
                       "down_max_s": round(max(downs), 2) if downs else 0.0, "lost_events": lost,
-                      "extra_events": extra, "clean_failed": clean_failed, "endings": endings, "guests": guests,
+                      "extra_events": extra, "late_boots": late, "clean_failed": clean_failed, "endings": endings, "guests": guests,
                       "up_s": round(statistics.median(ups), 2) if ups else None,
                       "staff": args.staff, "lab": args.lab, "seed": args.seed, "load": load,
                       "hosts": args.hosts or 1, "details": str(base / "cycles.json"),
