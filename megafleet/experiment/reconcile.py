@@ -27,8 +27,10 @@ What is done per kind of change:
   again boots again); a changed
   namespace configuration gets its new operations (addresses, routes) added,
   changed startup commands (`exec`) run those not in the old list;
-  a router whose configuration changed has its daemons restarted; a changed
-  guest is torn down and booted again.
+  a router whose configuration changed takes it in place where it can
+  (BIRD reads it again; FRR restarts only the daemons whose configuration
+  changed, zebra keeping the interfaces), else has its daemons restarted; a
+  changed guest is torn down and booted again.
 """
 
 from __future__ import annotations
@@ -145,6 +147,13 @@ async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None
     # Link properties (rate, a declared wire's delay, jitter, loss) change in
     # place; everything else that changed is removed and made again.
     props_only, remade = in_place(d.changed)
+    # A router whose namespace stays takes its new configuration in place
+    # where its daemons allow (netlang.routers.reconfigurable).
+    from megafleet.netlang import routers as R
+    remade_ns = {x.name for x in d.removed + [a for a, _ in d.changed] if getattr(x, "kind", "") == "netns"}
+    reconf = [(a, b) for a, b in remade if getattr(a, "kind", "") == "router" and a.name not in remade_ns
+              and a.name in new.get("netns", {}) and R.reconfigurable(dict(a.value), dict(b.value))]
+    remade = [pair for pair in remade if pair not in reconf]
     gone = list(d.removed) + [a for a, _ in remade]
     come = list(d.added) + [b for _, b in remade]
     by_kind = lambda items, k: [x for x in items if getattr(x, "kind", "") == k]  # noqa: E731
@@ -169,12 +178,18 @@ async def reconcile(old_m, new_m, ledger: Ledger, progress: Callable[[str], None
         from megafleet.host import HostError
         # The new description's file:line of the statement, as a first `up` says it.
         raise HostError(located(exc, new_m.exec_locs)) from None
+    for a, b in reconf:
+        done = await trio.to_thread.run_sync(R.reconfigure, t, new["netns"][b.name], b.name, dict(a.value),
+                                             dict(b.value), ledger)
+        progress(f"router {b.name}: new configuration in place ({', '.join(done) or 'nothing'} "
+                 f"{'reconfigured' if done == ['bird'] else 'restarted'})")
     from megafleet.netlang import live
     live_record = next((r.data for r in ledger.list(live.OWNER, "testbed") if r.key == t), {})
     ledger.record(live.OWNER, "testbed", t, **{**live_record, "digest": new_m.digest(), "complete": True,
                                                "counts": counts_json(new)})
     ledger.record(live.OWNER, "vms", t, names=[v["name"] for v in new.get("vms", [])])
     result = {"removed": len(d.removed), "added": len(d.added), "changed": len(d.changed),
+              "routers_reconfigured": len(reconf),
               "guests_removed": len(guests_gone), "seconds": round(time.monotonic() - t0, 3), **added}
     progress(f"reconciled: {len(d.removed)} removed, {len(d.added)} added, {len(d.changed)} changed "
              f"({result['seconds']:.1f} s); running guests untouched")

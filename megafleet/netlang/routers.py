@@ -219,16 +219,21 @@ def _start_router(p, router: str, daemons: dict[str, str], base: Path) -> dict[s
     return _start_frr(ns, router, daemons, d)
 
 
+def _write_bird_conf(d: Path, conf_text: str, uid: int, gid: int) -> Path:
+    conf = d / "bird.conf"
+    # The log file is named here, where the directory is known (bird.py writes
+    # what the router does, not where the testbed keeps its files).
+    conf.write_text(f'log "{d / "bird.log"}" {{ info, warning, error, fatal, bug }};\n' + conf_text)
+    os.chown(conf, uid, gid)
+    return conf
+
+
 def _start_bird(ns: str, router: str, conf_text: str, d: Path) -> proc.RecordedProcess:
     uid, gid = _user("bird")
     d.mkdir(exist_ok=True)
     os.chown(d, uid, gid)
     os.chmod(d, 0o700)
-    conf, sock, pidfile = d / "bird.conf", d / "bird.ctl", d / "bird.pid"
-    # The log file is named here, where the directory is known (bird.py writes
-    # what the router does, not where the testbed keeps its files).
-    conf.write_text(f'log "{d / "bird.log"}" {{ info, warning, error, fatal, bug }};\n' + conf_text)
-    os.chown(conf, uid, gid)
+    conf, sock, pidfile = _write_bird_conf(d, conf_text, uid, gid), d / "bird.ctl", d / "bird.pid"
     # BIRD detaches once its configuration is read and the control socket is
     # open; it drops to the bird user keeping the network capabilities it needs.
     result = proc.run(["ip", "netns", "exec", ns, BIRD_BIN, "-c", str(conf), "-s", str(sock),
@@ -242,13 +247,18 @@ def _start_bird(ns: str, router: str, conf_text: str, d: Path) -> proc.RecordedP
     return rp
 
 
-def _start_frr(ns: str, router: str, daemons: dict[str, str], d: Path) -> dict[str, proc.RecordedProcess]:
+def _start_frr(ns: str, router: str, daemons: dict[str, str], d: Path,
+               only: set[str] | None = None) -> dict[str, proc.RecordedProcess]:
+    """Start the router's FRR daemons (zebra first), or those of `only` (zebra
+    already running)."""
     uid, gid = _user("frr")
     d.mkdir(exist_ok=True)
     os.chown(d, uid, gid)
     os.chmod(d, 0o700)
     out = {}
     for daemon in ["zebra"] + sorted(x for x in daemons if x != "zebra"):
+        if only is not None and daemon not in only:
+            continue
         conf = d / f"{daemon}.conf"
         conf.write_text(daemons[daemon])
         os.chown(conf, uid, gid)
@@ -269,6 +279,55 @@ def _start_frr(ns: str, router: str, daemons: dict[str, str], d: Path) -> dict[s
             _wait_for(d / "zserv.api", 10, f"zebra for router {router} did not open "
                                            f"{d / 'zserv.api'}; see {d / 'zebra.log'}")
     return out
+
+
+def reconfigurable(old: dict[str, str], new: dict[str, str]) -> bool:
+    """Whether a running router's daemons can take configuration `new` (daemon
+    -> text) in place of `old` without all of them restarting: BIRD both times
+    (it reads its configuration again), or FRR both times with zebra's
+    configuration unchanged (only the daemons whose configuration changed
+    restart; zebra keeps the interfaces and the other daemons' routes)."""
+    if set(old) == set(new) == {"bird"}:
+        return True
+    return "bird" not in old and "bird" not in new and "zebra" in old and old.get("zebra") == new.get("zebra")
+
+
+def reconfigure(testbed: str, ns: str, router: str, old: dict[str, str], new: dict[str, str],
+                ledger: Ledger) -> list[str]:
+    """Give a running router its configuration `new` in place (see
+    `reconfigurable`, which must hold): BIRD `configure` through its control
+    socket (protocols whose settings did not change keep their sessions); FRR:
+    the daemons whose configuration changed or went are stopped, the changed
+    and new ones started and recorded (keys recorded before the start). Returns
+    the daemons reconfigured or restarted. Blocking. Raises RouterStartError."""
+    from megafleet.netlang.live import OWNER, run_base
+
+    d = run_base(testbed) / "frr" / router
+    if "bird" in new:
+        if old.get("bird") == new["bird"]:
+            return []
+        uid, gid = _user("bird")
+        _write_bird_conf(d, new["bird"], uid, gid)
+        r = proc.run(["birdc", "-s", str(d / "bird.ctl"), "configure"], check=False)
+        if r.returncode != 0 or "Reconfigur" not in r.stdout:
+            raise RouterStartError(f"bird for router {router} refused its new configuration: "
+                                   f"{(r.stdout + r.stderr).strip()[-300:]}")
+        return ["bird"]
+    restart = {x for x in new if old.get(x) != new[x]}
+    going = set(old) - set(new)
+    keys = {f"{testbed}/frr/{router}/{x}" for x in restart | going}
+    for rec in ledger.list(OWNER, "process"):
+        if rec.key in keys and "pid" in rec.data:
+            proc.RecordedProcess(rec.data["pid"], rec.data["start"]).stop(grace=3)
+    ledger.forget_many(OWNER, "process", [f"{testbed}/frr/{router}/{x}" for x in going])
+    if not restart:
+        return sorted(going)
+    mine = {x: new[x] for x in restart}
+    ledger.record_many(OWNER, "process", [(k, {"pidfile": str(d / (k.rsplit("/", 1)[1] + ".pid"))})
+                                          for k in daemon_keys(testbed, router, mine)])
+    pids = _start_frr(ns, router, new, d, only=restart)
+    _record(ledger, OWNER, testbed, router, mine, d.parent, pids)
+    return sorted(restart | going)
 
 
 def kill_all(records: list, grace: float = 5.0) -> int:

@@ -163,3 +163,67 @@ def test_changed_link_properties_apply_in_place_and_remade_interfaces_keep_their
     finally:
         megafleet("down", T2, check=False)
     nothing_left(T2)
+
+
+ROUTING = """pool p 10.75.0.0/16
+switch s1
+switch s2
+switch s3
+router f1 {
+  iface s1 auto
+  iface s2 auto
+  ospf area 0
+}
+router f2 {
+  iface s2 auto
+  iface s3 auto
+  ospf area 0
+}
+router b1 {
+  iface s3 auto
+  ospf area 0 daemon bird
+}
+host h1 on s1
+reachable h1 b1
+"""
+T3 = f"mfx{TAG}o"
+
+
+def _daemon_pids(router: str) -> dict[str, int]:
+    from megafleet.ledger import Ledger
+    return {r.key.rsplit("/", 1)[1]: r.data["pid"] for r in Ledger().list("net", "process")
+            if r.key.startswith(f"{T3}/frr/{router}/") and "pid" in r.data}
+
+
+def test_changed_routing_configuration_is_taken_in_place(tmp_path):
+    """An OSPF cost edited on a running FRR router restarts only its ospfd
+    (zebra, with the interfaces and the kernel's routes, keeps running); a
+    BIRD router reads its new configuration (same process). The assertions
+    hold afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, FRR, BIRD)")
+    path = tmp_path / "routing.fleet"
+    path.write_text(ROUTING)
+    try:
+        summary = megafleet_json("up", str(path), "-N", T3, "--no-ksm", timeout=600)
+        assert summary["ok"], summary
+        f1, b1 = _daemon_pids("f1"), _daemon_pids("b1")
+        assert set(f1) >= {"zebra", "ospfd"} and set(b1) == {"bird"}
+        path.write_text(ROUTING.replace("  iface s2 auto\n  ospf area 0\n}\nrouter f2",
+                                        "  iface s2 auto\n  ospf area 0 cost 40\n}\nrouter f2")
+                        .replace("ospf area 0 daemon bird", "ospf area 0 cost 30 daemon bird"))
+        rows = json.loads(megafleet("diff", str(path), "-N", T3, "--json", check=False).stdout)["rows"]
+        assert {(x["change"], x["kind"], x["name"]) for x in rows} == {("~", "router", "f1"), ("~", "router", "b1")}
+        summary = megafleet_json("up", str(path), "-N", T3, "--no-ksm", timeout=600)
+        assert summary["ok"] and summary["verify"]["ok"], summary
+        after_f1, after_b1 = _daemon_pids("f1"), _daemon_pids("b1")
+        assert after_f1["zebra"] == f1["zebra"] and after_f1["ospfd"] != f1["ospfd"]
+        assert after_b1 == b1                                       # BIRD reconfigured, not restarted
+        from megafleet.netlang.live import run_base
+        conf = subprocess.run(["birdc", "-s", str(run_base(T3) / "frr" / "b1" / "bird.ctl"), "show", "ospf",
+                               "interface"], capture_output=True, text=True).stdout
+        assert "Cost: 30" in conf or "cost 30" in conf.lower(), conf
+        assert "0 to add, 0 to remove, 0 to change" in megafleet("diff", str(path), "-N", T3).stdout
+    finally:
+        megafleet("down", T3, check=False)
+    nothing_left(T3)
