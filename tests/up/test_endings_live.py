@@ -107,6 +107,32 @@ def test_sigint_during_the_guest_phase_prints_an_interrupted_summary_and_down_le
     nothing_left(testbed)
 
 
+def test_a_second_sigint_aborts_at_once_without_a_traceback_and_down_leaves_nothing(tmp_path):
+    testbed = f"mfua{TAG}"
+    path = write_fleet(tmp_path, "abort", containers=20, qemus=0, net=154)
+    up = popen_megafleet("up", str(path), "-N", testbed, "--no-ksm")
+    try:
+        wait_for_line(up, "vm       local: starting", 300)
+        # The second while the first still stops the steps under way.
+        up.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        up.send_signal(signal.SIGINT)
+        stdout, stderr = up.communicate(timeout=60)
+        aborted_in = time.monotonic() - t0
+        assert up.returncode == 130, stdout + stderr
+        assert "aborted: " in stderr and f"'megafleet down {testbed}'" in stderr, stderr
+        assert "Traceback" not in stderr and "Error" not in stderr, stderr
+        assert aborted_in < 5, aborted_in
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        down = megafleet_json("down", testbed, check=False)
+    assert down["ok"], down
+    nothing_left(testbed)
+
+
 def test_sigterm_during_the_guest_phase_loses_no_boot_event(tmp_path):
     """SIGTERM to `up` while its guests start: every guest that runs afterwards
     has exactly one boot event in the store once `down` is done, also a guest
