@@ -77,6 +77,7 @@ class LinkObjects:
     wire: dict | None = None
     props: dict = field(default_factory=dict)
     mtu: int = 1500
+    vde_plug: tuple[str, str] | None = None    # a namespace's VDE port: (switch socket, plug key)
 
 
 def plan_of(net: dict[str, Any]):
@@ -99,6 +100,7 @@ def host_links(net: dict[str, Any]) -> list[LinkObjects]:
             obj.splice = (port.host_if, port.bridge)
         elif port.kind == "vde":
             obj.ns_ifs = [(port.ns, port.eth)]
+            obj.vde_plug = (port.socket, port.host_if)
         out.append(obj)
     for link in p.p2p:
         a, b = sorted((link.node_a, link.node_b))
@@ -407,6 +409,72 @@ def unsplice_p2p(t: str, tag: str, ends: list[tuple[str, str]], ledger: Ledger) 
             proc.run(["ip", "-n", ns, "link", "del", p2p_tap(eth)], check=False)
 
 
+# A namespace's port on a VDE switch: its interface is the tap of a
+# vde_plug2tap process plugged into the switch. The wire is a small vde_switch W
+# joined to the description's switch by a wirefilter; the plug is started again
+# on W (the node's interface is made again: a brief carrier loss, after which it
+# gets its link up, addresses and the routes through it back from the plan).
+# Taking it out plugs the node back into the switch the same way.
+
+def _replug(t: str, m, o: LinkObjects, sock: str, ledger: Ledger) -> None:
+    """Plug the VDE port `o` into the switch at `sock` (its plug restarted, the
+    interface configured again from the namespace's plan)."""
+    from megafleet.experiment.reconcile import ops_of
+    from megafleet.netlang import live, netlink
+    from megafleet.netlang.hostplan import op_from_json
+
+    if o.vde_plug is None:
+        raise ExperimentError(f"link {o.ref.label} is not a namespace's port on a VDE switch")
+    (ns, eth), (switch_sock, plug) = o.ns_ifs[0], o.vde_plug
+    key = f"{t}/plug/{plug}"
+    old = next((r for r in ledger.list(NET_OWNER, "process") if r.key == key), None)
+    # The pid file `up` gave the plug (next to the switch's socket), so `down` finds it the same way.
+    pidfile = Path(old.data["pidfile"]) if old is not None and "pidfile" in old.data else \
+        Path(switch_sock).parent / f"{plug}.pid"
+    if old is not None and "pid" in old.data:
+        proc.RecordedProcess(old.data["pid"], old.data["start"]).stop(grace=2)
+    deadline = time.monotonic() + 10
+    while proc.run(["ip", "-n", ns, "link", "show", eth], check=False).returncode == 0:
+        if time.monotonic() > deadline:
+            raise ExperimentError(f"{eth} in {ns} stayed after its plug stopped")
+        time.sleep(0.02)
+    ledger.record(NET_OWNER, "process", key, pidfile=str(pidfile))
+    pidfile.unlink(missing_ok=True)
+    proc.run(["ip", "netns", "exec", ns, "vde_plug2tap", "-s", sock, "-d", "-P", str(pidfile), eth])
+    _record_pid(ledger, key, pidfile)
+    _wait_ns_link(ns, eth)
+    ops = [op_from_json(op) for op in m.net.get("ns_ops", {}).get(ns, [])]
+    netlink.apply(str(live.NETNS_DIR / ns), ops_of(ops, {eth}), m.net.get("ns_sysctls", {}).get(ns))
+
+
+def splice_vde(t: str, m, o: LinkObjects, settings: dict[str, Any], ledger: Ledger) -> str:
+    """Put a wire with `settings` between VDE port `o`'s plug and its switch;
+    returns the wire's management socket. Processes recorded (owner "net")
+    before they start."""
+    tag = ifname(t, "yv", o.key)
+    base = _wire_dir(t, ledger)
+    sock, pidfile, key = base / f"{tag}.w", base / f"{tag}.w.pid", f"{t}/xwire/{tag}.w"
+    ledger.record(NET_OWNER, "process", key, pidfile=str(pidfile))
+    proc.run(["vde_switch", "-s", str(sock), "-d", "-p", str(pidfile), "--dirmode", "0700"])
+    _record_pid(ledger, key, pidfile)
+    mgmt = base / f"{tag}.mgmt"
+    _start_wirefilter(ledger, f"{t}/xwire/{tag}.wf", [sock, (o.vde_plug or ("", ""))[0]],
+                      base / f"{tag}.wf.pid", mgmt)
+    wf_command(mgmt, wf_lines(settings))
+    _replug(t, m, o, str(sock), ledger)
+    return str(mgmt)
+
+
+def unsplice_vde(t: str, m, o: LinkObjects, tag: str, ledger: Ledger) -> None:
+    """The VDE port's plug back on its switch, the wire `tag` gone."""
+    _replug(t, m, o, (o.vde_plug or ("", ""))[0], ledger)
+    keys = {f"{t}/xwire/{tag}.{end}" for end in ("w", "wf")}
+    for r in ledger.list(NET_OWNER, "process"):
+        if r.key in keys and "pid" in r.data:
+            proc.RecordedProcess(r.data["pid"], r.data["start"]).stop(grace=2)
+    ledger.forget_many(NET_OWNER, "process", keys)
+
+
 def p2p_redirected(ns: str, eth: str) -> bool:
     """Whether a point-to-point link's end sends its traffic onto a wire."""
     out = proc.run(["tc", "-n", ns, "filter", "show", "dev", eth, "egress"], check=False).stdout
@@ -446,16 +514,15 @@ def link_set(t: str, refs: list[LinkRef], s: LinkSettings, ledger: Ledger | None
     ledger = ledger or Ledger()
     m = _manifest(t)
     objs = _find(m.net, refs)
-    # Point-to-point links get a wire inside their namespaces (splice_p2p).
-    problems = [o for o in objs if o.splice is None and o.wire is None and o.ref.kind != "p2p"]
+    # Point-to-point links get a wire inside their namespaces (splice_p2p), a
+    # namespace's VDE port one between its plug and the switch (splice_vde).
+    problems = [o for o in objs if o.splice is None and o.wire is None and o.ref.kind != "p2p"
+                and o.vde_plug is None]
     for o in problems:
         if (s.delay_us or s.jitter_us or s.loss_pct is not None or s.rate_bit is not None) and not o.ns_ifs:
-            raise ExperimentError(f"link {o.ref.label}: a guest's port on a VDE switch cannot be changed at runtime")
-        if s.delay_us or s.jitter_us or s.loss_pct is not None:
-            raise ExperimentError(
-                f"link {o.ref.label}: delay, jitter and loss cannot be changed at runtime on a namespace's "
-                f"port on a VDE switch (this kernel has no netem, and there is no host-side end to splice a "
-                f"wire into): declare them in the description, or use a bridge switch")
+            raise ExperimentError(f"link {o.ref.label}: a guest's port on a VDE switch cannot be changed at "
+                                  f"runtime (QEMU is plugged into the switch itself): declare its impairments "
+                                  f"in the description, or use a bridge switch")
     records = _records(t, ledger)
     out = []
     for o in objs:
@@ -468,6 +535,8 @@ def link_set(t: str, refs: list[LinkRef], s: LinkSettings, ledger: Ledger | None
                                              "state": rec.get("state", "up")})
         if o.ref.kind == "p2p" and o.wire is None:
             mgmt, rec = _set_p2p(t, o, new, rec, ledger)
+        elif o.vde_plug is not None:
+            mgmt, rec = _set_vde(t, m, o, new, rec, ledger)
         elif o.splice is None and o.wire is None:
             # A namespace's plug on a VDE switch (rate only): tc tbf.
             _tbf_ns(o, new.get("rate_bit"))
@@ -516,6 +585,28 @@ def _set_p2p(t: str, o: LinkObjects, new: dict[str, Any], rec: dict[str, Any],
         unsplice_p2p(t, rec["p2p_wire"], [tuple(e) for e in rec.get("ends", o.ns_ifs)], ledger)
     _tbf_ns(o, new.get("rate_bit"))
     return None, {k: v for k, v in rec.items() if k not in ("p2p_wire", "ends", "mgmt")}
+
+
+def _set_vde(t: str, m, o: LinkObjects, new: dict[str, Any], rec: dict[str, Any],
+             ledger: Ledger) -> tuple[str | None, dict[str, Any]]:
+    """Settings `new` on a namespace's port on a VDE switch: with delay, jitter
+    or loss, a wire between its plug and the switch (splice_vde; rate is the
+    wire's bandwidth); without, the plug back on the switch and rate as tc tbf."""
+    mgmt = rec.get("mgmt")
+    if any(k in new for k in _IMPAIRMENTS):
+        if mgmt and rec.get("vde_wire") and Path(mgmt).exists():
+            wf_command(mgmt, wf_lines(new))
+            return mgmt, rec
+        tag = ifname(t, "yv", o.key)
+        ledger.record(OWNER, "link", _record_key(t, o), **{
+            **rec, "link": o.ref.to_json(), "settings": new, "state": rec.get("state", "up"), "vde_wire": tag})
+        _tbf_ns(o, None)
+        mgmt = splice_vde(t, m, o, new, ledger)
+        return mgmt, {**rec, "vde_wire": tag}
+    if rec.get("vde_wire"):
+        unsplice_vde(t, m, o, rec["vde_wire"], ledger)
+    _tbf_ns(o, new.get("rate_bit"))
+    return None, {k: v for k, v in rec.items() if k not in ("vde_wire", "mgmt")}
 
 
 def _tbf_ns(o: LinkObjects, rate: int | None) -> None:
@@ -617,6 +708,12 @@ def reapply(t: str, ledger: Ledger | None = None) -> list[dict]:
                 unsplice(t, rec["splice_if"], ledger)
             if rec.get("p2p_wire"):
                 unsplice_p2p(t, rec["p2p_wire"], [tuple(e) for e in rec.get("ends", [])], ledger)
+            if rec.get("vde_wire"):
+                keys = {f"{t}/xwire/{rec['vde_wire']}.{end}" for end in ("w", "wf")}
+                for r in ledger.list(NET_OWNER, "process"):
+                    if r.key in keys and "pid" in r.data:
+                        proc.RecordedProcess(r.data["pid"], r.data["start"]).stop(grace=2)
+                ledger.forget_many(NET_OWNER, "process", keys)
             ledger.forget(OWNER, "link", key)
             continue
         settings = rec.get("settings", {})
@@ -770,13 +867,15 @@ async def _guest_action(m, spec: dict, action: str, ledger: Ledger) -> None:
     if action in ("stop", "kill", "restart"):
         await Engine(ledger=ledger).stop(name, force=action == "kill")
     if action in ("start", "restart"):
-        # A container's veths went with its network namespace: make again
-        # whatever host side of the guest's NICs is gone.
+        # Whatever host side of the guest's NICs is gone (a container's
+        # launcher makes its veths again itself).
         await trio.to_thread.run_sync(_guest_nics, m, name)
         report = await vm_apply([GuestSpec.from_dict(spec)], **m.vm_options)
         bad = [r for r in report.results if r.outcome not in ("ready", "already")]
         if bad:
             raise ExperimentError(f"guest {name} did not come back: {bad[0].reason or bad[0].outcome}")
+        from megafleet.netlang import live
+        await trio.to_thread.run_sync(live.shape_container_ports, plan_of(m.net), {name})
         if name in m.net.get("vm_frr", {}):
             from megafleet.netlang import live
             await live.start_vm_frr({name: m.net["vm_frr"][name]})
@@ -784,8 +883,9 @@ async def _guest_action(m, spec: dict, action: str, ledger: Ledger) -> None:
 
 def _guest_nics(m, name: str) -> None:
     """Guest `name`'s NICs as `up` made them, where their host side is missing
-    (a container's veth went with its network namespace; a tap outlives its
-    QEMU). The names are already in netlang's ledger records."""
+    (a tap outlives its QEMU; a container's launcher makes its veths itself,
+    so there is nothing to make for it). The names are already in netlang's
+    ledger records."""
     lines = []
     for port in plan_of(m.net).ports:
         if port.node == name and any(not os.path.exists(f"/sys/class/net/{i}") for i in port.links()):

@@ -302,7 +302,7 @@ def apply_props(t: str, pairs: list[tuple[Any, Any]], ledger: Ledger) -> None:
         live.run_batch(tc, drop, force=True)        # no qdisc there (never shaped): nothing to delete
 
 
-def _ops_of(ops: list, devs: set[str]) -> list:
+def ops_of(ops: list, devs: set[str]) -> list:
     """The operations of a namespace that a re-made interface in `devs` needs
     again: its link up and addresses, and the routes through a gateway on one
     of its subnets (the kernel dropped them with the old interface)."""
@@ -371,7 +371,7 @@ async def _add_net(t: str, new: dict[str, Any], old: dict[str, Any], come: list,
             ops = [op_from_json(op) for op in new.get("ns_ops", {}).get(ns, [])]
             if ns not in new_ns.values():
                 had = {repr(op_from_json(op)) for op in old.get("ns_ops", {}).get(ns, [])}
-                needed = {repr(op) for op in _ops_of(ops, again.get(ns, set()))}
+                needed = {repr(op) for op in ops_of(ops, again.get(ns, set()))}
                 ops = [op for op in ops if repr(op) not in had or repr(op) in needed]
             if ops or ns in new_ns.values():
                 netlink.apply(str(live.NETNS_DIR / ns), ops, new.get("ns_sysctls", {}).get(ns))

@@ -17,6 +17,10 @@ from megafleet.experiment import hostside
 from tests.experiment.test_live import min_rtt, nothing_left, ns_ping, recorded, wait_for_pcap_header
 from tests.up.conftest import REPO, TAG, megafleet, megafleet_json
 
+# wirefilter's timer runs a little early: a round trip through a wire of delay
+# D each way measures from about 0.99 x 2D.
+SLACK = 0.95
+
 T = f"mfx{TAG}p"
 FLEET = """
 pool p 10.62.0.0/16
@@ -68,7 +72,7 @@ def test_delay_on_a_point_to_point_link_is_measured_by_ping_between_its_namespac
     # Both directions cross the wire: a round trip is twice the delay.
     for src, dst in (("r1", r2), ("r2", r1)):
         r = ns_ping(T, src, dst, count=3, wait=2)
-        assert r.returncode == 0 and min_rtt(r.stdout) >= 100, r.stdout
+        assert r.returncode == 0 and min_rtt(r.stdout) >= 100 * SLACK, r.stdout
     # Recorded (three processes, owner "net": down stops them) and shown.
     assert len(_wire_processes()) == 3
     shown = {x["link"]: x for x in megafleet_json("link", "show", T)}
@@ -82,7 +86,7 @@ def test_delay_on_a_point_to_point_link_is_measured_by_ping_between_its_namespac
     assert " 0 received" in r.stdout, r.stdout
     megafleet("link", "set", "r1", "--", "r2", "loss", "none", "delay", "20ms")
     r = ns_ping(T, "r1", r2, count=3, wait=2)
-    assert r.returncode == 0 and 40 <= min_rtt(r.stdout) < 100, r.stdout
+    assert r.returncode == 0 and 40 * SLACK <= min_rtt(r.stdout) < 100, r.stdout
     assert _wire_processes() == before
 
     # A capture of the link sees both directions (on the wire's tap: what the
@@ -109,11 +113,11 @@ def test_delay_on_a_point_to_point_link_is_measured_by_ping_between_its_namespac
     deadline = time.monotonic() + 10
     while (r := ns_ping(T, "r1", r2, count=2, wait=2)).returncode != 0:
         assert time.monotonic() < deadline, r.stdout
-    assert min_rtt(r.stdout) >= 40, r.stdout
+    assert min_rtt(r.stdout) >= 40 * SLACK, r.stdout
     # `up` of the same file keeps it.
     assert megafleet_json("up", testbed["source"], "-N", T, "--no-ksm", timeout=300)["ok"]
     r = ns_ping(T, "r1", r2, count=3, wait=2)
-    assert r.returncode == 0 and min_rtt(r.stdout) >= 40, r.stdout
+    assert r.returncode == 0 and min_rtt(r.stdout) >= 40 * SLACK, r.stdout
 
     # --clear: no impairment left, the wire is out (processes, redirects, taps).
     megafleet("link", "set", "r1", "--", "r2", "--clear")
@@ -135,4 +139,53 @@ def test_delay_on_a_point_to_point_link_is_measured_by_ping_between_its_namespac
     megafleet("link", "set", "r1", "--", "r2", "delay", "10ms")
     assert "tbf" not in _qdiscs("r1") and len(_wire_processes()) == 3
     r = ns_ping(T, "r1", r2, count=3, wait=2)
-    assert r.returncode == 0 and min_rtt(r.stdout) >= 20, r.stdout
+    assert r.returncode == 0 and min_rtt(r.stdout) >= 20 * SLACK, r.stdout
+
+
+TV = f"mfx{TAG}v"
+VDE = """
+pool p 10.63.0.0/16
+switch v vde
+router r3 {
+  iface v auto
+}
+host h on v
+reachable h r3
+"""
+
+
+def test_delay_on_a_namespaces_port_on_a_vde_switch(tmp_path):
+    """A namespace's port on a VDE switch (its interface is a vde_plug2tap
+    tap): `link set` puts a wire between plug and switch, the node keeps its
+    address; --clear plugs it back; down leaves nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, vde)")
+    path = tmp_path / "vde.fleet"
+    path.write_text(VDE)
+    wires = lambda: [r["key"] for r in recorded("net")  # noqa: E731
+                     if r["kind"] == "process" and r["key"].startswith(f"{TV}/xwire/")]
+    try:
+        assert megafleet_json("up", str(path), "-N", TV, "--no-ksm", timeout=300)["ok"]
+        out = subprocess.run(["ip", "-n", f"{TV}-r3", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+        r3 = next(line.split("inet ")[1].split("/")[0] for line in out.splitlines() if " lo " not in line)
+        r = ns_ping(TV, "h", r3, count=3)
+        assert r.returncode == 0 and min_rtt(r.stdout) < 5, r.stdout
+        megafleet("link", "set", "h", "--", "v", "delay", "50ms", "-t", TV)
+        assert len(wires()) == 2
+        deadline = time.monotonic() + 10
+        while (r := ns_ping(TV, "h", r3, count=3, wait=2)).returncode != 0:
+            assert time.monotonic() < deadline, r.stdout
+        assert min_rtt(r.stdout) >= 100 * SLACK, r.stdout
+        assert megafleet_json("verify", TV)["ok"]
+        megafleet("link", "set", "h", "--", "v", "--clear", "-t", TV)
+        assert wires() == []
+        deadline = time.monotonic() + 10
+        while (r := ns_ping(TV, "h", r3, count=3)).returncode != 0:
+            assert time.monotonic() < deadline, r.stdout
+        assert min_rtt(r.stdout) < 5, r.stdout
+        megafleet("link", "set", "h", "--", "v", "loss", "100%", "-t", TV)
+        assert " 0 received" in ns_ping(TV, "h", r3, count=3, wait=1).stdout
+    finally:
+        megafleet("down", TV, check=False)
+    nothing_left(TV)
+    assert wires() == []

@@ -134,7 +134,7 @@ def test_changed_link_properties_apply_in_place_and_remade_interfaces_keep_their
         assert megafleet_json("up", str(path), "-N", T2, "--no-ksm", timeout=600)["ok"]
         r2 = subprocess.run(["ip", "-n", f"{T2}-r2", "-o", "-4", "addr"], capture_output=True, text=True).stdout
         r2_addr = next(line.split("inet ")[1].split("/")[0] for line in r2.splitlines() if " lo " not in line)
-        assert 10 <= _rtt("r1", r2_addr) < 40
+        assert 9 <= _rtt("r1", r2_addr) < 40               # 2 x 5 ms (wirefilter runs ~1% early)
         a_if, r1_wire_if = _ifindex("a", "eth0"), _ifindex("r1", "eth1")
         c_pid = pids().get("gx")
         assert c_pid
@@ -150,7 +150,7 @@ def test_changed_link_properties_apply_in_place_and_remade_interfaces_keep_their
         tc = subprocess.run(["tc", "-n", f"{T2}-a", "qdisc", "show", "dev", "eth0"], capture_output=True,
                             text=True).stdout
         assert "rate 20Mbit" in tc, tc
-        assert _rtt("r1", r2_addr) >= 60
+        assert _rtt("r1", r2_addr) >= 57                   # 2 x 30 ms
         assert pids().get("gx") == c_pid                 # its rate changed on the host side only
 
         # The wire goes (no delay): r1's and r2's ends are made again as a veth,
