@@ -13,8 +13,10 @@ ledger) and acts on them:
   has no wire yet gets one spliced in on the host side (the node's interface,
   its addresses and its routing daemons are untouched); a node -- node link
   (a veth between two namespaces, no host-side end) gets its wire inside the
-  two namespaces, tc mirred sending the veth's traffic through it; rate alone
-  is tc tbf;
+  two namespaces, tc mirred sending the veth's traffic through it; a
+  namespace's port on a VDE switch gets one between its plug and the switch
+  (the plug restarted on it, the interface configured again); rate alone is
+  tc tbf; a QEMU guest's port on a VDE switch cannot be changed at runtime;
 - link down/up: the host-side ends go down (the node sees its carrier go);
 - node stop/start/restart/kill: guests through the vm engine (same spec, same
   identity), routers' FRR daemons by recorded pid;

@@ -176,8 +176,11 @@ def link_set(words, clear, testbed, json_mode):
     A link through a switch gets one spliced into its host side the first
     time (about 100 ms); a node -- node link (a veth between two namespaces)
     gets one inside the two namespaces (tc mirred redirects the veth's
-    traffic through it), which --clear (or none of delay, jitter and loss)
-    takes out again. Later changes take a few ms. Rate alone is tc tbf.
+    traffic through it); a namespace on a VDE switch is plugged into the
+    switch through one (its interface is made again: a brief carrier loss).
+    --clear (or none of delay, jitter and loss) takes these two out again.
+    Later changes take a few ms. Rate alone is tc tbf. A QEMU guest's port
+    on a VDE switch cannot be changed at runtime.
 
     \b
     Examples:
