@@ -234,6 +234,7 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
                 await trio.to_thread.run_sync(settle_guests, {v.name for v in p.vms})
             raise
         ready = {r.name for r in report.results if r.outcome in ("ready", "already")}
+        await trio.to_thread.run_sync(live.shape_container_ports, p, ready)
         await live.start_vm_frr({r: c for r, c in p.vm_frr.items() if r in ready})
     phases["vm"] = time.monotonic() - t1
 

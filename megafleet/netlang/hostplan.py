@@ -189,21 +189,20 @@ class TapPort(_Port):
 
 @dataclass(frozen=True)
 class ContainerPort(_Port):
-    """A container guest's NIC: a veth whose host end is on the bridge and whose
-    far end (`peer`) waits on the host until the vm engine moves it in."""
+    """A container guest's NIC: a veth whose host end `host_if` is on the
+    bridge. The container launcher creates the pair when the guest starts, its
+    far end born inside the guest's network namespace (vm.cnet: moving a link
+    between namespaces costs an RCU grace period under rtnl), and the pair goes
+    with that namespace. So the host's `ip -batch` has nothing to create here;
+    the name is recorded, and removed on teardown if still there."""
 
     kind: ClassVar[str] = "cveth"
-    peer: str = ""
 
     def links(self) -> list[str]:
         return [self.host_if]
 
-    def names(self) -> list[str]:
-        return [self.host_if, self.peer]
-
     def ip_lines(self) -> list[str]:
-        return [f"link add {self.host_if} mtu {self.mtu} type veth peer name {self.peer} mtu {self.mtu}",
-                f"link set {self.host_if} master {self.bridge} up"]
+        return []
 
 
 @dataclass(frozen=True)

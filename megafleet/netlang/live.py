@@ -163,7 +163,7 @@ def plan(net: Net, name: str) -> Plan:
                     elif "tap" in kinds:
                         port = TapPort(**common)
                     else:
-                        port = ContainerPort(**common, peer=alloc("c", node, str(iface.index)))
+                        port = ContainerPort(**common)
                 elif ns is None:
                     raise LiveError(f"{iface.loc}: node {node} has neither a namespace nor a guest")
                 elif impaired(iface.props):
@@ -318,7 +318,8 @@ def _guest_spec(net: Net, testbed: str, node: str, view_nics: list) -> Any:
         if isinstance(port, GuestVdePort):
             specs.append(NicSpec(mac=mac, kind="vde", vde_socket=port.socket))
         elif isinstance(port, ContainerPort):
-            specs.append(NicSpec(mac=mac, kind="veth", ifname=port.host_if, peer=port.peer))
+            # The launcher creates the pair on the port's bridge (hostplan.ContainerPort).
+            specs.append(NicSpec(mac=mac, kind="veth", ifname=port.host_if, bridge=port.bridge, mtu=port.mtu))
         else:
             specs.append(NicSpec(mac=mac, kind="tap", ifname=port.host_if))
         configs.append(NicConfig(mac, tuple(addrs[f] for f in sorted(addrs)), mtu if mtu != 1500 else None))
@@ -478,6 +479,7 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
             raise LiveError(f"{len(failed)} of {len(specs)} vms did not boot (first: {failed[0].name}: "
                             f"{failed[0].reason or failed[0].outcome}); 'megafleet net down {testbed}' removes everything")
         progress(f"{len(specs)} vms ready")
+        await trio.to_thread.run_sync(shape_container_ports, p)
         if p.vm_frr:
             await start_vm_frr(p.vm_frr)
             progress(f"started FRR in {len(p.vm_frr)} VM routers")
@@ -675,7 +677,7 @@ def _create_host_side(p: Plan, ledger: Ledger, progress: Progress) -> None:
                         f"host and are not ours (first: {clash[0]}); choose another testbed name with -N")
     # Record before create.
     ledger.record_many(OWNER, "netns", [(f"{t}/{ns}", {"ns": ns}) for ns in p.netns.values()])
-    ledger.record_many(OWNER, "link", [(f"{t}/{name}", {"ifname": name}) for name in links])
+    ledger.record_many(OWNER, "link", _link_records(p, links))
     lines = [f"netns add {ns}" for ns in p.netns.values()]
     for item in p.items():
         lines += item.ip_lines()
@@ -792,13 +794,24 @@ def _record_pidfile(ledger: Ledger, key: str, pidfile: Path) -> None:
     raise LiveError(f"no pid in {pidfile} after starting a daemon")
 
 
+def shape_container_ports(p: Plan, nodes: set[str] | None = None) -> None:
+    """The rate limits (tbf) of container guests' ports, on their host ends:
+    after the guests started, since each container's launcher creates its veth
+    pair (hostplan.ContainerPort). `nodes`: only these guests' ports."""
+    lines = [line for port in p.ports
+             if isinstance(port, ContainerPort) and port.props.rate_bit is not None
+             and (nodes is None or port.node in nodes)
+             for line in _tbf_lines(port.host_if, port.props)]
+    _batch(["tc"], lines)
+
+
 def _shape_and_route(p: Plan) -> None:
     host_tc: list[str] = []
     ns_tc: dict[str, list[str]] = {}
     for port in p.ports:
-        if port.props.rate_bit is None or isinstance(port, (WiredPort, GuestVdePort)):
-            continue
-        if isinstance(port, (VethPort, TapPort, ContainerPort)):
+        if port.props.rate_bit is None or isinstance(port, (WiredPort, GuestVdePort, ContainerPort)):
+            continue      # container ports: shape_container_ports, once their guests run
+        if isinstance(port, (VethPort, TapPort)):
             host_tc += _tbf_lines(port.host_if, port.props)
         if isinstance(port, (VethPort, VdePort)):
             ns_tc.setdefault(port.ns, []).extend(_tbf_lines(port.eth, port.props))
@@ -857,6 +870,15 @@ async def start_vm_frr(vm_frr: dict[str, dict[str, str]], timeout: float = 60.0)
                                 "(is it the router image, with FRR?)")
 
 
+def _link_records(p: Plan, links: list[str]) -> list[tuple[str, dict]]:
+    """The ledger records of `links` (host interface names of plan `p`): a
+    container guest's veth names its guest, whose launcher makes it
+    (hostplan.ContainerPort), so it is there exactly while the guest runs."""
+    guest_of = {port.host_if: port.node for port in p.ports if isinstance(port, ContainerPort)}
+    return [(f"{p.name}/{name}", {"ifname": name, **({"guest": guest_of[name]} if name in guest_of else {})})
+            for name in links]
+
+
 def _intact(testbed: str, ledger: Ledger) -> bool:
     links, nss = existing_links(), existing_netns()
     for r in ledger.list(OWNER):
@@ -864,7 +886,8 @@ def _intact(testbed: str, ledger: Ledger) -> bool:
             continue
         if r.kind == "netns" and r.data["ns"] not in nss:
             return False
-        if r.kind == "link" and r.data["ifname"] not in links:
+        # A container guest's veth comes and goes with the guest (the vm engine's concern).
+        if r.kind == "link" and r.data["ifname"] not in links and "guest" not in r.data:
             return False
         # A startup command's process (exec) may end on its own: not a sign of
         # a broken network.

@@ -30,7 +30,9 @@ RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 20, 24
 NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 IFF_UP = 0x1
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_AF_SPEC, IFLA_NET_NS_FD = 1, 3, 4, 26, 28
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 4, 10, 18
+IFLA_AF_SPEC, IFLA_NET_NS_FD = 26, 28
+IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1
 NLA_F_NESTED = 0x8000
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
@@ -47,14 +49,17 @@ class CnetError(OSError):
 
 @dataclass(frozen=True)
 class Nic:
-    """One NIC: `dev` is the veth end on the host, renamed `name` (eth0, ...)
-    with `mac` inside; `addresses` are CIDRs (IPv4 or IPv6), `mtu` optional."""
+    """One NIC, `name` (eth0, ...) with `mac` inside; `addresses` are CIDRs
+    (IPv4 or IPv6), `mtu` optional. With `bridge`: a veth pair to create, host
+    end `dev` on that bridge, far end born inside. Without: `dev` is an existing
+    veth end on the host, moved in and renamed."""
 
     dev: str
     name: str
     mac: str
     addresses: tuple[str, ...] = ()
     mtu: int | None = None
+    bridge: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class NetConfig:
     @classmethod
     def from_json(cls, data: dict) -> "NetConfig":
         return cls(nics=tuple(Nic(n["dev"], n["name"], n["mac"], tuple(n.get("addresses", ())),
-                                  n.get("mtu")) for n in data.get("nics", ())),
+                                  n.get("mtu"), n.get("bridge")) for n in data.get("nics", ())),
                    gateway=data.get("gateway"), gateway6=data.get("gateway6"),
                    routes=tuple((d, v) for d, v in data.get("routes", ())),
                    forward=bool(data.get("forward")))
@@ -91,21 +96,43 @@ def _ifinfo(index: int, flags: int = 0, change: int = 0) -> bytes:
 
 
 def move_message(index: int, netns_fd: int, name: str, mac: str, seq: int, *,
-                 up: bool = False, mtu: int | None = None, no_ipv6_ll: bool = False) -> bytes:
+                 up: bool = False, mtu: int | None = None) -> bytes:
     """RTM_NEWLINK: link `index` into the namespace of `netns_fd`, renamed, new MAC
-    (what `ip link set DEV netns NS name NAME address MAC [mtu N] [up]
-    [addrgenmode none]` sends; the kernel moves the link first, then applies
-    the rest there). `no_ipv6_ll`: the link gets no IPv6 link-local address
-    when it comes up (addrgenmode none, set on the link itself)."""
+    (what `ip link set DEV netns NS name NAME address MAC [mtu N] [up]` sends;
+    the kernel moves the link first, then applies the rest there)."""
     flag = IFF_UP if up else 0
     body = (_ifinfo(index, flag, flag) + _attr(IFLA_NET_NS_FD, struct.pack("=I", netns_fd))
             + _attr(IFLA_IFNAME, name.encode() + b"\0")
             + _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))))
     if mtu is not None:
         body += _attr(IFLA_MTU, struct.pack("=I", int(mtu)))
-    if no_ipv6_ll:
-        inet6 = _attr(IFLA_INET6_ADDR_GEN_MODE, struct.pack("=B", IN6_ADDR_GEN_MODE_NONE))
-        body += _attr(IFLA_AF_SPEC | NLA_F_NESTED, _attr(socket.AF_INET6 | NLA_F_NESTED, inet6))
+    return _header(RTM_NEWLINK, 0, seq, body)
+
+
+def veth_message(host: str, bridge_index: int, peer: str, mac: str, netns_fd: int, seq: int, *,
+                 mtu: int | None = None) -> bytes:
+    """RTM_NEWLINK creating a veth pair: `host` on the bridge of `bridge_index`,
+    up; its peer `peer` with `mac`, down, created directly in the namespace of
+    `netns_fd` (what `ip link add HOST mtu N master BR up type veth peer name
+    PEER address MAC mtu N netns NS` sends). No link changes namespace, so no
+    RCU grace period is waited for under rtnl."""
+    mtu_attr = _attr(IFLA_MTU, struct.pack("=I", int(mtu))) if mtu is not None else b""
+    peer_body = (_ifinfo(0) + _attr(IFLA_IFNAME, peer.encode() + b"\0")
+                 + _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))) + mtu_attr
+                 + _attr(IFLA_NET_NS_FD, struct.pack("=I", netns_fd)))
+    info = (_attr(IFLA_INFO_KIND, b"veth\0")
+            + _attr(IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER, peer_body)))
+    body = (_ifinfo(0, IFF_UP, IFF_UP) + _attr(IFLA_IFNAME, host.encode() + b"\0") + mtu_attr
+            + _attr(IFLA_MASTER, struct.pack("=I", bridge_index))
+            + _attr(IFLA_LINKINFO | NLA_F_NESTED, info))
+    return _header(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, seq, body)
+
+
+def no_ipv6_ll_message(index: int, seq: int) -> bytes:
+    """RTM_NEWLINK: no IPv6 link-local address on link `index` when it comes up
+    (`ip link set DEV addrgenmode none`)."""
+    inet6 = _attr(IFLA_INET6_ADDR_GEN_MODE, struct.pack("=B", IN6_ADDR_GEN_MODE_NONE))
+    body = _ifinfo(index) + _attr(IFLA_AF_SPEC | NLA_F_NESTED, _attr(socket.AF_INET6 | NLA_F_NESTED, inet6))
     return _header(RTM_NEWLINK, 0, seq, body)
 
 
@@ -168,17 +195,27 @@ def _send_on(sock: socket.socket, messages: list[tuple[bytes, str]]) -> None:
             offset += (length + 3) & ~3
 
 
-def _move_messages(nics: tuple[Nic, ...], netns_fd: int, up: bool,
-                   no_ipv6_ll: bool = False) -> list[tuple[bytes, str]]:
+def _move_messages(nics: tuple[Nic, ...], netns_fd: int, up: bool) -> list[tuple[bytes, str]]:
+    """The host-side messages of `nics`: a veth pair created for each NIC with
+    a bridge, the existing far end moved in for the others."""
     messages = []
     for seq, nic in enumerate(nics, 1):
+        if nic.bridge is not None:
+            try:
+                bridge = socket.if_nametoindex(nic.bridge)
+            except OSError:
+                raise CnetError(f"no bridge {nic.bridge!r} on this host for {nic.dev} (the network "
+                                "layer creates the bridges before the guests boot)") from None
+            messages.append((veth_message(nic.dev, bridge, nic.name, nic.mac, netns_fd, seq, mtu=nic.mtu),
+                             f"creating veth {nic.dev} on {nic.bridge} with {nic.name} in the container"))
+            continue
         try:
             index = socket.if_nametoindex(nic.dev)
         except OSError:
             raise CnetError(f"no interface {nic.dev!r} on this host to move into the container "
                             "(the network layer creates the veth before the guest boots)") from None
         messages.append((move_message(index, netns_fd, nic.name, nic.mac, seq,
-                                      up=up, mtu=nic.mtu if up else None, no_ipv6_ll=no_ipv6_ll),
+                                      up=up, mtu=nic.mtu if up else None),
                          f"moving {nic.dev} into the container as {nic.name}"))
     return messages
 
@@ -227,12 +264,12 @@ def setup(config: NetConfig, netns_path: str) -> None:
        address detection and no router solicitations (addresses are static;
        DAD's delayed work takes the kernel's global rtnl lock once per address,
        which a thousand guests booting at once queue on), forwarding for a router;
-    2. from the host's namespace (a socket opened before entering), each veth end
-       moved in, renamed ethN, its MAC set, and, on a guest without IPv6
-       addresses, no IPv6 link-local address (each is one more pass of the
-       kernel's DAD work under rtnl): one message per NIC;
-    3. inside: lo and the NICs up (with their MTUs), addresses, static routes,
-       gateways.
+    2. from the host's namespace (a socket opened before entering), one message
+       per NIC: a veth pair created with its far end born inside as ethN (a
+       NIC with a bridge), or an existing far end moved in and renamed; MAC set;
+    3. inside: on a guest without IPv6 addresses no IPv6 link-local address on
+       its NICs (each is one more pass of the kernel's DAD work under rtnl),
+       lo and the NICs up (with their MTUs), addresses, static routes, gateways.
 
     Not the `addr_gen_mode` sysctl for step 2: its handler only try-locks rtnl
     and restarts the write(2) while another holds it, so a thousand launchers
@@ -243,7 +280,7 @@ def setup(config: NetConfig, netns_path: str) -> None:
     try:
         fd = os.open(netns_path, os.O_RDONLY)
         try:
-            moves = _move_messages(config.nics, fd, up=False, no_ipv6_ll=not _has_ipv6(config))
+            moves = _move_messages(config.nics, fd, up=False)
             enter(netns_path)
             _sysctl("ipv6/conf/default/accept_dad", "0", required=False)
             _sysctl("ipv6/conf/default/router_solicitations", "0", required=False)
@@ -270,8 +307,11 @@ def _config_messages(config: NetConfig) -> list[tuple[bytes, str]]:
         messages.append((make(len(messages) + 1), what))
 
     add(lambda s: up_message(socket.if_nametoindex("lo"), None, s), "link set lo up")
+    no_ll = not _has_ipv6(config)
     for nic in config.nics:
         index = socket.if_nametoindex(nic.name)
+        if no_ll:
+            add(lambda s, i=index: no_ipv6_ll_message(i, s), f"link set {nic.name} addrgenmode none")
         add(lambda s, i=index, m=nic.mtu: up_message(i, m, s), f"link set {nic.name} up")
         for cidr in nic.addresses:
             add(lambda s, i=index, c=cidr: addr_message(i, c, s), f"addr add {cidr} dev {nic.name}")

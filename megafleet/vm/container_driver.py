@@ -59,9 +59,12 @@ def net_request(spec) -> dict[str, Any]:
     for i, nic in enumerate(spec.nics):
         mac = nic.mac.lower()
         conf = by_mac.get(mac)
-        nics.append({"dev": nic.peer or peer_of(nic.ifname), "name": f"eth{i}", "mac": mac,
-                     "addresses": [str(a) for a in conf.addresses] if conf else [],
-                     "mtu": conf.mtu if conf else None})
+        if nic.bridge is not None:      # the launcher creates the pair
+            dev, mtu = nic.ifname, nic.mtu or (conf.mtu if conf else None)
+        else:                           # an existing pair: its far end moves in
+            dev, mtu = nic.peer or peer_of(nic.ifname), conf.mtu if conf else None
+        nics.append({"dev": dev, "name": f"eth{i}", "mac": mac, "bridge": nic.bridge,
+                     "addresses": [str(a) for a in conf.addresses] if conf else [], "mtu": mtu})
     return {"nics": nics, "gateway": config.gateway, "gateway6": config.gateway6,
             "routes": [list(r) for r in config.routes], "forward": config.forward}
 

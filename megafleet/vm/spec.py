@@ -25,11 +25,18 @@ attaches to them:
 
 - ``kind="tap"``: ``ifname`` is an existing tap device (qemu, libvirt).
 - ``kind="vde"``: ``vde_socket`` is the directory of a running vde_switch (qemu).
-- ``kind="veth"``: ``ifname`` is the host end of an existing veth pair
-  (container). The engine moves the other end (``peer``, or the interface the
-  host end is linked to when ``peer`` is not given) into the container's network
-  namespace, renames it eth0, eth1, ... in NIC order and sets ``mac`` on it,
-  before the guest init runs.
+- ``kind="veth"`` (container), two ways:
+  - with ``bridge``: the launcher creates the pair itself, its host end
+    ``ifname`` on that bridge (up, ``mtu``), its far end born inside the
+    container's network namespace as eth0, eth1, ... in NIC order with ``mac``.
+    The network layer only names and records it: moving a link between
+    namespaces costs the kernel an RCU grace period under its rtnl lock
+    (35 ms each on this host; 1,000 guests queued 35 s on it), creating the
+    far end in place costs none. The pair goes with the namespace.
+  - without: ``ifname`` is the host end of an existing veth pair; the engine
+    moves the other end (``peer``, or the interface the host end is linked to
+    when ``peer`` is not given) into the namespace, renamed and with ``mac``.
+  Either way before the guest init runs.
 
 `apply` is idempotent: a guest that is already running under the same name is
 left alone (reported as ``already``); a guest recorded as failed or stopped is
@@ -94,6 +101,8 @@ class NicSpec:
     ifname: str | None = None
     vde_socket: str | None = None
     peer: str | None = None
+    bridge: str | None = None       # veth: create the pair, host end on this bridge
+    mtu: int | None = None          # veth with bridge: both ends' MTU (default the kernel's 1500)
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,12 @@ def validate(spec: GuestSpec) -> GuestSpec:
                 raise SpecError(f"{at}: ifname: {nic.ifname!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
         if nic.peer is not None and not _IFNAME_RE.fullmatch(nic.peer):
             raise SpecError(f"{at}: peer: {nic.peer!r} is not an interface name")
+        if nic.bridge is not None:
+            if nic.kind != "veth" or not _IFNAME_RE.fullmatch(nic.bridge):
+                raise SpecError(f"{at}: bridge: {nic.bridge!r}: only a veth NIC names a bridge, "
+                                "and it is an interface name")
+        if nic.mtu is not None and not 68 <= int(nic.mtu) <= 65535:
+            raise SpecError(f"{at}: mtu: {nic.mtu!r} is not between 68 and 65535")
         if nic.kind == "vde":
             if not nic.vde_socket or not str(nic.vde_socket).startswith("/") or "," in nic.vde_socket:
                 raise SpecError(f"{at}: vde_socket: {nic.vde_socket!r} is not an absolute path without ','")

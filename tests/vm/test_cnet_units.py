@@ -62,20 +62,39 @@ def test_net_request_matches_nics_to_their_config_by_mac():
                                         forward=True))
     req = net_request(spec)
     assert req["nics"] == [
-        {"dev": "p1", "name": "eth0", "mac": "52:54:00:00:00:02", "addresses": [], "mtu": None},
-        {"dev": "p0", "name": "eth1", "mac": "52:54:00:00:00:01", "addresses": ["10.0.0.2/24"], "mtu": 1400}]
+        {"dev": "p1", "name": "eth0", "mac": "52:54:00:00:00:02", "bridge": None, "addresses": [], "mtu": None},
+        {"dev": "p0", "name": "eth1", "mac": "52:54:00:00:00:01", "bridge": None, "addresses": ["10.0.0.2/24"],
+         "mtu": 1400}]
     config = cnet.NetConfig.from_json(req)
     assert config.gateway == "10.0.0.1" and config.routes == (("10.9.0.0/16", "10.0.0.1"),) and config.forward
     assert config.nics[1] == cnet.Nic("p0", "eth1", "52:54:00:00:00:01", ("10.0.0.2/24",), 1400)
 
 
-def test_move_message_can_ask_for_no_ipv6_link_local_address():
-    """addrgenmode none rides in the move itself (IFLA_AF_SPEC / AF_INET6), not
-    in a sysctl write that spins on the rtnl lock."""
-    msg = cnet.move_message(7, 42, "eth0", "52:54:00:aa:bb:cc", 1, no_ipv6_ll=True)
+def test_no_ipv6_link_local_address_is_the_links_own_setting():
+    """addrgenmode none on the link (IFLA_AF_SPEC / AF_INET6), not the
+    addr_gen_mode sysctl, whose write spins on the rtnl lock."""
+    msg = cnet.no_ipv6_ll_message(7, 1)
     spec = _attrs(msg, 16)[cnet.IFLA_AF_SPEC | cnet.NLA_F_NESTED]
     length, kind = struct.unpack_from("=HH", spec)
     assert kind == socket.AF_INET6 | cnet.NLA_F_NESTED and length == len(spec)
-    inner_length, inner_kind = struct.unpack_from("=HH", spec, 4)
+    _, inner_kind = struct.unpack_from("=HH", spec, 4)
     assert (inner_kind, spec[8]) == (cnet.IFLA_INET6_ADDR_GEN_MODE, cnet.IN6_ADDR_GEN_MODE_NONE)
-    assert cnet.IFLA_AF_SPEC | cnet.NLA_F_NESTED not in _attrs(cnet.move_message(7, 42, "eth0", "52:54:00:aa:bb:cc", 1), 16)
+    assert struct.unpack_from("=BxHiII", msg, 16)[2:] == (7, 0, 0)      # the link stays down
+
+
+def test_veth_message_creates_the_far_end_inside_the_namespace():
+    msg = cnet.veth_message("mfh1", 9, "eth0", "52:54:00:aa:bb:cc", 42, 5, mtu=1400)
+    length, kind, flags, seq, _ = struct.unpack_from("=LHHLL", msg)
+    assert length == len(msg) and kind == cnet.RTM_NEWLINK and seq == 5
+    assert flags & cnet.NLM_F_CREATE and flags & cnet.NLM_F_EXCL
+    assert struct.unpack_from("=BxHiII", msg, 16)[2:] == (0, cnet.IFF_UP, cnet.IFF_UP)
+    attrs = _attrs(msg, 16)
+    assert attrs[cnet.IFLA_IFNAME] == b"mfh1\0" and struct.unpack("=I", attrs[cnet.IFLA_MASTER])[0] == 9
+    info = _attrs(b"\0" * 16 + attrs[cnet.IFLA_LINKINFO | cnet.NLA_F_NESTED], 0)
+    assert info[cnet.IFLA_INFO_KIND] == b"veth\0"
+    peer = _attrs(b"\0" * 16 + info[cnet.IFLA_INFO_DATA | cnet.NLA_F_NESTED], 0)[cnet.VETH_INFO_PEER]
+    peer_attrs = _attrs(b"\0" * 16 + peer, 16)          # after the peer's own ifinfomsg
+    assert peer_attrs[cnet.IFLA_IFNAME] == b"eth0\0"
+    assert peer_attrs[cnet.IFLA_ADDRESS] == bytes.fromhex("525400aabbcc")
+    assert struct.unpack("=I", peer_attrs[cnet.IFLA_NET_NS_FD])[0] == 42
+    assert struct.unpack("=I", peer_attrs[cnet.IFLA_MTU])[0] == 1400
