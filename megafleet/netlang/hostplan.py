@@ -51,6 +51,11 @@ def _props_json(p: LinkProps) -> dict[str, Any]:
     return p.to_json()
 
 
+# Every veth end made with one queue each way: by default the kernel makes one
+# per CPU and then cuts it to one, which waits for an RCU grace period under
+# the rtnl lock that every other link and namespace change needs.
+ONE_QUEUE = "numtxqueues 1 numrxqueues 1"
+
 @dataclass(frozen=True)
 class _Item:
     kind: ClassVar[str] = ""
@@ -132,7 +137,8 @@ class Bridge(_Item):
         lines = [f"link add {self.ifname}" + (f" mtu {self.mtu}" if self.mtu != 1500 else "") + " type bridge",
                  f"link set {self.ifname} up"]
         if self.root:
-            lines += [f"link add {self.uplink} mtu {self.mtu} type veth peer name {self.downlink} mtu {self.mtu}",
+            lines += [f"link add {self.uplink} mtu {self.mtu} {ONE_QUEUE} type veth peer name {self.downlink} "
+                      f"mtu {self.mtu} {ONE_QUEUE}",
                       f"link set {self.uplink} master {self.ifname} up",
                       f"link set {self.downlink} master {self.root} up"]
         return lines
@@ -171,8 +177,8 @@ class VethPort(_Port):
         return [self.host_if]
 
     def ip_lines(self) -> list[str]:
-        return [f"link add {self.host_if} mtu {self.mtu} type veth peer name {self.eth} mtu {self.mtu} "
-                f"netns {self.ns}", f"link set {self.host_if} master {self.bridge} up"]
+        return [f"link add {self.host_if} mtu {self.mtu} {ONE_QUEUE} type veth peer name {self.eth} "
+                f"mtu {self.mtu} {ONE_QUEUE} netns {self.ns}", f"link set {self.host_if} master {self.bridge} up"]
 
 
 @dataclass(frozen=True)
@@ -252,8 +258,8 @@ class P2pLink(_Item):
     props: LinkProps
 
     def ip_lines(self) -> list[str]:
-        return [f"link add {self.eth_a} mtu {self.mtu} netns {self.ns_a} type veth peer name {self.eth_b} "
-                f"mtu {self.mtu} netns {self.ns_b}"]
+        return [f"link add {self.eth_a} mtu {self.mtu} {ONE_QUEUE} netns {self.ns_a} type veth peer name "
+                f"{self.eth_b} mtu {self.mtu} {ONE_QUEUE} netns {self.ns_b}"]
 
 
 @dataclass(frozen=True)
@@ -276,7 +282,8 @@ class Trunk(_Item):
         return [self.if_a, self.if_b]
 
     def ip_lines(self) -> list[str]:
-        return [f"link add {self.if_a} mtu {self.mtu} type veth peer name {self.if_b} mtu {self.mtu}",
+        return [f"link add {self.if_a} mtu {self.mtu} {ONE_QUEUE} type veth peer name {self.if_b} "
+                f"mtu {self.mtu} {ONE_QUEUE}",
                 f"link set {self.if_a} master {self.bridge_a} up",
                 f"link set {self.if_b} master {self.bridge_b} up"]
 

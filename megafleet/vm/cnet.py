@@ -31,7 +31,7 @@ NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 IFF_UP = 0x1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 4, 10, 18
-IFLA_AF_SPEC, IFLA_NET_NS_FD = 26, 28
+IFLA_AF_SPEC, IFLA_NET_NS_FD, IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 26, 28, 31, 32
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1
 NLA_F_NESTED = 0x8000
@@ -114,15 +114,22 @@ def veth_message(host: str, bridge_index: int, peer: str, mac: str, netns_fd: in
     """RTM_NEWLINK creating a veth pair: `host` on the bridge of `bridge_index`,
     up; its peer `peer` with `mac`, down, created directly in the namespace of
     `netns_fd` (what `ip link add HOST mtu N master BR up type veth peer name
-    PEER address MAC mtu N netns NS` sends). No link changes namespace, so no
-    RCU grace period is waited for under rtnl."""
+    PEER address MAC mtu N netns NS numtxqueues 1 numrxqueues 1` sends).
+
+    No RCU grace period is waited for under rtnl: no link changes namespace,
+    and both ends are made with one queue each way. Without the queue counts
+    the kernel makes a veth end with one queue per CPU, then cuts it to one
+    (veth_init_queues), which waits for a grace period; with thousands of
+    guests starting, every other namespace and link change queues behind it."""
     mtu_attr = _attr(IFLA_MTU, struct.pack("=I", int(mtu))) if mtu is not None else b""
+    one_queue = (_attr(IFLA_NUM_TX_QUEUES, struct.pack("=I", 1))
+                 + _attr(IFLA_NUM_RX_QUEUES, struct.pack("=I", 1)))
     peer_body = (_ifinfo(0) + _attr(IFLA_IFNAME, peer.encode() + b"\0")
-                 + _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))) + mtu_attr
+                 + _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))) + mtu_attr + one_queue
                  + _attr(IFLA_NET_NS_FD, struct.pack("=I", netns_fd)))
     info = (_attr(IFLA_INFO_KIND, b"veth\0")
             + _attr(IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER, peer_body)))
-    body = (_ifinfo(0, IFF_UP, IFF_UP) + _attr(IFLA_IFNAME, host.encode() + b"\0") + mtu_attr
+    body = (_ifinfo(0, IFF_UP, IFF_UP) + _attr(IFLA_IFNAME, host.encode() + b"\0") + mtu_attr + one_queue
             + _attr(IFLA_MASTER, struct.pack("=I", bridge_index))
             + _attr(IFLA_LINKINFO | NLA_F_NESTED, info))
     return _header(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, seq, body)

@@ -98,3 +98,5 @@ def test_veth_message_creates_the_far_end_inside_the_namespace():
     assert peer_attrs[cnet.IFLA_ADDRESS] == bytes.fromhex("525400aabbcc")
     assert struct.unpack("=I", peer_attrs[cnet.IFLA_NET_NS_FD])[0] == 42
     assert struct.unpack("=I", peer_attrs[cnet.IFLA_MTU])[0] == 1400
+    for a in (attrs, peer_attrs):       # one queue each way from the start: no cut, no grace period
+        assert struct.unpack("=I", a[cnet.IFLA_NUM_TX_QUEUES])[0] == struct.unpack("=I", a[cnet.IFLA_NUM_RX_QUEUES])[0] == 1
