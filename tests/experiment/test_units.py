@@ -221,3 +221,25 @@ def test_host_links_find_each_links_kernel_objects_in_a_typed_plan(net):
     objs = {o.ref: o for o in hostside.host_links(live.plan(wired, "mfxu").to_json())}
     w = objs[R.LinkRef("p2p", "a", "b")]
     assert w.wire is not None and w.props == {"delay_us": 5000} and len(w.ns_ifs) == 2
+
+
+def test_reconcile_changes_link_properties_in_place_and_knows_what_a_remade_interface_needs():
+    from megafleet.experiment import reconcile
+    from megafleet.netlang import netlink
+    from megafleet.netlang.hostplan import Named, VethPort
+    from megafleet.netlang.model import LinkProps
+
+    port = VethPort("a", "s1", None, "br", 1500, LinkProps(rate_bit=10_000_000), "mfxa-0", ns="mfx-a", eth="eth0")
+    faster = VethPort(**{**port.__dict__, "props": LinkProps(rate_bit=20_000_000)})
+    moved = VethPort(**{**port.__dict__, "bridge": "br2"})
+    router = (Named("router", "r1", [("ospfd", "a")]), Named("router", "r1", [("ospfd", "b")]))
+    same, rest = reconcile.in_place([(port, faster), (port, moved), router])
+    assert same == [(port, faster)] and rest == [(port, moved), router]
+
+    ip = lambda text: int.from_bytes(bytes(int(x) for x in text.split(".")), "big")  # noqa: E731
+    ops = [netlink.LinkUp("eth0"), netlink.LinkUp("eth1"),
+           netlink.AddrAdd("eth0", 4, ip("10.0.0.1"), 30), netlink.AddrAdd("eth1", 4, ip("10.0.1.1"), 24),
+           netlink.RouteAdd(4, 0, 0, ip("10.0.0.2")), netlink.RouteAdd(4, ip("10.9.0.0"), 16, ip("10.0.1.254"))]
+    # eth0 made again: its link up, its address, and the default route through its subnet.
+    assert reconcile.ops_of(ops, {"eth0"}) == [ops[0], ops[2], ops[4]]
+    assert reconcile.ops_of(ops, set()) == []
