@@ -129,6 +129,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     v = summary.get("verify")
     if v is not None and v.get("skipped"):
         lines.append(f"verify: skipped ({v['skipped']})")
+    elif v is not None and v.get("error"):
+        lines.append(f"verify: could not check the assertions: {v['error']}")
     elif v is not None and v["ok"]:
         lines.append(f"verify: {v['checks']} reachability checks pass (all true after {v['converge_s']:.1f} s"
                      + (" of waiting for routing)" if v.get("after_up") else ")"))
@@ -171,10 +173,17 @@ async def after_up(testbed: str, out_line: Callable[[str], None], *, verify: boo
         out["verify"] = {"skipped": "no reachable assertions"}
     else:
         out_line(f"verify   {len(checks(net))} pings for {len(net.reachable)} reachable assertions")
-        result = await converge(tb, within=within, progress=lambda s: out_line(f"verify   {s}"))
-        out["verify"] = {**result.to_json(), "after_up": True}
-        out_line(f"verify   {result.passed}/{result.checks} pass" +
-                 (f", converged in {result.converge_s:.1f} s" if result.ok else ""))
+        try:
+            result = await converge(tb, within=within, progress=lambda s: out_line(f"verify   {s}"))
+        except control.ControlError as exc:
+            # A host's agent died after its apply (killed, host gone): the
+            # assertions cannot be checked, which is a failed up, not a crash.
+            out["verify"] = {"ok": False, "error": str(exc), "after_up": True}
+            out_line(f"verify   could not check the assertions: {exc}")
+        else:
+            out["verify"] = {**result.to_json(), "after_up": True}
+            out_line(f"verify   {result.passed}/{result.checks} pass" +
+                     (f", converged in {result.converge_s:.1f} s" if result.ok else ""))
     plan = schedule.steps(net.faults)
     if plan:
         start = time.time()

@@ -256,6 +256,63 @@ vm {name}y[1..30] image tiny driver container mem 64M on lanB
     assert container_guests(name) == []
 
 
+def test_host_agent_killed_during_verify_is_a_failed_up_not_a_traceback(fleet2, tmp_path):
+    """An agent that dies after its host applied, while `up` verifies the
+    assertions (one never holds live: its node's link is down, so verify keeps
+    trying): `up` ends with its
+    summary, verify failed naming the host, exit 1, no traceback; down cleans."""
+    import signal
+
+    name = f"mfv{TAG}"
+    fleet_file = tmp_path / "verify.fleet"
+    fleet_file.write_text(FLEET.replace("pool p 10.149.0.0/16", "pool p 10.147.0.0/16")
+                          + 'host c1 on lanB exec "ip link set eth0 down"\nreachable c1 a1\n')
+    # The host that pings from c1: the one whose agent verify needs.
+    plan = megafleet_json("plan", str(fleet_file), "--hosts", str(fleet2.inventory_path), "-N", name)
+    victim = plan["node_host"]["c1"]
+    hs = ["--host-state", fleet2.host_state]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "megafleet", "up", str(fleet_file), "--hosts", str(fleet2.inventory_path),
+         "-N", name, "--no-ksm", "--json", *hs],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    killed = None
+    err_lines = []
+    try:
+        for line in child.stderr:
+            err_lines.append(line)
+            if line.startswith("verify ") or " verify " in line:
+                break
+        # The controller starts a new agent for its next call: kill each one for
+        # 15 s, so that some call of verify's dies in flight.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and child.poll() is None:
+            pid = fleet2.agent_pid(fleet2.names.index(victim))
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+            time.sleep(0.05)
+        out, err = child.communicate(timeout=300)
+        err = "".join(err_lines) + err
+        assert killed is not None, err
+        assert child.returncode == 1, err
+        assert "Traceback" not in err, err
+        summary = json.loads(out)
+        assert summary["ok"] is False
+        assert summary["verify"]["ok"] is False
+        if "error" in summary["verify"]:       # a call died in flight (else its checks failed)
+            assert victim in summary["verify"]["error"], summary["verify"]
+    finally:
+        if child.poll() is None:
+            child.kill()
+        result = megafleet_json("down", name, check=False)
+    assert result["ok"], result
+    for host in fleet2.names:
+        assert netns_with(name + "-", fleet2, host) == []
+        assert links_in(host, name) == []
+        assert daemons_in(fleet2, host) == []
+
+
 def container_guests(prefix: str) -> list[str]:
     """Names of running container guests whose name starts with prefix (read from
     the guest's own /etc/megafleet/cmdline through /proc/PID/root)."""
