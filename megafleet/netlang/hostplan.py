@@ -55,6 +55,10 @@ def _props_json(p: LinkProps) -> dict[str, Any]:
 # per CPU and then cuts it to one, which waits for an RCU grace period under
 # the rtnl lock that every other link and namespace change needs.
 ONE_QUEUE = "numtxqueues 1 numrxqueues 1"
+# A bridge port needs no IPv6 address: without this each port coming up starts
+# the kernel's duplicate address detection of a link-local address, work that
+# takes the rtnl lock again (a kworker per port, under a boot storm).
+NO_LL = "addrgenmode none"
 
 @dataclass(frozen=True)
 class _Item:
@@ -139,6 +143,7 @@ class Bridge(_Item):
         if self.root:
             lines += [f"link add {self.uplink} mtu {self.mtu} {ONE_QUEUE} type veth peer name {self.downlink} "
                       f"mtu {self.mtu} {ONE_QUEUE}",
+                      f"link set {self.uplink} {NO_LL}", f"link set {self.downlink} {NO_LL}",
                       f"link set {self.uplink} master {self.ifname} up",
                       f"link set {self.downlink} master {self.root} up"]
         return lines
@@ -178,7 +183,8 @@ class VethPort(_Port):
 
     def ip_lines(self) -> list[str]:
         return [f"link add {self.host_if} mtu {self.mtu} {ONE_QUEUE} type veth peer name {self.eth} "
-                f"mtu {self.mtu} {ONE_QUEUE} netns {self.ns}", f"link set {self.host_if} master {self.bridge} up"]
+                f"mtu {self.mtu} {ONE_QUEUE} netns {self.ns}", f"link set {self.host_if} {NO_LL}",
+                f"link set {self.host_if} master {self.bridge} up"]
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,7 @@ class TapPort(_Port):
         return [self.host_if]
 
     def ip_lines(self) -> list[str]:
-        return [f"tuntap add dev {self.host_if} mode tap", f"link set {self.host_if} mtu {self.mtu}",
+        return [f"tuntap add dev {self.host_if} mode tap", f"link set {self.host_if} mtu {self.mtu} {NO_LL}",
                 f"link set {self.host_if} master {self.bridge} up"]
 
 
@@ -284,6 +290,7 @@ class Trunk(_Item):
     def ip_lines(self) -> list[str]:
         return [f"link add {self.if_a} mtu {self.mtu} {ONE_QUEUE} type veth peer name {self.if_b} "
                 f"mtu {self.mtu} {ONE_QUEUE}",
+                f"link set {self.if_a} {NO_LL}", f"link set {self.if_b} {NO_LL}",
                 f"link set {self.if_a} master {self.bridge_a} up",
                 f"link set {self.if_b} master {self.bridge_b} up"]
 
@@ -340,7 +347,8 @@ class Vxlan(_Item):
 
     def ip_lines(self) -> list[str]:
         return [f"link add {self.ifname} mtu {self.mtu} type vxlan id {self.vni} local {self.local} "
-                f"dstport {VXLAN_PORT}", f"link set {self.ifname} master {self.bridge} up"]
+                f"dstport {VXLAN_PORT}", f"link set {self.ifname} {NO_LL}",
+                f"link set {self.ifname} master {self.bridge} up"]
 
     def fdb_lines(self) -> list[str]:
         return [f"fdb append 00:00:00:00:00:00 dev {self.ifname} dst {r}" for r in self.remotes]

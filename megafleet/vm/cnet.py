@@ -111,9 +111,9 @@ def move_message(index: int, netns_fd: int, name: str, mac: str, seq: int, *,
 
 def veth_message(host: str, bridge_index: int, peer: str, mac: str, netns_fd: int, seq: int, *,
                  mtu: int | None = None) -> bytes:
-    """RTM_NEWLINK creating a veth pair: `host` on the bridge of `bridge_index`,
-    up; its peer `peer` with `mac`, down, created directly in the namespace of
-    `netns_fd` (what `ip link add HOST mtu N master BR up type veth peer name
+    """RTM_NEWLINK creating a veth pair: `host` on the bridge of `bridge_index`
+    (down: `host_up_messages` brings it up); its peer `peer` with `mac`, down,
+    created directly in the namespace of `netns_fd` (what `ip link add HOST mtu N master BR type veth peer name
     PEER address MAC mtu N netns NS numtxqueues 1 numrxqueues 1` sends).
 
     No RCU grace period is waited for under rtnl: no link changes namespace,
@@ -129,22 +129,43 @@ def veth_message(host: str, bridge_index: int, peer: str, mac: str, netns_fd: in
                  + _attr(IFLA_NET_NS_FD, struct.pack("=I", netns_fd)))
     info = (_attr(IFLA_INFO_KIND, b"veth\0")
             + _attr(IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER, peer_body)))
-    body = (_ifinfo(0, IFF_UP, IFF_UP) + _attr(IFLA_IFNAME, host.encode() + b"\0") + mtu_attr + one_queue
+    body = (_ifinfo(0) + _attr(IFLA_IFNAME, host.encode() + b"\0") + mtu_attr + one_queue
             + _attr(IFLA_MASTER, struct.pack("=I", bridge_index))
             + _attr(IFLA_LINKINFO | NLA_F_NESTED, info))
     return _header(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
-def no_ipv6_ll_message(index: int, seq: int) -> bytes:
-    """RTM_NEWLINK: no IPv6 link-local address on link `index` when it comes up
-    (`ip link set DEV addrgenmode none`)."""
+def host_up_messages(nics: tuple[Nic, ...], first_seq: int) -> list[tuple[bytes, str]]:
+    """The host ends of the veth pairs just created for `nics` (those with a
+    bridge), named (the sender is in the container's namespace by then; the
+    host socket's namespace resolves the names): no IPv6 link-local address (a
+    bridge port needs none, and its duplicate address detection would take
+    rtnl again), then up."""
+    messages: list[tuple[bytes, str]] = []
+    for nic in nics:
+        if nic.bridge is not None:
+            messages.append((no_ipv6_ll_message(0, first_seq + len(messages), name=nic.dev),
+                             f"link set {nic.dev} addrgenmode none"))
+            messages.append((up_message(0, None, first_seq + len(messages), name=nic.dev),
+                             f"link set {nic.dev} up"))
+    return messages
+
+
+def no_ipv6_ll_message(index: int, seq: int, *, name: str | None = None) -> bytes:
+    """RTM_NEWLINK: no IPv6 link-local address on link `index` (or the link
+    called `name`) when it comes up (`ip link set DEV addrgenmode none`)."""
     inet6 = _attr(IFLA_INET6_ADDR_GEN_MODE, struct.pack("=B", IN6_ADDR_GEN_MODE_NONE))
-    body = _ifinfo(index) + _attr(IFLA_AF_SPEC | NLA_F_NESTED, _attr(socket.AF_INET6 | NLA_F_NESTED, inet6))
+    body = _ifinfo(0 if name else index) + (_attr(IFLA_IFNAME, name.encode() + b"\0") if name else b"")
+    body += _attr(IFLA_AF_SPEC | NLA_F_NESTED, _attr(socket.AF_INET6 | NLA_F_NESTED, inet6))
     return _header(RTM_NEWLINK, 0, seq, body)
 
 
-def up_message(index: int, mtu: int | None, seq: int) -> bytes:
-    body = _ifinfo(index, IFF_UP, IFF_UP)
+def up_message(index: int, mtu: int | None, seq: int, *, name: str | None = None) -> bytes:
+    """RTM_NEWLINK: link `index` up (with `mtu`); with `name`, the link of that
+    name in the socket's namespace instead (index 0: the kernel looks it up)."""
+    body = _ifinfo(0 if name else index, IFF_UP, IFF_UP)
+    if name:
+        body += _attr(IFLA_IFNAME, name.encode() + b"\0")
     if mtu is not None:
         body += _attr(IFLA_MTU, struct.pack("=I", int(mtu)))
     return _header(RTM_NEWLINK, 0, seq, body)
@@ -295,6 +316,7 @@ def setup(config: NetConfig, netns_path: str) -> None:
                 _sysctl("ipv4/ip_forward", "1")
                 _sysctl("ipv6/conf/all/forwarding", "1", required=False)
             _send_on(host_sock, moves)
+            _send_on(host_sock, host_up_messages(config.nics, 1))
         finally:
             os.close(fd)
     finally:

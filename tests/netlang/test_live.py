@@ -459,7 +459,8 @@ def test_a_switch_beyond_one_bridge_is_a_tree_of_bridges_that_forwards(testbed):
 
 def test_container_guests_through_net_up_get_veths(testbed, tmp_path):
     """`net up` of container guests: the plan gives them veth ports (not taps),
-    the vm engine moves the far ends in, and a namespace host reaches them."""
+    each container's launcher makes its pair (far end born inside), and a
+    namespace host reaches them. No bridge port has an IPv6 address."""
     pytest.importorskip("megafleet.vm.spec")
     from megafleet.vm.engine import Engine
 
@@ -473,5 +474,10 @@ def test_container_guests_through_net_up_get_veths(testbed, tmp_path):
     assert sorted(g.name for g in Engine().list("mfncg*")) == ["mfncg1", "mfncg2", "mfncg3"]
     for g in ("mfncg1", "mfncg2", "mfncg3"):
         assert ping_within(f"{name}-h", addr_of(net, g), 30), g
+    ports = [port for port in live.plan(net, name).ports if port.kind in ("cveth", "veth")]
+    for port in ports:
+        shown = subprocess.run(["ip", "-o", "addr", "show", "dev", port.host_if], capture_output=True,
+                               text=True, check=True).stdout
+        assert "inet6" not in shown, shown
     live.down(name)
     assert Engine().list("mfncg*") == []
