@@ -36,12 +36,15 @@ def vm_guest_source(engine: Any = None, pattern: str = "*") -> Callable[[], list
 
     def guests() -> list[GuestInfo]:
         # The record's last change gives boot events a time (and so an id) that
-        # is the same whoever reads it, however often.
+        # is the same whoever reads it, however often. Read after the states:
+        # read before, a guest that became running in between came with its
+        # 'starting' time, then again with its 'running' one, as two boots.
+        views = engine.list(pattern)
         changed = {r.name: int(r.updated * 1000) for r in engine.state.list(pattern)}
         return [GuestInfo(name=v.name, state=v.state, pid=v.pid, image=v.image,
                           rss_kb=v.rss_bytes // 1024 if v.rss_bytes is not None else None,
                           boot_s=v.boot_s, reason=v.reason, changed_ms=changed.get(v.name))
-                for v in engine.list(pattern)]
+                for v in views]
 
     return guests
 

@@ -115,3 +115,41 @@ def test_final_events_are_the_boots_since_the_last_interval():
     assert [(d["event"], d["meta"]["guest"], d["_id"]) for d in final] == [
         ("boot", "mfc-g2", "event:mfc-h:mfc-g2:boot:1700")]
     assert sampler.final_events(1900) == []          # each boot once
+
+
+def test_a_guest_becoming_running_during_a_read_is_one_boot():
+    """vm_guest_source reads the states, then each record's change time: a
+    guest recorded running between the two reads is one boot event, not one
+    with its 'starting' time and another with its 'running' one."""
+    from types import SimpleNamespace
+
+    from megafleet.collect.sources import vm_guest_source
+
+    rec = {"state": "starting", "boot_s": None, "updated": 1.000}
+
+    def becomes_running():      # the engine's write, between whichever two reads
+        rec.update(state="running", boot_s=0.688, updated=2.5)
+
+    class Engine:
+        reads = 0
+
+        def _read(self):
+            self.reads += 1
+            snapshot = dict(rec)
+            if self.reads == 1:
+                becomes_running()
+            return snapshot
+
+        def list(self, pattern):
+            r = self._read()
+            return [SimpleNamespace(name="mfc-g1", state=r["state"], pid=None, image="tiny", rss_bytes=None,
+                                    boot_s=r["boot_s"], reason=None)]
+
+        @property
+        def state(self):
+            return SimpleNamespace(list=lambda pattern: [SimpleNamespace(name="mfc-g1",
+                                                                         updated=self._read()["updated"])])
+
+    sampler = GuestSampler("mfc-h", vm_guest_source(Engine()))
+    ids = [d["_id"] for now in (1100, 2100, 3100) for d in sampler.sample(now) if d["meta"]["kind"] == "event"]
+    assert ids == ["event:mfc-h:mfc-g1:boot:2500"]
