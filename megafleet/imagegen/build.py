@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from megafleet.imagegen import cpio, debs, kmod
+from megafleet.imagegen import cpio, debs, kbuild, kmod
 from megafleet.imagegen.spec import Spec, SpecError, error_at
 from megafleet.proc import CommandFailed, run
 
@@ -59,9 +59,10 @@ _DEFAULT_ETC = {
 @dataclass(frozen=True)
 class KernelSource:
     vmlinuz: Path
-    modules_dir: Path
+    modules_dir: Path | None        # None: a built kernel, everything built in
     package: str | None = None
     version: str | None = None
+    release: str | None = None      # uname -r of a built kernel
 
 
 def guest_file(name: str) -> bytes:
@@ -89,6 +90,8 @@ def input_key(spec: Spec) -> str:
         for p in (local[0], local[1] / "modules.dep"):
             st = p.stat()
             h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    if spec.kernel_build is not None:
+        h.update(hashlib.sha256(_kernel_fragment(spec)).digest())
     if spec.kernel_package or spec.packages or BASE_PACKAGES:
         h.update(debs.apt_fingerprint().encode())
     return h.hexdigest()
@@ -181,10 +184,27 @@ class _Tree:
         return list(self.entries.values())
 
 
+def _kernel_fragment(spec: Spec) -> bytes:
+    if isinstance(spec.kernel_build, Path):
+        return spec.kernel_build.read_bytes()
+    return kbuild.shipped_fragment(str(spec.kernel_build))
+
+
 def _kernel_source(spec: Spec, progress: Progress) -> tuple[KernelSource, list[dict]]:
     """Where the kernel and its modules come from; the packages it took."""
     if (local := spec.local_kernel()) is not None:
         return KernelSource(*local), []
+    if spec.kernel_build is not None:
+        source = spec.kernel_source or kbuild.DEFAULT_SOURCE
+        try:
+            built = kbuild.build(source, _kernel_fragment(spec), compiler_version(), progress)
+        except debs.PackageError as exc:
+            raise error_at(spec, "kernel.source", source, str(exc)) from None
+        except kbuild.KernelBuildError as exc:
+            raise error_at(spec, "kernel.build", str(spec.kernel_build), str(exc)) from None
+        return (KernelSource(built.vmlinuz, None, built.package, built.version, built.release),
+                [{"name": built.package, "version": built.version, "sha256": built.sha256,
+                  "role": "kernel source"}])
     package = spec.kernel_package
     if package is None:     # parsing gives one or the other; a Spec made in code may not
         raise error_at(spec, "kernel.package", "kernel", "no kernel: give kernel.package, "
@@ -228,10 +248,15 @@ def assemble(spec: Spec, workdir: Path, progress: Progress = lambda s: None) -> 
     manifest.json). Returns the manifest. Raises SpecError for what the spec got
     wrong; nothing is written outside `workdir` except the .deb/unpack caches."""
     kernel, kernel_pkgs = _kernel_source(spec, progress)
-    try:
-        mod_plan = kmod.plan(kernel.modules_dir, spec.modules)
-    except kmod.ModuleError as exc:
-        raise error_at(spec, "kernel.modules", exc.module, str(exc)) from None
+    if kernel.modules_dir is None:
+        # A built kernel: no modules, whatever the spec (or a parent) lists is built in.
+        mod_plan = kmod.ModulePlan(version=kernel.release or "", load_order=(),
+                                   builtin=tuple(spec.modules))
+    else:
+        try:
+            mod_plan = kmod.plan(kernel.modules_dir, spec.modules)
+        except kmod.ModuleError as exc:
+            raise error_at(spec, "kernel.modules", exc.module, str(exc)) from None
 
     wanted = BASE_PACKAGES + [p for p in spec.packages if p not in BASE_PACKAGES]
     try:
@@ -259,6 +284,7 @@ def assemble(spec: Spec, workdir: Path, progress: Progress = lambda s: None) -> 
 
     # Kernel modules, and the order the init loads them in.
     for rel in mod_plan.load_order:
+        assert kernel.modules_dir is not None      # only a packaged or local kernel has modules
         tree.add(cpio.Entry(f"lib/modules/{mod_plan.version}/{rel}", stat.S_IFREG | 0o644,
                             source=kernel.modules_dir / rel), force=True)
     tree.add_file("etc/megafleet/modules", "".join(f"{m}\n" for m in mod_plan.load_order).encode())

@@ -11,7 +11,11 @@ A spec, with every key it may have::
     # or a local kernel:
     # vmlinuz = "/boot/vmlinuz-6.1.0-x"   #   the kernel image
     # modules_dir = "/lib/modules/6.1.0-x" #   its modules directory
+    # or one built from Debian's kernel source (megafleet.imagegen.kbuild):
+    # build = "minimal"                   #   megafleet's fragment, or a path to one
+    # source = "linux-source-6.1"         #   the source package (this is the default)
     modules = ["virtio_net"]              # dependencies come from modules.dep
+                                          # (a built kernel has everything built in)
 
     packages = ["frr"]                    # Debian packages, dependencies included
     exclude_packages = ["perl-base"]      # never unpacked, nor followed as dependencies
@@ -59,7 +63,7 @@ class SpecError(ValueError):
 
 TOP_KEYS = {"name", "description", "parents", "kernel", "packages", "exclude_packages",
             "exclude", "overlays", "files", "services", "compress_level"}
-KERNEL_KEYS = {"package", "vmlinuz", "modules_dir", "modules"}
+KERNEL_KEYS = {"package", "vmlinuz", "modules_dir", "modules", "build", "source"}
 FILE_KEYS = {"text", "source", "mode"}
 SERVICE_KEYS = {"command", "start"}
 
@@ -91,6 +95,8 @@ class Spec:
     kernel_package: str | None = None
     vmlinuz: Path | None = None
     modules_dir: Path | None = None
+    kernel_build: str | Path | None = None     # a shipped fragment's name, or a fragment file
+    kernel_source: str | None = None           # the source package of a built kernel
     modules: list[str] = field(default_factory=list)
     packages: list[str] = field(default_factory=list)
     exclude_packages: list[str] = field(default_factory=list)
@@ -116,6 +122,8 @@ class Spec:
             "kernel": {"package": self.kernel_package,
                        "vmlinuz": str(self.vmlinuz) if self.vmlinuz else None,
                        "modules_dir": str(self.modules_dir) if self.modules_dir else None,
+                       **({"build": str(self.kernel_build), "source": self.kernel_source}
+                          if self.kernel_build else {}),
                        "modules": list(self.modules)},
             "packages": list(self.packages),
             "exclude_packages": list(self.exclude_packages),
@@ -220,19 +228,39 @@ def _merge_into(spec: Spec, raw: dict, reader: _Reader) -> None:
     package = r.str_(kernel, "package", "kernel.package")
     vmlinuz = r.str_(kernel, "vmlinuz", "kernel.vmlinuz")
     modules_dir = r.str_(kernel, "modules_dir", "kernel.modules_dir")
-    if package and (vmlinuz or modules_dir):
-        raise r.fail("kernel.package", "give either a kernel package or vmlinuz + modules_dir, not both")
+    build = r.str_(kernel, "build", "kernel.build")
+    source = r.str_(kernel, "source", "kernel.source")
+    if sum(bool(x) for x in (package, vmlinuz or modules_dir, build)) > 1:
+        raise r.fail("kernel.build" if build else "kernel.package",
+                     "give one kernel: a package, vmlinuz + modules_dir, or build")
+    if source is not None and not build:
+        raise r.fail("kernel.source", "the source package is for a built kernel: set kernel.build too")
     if package is not None:
         if not _PACKAGE_RE.fullmatch(package):
             raise r.fail("kernel.package", f"{package!r} is not a valid Debian package name")
         spec.kernel_package, spec.vmlinuz, spec.modules_dir = package, None, None
+        spec.kernel_build = spec.kernel_source = None
     if vmlinuz or modules_dir:
         if not (vmlinuz and modules_dir):
             raise r.fail("kernel.vmlinuz" if not vmlinuz else "kernel.modules_dir",
                          "a local kernel needs both vmlinuz and modules_dir")
-        spec.kernel_package = None
+        spec.kernel_package = spec.kernel_build = spec.kernel_source = None
         spec.vmlinuz = r.local_path(vmlinuz, "kernel.vmlinuz", want_dir=False)
         spec.modules_dir = r.local_path(modules_dir, "kernel.modules_dir", want_dir=True)
+    if build:
+        from megafleet.imagegen.kbuild import SHIPPED
+
+        if source is not None and not _PACKAGE_RE.fullmatch(source):
+            raise r.fail("kernel.source", f"{source!r} is not a valid Debian package name")
+        if build in SHIPPED:
+            spec.kernel_build = build
+        elif "/" in build or build.endswith(".config"):
+            spec.kernel_build = r.local_path(build, "kernel.build", want_dir=False)
+        else:
+            raise r.fail("kernel.build", f"{build!r} is neither a fragment megafleet ships "
+                         f"({', '.join(SHIPPED)}) nor a path to a config fragment")
+        spec.kernel_source = source
+        spec.kernel_package = spec.vmlinuz = spec.modules_dir = None
     for m in r.strlist(kernel, "modules", "kernel.modules"):
         if not _MODULE_RE.fullmatch(m):
             raise r.fail("kernel.modules", f"{m!r} is not a valid module name")
@@ -342,9 +370,9 @@ def load(path: str | Path, _seen: tuple[Path, ...] = ()) -> Spec:
     spec.chain.append(path)
     if not raw.get("name"):
         raise reader.fail(None, "missing key 'name' (every spec names its image)")
-    if not spec.kernel_package and not spec.vmlinuz:
-        raise reader.fail("kernel", "no kernel: set kernel.package or kernel.vmlinuz + "
-                          "kernel.modules_dir (here or in a parent)")
+    if not spec.kernel_package and not spec.vmlinuz and not spec.kernel_build:
+        raise reader.fail("kernel", "no kernel: set kernel.package, kernel.vmlinuz + "
+                          "kernel.modules_dir, or kernel.build (here or in a parent)")
     return spec
 
 
@@ -361,9 +389,10 @@ def error_at(spec: Spec, key: str, needle: str, problem: str) -> SpecError:
 
 
 def _merge_specs(base: Spec, other: Spec) -> None:
-    if other.kernel_package or other.vmlinuz:
+    if other.kernel_package or other.vmlinuz or other.kernel_build:
         base.kernel_package, base.vmlinuz, base.modules_dir = (
             other.kernel_package, other.vmlinuz, other.modules_dir)
+        base.kernel_build, base.kernel_source = other.kernel_build, other.kernel_source
     for attr in ("modules", "packages", "exclude_packages", "exclude", "overlays"):
         target = getattr(base, attr)
         target.extend(x for x in getattr(other, attr) if x not in target)

@@ -40,7 +40,7 @@ def test_unknown_top_level_key(tmp_path):
 def test_unknown_kernel_key_names_the_dotted_key(tmp_path):
     p = write(tmp_path, "a.toml", 'name = "mfi-a"\n[kernel]\npackage = "linux-image-cloud-amd64"\nmodulez = []\n')
     assert error_of(p) == (f"{p}:4: key 'kernel.modulez': unknown key "
-                           "(allowed: modules, modules_dir, package, vmlinuz)")
+                           "(allowed: build, modules, modules_dir, package, source, vmlinuz)")
 
 
 def test_toml_syntax_error_names_the_line(tmp_path):
@@ -137,3 +137,28 @@ def test_example_specs_load():
     assert tiny.name == "tiny" and router.name == "router"
     assert "frr" in router.packages and router.modules == tiny.modules
     assert "zebra" in router.services
+
+
+def test_built_kernel_replaces_the_parents_package(tmp_path):
+    write(tmp_path, "base.toml", 'name = "mfi-base"\n' + KERNEL)
+    spec = load(write(tmp_path, "a.toml", 'name = "mfi-a"\nparents = ["base.toml"]\n'
+                                          '[kernel]\nbuild = "minimal"\n'))
+    assert (spec.kernel_build, spec.kernel_source, spec.kernel_package) == ("minimal", None, None)
+    assert spec.to_json()["kernel"]["build"] == "minimal"
+    frag = write(tmp_path, "mine.config", "CONFIG_NET=y\n")
+    spec = load(write(tmp_path, "b.toml", 'name = "mfi-b"\n[kernel]\nbuild = "mine.config"\n'
+                                          'source = "linux-source-6.1"\n'))
+    assert (spec.kernel_build, spec.kernel_source) == (frag, "linux-source-6.1")
+
+
+def test_built_kernel_mistakes_name_the_line(tmp_path):
+    p = write(tmp_path, "a.toml", 'name = "mfi-a"\n[kernel]\npackage = "linux-image-cloud-amd64"\n'
+                                  'build = "minimal"\n')
+    assert error_of(p) == f"{p}:4: key 'kernel.build': give one kernel: a package, vmlinuz + modules_dir, or build"
+    p = write(tmp_path, "b.toml", 'name = "mfi-b"\n[kernel]\nbuild = "huge"\n')
+    assert error_of(p) == (f"{p}:3: key 'kernel.build': 'huge' is neither a fragment megafleet ships "
+                           "(minimal) nor a path to a config fragment")
+    p = write(tmp_path, "c.toml", 'name = "mfi-c"\n[kernel]\nbuild = "none.config"\n')
+    assert f"{p}:3: key 'kernel.build': 'none.config' does not exist" in error_of(p)
+    p = write(tmp_path, "d.toml", 'name = "mfi-d"\n' + KERNEL + 'source = "linux-source-6.1"\n')
+    assert error_of(p) == f"{p}:5: key 'kernel.source': the source package is for a built kernel: set kernel.build too"

@@ -132,3 +132,24 @@ def test_scratch_sweep_removes_only_dead_creators(tmp_path):
     other.mkdir()
     assert scratch.sweep(tmp_path, ".tmp") == 1
     assert mine.exists() and other.exists() and not stale.exists()
+
+
+def test_kernel_fragment_options_and_what_kconfig_dropped():
+    from megafleet.imagegen import kbuild
+
+    fragment = b"# comment\nCONFIG_NET=y\nCONFIG_HZ=100\n# CONFIG_SMP is not set\nCONFIG_VIRTIO_NET=y\n"
+    assert kbuild.fragment_options(fragment) == {"CONFIG_NET": "y", "CONFIG_HZ": "100",
+                                                 "CONFIG_SMP": "n", "CONFIG_VIRTIO_NET": "y"}
+    final = "CONFIG_NET=y\nCONFIG_HZ=100\n# CONFIG_VIRTIO_NET is not set\n"
+    assert kbuild.dropped_options(fragment, final) == ["CONFIG_VIRTIO_NET"]
+    assert kbuild.dropped_options(fragment, final + "CONFIG_VIRTIO_NET=y\n") == []
+    # The shipped fragment: everything the guest contract needs, no modules.
+    shipped = kbuild.fragment_options(kbuild.shipped_fragment("minimal"))
+    for option in ("CONFIG_VIRTIO_NET", "CONFIG_VIRTIO_CONSOLE", "CONFIG_SERIAL_8250_CONSOLE",
+                   "CONFIG_BLK_DEV_INITRD", "CONFIG_RD_ZSTD", "CONFIG_DEVTMPFS", "CONFIG_IPV6"):
+        assert shipped[option] == "y", option
+    assert shipped["CONFIG_MODULES"] == "n"
+    a = kbuild.cache_key("ab" * 32, fragment, "12.2.0")
+    assert a == kbuild.cache_key("ab" * 32, fragment, "12.2.0")
+    assert a != kbuild.cache_key("ab" * 32, fragment + b"CONFIG_X=y\n", "12.2.0")
+    assert a != kbuild.cache_key("ab" * 32, fragment, "13.1.0")
