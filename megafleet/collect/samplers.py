@@ -203,13 +203,16 @@ class GuestSampler(Sampler):
         the store keeps one."""
         if g.changed_ms is None or g.state not in ("running", "failed"):
             return None
+        if g.state == "running" and g.boot_s is None:
+            # Running by its console but not yet recorded so by the engine (or
+            # settled by `down`): its boot comes with the record, which may
+            # carry this same change time (read after the state): not marked.
+            return None
         mark = (g.state, g.changed_ms)
         if self._lifecycle.get(g.name) == mark:
             return None
         self._lifecycle[g.name] = mark
         if g.state == "running":
-            if g.boot_s is None:
-                return None
             return D.event("boot", self.host, guest=g.name, image=g.image, ok=True,
                            duration_s=round(g.boot_s, 3), time_ms=g.changed_ms)
         return D.event("boot", self.host, level="error", guest=g.name, image=g.image, ok=False,

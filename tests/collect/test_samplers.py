@@ -153,3 +153,16 @@ def test_a_guest_becoming_running_during_a_read_is_one_boot():
     sampler = GuestSampler("mfc-h", vm_guest_source(Engine()))
     ids = [d["_id"] for now in (1100, 2100, 3100) for d in sampler.sample(now) if d["meta"]["kind"] == "event"]
     assert ids == ["event:mfc-h:mfc-g1:boot:2500"]
+
+
+def test_a_guest_running_by_its_console_before_its_record_is_one_boot_later():
+    """Running by its console (Engine.list) before the engine records it: no
+    boot yet, and the record's boot comes once it is there, even with the
+    same change time (the change time is read after the state)."""
+    listing = [GuestInfo("mfc-g1", "running", None, "tiny", boot_s=None, changed_ms=2500)]
+    sampler = GuestSampler("mfc-h", lambda: listing)
+    assert [d for d in sampler.sample(2600) if d["meta"]["kind"] == "event"] == []
+    listing[:] = [GuestInfo("mfc-g1", "running", None, "tiny", boot_s=0.688, changed_ms=2500)]
+    assert [d["_id"] for d in sampler.sample(3600) if d["meta"]["kind"] == "event"] == [
+        "event:mfc-h:mfc-g1:boot:2500"]
+    assert [d for d in sampler.sample(4600) if d["meta"]["kind"] == "event"] == []
