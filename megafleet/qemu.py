@@ -73,6 +73,36 @@ def _nic(n: Nic | dict) -> Nic:
     return n if isinstance(n, Nic) else Nic(**n)
 
 
+_host_tsc_khz: int | None = None
+
+
+def host_tsc_khz() -> int:
+    """The host's TSC frequency in kHz (0 when unknown), which a TCG guest's
+    TSC runs at (QEMU reads the host's TSC for it). Given to TCG guests as
+    `tsc_early_khz`: a guest kernel then does not calibrate its TSC against
+    the emulated PIT, which fails on a busy host; without ACPI's PM timer to
+    fall back on (megafleet's minimal kernel) it then marks the TSC unstable,
+    keeps time by jiffies and ticks 100 times a second while idle (measured:
+    ~200 QEMU wake-ups/s idle against ~10/s with the frequency given).
+    From /sys/devices/system/cpu/cpu0/tsc_freq_khz where the kernel exports
+    it, else /proc/cpuinfo's "cpu MHz" when the CPU's TSC is constant."""
+    global _host_tsc_khz
+    if _host_tsc_khz is None:
+        _host_tsc_khz = 0
+        try:
+            _host_tsc_khz = int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+        except (OSError, ValueError):
+            try:
+                info = Path("/proc/cpuinfo").read_text()
+                flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+                mhz = next((line for line in info.splitlines() if line.startswith("cpu MHz")), "")
+                if " constant_tsc" in flags and mhz:
+                    _host_tsc_khz = int(float(mhz.split(":")[1]) * 1000)
+            except (OSError, ValueError, IndexError):
+                pass
+    return _host_tsc_khz
+
+
 def qemu_argv(kernel: str | Path, initrd: str | Path, append: str, *, name: str,
               mem_mb: int = 128, vcpus: int = 1, accel: str = "tcg",
               qmp_socket: str | Path | None = None, console_log: str | Path | None = None,
@@ -81,7 +111,8 @@ def qemu_argv(kernel: str | Path, initrd: str | Path, append: str, *, name: str,
               nics: Sequence[Nic | dict] = (), machine: str = "q35") -> list[str]:
     """The argv of one guest. `append` is the kernel command line (megafleet.*
     parameters from contract.GuestConfig.kernel_args); `console=ttyS0`,
-    `panic=-1` and FAST_BOOT_ARGS are added when absent. The agent port goes to a unix socket that
+    `panic=-1` and FAST_BOOT_ARGS are added when absent, and under TCG the
+    host's TSC frequency (`host_tsc_khz`). The agent port goes to a unix socket that
     QEMU listens on (`agent_socket`, connect to read it) or to a file
     (`agent_log`); the exec port (`exec_socket`) to a unix socket QEMU listens
     on, through which `megafleet.vm.guestexec` runs commands in the guest."""
@@ -96,6 +127,8 @@ def qemu_argv(kernel: str | Path, initrd: str | Path, append: str, *, name: str,
         params.insert(0, "console=ttyS0")
     if not any(p.startswith("panic=") for p in params):
         params.append("panic=-1")
+    if accel == "tcg" and (khz := host_tsc_khz()) and not any(p.startswith("tsc_early_khz=") for p in params):
+        params.append(f"tsc_early_khz={khz}")
     present = {p.split("=", 1)[0] for p in params}
     params += [a for a in FAST_BOOT_ARGS if a.split("=", 1)[0] not in present]
     machine_opts = [machine, "mem-merge=on"]

@@ -91,7 +91,7 @@ def test_qemu_argv_is_lean_and_complete():
     joined = " ".join(argv)
     for part in ("-nodefaults", "-no-user-config", "-display none", "-vga none",
                  "q35,mem-merge=on", "tcg,tb-size=", "-m 64",
-                 "console=ttyS0 quiet megafleet.name=mfi-a panic=-1 cryptomgr.notests",
+                 "console=ttyS0 quiet megafleet.name=mfi-a panic=-1",
                  "file,id=con0,path=/r/c.log", "unix:/r/q.sock,server=on,wait=off",
                  "socket,id=agent0,path=/r/a.sock,server=on,wait=off",
                  "virtserialport,chardev=agent0,name=org.megafleet.agent",
@@ -108,6 +108,21 @@ def test_qemu_argv_keeps_the_callers_kernel_parameters():
     append = argv[argv.index("-append") + 1].split()
     assert append.count("audit=1") == 1 and "audit=0" not in append
     assert "console=ttyS0" not in append and "i8042.nokbd" in append
+
+
+def test_tcg_guests_get_the_hosts_tsc_frequency():
+    """Under TCG the guest's TSC runs at the host's: the guest kernel is told
+    (tsc_early_khz) instead of calibrating against the emulated PIT; under KVM
+    it is not (kvmclock), and a caller's own value wins."""
+    khz = qemu.host_tsc_khz()
+    tcg = qemu.qemu_argv("/k", "/i", "", name="mfi-a", accel="tcg")
+    kvm = qemu.qemu_argv("/k", "/i", "", name="mfi-a", accel="kvm")
+    mine = qemu.qemu_argv("/k", "/i", "tsc_early_khz=1000000", name="mfi-a", accel="tcg")
+    append = lambda argv: argv[argv.index("-append") + 1].split()  # noqa: E731
+    if khz:
+        assert f"tsc_early_khz={khz}" in append(tcg) and 100_000 < khz < 10_000_000
+    assert not any(p.startswith("tsc_early_khz") for p in append(kvm))
+    assert [p for p in append(mine) if p.startswith("tsc_early_khz")] == ["tsc_early_khz=1000000"]
 
 
 def test_qemu_argv_rejects_bad_names():
