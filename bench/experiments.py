@@ -12,8 +12,10 @@
     link_change_ms         the same for a later change (delay 80ms) on the same
                            link (the wirefilter's management socket), reply >= 160 ms
     link_set_cli_ms        link_set through the CLI (a fresh `megafleet` process)
+    lan_up_s               lan1000: the first `up` (N guests)
     reconcile_s            lan1000 up: `up` of the file with 10 guests more
     redeploy_s             the reference, same run: `down` + `up` of that file
+    redeploy_down_s        the `down` part of it
     reconcile_vs_redeploy  reconcile_s / redeploy_s (target <= 0.1)
 
 Run as root:  .venv/bin/python bench/experiments.py [--quick] [--guests N] [--only campus|lan]
@@ -143,12 +145,14 @@ def lan(base: Path, quick: bool, guests: int | None = None) -> dict:
     path.write_text(text)
     out: dict = {"lan_guests": n}
     try:
-        up(path, name, [f"guests={n}"])
+        first_s, _ = up(path, name, [f"guests={n}"])
+        out["lan_up_s"] = round(first_s, 3)
         reconcile_s, s = up(path, name, [f"guests={n + 10}"])
         assert s["ok"] and s["ready"] == n + 10, s
         out["reconcile_s"] = round(reconcile_s, 3)
         t0 = time.monotonic()
         cli("down", name)
+        out["redeploy_down_s"] = round(time.monotonic() - t0, 3)
         up(path, name, [f"guests={n + 10}"])
         out["redeploy_s"] = round(time.monotonic() - t0, 3)
         out["reconcile_vs_redeploy"] = round(out["reconcile_s"] / out["redeploy_s"], 4)
