@@ -140,7 +140,7 @@ def test_sigterm_during_the_guest_phase_loses_no_boot_event(tmp_path):
     reporting it) and although the collector samples only every 120 s (its
     last look is when `down` stops it). The soak's lost_events, as a test."""
     testbed = f"mfut{TAG}"
-    path = write_fleet(tmp_path, "term", containers=20, qemus=0, net=153)
+    path = write_fleet(tmp_path, "term", containers=80, qemus=0, net=153)
     since = datetime.now(timezone.utc).isoformat()
     up = popen_megafleet("up", str(path), "-N", testbed, "--no-ksm", "--telemetry-interval", "120")
     try:
