@@ -237,6 +237,7 @@ def plan(net: Net, name: str) -> Plan:
             if g.kind == "router" and is_dynamic(net, node):
                 p.vm_frr[node] = frr.configs(net, node)
     p.bridges = _bridge_trees(net, p, roots, alloc)
+    _guest_nics_on_leaves(p)
     # The allocator cannot hand out a name twice; this guards the plan itself
     # (names made outside it, a future item kind).
     try:
@@ -261,6 +262,22 @@ def _route_dest(dest: str) -> tuple[int, int, int]:
 def _route_via(via: str) -> int:
     """A route's next hop as an int (cached, as `_route_dest`)."""
     return int(ipaddress.ip_address(via))
+
+
+def _guest_nics_on_leaves(p: Plan) -> None:
+    """Container guests' NICs name the bridge their launcher puts the host end
+    on: after `_bridge_trees` moved ports of big switches to the leaves, the
+    leaf, not the root (a root takes only its leaves)."""
+    moved = {port.host_if: port.bridge for port in p.ports
+             if isinstance(port, ContainerPort) and port.bridge is not None}
+    if not moved:
+        return
+    for i, spec in enumerate(p.vms):
+        nics = tuple(dataclasses.replace(n, bridge=moved[n.ifname])
+                     if n.bridge is not None and moved.get(n.ifname, n.bridge) != n.bridge else n
+                     for n in spec.nics)
+        if any(a is not b for a, b in zip(nics, spec.nics)):
+            p.vms[i] = dataclasses.replace(spec, nics=nics)
 
 
 def _bridge_trees(net: Net, p: Plan, roots: dict[tuple[str, int | None], Bridge],

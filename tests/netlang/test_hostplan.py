@@ -217,3 +217,23 @@ def test_a_switch_beyond_the_tree_limit_is_refused(monkeypatch):
     monkeypatch.setattr(limits, "SWITCH_PORTS_MAX", 5)
     got = errors("switch s\nhost h[1..6] on s\n")
     assert got == ["1: switch s has 6 ports; a tree of Linux bridges holds at most 5"]
+
+
+def test_container_nics_of_a_big_switch_name_their_leaf_bridge():
+    """1,500 containers on one switch: their ports sit on the tree's leaves
+    (a bridge takes at most 1,024 ports), and each guest's NIC names the leaf
+    its launcher puts the host end on, never the root."""
+    from megafleet.netlang import limits
+
+    net = compile_text('image tiny from "x.toml"\nswitch s subnet 10.0.0.0/20\n'
+                       "vm c[1..1500] image tiny driver container mem 16M on s\n")
+    p = live.plan(net, "tb")
+    leaves = {b.ifname for b in p.bridges if b.root}
+    assert len(leaves) >= 2
+    port_bridge = {port.host_if: port.bridge for port in p.ports}
+    per_bridge: dict[str, int] = {}
+    for g in p.vms:
+        (nic,) = g.nics
+        assert nic.bridge == port_bridge[nic.ifname] and nic.bridge in leaves
+        per_bridge[nic.bridge] = per_bridge.get(nic.bridge, 0) + 1
+    assert max(per_bridge.values()) <= limits.LEAF_PORTS
