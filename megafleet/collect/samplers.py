@@ -212,7 +212,7 @@ class GuestSampler(Sampler):
         if self._lifecycle.get(g.name) == mark:
             return None
         self._lifecycle[g.name] = mark
-        if g.state == "running":
+        if g.state == "running" and g.boot_s is not None:      # (None returned above)
             return D.event("boot", self.host, guest=g.name, image=g.image, ok=True,
                            duration_s=round(g.boot_s, 3), time_ms=g.changed_ms)
         return D.event("boot", self.host, level="error", guest=g.name, image=g.image, ok=False,
