@@ -419,6 +419,7 @@ def _guest_for_host(spec, node_ports: list, images: dict[str, str]):
 
     port_of = {port.host_if: port for port in node_ports}
     configs = []
+    nics = []
     config = spec.guest_config()
     for i, nic in enumerate(spec.nics):
         port = port_of.get(nic.ifname)
@@ -427,8 +428,14 @@ def _guest_for_host(spec, node_ports: list, images: dict[str, str]):
             if port is not None and port.mtu != (c.mtu or 1500):
                 c = NicConfig(c.mac, c.addresses, port.mtu)
             configs.append(c)
+        # A veth the container launcher makes: its ends get the segment's MTU
+        # on this host, on the bridge the host's port is on.
+        if nic.bridge is not None and port is not None and (nic.mtu, nic.bridge) != (port.mtu, port.bridge):
+            nic = dataclasses.replace(nic, mtu=port.mtu, bridge=port.bridge)
+        nics.append(nic)
     image = images.get(spec.image, spec.image)
-    if spec.config is not None and tuple(configs) == tuple(config.nics) and image == spec.image:
+    if (spec.config is not None and tuple(configs) == tuple(config.nics) and image == spec.image
+            and all(a is b for a, b in zip(nics, spec.nics))):
         return spec          # nothing changes: share it (a million guests, a million fewer copies)
     config = dataclasses.replace(config, nics=tuple(configs))
-    return dataclasses.replace(spec, image=image, config=config)
+    return dataclasses.replace(spec, image=image, config=config, nics=tuple(nics))

@@ -98,19 +98,19 @@ def test_spanning_segment_gets_one_vni_vxlan_on_each_host_and_lowered_mtu():
     assert sorted(nodes) == sorted(placed.node_host)
 
 
-def test_container_nics_become_veths_with_peers_and_mtu():
+def test_container_nics_become_veths_on_their_ports_bridge_with_the_segments_mtu():
     _, p, placed, ms = cut(TWO_LANS, [("h0", 6), ("h1", 6)], underlay_mtu=1500)
     guests = [g for m in ms.values() for g in manifest.plan_from_json(m.net).vms]
     assert sorted(g.name for g in guests) == ["c1", "c2"]
+    ports = {port.host_if: port for m in ms.values() for port in manifest.plan_from_json(m.net).ports
+             if port.node in ("c1", "c2")}
+    assert ports and all(port.kind == "cveth" for port in ports.values())
     for g in guests:
         (nic,) = g.nics
-        assert nic.kind == "veth" and nic.peer and nic.peer.startswith("tb")
-        assert len(nic.peer) <= 15
-        assert g.config.nics[0].mtu == 1450          # lanA spans, so its MTU is lowered
-    ports = [port for m in ms.values() for port in manifest.plan_from_json(m.net).ports
-             if port.node in ("c1", "c2")]
-    assert ports and all(port.kind == "cveth" for port in ports)
-    assert {port.peer for port in ports} == {g.nics[0].peer for g in guests}
+        assert nic.kind == "veth" and nic.ifname in ports
+        # The launcher makes the pair: both ends with lanA's lowered MTU, on the port's bridge.
+        assert g.config.nics[0].mtu == 1450 and nic.mtu == 1450          # lanA spans hosts
+        assert nic.bridge == ports[nic.ifname].bridge
 
 
 def test_big_underlay_keeps_segment_mtu():
