@@ -562,10 +562,7 @@ async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool
                                f"(interrupt again to abort at once)", err=True)
                     work.cancel()
                 else:
-                    click.echo(f"aborted: 'megafleet status' shows what is up, "
-                               f"'megafleet down {testbed}' removes it", err=True)
-                    sys.stdout.flush()
-                    os._exit(130)
+                    _abort(testbed)
 
     async with trio.open_nursery() as nursery:
         work = trio.CancelScope()
@@ -595,6 +592,14 @@ async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool
     if summary is None:      # not reached: up returned one, or the hosts' report replaced it
         raise UpError(f"up of {testbed} ended without a summary")
     return summary
+
+
+def _abort(testbed: str) -> None:
+    """A second interrupt of `up`: say what to do, exit 130 at once (no traceback)."""
+    click.echo(f"aborted: 'megafleet status' shows what is up, "
+               f"'megafleet down {testbed}' removes it", err=True)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _empty_summary(testbed: str, info: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -838,16 +843,30 @@ def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm_sharing, 
     target = Target(hosts, host_mem_mb=host_mem, host_state=host_state, ksm_sharing=ksm_sharing)
     if hosts is not None:
         target.inventory()          # a bad inventory fails before anything starts
-    summary = _run(guarded_up, testbed, target, name=name, wait=not no_wait, host_state=host_state,
-                   defines=parse_defines(defines), telemetry=telemetry,
-                   ksm=ksm, vm_options={"timeout_s": boot_timeout, "retries": retries}, out=out,
-                   fanout=fanout, collect_interval=telemetry_interval, verify=not no_verify)
+    try:
+        summary = _run(guarded_up, testbed, target, name=name, wait=not no_wait, host_state=host_state,
+                       defines=parse_defines(defines), telemetry=telemetry,
+                       ksm=ksm, vm_options={"timeout_s": boot_timeout, "retries": retries}, out=out,
+                       fanout=fanout, collect_interval=telemetry_interval, verify=not no_verify)
+    except KeyboardInterrupt:
+        # A second Ctrl-C in the instant between the run's signal receiver and
+        # the handlers below (trio.run puts Python's own back as it returns).
+        _abort(testbed_name(testbed, name))
+    if summary.get("interrupted"):
+        # Interrupted once: another Ctrl-C while the summary prints aborts, as
+        # a second one during the run does.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: _abort(summary["testbed"]))
     if json_mode:
         click.echo(json.dumps(summary))
     else:
         print_summary(summary)
     if summary.get("interrupted"):
-        sys.exit(130)
+        # Out at once: a Ctrl-C during the interpreter's own shutdown would end
+        # the process by the signal (status -2) instead of 130.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     if not summary["ok"]:
         sys.exit(1)
 
