@@ -28,6 +28,7 @@ the BIOS: the probe then answers ("tcg", reason). The verdict is cached per boot
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -73,9 +74,7 @@ def _nic(n: Nic | dict) -> Nic:
     return n if isinstance(n, Nic) else Nic(**n)
 
 
-_host_tsc_khz: int | None = None
-
-
+@functools.cache
 def host_tsc_khz() -> int:
     """The host's TSC frequency in kHz (0 when unknown), which a TCG guest's
     TSC runs at (QEMU reads the host's TSC for it). Given to TCG guests as
@@ -86,21 +85,19 @@ def host_tsc_khz() -> int:
     ~200 QEMU wake-ups/s idle against ~10/s with the frequency given).
     From /sys/devices/system/cpu/cpu0/tsc_freq_khz where the kernel exports
     it, else /proc/cpuinfo's "cpu MHz" when the CPU's TSC is constant."""
-    global _host_tsc_khz
-    if _host_tsc_khz is None:
-        _host_tsc_khz = 0
-        try:
-            _host_tsc_khz = int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
-        except (OSError, ValueError):
-            try:
-                info = Path("/proc/cpuinfo").read_text()
-                flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-                mhz = next((line for line in info.splitlines() if line.startswith("cpu MHz")), "")
-                if " constant_tsc" in flags and mhz:
-                    _host_tsc_khz = int(float(mhz.split(":")[1]) * 1000)
-            except (OSError, ValueError, IndexError):
-                pass
-    return _host_tsc_khz
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next((line for line in lines if line.startswith("flags")), "")
+        mhz = next((line for line in lines if line.startswith("cpu MHz")), "")
+        if " constant_tsc" in flags and mhz:
+            return int(float(mhz.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def qemu_argv(kernel: str | Path, initrd: str | Path, append: str, *, name: str,

@@ -223,7 +223,7 @@ def _send_on(sock: socket.socket, messages: list[tuple[bytes, str]]) -> None:
             offset += (length + 3) & ~3
 
 
-def _move_messages(nics: tuple[Nic, ...], netns_fd: int, up: bool) -> list[tuple[bytes, str]]:
+def _host_messages(nics: tuple[Nic, ...], netns_fd: int) -> list[tuple[bytes, str]]:
     """The host-side messages of `nics`: a veth pair created for each NIC with
     a bridge, the existing far end moved in for the others."""
     messages = []
@@ -242,8 +242,7 @@ def _move_messages(nics: tuple[Nic, ...], netns_fd: int, up: bool) -> list[tuple
         except OSError:
             raise CnetError(f"no interface {nic.dev!r} on this host to move into the container "
                             "(the network layer creates the veth before the guest boots)") from None
-        messages.append((move_message(index, netns_fd, nic.name, nic.mac, seq,
-                                      up=up, mtu=nic.mtu if up else None),
+        messages.append((move_message(index, netns_fd, nic.name, nic.mac, seq),
                          f"moving {nic.dev} into the container as {nic.name}"))
     return messages
 
@@ -256,7 +255,7 @@ def move_links(nics: tuple[Nic, ...], netns_path: str) -> None:
     fd = os.open(netns_path, os.O_RDONLY)
     try:
         with _open() as sock:
-            _send_on(sock, _move_messages(nics, fd, up=False))
+            _send_on(sock, _host_messages(nics, fd))
     finally:
         os.close(fd)
 
@@ -308,7 +307,7 @@ def setup(config: NetConfig, netns_path: str) -> None:
     try:
         fd = os.open(netns_path, os.O_RDONLY)
         try:
-            moves = _move_messages(config.nics, fd, up=False)
+            moves = _host_messages(config.nics, fd)
             enter(netns_path)
             _sysctl("ipv6/conf/default/accept_dad", "0", required=False)
             _sysctl("ipv6/conf/default/router_solicitations", "0", required=False)
