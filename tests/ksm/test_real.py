@@ -93,9 +93,14 @@ def test_daemon_merges_four_guests_and_reports_what_sysfs_says(ksm_untouched, im
 
         last, direct = trio.run(main)
         assert len(guests.alive()) == 4
-        # sharing grew, and our guests are among those sharing
-        assert last["saved_mb"] - got[0]["saved_mb"] > 20
+        # our guests share: counted per process, because the host-wide saving
+        # also moves with other users' guests coming and going (CI once saw
+        # 9.3 GB merged by someone else's guests at the start, gone by the end)
         assert own_merging_pages(guests) * PAGE_SIZE > 40 * 2**20
+        # and the daemon's host-wide figure includes at least their share
+        # (merging pages count every mapping; the saving is at most that, and
+        # at least half of it, since a merged page has two or more mappings)
+        assert last["saved_mb"] > 15
         assert last["sharing_ratio"] and last["sharing_ratio"] > 1
         # the reported saving is what sysfs says (read within a second of it;
         # others' guests may merge meanwhile: 5 % tolerance)
