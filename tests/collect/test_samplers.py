@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import trio
 
@@ -166,3 +167,35 @@ def test_a_guest_running_by_its_console_before_its_record_is_one_boot_later():
     assert [d["_id"] for d in sampler.sample(3600) if d["meta"]["kind"] == "event"] == [
         "event:mfc-h:mfc-g1:boot:2500"]
     assert [d for d in sampler.sample(4600) if d["meta"]["kind"] == "event"] == []
+
+
+def test_a_sampler_whose_pass_costs_cpu_stretches_its_interval():
+    """Passes average at most `cpu_share` of a CPU: a pass burning ~50 ms of CPU
+    on a 20 ms interval with a 25 % share runs about every 200 ms; the same
+    sampler with a share of 1 keeps (near) its cadence."""
+    class Busy(HostSampler):
+        name = "busy"
+
+        def sample(self, now_ms):
+            end = time.thread_time() + 0.05
+            while time.thread_time() < end:
+                pass
+            return [D.sample(D.HOST, self.host, {"n": 1}, time_ms=now_ms)]
+
+    def passes(share: float) -> tuple[int, float | None]:
+        sampler = Busy("mfc-h", 0.02)
+        sampler.cpu_share = share
+        got: list[dict] = []
+
+        async def main():
+            with trio.move_on_after(1.0):
+                await sampler.run(got.append)
+
+        trio.run(main)
+        return len(got), sampler.stretched_s
+
+    stretched, stretched_s = passes(0.25)
+    steady, steady_s = passes(1.0)
+    assert 3 <= stretched <= 7, stretched          # ~1 s / 0.2 s
+    assert stretched_s is not None and 0.15 <= stretched_s <= 0.5
+    assert steady >= 2 * stretched and steady_s is None
