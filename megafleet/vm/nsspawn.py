@@ -27,9 +27,9 @@ For each request, with ``gdir`` the guest's directory (already recorded):
    routes, gateways, forwarding (`cnet`: rtnetlink messages, no process).
 4. It mounts the overlay (image rootfs as read-only lower dir, ``upper`` and
    ``work``) on ``root``, a read-only sysfs of its own network namespace, a
-   tmpfs /dev with the harmless host devices bound in, /proc of its own PID
-   namespace and tmpfs /run and /tmp, pivots into it and detaches the old root,
-   so the host's mounts are not held by the container; then it execs the
+   tmpfs /dev with nodes of the harmless host devices, /proc of its own PID
+   namespace and tmpfs /run and /tmp, moves it onto / and chroots into it
+   (see `guest_init` for why not pivot_root); then it execs the
    image's init with MEGAFLEET_CONTAINER=1, stdout and stderr to
    ``gdir/console.log``. With ``net`` in the request it also sets
    MEGAFLEET_PREPARED=1: mounts, hostname and network are done and the host
@@ -44,6 +44,7 @@ import ctypes
 import json
 import os
 import selectors
+import stat
 import sys
 
 # Not on sys.path under -I: the network helper is the file beside this one.
@@ -56,11 +57,12 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-MNT_DETACH = 2
-SYS_PIVOT_ROOT = 155  # x86_64
+MS_MOVE, MS_REC, MS_PRIVATE = 8192, 16384, 1 << 18
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# name -> (mode, device number) of the host's nodes, read once per helper.
+HOST_DEVICES = {dev: (st.st_mode, st.st_rdev) for dev in DEVICES
+                for st in [os.stat("/dev/" + dev)] if stat.S_ISCHR(st.st_mode)}
 GUEST_ENV = {"MEGAFLEET_CONTAINER": "1", "HOME": "/root", "TERM": "dumb",
              "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -99,10 +101,12 @@ def guest_init(req, console_fd, ready_w, go_r):
     # its NICs by MAC under /sys/class/net.
     mount("sysfs", root + "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID, "mode=0755,size=64k")
-    for dev in DEVICES:
-        target = f"{root}/dev/{dev}"
-        open(target, "w").close()
-        mount("/dev/" + dev, target, None, MS_BIND)
+    # The host's harmless character devices, as nodes of their own (a node is
+    # one mknod; a bind mount per device took the mount lock six more times).
+    old_umask = os.umask(0)             # the host's modes (0666), not masked
+    for dev, (mode, rdev) in HOST_DEVICES.items():
+        os.mknod(f"{root}/dev/{dev}", mode, rdev)
+    os.umask(old_umask)
     env = GUEST_ENV
     if req.get("net") is not None:
         # What the init would otherwise fork mount, mkdir and grep for.
@@ -111,9 +115,17 @@ def guest_init(req, console_fd, ready_w, go_r):
         mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         os.mkdir(root + "/run/megafleet")
         env = dict(GUEST_ENV, MEGAFLEET_PREPARED="1")
+    # The new root moves onto / and becomes this process's root (what
+    # switch_root does), rather than pivot_root: pivot_root visits every task
+    # on the host (chroot_fs_refs) to re-point those rooted in the old root,
+    # 6.9 % of the CPU of an `up` of 5,000 containers and more with every one
+    # started. The old root stays under the new one in this mount namespace:
+    # private copies (the host unmounts its own freely), out of reach from
+    # inside ("/.." of an overmounted root leads back to the mount on top),
+    # gone with the namespace.
     os.chdir(root)
-    _check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
-    _check(libc.umount2(b".", MNT_DETACH), "umount old root")
+    mount(root, "/", None, MS_MOVE)
+    os.chroot(".")
     os.chdir("/")
     name = req["hostname"].encode()
     _check(libc.sethostname(name, len(name)), "sethostname")

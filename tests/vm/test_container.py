@@ -57,6 +57,17 @@ def test_fifty_containers_boot_and_tear_down(tiny, root_only):
         assert not (Path(tiny.rootfs()) / "mfv-written").exists()
         # The overlays live in the containers' mount namespaces, not the host's.
         assert str(guests_dir()) not in Path("/proc/self/mountinfo").read_text()
+        # Its root is the image's, also one level up ("/.." of the moved root
+        # leads back into it, not to the host's root underneath), and none of
+        # the host's mounts shows inside.
+        root = Path(f"/proc/{first.pid}/root")
+        assert sorted(os.listdir(root / "..")) == sorted(os.listdir(root)) and (root / "init").exists()
+        inside = Path(f"/proc/{first.pid}/mountinfo").read_text().splitlines()
+        assert [line.split()[4] for line in inside] == ["/", "/sys", "/dev", "/proc", "/run", "/tmp"]
+        # Its /dev has the host's harmless devices, with the host's modes.
+        for dev in ("null", "zero", "full", "random", "urandom", "tty"):
+            assert (root / "dev" / dev).stat().st_rdev == Path("/dev", dev).stat().st_rdev
+            assert (root / "dev" / dev).stat().st_mode == Path("/dev", dev).stat().st_mode
 
         removed = trio.run(lambda: engine.teardown("mfvc*"))
         assert len(removed) == 50
