@@ -1,14 +1,13 @@
 """A container's network, configured from the host over rtnetlink: no process per
 guest, no `ip` fork inside the guest.
 
-The container launcher (`nsspawn`) uses this between creating a container's
-namespaces and running its init: it hands the veth ends to the container's
-network namespace (renamed ethN, with the guest's MAC, MTU, up) in one batch
-of netlink messages sent from the host's namespace, then enters the
-container's network namespace (setns(2) in the launcher, a single-threaded
-short-lived process) and sends lo up, addresses, static routes and gateways as a
-second batch; `setup` does both in the order the kernel does least work in
-(see there). The guest's init then only prints its ready line.
+The container launcher (`nsspawn`) uses this while it is inside a new
+container's network namespace, before it forks the container's init there:
+veth pairs created from the host's namespace (a socket it opened there) with
+their far ends born inside (renamed ethN, with the guest's MAC, MTU), then lo
+up, addresses, static routes and gateways on a socket opened inside;
+`setup_inside` does all of it in the order the kernel does least work in (see
+there). The guest's init then only prints its ready line.
 
 Stdlib only, and no megafleet import: `nsspawn` runs as ``python -I -S`` and
 imports this file by path. Plain data in, `CnetError` (an OSError naming the
@@ -17,7 +16,6 @@ operation the kernel refused) out.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import socket
@@ -25,7 +23,6 @@ import struct
 from dataclasses import dataclass, field
 
 NETLINK_ROUTE = 0
-CLONE_NEWNET = 0x40000000
 RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 20, 24
 NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
@@ -39,8 +36,6 @@ IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 IFA_F_NODAD = 0x02
 RTA_DST, RTA_GATEWAY = 1, 5
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class CnetError(OSError):
@@ -223,53 +218,52 @@ def _send_on(sock: socket.socket, messages: list[tuple[bytes, str]]) -> None:
             offset += (length + 3) & ~3
 
 
-def _host_messages(nics: tuple[Nic, ...], netns_fd: int) -> list[tuple[bytes, str]]:
-    """The host-side messages of `nics`: a veth pair created for each NIC with
-    a bridge, the existing far end moved in for the others."""
+def host_indexes(nics: tuple[Nic, ...]) -> dict[str, int]:
+    """The host's interface index of every bridge and existing veth end that
+    `nics` name, looked up in the caller's network namespace (the host's: call
+    this before entering the container's). CnetError names what is missing."""
+    indexes = {}
+    for nic in nics:
+        name = nic.bridge if nic.bridge is not None else nic.dev
+        try:
+            indexes[name] = socket.if_nametoindex(name)
+        except OSError:
+            if nic.bridge is not None:
+                raise CnetError(f"no bridge {nic.bridge!r} on this host for {nic.dev} (the network "
+                                "layer creates the bridges before the guests boot)") from None
+            raise CnetError(f"no interface {nic.dev!r} on this host to move into the container "
+                            "(the network layer creates the veth before the guest boots)") from None
+    return indexes
+
+
+def _host_messages(nics: tuple[Nic, ...], netns_fd: int, indexes: dict[str, int]) -> list[tuple[bytes, str]]:
+    """The host-side messages of `nics` (`indexes` from `host_indexes`): a
+    veth pair created for each NIC with a bridge, the existing far end moved
+    in for the others."""
     messages = []
     for seq, nic in enumerate(nics, 1):
         if nic.bridge is not None:
-            try:
-                bridge = socket.if_nametoindex(nic.bridge)
-            except OSError:
-                raise CnetError(f"no bridge {nic.bridge!r} on this host for {nic.dev} (the network "
-                                "layer creates the bridges before the guests boot)") from None
-            messages.append((veth_message(nic.dev, bridge, nic.name, nic.mac, netns_fd, seq, mtu=nic.mtu),
+            messages.append((veth_message(nic.dev, indexes[nic.bridge], nic.name, nic.mac, netns_fd, seq,
+                                          mtu=nic.mtu),
                              f"creating veth {nic.dev} on {nic.bridge} with {nic.name} in the container"))
-            continue
-        try:
-            index = socket.if_nametoindex(nic.dev)
-        except OSError:
-            raise CnetError(f"no interface {nic.dev!r} on this host to move into the container "
-                            "(the network layer creates the veth before the guest boots)") from None
-        messages.append((move_message(index, netns_fd, nic.name, nic.mac, seq),
-                         f"moving {nic.dev} into the container as {nic.name}"))
+        else:
+            messages.append((move_message(indexes[nic.dev], netns_fd, nic.name, nic.mac, seq),
+                             f"moving {nic.dev} into the container as {nic.name}"))
     return messages
 
 
-def move_links(nics: tuple[Nic, ...], netns_path: str) -> None:
-    """Move each NIC's host-side veth end into the namespace at `netns_path`
-    (renamed, with its MAC; left down)."""
-    if not nics:
-        return
-    fd = os.open(netns_path, os.O_RDONLY)
-    try:
-        with _open() as sock:
-            _send_on(sock, _host_messages(nics, fd))
-    finally:
-        os.close(fd)
+def host_socket() -> socket.socket:
+    """An rtnetlink socket of the caller's network namespace, kept by the
+    launcher for every container: it keeps speaking to the host's namespace
+    while the launcher itself is inside a container's."""
+    return _open()
 
 
-def enter(netns_path: str) -> None:
-    """Move the calling (single-threaded) process into the network namespace at
-    `netns_path`. For the launcher only: it does not come back."""
-    fd = os.open(netns_path, os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise CnetError(err, f"setns {netns_path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
+def move_in(nics: tuple[Nic, ...], host_sock: socket.socket, netns_fd: int,
+            indexes: dict[str, int]) -> None:
+    """Move each NIC's existing host-side veth end into the namespace of
+    `netns_fd` (renamed, with its MAC; left down), over `host_sock`."""
+    _send_on(host_sock, _host_messages(nics, netns_fd, indexes))
 
 
 def _sysctl(key: str, value: str, required: bool = True) -> None:
@@ -282,19 +276,22 @@ def _sysctl(key: str, value: str, required: bool = True) -> None:
             raise CnetError(exc.errno, f"writing {key}: {exc.strerror}") from None
 
 
-def setup(config: NetConfig, netns_path: str) -> None:
-    """The whole network of a container whose network namespace is at
-    `netns_path`; the calling process ends up inside that namespace (see
-    `enter`). Three steps, two netlink batches, no process:
+def setup_inside(config: NetConfig, host_sock: socket.socket, netns_fd: int,
+                 indexes: dict[str, int]) -> None:
+    """The whole network of a container, from a (single-threaded) caller that
+    is inside the container's network namespace (`netns_fd`, fresh) and holds
+    `host_sock` (`host_socket`, opened in the host's) and `indexes`
+    (`host_indexes`, looked up in the host's). Three steps, no process:
 
     1. inside, sysctls the NICs inherit when they arrive: for a guest with
-       IPv6 addresses no IPv6 duplicate
-       address detection and no router solicitations (addresses are static;
-       DAD's delayed work takes the kernel's global rtnl lock once per address,
-       which a thousand guests booting at once queue on), forwarding for a router;
-    2. from the host's namespace (a socket opened before entering), one message
-       per NIC: a veth pair created with its far end born inside as ethN (a
-       NIC with a bridge), or an existing far end moved in and renamed; MAC set;
+       IPv6 addresses no IPv6 duplicate address detection and no router
+       solicitations (addresses are static; DAD's delayed work takes the
+       kernel's global rtnl lock once per address, which a thousand guests
+       booting at once queue on), forwarding for a router;
+    2. on `host_sock`, one message per NIC: a veth pair created with its far
+       end born inside as ethN (a NIC with a bridge), or an existing far end
+       moved in and renamed; MAC set; then the host ends with no IPv6
+       link-local address, up;
     3. inside: on a guest without IPv6 addresses no IPv6 link-local address on
        its NICs (each is one more pass of the kernel's DAD work under rtnl),
        lo and the NICs up (with their MTUs), addresses, static routes, gateways.
@@ -303,30 +300,19 @@ def setup(config: NetConfig, netns_path: str) -> None:
     and restarts the write(2) while another holds it, so a thousand launchers
     moving links at once spin in it (most of the CPU of a 1,000-guest boot,
     measured with perf on lan1000). The per-link attribute waits its turn for
-    rtnl like every netlink request."""
-    host_sock = _open()
-    try:
-        fd = os.open(netns_path, os.O_RDONLY)
-        try:
-            moves = _host_messages(config.nics, fd)
-            enter(netns_path)
-            if _has_ipv6(config):
-                # Without IPv6 addresses the NICs get no link-local address
-                # (step 3), so no DAD and no router solicitation to turn off;
-                # and every open of /proc/sys/net compares its dentry against
-                # one per namespace on the host (proc_sys_compare: 2.9 % of the
-                # CPU of an `up` of 5,000 containers).
-                _sysctl("ipv6/conf/default/accept_dad", "0", required=False)
-                _sysctl("ipv6/conf/default/router_solicitations", "0", required=False)
-            if config.forward:
-                _sysctl("ipv4/ip_forward", "1")
-                _sysctl("ipv6/conf/all/forwarding", "1", required=False)
-            _send_on(host_sock, moves)
-            _send_on(host_sock, host_up_messages(config.nics, 1))
-        finally:
-            os.close(fd)
-    finally:
-        host_sock.close()
+    rtnl like every netlink request. CnetError names the operation refused."""
+    if _has_ipv6(config):
+        # Without IPv6 addresses the NICs get no link-local address (step 3),
+        # so no DAD and no router solicitation to turn off; and every open of
+        # /proc/sys/net compares its dentry against one per namespace on the
+        # host (proc_sys_compare: 2.9 % of the CPU of an `up` of 5,000).
+        _sysctl("ipv6/conf/default/accept_dad", "0", required=False)
+        _sysctl("ipv6/conf/default/router_solicitations", "0", required=False)
+    if config.forward:
+        _sysctl("ipv4/ip_forward", "1")
+        _sysctl("ipv6/conf/all/forwarding", "1", required=False)
+    _send_on(host_sock, _host_messages(config.nics, netns_fd, indexes))
+    _send_on(host_sock, host_up_messages(config.nics, 1))
     with _open() as sock:
         _send_on(sock, _config_messages(config))
 
