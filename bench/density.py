@@ -38,8 +38,9 @@ Conditions: every `up` runs with --no-ksm (the KSM daemon's scan would take a
 CPU from the boots that `vm boot`, the reference, does not pay). Before each
 timed step the bench waits until the kernel has finished destroying the
 network namespaces of the previous one (rtnetlink answers a link dump within
-50 ms three times running): namespace teardown runs in the kernel after the
-processes are gone and holds the rtnl lock every guest's start needs.
+50 ms and the host is idle, three seconds running): namespace teardown runs
+in the kernel after the processes are gone, holds the rtnl lock every guest's
+start needs, and its kworkers take CPU for a minute or more after that.
 `settle_s` reports that wait per step. `load_before` is the 1-minute load
 average at the start: a figure measured while others load the machine must
 say so.
@@ -109,17 +110,33 @@ def _json_out(run: Timed, what: str) -> dict:
         raise BenchError(f"{what}: exit {run.returncode}, no JSON: {run.stderr.strip()[-2000:]}") from None
 
 
-def settle(timeout: float = 300.0) -> float:
-    """Wait until the kernel's namespace teardown of earlier steps is over: a
-    link dump (which needs the rtnl lock) answers within 50 ms three times in a
-    row. Returns the seconds waited."""
+def _busy_cpus(seconds: float) -> float:
+    """CPUs' worth of work done on the host over the next `seconds` (from
+    /proc/stat: everything but idle and iowait)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    share = 1 - (idle1 - idle0) / max(1, total1 - total0)
+    return share * (os.cpu_count() or 1)
+
+
+def settle(timeout: float = 300.0, busy_max: float = 0.3) -> float:
+    """Wait until the kernel's namespace teardown of earlier steps is over:
+    a link dump (which needs the rtnl lock) answers within 50 ms and the host
+    is idle (under `busy_max` CPUs busy over a second: the teardown's kworkers
+    run for a minute or more after rtnl answers again, and would take CPU from
+    the step that follows), three times in a row. Returns the seconds waited."""
     t0 = time.monotonic()
-    fast = 0
-    while fast < 3 and time.monotonic() - t0 < timeout:
+    calm = 0
+    while calm < 3 and time.monotonic() - t0 < timeout:
         t = time.monotonic()
         socket.if_nameindex()
-        fast = fast + 1 if time.monotonic() - t < 0.05 else 0
-        time.sleep(0.5)
+        fast = time.monotonic() - t < 0.05
+        calm = calm + 1 if fast and _busy_cpus(1.0) < busy_max else 0
     return round(time.monotonic() - t0, 1)
 
 
