@@ -2,8 +2,9 @@
 
 Each sampler has a blocking `sample(now_ms)` that returns documents (it reads
 /proc and /sys, or calls its source) and an async `run(submit)` that calls it in a
-worker thread every `interval` seconds and hands the documents to the pipeline.
-Samplers never write anywhere themselves.
+worker thread every `interval` seconds (less often when passes would take more
+than `CPU_SHARE` of a CPU: at thousands of guests) and hands the documents to
+the pipeline. Samplers never write anywhere themselves.
 
 Guests come from a *source*: a callable returning the guests of this host with
 their pids (`GuestInfo`). The vm engine provides one; tests and the benchmark use
