@@ -11,6 +11,8 @@ Each cycle picks one ending (seeded, --seed):
                   or KSM daemon) at a random moment during or after `up`
     kill9-agent   (with --hosts N) SIGKILL to one host's megafleet agent at a
                   random moment during `up`
+    sigint-agent  (with --hosts N) SIGINT to one host's megafleet agent at a
+                  random moment during `up` (as Ctrl-C on that host)
 The random moment is uniform over the length of the last clean `up`. Then
 `megafleet down` (no testbed named: also the sweep) is timed, and checked:
 
@@ -94,10 +96,10 @@ def proc_start(pid: int) -> int:
     return start_time(pid) or -1
 
 
-def kill_recorded(pid: int, start: int) -> bool:
+def kill_recorded(pid: int, start: int, sig: int = signal.SIGKILL) -> bool:
     from megafleet.proc import RecordedProcess
 
-    return RecordedProcess(pid, start).signal(signal.SIGKILL)
+    return RecordedProcess(pid, start).signal(sig)
 
 
 def running_guests() -> set[str]:
@@ -192,10 +194,11 @@ def main() -> None:
     ap.add_argument("--lab", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hosts", type=int, default=0, metavar="N",
-                    help="Run on N namespace hosts through gproc agents (adds the kill9-agent ending).")
+                    help="Run on N namespace hosts through gproc agents (adds the kill9-agent and sigint-agent endings).")
     ap.add_argument("--quick", action="store_true", help="5 cycles of a campus of 20 guests")
     ap.add_argument("--endings", default=None, metavar="E1,E2",
-                    help=f"Only these endings after the first clean cycle (of {', '.join(ENDINGS)}, kill9-agent).")
+                    help=f"Only these endings after the first clean cycle (of {', '.join(ENDINGS)}, "
+                         "kill9-agent, sigint-agent).")
     ap.add_argument("--verbose", action="store_true", help="A line per cycle on stderr.")
     args = ap.parse_args()
     if args.quick:
@@ -204,7 +207,7 @@ def main() -> None:
         sys.exit("soak needs root (namespaces, containers, cgroups)")
     if args.endings:
         wanted = {e.strip() for e in args.endings.split(",") if e.strip()}
-        known = set(ENDINGS) | ({"kill9-agent"} if args.hosts else set())
+        known = set(ENDINGS) | ({"kill9-agent", "sigint-agent"} if args.hosts else set())
         if not wanted or wanted - known:
             sys.exit(f"--endings {args.endings}: expected some of {', '.join(sorted(known))}")
     base = Path(tempfile.mkdtemp(prefix="mfusoak-"))
@@ -231,7 +234,7 @@ def main() -> None:
         TARGET.extend(["--hosts", str(roomy), "--host-state", str(base / "h" / "{host}"),
                        "--telemetry", f"sqlite:{base / 'telemetry.sqlite'}"])
         HOST_STATES.extend(base / "h" / h / "state" for h in fleet.names)
-        endings_used.append("kill9-agent")
+        endings_used += ["kill9-agent", "sigint-agent"]
     if args.endings:
         endings_used = [e for e in endings_used if e in wanted]
     try:
@@ -266,13 +269,14 @@ def soak(args, base: Path, state: Path, defines: list[str], rng: random.Random, 
             except subprocess.TimeoutExpired:
                 up.send_signal({"sigint-up": signal.SIGINT, "sigterm-up": signal.SIGTERM,
                                 "kill9-up": signal.SIGKILL}[ending])
-        elif ending == "kill9-agent":
+        elif ending in ("kill9-agent", "sigint-agent"):
             deadline = time.monotonic() + moment
             while time.monotonic() < deadline and up.poll() is None:
                 time.sleep(0.1)
             pid = fleet.agent_pid(rng.randrange(fleet.count))
             if pid is not None:
-                kill_recorded(pid, proc_start(pid))
+                kill_recorded(pid, proc_start(pid),
+                              signal.SIGKILL if ending == "kill9-agent" else signal.SIGINT)
         elif ending == "kill9-daemon":
             deadline = time.monotonic() + moment
             while time.monotonic() < deadline and up.poll() is None:
