@@ -68,14 +68,12 @@ class Sampler:
 
     name = "sampler"
 
-    def __init__(self, host: str, interval: float, cpu_share: float = CPU_SHARE):
+    def __init__(self, host: str, interval: float):
         if interval <= 0:
             raise ValueError(f"{self.name} interval must be positive, got {interval}")
-        if not 0 < cpu_share <= 1:
-            raise ValueError(f"{self.name} cpu_share must be in (0, 1], got {cpu_share}")
         self.host = host
         self.interval = float(interval)
-        self.cpu_share = cpu_share
+        self.cpu_share = CPU_SHARE              # of one CPU, at most (0 < share <= 1)
         self.stretched_s: float | None = None   # the last pass's interval, when stretched
 
     def sample(self, now_ms: int) -> list[dict[str, Any]]:

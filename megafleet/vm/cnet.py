@@ -191,8 +191,10 @@ def route_message(dest: str | None, via: str, seq: int) -> bytes:
     return _header(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
-def _open() -> socket.socket:
-    """An rtnetlink socket of the calling process's network namespace."""
+def route_socket() -> socket.socket:
+    """An rtnetlink socket of the calling process's network namespace; it
+    keeps speaking to that namespace after the process enters another (the
+    launcher keeps one of the host's for every container)."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
     sock.bind((0, 0))
     return sock
@@ -252,17 +254,12 @@ def _host_messages(nics: tuple[Nic, ...], netns_fd: int, indexes: dict[str, int]
     return messages
 
 
-def host_socket() -> socket.socket:
-    """An rtnetlink socket of the caller's network namespace, kept by the
-    launcher for every container: it keeps speaking to the host's namespace
-    while the launcher itself is inside a container's."""
-    return _open()
-
-
 def move_in(nics: tuple[Nic, ...], host_sock: socket.socket, netns_fd: int,
             indexes: dict[str, int]) -> None:
-    """Move each NIC's existing host-side veth end into the namespace of
-    `netns_fd` (renamed, with its MAC; left down), over `host_sock`."""
+    """Over `host_sock`, give each NIC its end inside the namespace of
+    `netns_fd`: a veth pair created with the far end born there (a NIC with a
+    bridge), or the existing host-side end moved in; renamed, with its MAC;
+    left down."""
     _send_on(host_sock, _host_messages(nics, netns_fd, indexes))
 
 
@@ -280,7 +277,7 @@ def setup_inside(config: NetConfig, host_sock: socket.socket, netns_fd: int,
                  indexes: dict[str, int]) -> None:
     """The whole network of a container, from a (single-threaded) caller that
     is inside the container's network namespace (`netns_fd`, fresh) and holds
-    `host_sock` (`host_socket`, opened in the host's) and `indexes`
+    `host_sock` (`route_socket`, opened in the host's) and `indexes`
     (`host_indexes`, looked up in the host's). Three steps, no process:
 
     1. inside, sysctls the NICs inherit when they arrive: for a guest with
@@ -311,9 +308,9 @@ def setup_inside(config: NetConfig, host_sock: socket.socket, netns_fd: int,
     if config.forward:
         _sysctl("ipv4/ip_forward", "1")
         _sysctl("ipv6/conf/all/forwarding", "1", required=False)
-    _send_on(host_sock, _host_messages(config.nics, netns_fd, indexes))
+    move_in(config.nics, host_sock, netns_fd, indexes)
     _send_on(host_sock, host_up_messages(config.nics, 1))
-    with _open() as sock:
+    with route_socket() as sock:
         _send_on(sock, _config_messages(config))
 
 

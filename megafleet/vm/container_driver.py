@@ -70,9 +70,10 @@ def net_request(spec) -> dict[str, Any]:
 
 
 class _Helper:
-    """One nsspawn process and the line protocol to it. Requests overlap: each
-    carries an id, and the answers (in whatever order launches finish) are
-    matched to their callers by it."""
+    """One nsspawn process and the line protocol to it. Many callers send at
+    once: each request carries an id, and each answer is matched to its
+    caller by it (the helper serves its requests in turn; the matching does
+    not rely on that order)."""
 
     def __init__(self, process: trio.Process):
         if process.stdin is None or process.stdout is None:

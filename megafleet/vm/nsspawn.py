@@ -160,7 +160,7 @@ class Namespaces:
     def __init__(self):
         self.net = os.open("/proc/self/ns/net", os.O_RDONLY)
         self.pid = os.open("/proc/self/ns/pid", os.O_RDONLY)
-        self.host_sock = cnet.host_socket()
+        self.host_sock = cnet.route_socket()
 
     def back(self):
         """Children born next in our own PID namespace; ourselves in the host's
