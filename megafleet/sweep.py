@@ -97,6 +97,10 @@ def present(r: Resource) -> str | None:
         return "present" if path and Path(path).exists() else None
     if r.kind == "cgroup":
         return "present" if Path(r.key).exists() else None
+    if r.kind == "mount":
+        from megafleet.vm.guestdirs import is_mount_point
+
+        return "present" if is_mount_point(Path(r.key)) else None
     return "recorded"
 
 

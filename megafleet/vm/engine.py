@@ -22,26 +22,20 @@ from typing import Any, Sequence
 
 import trio
 
-from megafleet import paths
 from megafleet.imagegen.contract import BadLine, ReadyLine, parse_line
 from megafleet.ledger import Ledger
-from megafleet.vm import admission
+from megafleet.vm import admission, guestdirs
 from megafleet.vm.driver import (DRIVER_KINDS, Driver, StartFailed, become_subreaper, driver_kind,
                                  process_from_pidfile)
 from megafleet.vm.spec import (BootReport, GuestResult, GuestSpec, Progress, SpecError,
                                    validate_all)
+from megafleet.vm.guestdirs import guests_dir
 from megafleet.vm.state import OWNER, GuestRecord, VmState
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 1
 CONSOLE_TAIL_LINES = 40
 CONSOLE_TAIL_CHARS = 4000
-
-
-def guests_dir() -> Path:
-    path = paths.run_dir() / "vm"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def make_driver(name: str) -> Driver:
@@ -247,9 +241,7 @@ class Engine:
                                     spec=spec.to_dict(), state="starting",
                                     handle={"gdir": str(gdir), "pidfile": str(gdir / "pid"),
                                             "image_hash": images[spec.image].hash}))
-        for kind, items in records_by_kind.items():
-            await self._db(self.ledger.record_many, OWNER, kind, items)
-        await self._db(self.state.put_many, rows)
+        await self._db(self._record_guests, records_by_kind, rows)
 
         await _tell_ksm("boot", len(to_boot))
         total = len(to_boot) + len(report.results)
@@ -348,6 +340,24 @@ class Engine:
             console_tail=result.console_tail))
         return result
 
+    def _record_guests(self, records_by_kind: dict[str, list[tuple[str, dict[str, Any]]]],
+                       rows: list[GuestRecord]) -> None:
+        """Record the guests and everything made for them, in the tmpfs of the
+        guests' directories where there is to be one (guestdirs: mounted, if
+        not yet, under the host lock, so no teardown unmounts it before these
+        guests are on record)."""
+        with guestdirs.host_lock():
+            guestdirs.ensure_tmpfs(self.ledger)
+            for kind, items in records_by_kind.items():
+                self.ledger.record_many(OWNER, kind, items)
+            self.state.put_many(rows)
+
+    def _release_guests_dir(self) -> None:
+        """Unmount the guests' tmpfs once no guest is on record (guestdirs)."""
+        with guestdirs.host_lock():
+            if self.state.count() == 0:
+                guestdirs.release_tmpfs(self.ledger)
+
     def _note_started(self, name: str, driver: Driver, handle: dict[str, Any], attempt: int) -> None:
         if driver.owns_process:
             self.ledger.record(OWNER, "process", name, guest=name, driver=driver.name,
@@ -418,8 +428,13 @@ class Engine:
         return sorted(names)
 
     async def _remove(self, names: set[str]) -> None:
-        if not names:
-            return
+        """Stop and remove the named guests and everything recorded for them;
+        then, with no guest left on record, the guests' tmpfs (guestdirs)."""
+        if names:
+            await self._remove_guests(names)
+        await self._db(self._release_guests_dir)
+
+    async def _remove_guests(self, names: set[str]) -> None:
         resources = [r for r in self.ledger.list(owner=OWNER) if r.data.get("guest") in names]
         dirs = [r for r in resources if r.kind == "dir"]
         # Every other record is a driver's (`Driver.records`): each driver ends

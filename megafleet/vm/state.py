@@ -119,6 +119,10 @@ class VmState:
         rows = self._db().execute(f"SELECT {','.join(_COLUMNS)} FROM guests ORDER BY created, name")
         return [r for r in map(_record, rows) if fnmatch.fnmatchcase(r.name, pattern)]
 
+    def count(self) -> int:
+        """How many guests are on record, in any state."""
+        return int(self._db().execute("SELECT count(*) FROM guests").fetchone()[0])
+
     def delete_many(self, names: Iterable[str]) -> None:
         db = self._db()
         with db:

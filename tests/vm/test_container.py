@@ -56,7 +56,7 @@ def test_fifty_containers_boot_and_tear_down(tiny, root_only):
         assert (guests_dir() / first.name / "upper" / "mfv-written").exists()
         assert not (Path(tiny.rootfs()) / "mfv-written").exists()
         # The overlays live in the containers' mount namespaces, not the host's.
-        assert str(guests_dir()) not in Path("/proc/self/mountinfo").read_text()
+        assert str(guests_dir()) + "/" not in Path("/proc/self/mountinfo").read_text()
         # Its root is the image's, also one level up ("/.." of the moved root
         # leads back into it, not to the host's root underneath), and none of
         # the host's mounts shows inside.

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from megafleet.ledger import Ledger
 from megafleet.vm.engine import guests_dir
+from megafleet.vm.guestdirs import is_mount_point
 from megafleet.vm.state import OWNER, VmState
 
 HERE = Path(__file__).resolve().parent
@@ -51,5 +52,9 @@ def assert_nothing_left(prefix: str) -> None:
     assert leftovers == []
     assert [p.name for p in guests_dir().iterdir() if p.name.startswith(prefix)] == []
     assert qemu_pids(prefix) == []
+    # No mount under the guests' directory; its own tmpfs (megafleet.vm.guestdirs)
+    # only while some guest is on record.
     mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(guests_dir()) not in mounts
+    assert str(guests_dir()) + "/" not in mounts
+    if not VmState().list():
+        assert not is_mount_point(guests_dir())
