@@ -63,6 +63,25 @@ def test_testbed_names_of_files_that_start_alike_differ_and_up_and_net_up_agree(
         names.testbed_name("x.fleet", "toolongname")
 
 
+def test_a_testbed_belongs_to_its_description_file_by_absolute_path(tmp_path, monkeypatch):
+    """What `up` and `net up` record as a testbed's description: the file's
+    absolute path, however it was spelled; an imported file's own path (it is
+    compiled as PATH.fleet); a description from text keeps its name."""
+    (tmp_path / "d").mkdir()
+    a = tmp_path / "d" / "a.fleet"
+    a.write_text("switch s\n")
+    (tmp_path / "lab.clab.yml").write_text("name: x\n")
+    monkeypatch.chdir(tmp_path)
+    assert names.description_id("d/a.fleet") == names.description_id(a) == str(a.resolve())
+    assert names.description_id("d/../d/a.fleet") == str(a.resolve())
+    assert names.description_id("lab.clab.yml.fleet") == str((tmp_path / "lab.clab.yml").resolve())
+    assert names.description_id("<text>.fleet") == "<text>.fleet"
+    b = str((tmp_path / "b.fleet").resolve())
+    assert names.same_description(str(a.resolve()), names.description_id("d/a.fleet"))
+    assert not names.same_description(str(a.resolve()), b)
+    assert names.same_description("", b) and names.same_description(b, None)   # unrecorded: no refusal
+
+
 def test_a_vlan_listed_twice_on_a_trunk_is_refused_with_its_line():
     assert errors("switch s1\nswitch s2\nlink s1 -- s2 vlan 10,10\n") == \
         ["3: VLAN 10 is listed twice in '10,10'"]
@@ -116,6 +135,31 @@ def test_bgp_on_dual_stack_links_has_sessions_and_families_for_both():
     v6 = net.node("r2").ifaces[0][2][6].split("/")[0]
     assert f"neighbor {v4} activate" in conf.split("address-family ipv6")[0]
     assert f"neighbor {v6} activate" in conf.split("address-family ipv6")[1]
+
+
+def test_ipv6_bgp_is_never_left_to_bird():
+    """BIRD runs OSPF only here (bird.py writes no BGP), so no BGP route may
+    depend on it: `daemon bird` on a BGP router is refused with its line;
+    where BIRD is chosen by count, BGP routers keep FRR with their IPv6
+    sessions; a path from BIRD's OSPF into BGP is unprovable with its line."""
+    from megafleet.netlang import bird
+    from tests.netlang.test_routers import ring
+
+    (got,) = errors("pool six fd00::/48\nswitch a\nrouter r1 on a bgp 1 ospf daemon bird\n")
+    assert got.startswith("3: router r1: 'ospf daemon bird' is for namespace routers without bgp")
+
+    net = compile_text(ring(bird.BIRD_AUTO_MIN, ipv6=True) + "router b1 bgp 65001 ospf\n"
+                       "router b2 bgp 65002 ospf\nlink b1 -- r3\nlink b1 -- b2\n")
+    assert bird.runs_bird(net, "r3") and not bird.runs_bird(net, "b1")
+    conf = frr.configs(net, "b1")["bgpd"]
+    peer = next(a[6] for _, i, a in net.node("b2").ifaces if i.peer == "b1").split("/")[0]
+    assert f"neighbor {peer} activate" in conf.split("address-family ipv6 unicast")[1]
+
+    (got,) = errors("pool six fd00::/48\nswitch a\nswitch b\nswitch c\nswitch d\n"
+                    "router r1 on a on b bgp 1\nrouter r2 on b on c bgp 2\nrouter o on c on d ospf daemon bird\n"
+                    "host h1 on a\nhost h4 on d\nreachable h1 h4\n")
+    assert got.startswith("11: reachable h1 h4 cannot hold: megafleet cannot prove IPv6 routing")
+    assert "o (ospf)" in got and "(bgp)" in got
 
 
 def test_reachable_across_routers_of_different_kinds_is_unprovable_with_its_line():
