@@ -48,7 +48,7 @@ from megafleet import cgroup, locks, paths, proc
 from megafleet.gproc import handlers
 from megafleet.ledger import Ledger
 from megafleet.manifest import HostManifest, plan_from_json
-from megafleet.names import check_name
+from megafleet.names import check_name, same_description
 
 OWNER = "up"
 Emit = Callable[[dict[str, Any]], None]
@@ -134,7 +134,10 @@ def probe(payload: dict[str, Any]) -> dict[str, Any]:
 async def apply(m: HostManifest, emit: Emit = _quiet, ledger: Ledger | None = None) -> dict[str, Any]:
     """Apply one manifest on this host; returns the host's summary. Idempotent: a
     second apply of the same manifest leaves the network and running guests alone
-    and reboots only guests that are not running."""
+    and reboots only guests that are not running. Over a testbed of this name up
+    from an earlier version of the same description file, only the difference is
+    applied (experiment.reconcile); one up from another file is refused
+    (HostError naming that file), and nothing of it changes."""
     if os.geteuid() != 0:
         raise HostError("applying a testbed needs root (namespaces, bridges, guests)")
     use_dirs(m.state_dir, m.run_dir, m.cache_dir)
@@ -159,6 +162,10 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
     digest = m.digest()
     current = next((r.data for r in ledger.list(OWNER, "testbed") if r.key == t), None)
     reconciled = None
+    if current is not None and not same_description(current.get("source"), m.source):
+        # The name is another file's testbed: reconciling would turn it into
+        # this one. Refused before anything is recorded or changed.
+        raise HostError(taken_message(t, current.get("source", ""), f"on {m.host} "))
     if current is not None and current.get("digest") != digest:
         # Up from another version of the description: apply only the difference
         # (experiment.reconcile); running guests keep their pids.
@@ -249,6 +256,27 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
               "boot_p50_s": guests.get("boot_p50_s"), "boot_p95_s": guests.get("boot_p95_s")}
     emit({"phase": "done", "ready": result["ready"], "failed": len(failed)})
     return result
+
+
+def taken_message(testbed: str, held: str, where: str = "") -> str:
+    """The refusal of `up` over a testbed name that another description holds:
+    which file holds it and how to go on."""
+    return (f"testbed {testbed!r} is already up {where}from another description ({held}); nothing was "
+            f"changed: 'megafleet down {testbed}' removes it first, or choose another name with -N")
+
+
+def held_by(testbed: str, ledger: Ledger | None = None) -> str | None:
+    """The description (`names.description_id`) the testbed of this name on this
+    host was built from, by `up` or by `net up`; "" when it is up from one that
+    was not recorded; None when the name is free here."""
+    from megafleet.netlang import live
+
+    ledger = ledger or Ledger()
+    for owner, field in ((OWNER, "source"), (live.OWNER, "file")):
+        for r in ledger.list(owner, "testbed"):
+            if r.key == testbed:
+                return str(r.data.get(field) or "")
+    return None
 
 
 async def apply_net(p, ledger: Ledger, progress: Callable[[str], None], source: str = "",

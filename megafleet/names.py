@@ -136,3 +136,31 @@ def testbed_name(path: str | Path, name: str | None = None) -> str:
         raise InvalidName(f"testbed name {name!r} is longer than {TESTBED_NAME_MAX} characters "
                           f"(it prefixes interface names, which Linux limits to {IFNAME_MAX} bytes)")
     return name
+
+
+# ---------------------------------------------------------------------------
+# Which description a testbed name belongs to
+# ---------------------------------------------------------------------------
+
+def description_id(path: str | Path) -> str:
+    """What identifies the description a testbed is built from, as `up` and
+    `net up` both record it: the file's absolute path, symlinks resolved. So
+    `up lab.fleet` and `up ../x/lab.fleet` name the same testbed (an edited
+    file is reconciled), while `a.fleet` and `b.fleet` never do, however alike
+    they read. The content is not the identity: editing the file is the way to
+    change a running testbed.
+
+    An imported file (containerlab, GraphML...) is compiled under the name
+    `PATH.fleet` (netlang.importers.fleet_source): its identity is PATH's. A
+    description compiled from text alone has no file: its name is kept as given."""
+    p = Path(path)
+    if not p.is_file() and p.suffix == ".fleet" and p.with_suffix("").is_file():
+        p = p.with_suffix("")
+    return str(p.resolve()) if p.is_file() else str(path)
+
+
+def same_description(recorded: str | None, source: str | None) -> bool:
+    """Whether a testbed recorded as built from `recorded` may be brought up
+    again from `source` (both `description_id`s). A side that is unknown (a
+    record or manifest without a source) does not refuse."""
+    return not recorded or not source or recorded == source

@@ -32,7 +32,7 @@ import click
 import trio
 
 from megafleet.ledger import Ledger
-from megafleet.names import InvalidName, check_name
+from megafleet.names import InvalidName, check_name, description_id, same_description
 from megafleet.names import testbed_name as names_testbed_name
 
 CONTROLLER = "up-controller"
@@ -317,6 +317,9 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
         return time.monotonic()
 
     testbed = testbed_name(path, name)
+    source = description_id(path)
+    ledger = Ledger()
+    refuse_taken(testbed, source, target, ledger)
     t = time.monotonic()
     net = await trio.to_thread.run_sync(compile_testbed, path, defines or {})
     counts = net.counts()
@@ -340,16 +343,15 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     budgets = {o.name: o.mem_mb for o in target.offers()}
     vm_options = {**(vm_options or {}), "ksm_sharing": target.ksm_sharing, "budget_option": "--host-mem"}
     common: dict[str, Any] = {"ksm": ksm, "telemetry": telemetry, "vm_options": vm_options,
-                              "source": str(path), "collect_interval": collect_interval}
+                              "source": source, "collect_interval": collect_interval}
     # Each host gets the file:line of its nodes' `exec` statements: a failed
     # startup command there names its line, as `net up` does.
     from megafleet.netlang.nsexec import statement_locs
     exec_locs = statement_locs(net, {c.node for cmds in plan.ns_exec.values() for c in cmds})
 
-    ledger = Ledger()
     results: dict[str, dict[str, Any]] = {}
     host_errors: dict[str, str] = {}
-    record = {"source": str(path.resolve()), "defines": defines or {}, "target": target.to_json(),
+    record = {"source": source, "defines": defines or {}, "target": target.to_json(),
               "hosts": used, "started": time.time()}
     # Record before create: `down` must find this testbed even if we crash now.
     ledger.record(CONTROLLER, "testbed", testbed, **record)
@@ -432,6 +434,24 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     ledger.record(CONTROLLER, "testbed", testbed, **record, summary={
         k: summary[k] for k in ("guests", "ready", "failed", "namespaces", "seconds")})
     return summary
+
+
+def refuse_taken(testbed: str, source: str, target: Target, ledger: Ledger) -> None:
+    """UpError when the testbed name is held by another description than
+    `source` (`names.description_id`): the same file, edited, is the same
+    testbed (`up` applies the difference); another file is not, and `up` over it
+    would turn one testbed into the other. Checked before anything is recorded:
+    the running testbed and the controller's record of it stay as they are.
+    This controller's record says who holds the name; on the local machine the
+    host's own records too (a testbed of `net up`). Remote hosts check their
+    records themselves (host.apply)."""
+    from megafleet import host as host_side
+
+    held = deployments(ledger).get(testbed, {}).get("source")
+    if not held and target.embedded:
+        held = host_side.held_by(testbed, ledger)
+    if held is not None and not same_description(held, source):
+        raise UpError(host_side.taken_message(testbed, held))
 
 
 def tunnel_peers(spanning: list[dict[str, Any]]) -> dict[str, set[str]]:
@@ -826,6 +846,9 @@ def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm_sharing, 
       megafleet up examples/campus-ospf.fleet
       megafleet up examples/lan1000.fleet --hosts hosts.toml --telemetry mongodb://db:27017/mf
     The testbed stays up; `megafleet status` shows it, `megafleet down` removes it.
+    A testbed name belongs to the file it was built from: `up` of that file,
+    edited, applies only the difference (see `megafleet diff`); `up` of another
+    file under a name that is up is refused, and nothing running changes.
     The last line says what is true: "up: ...", "up with 3 failed nodes",
     "nothing is up", "interrupted: 68 of 120 guests up".
 

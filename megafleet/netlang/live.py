@@ -47,7 +47,7 @@ import trio
 
 from megafleet import paths, proc
 from megafleet.ledger import Ledger
-from megafleet.names import IfNames, InvalidName, check_ifnames, check_name
+from megafleet.names import IfNames, InvalidName, check_ifnames, check_name, description_id
 from megafleet.netlang import frr, limits, netlink
 from megafleet.netlang.hostplan import (Bridge, ContainerPort, GuestVdePort, NsExec, P2pLink, Plan, Port,
                                         TapPort, Trunk, VdePort, VdeSwitch, VethPort, Wire,
@@ -471,7 +471,9 @@ async def aup(net: Net, testbed: str, progress: Progress = _quiet, ledger: Ledge
     t0 = time.monotonic()
     p = plan(net, testbed)
     try:
-        result = await apply(p, ledger, progress, source=net.files[0])
+        # Recorded as `up` records it (names.description_id): each refuses the
+        # other's testbed from another file, and names the file that holds it.
+        result = await apply(p, ledger, progress, source=description_id(net.files[0]))
     except LiveError as exc:
         from megafleet.netlang.nsexec import ExecFailed, statement_loc
         if isinstance(exc, ExecFailed):
@@ -518,7 +520,8 @@ async def apply(p: Plan, ledger: Ledger | None = None, progress: Progress = _qui
     partly-built one (a crash during apply) is torn down and rebuilt. A testbed of
     that name built from another description (another digest) is refused:
     LiveError naming the description it came from. `source` (the description's
-    file) is recorded for that message and for `net list`.
+    file, as `names.description_id` gives it) is recorded for that message and
+    for `net list`.
 
     Returns {"changed", "seconds", and the plan's counts}."""
     ledger = ledger or Ledger()

@@ -63,6 +63,25 @@ def test_testbed_names_of_files_that_start_alike_differ_and_up_and_net_up_agree(
         names.testbed_name("x.fleet", "toolongname")
 
 
+def test_a_testbed_belongs_to_its_description_file_by_absolute_path(tmp_path, monkeypatch):
+    """What `up` and `net up` record as a testbed's description: the file's
+    absolute path, however it was spelled; an imported file's own path (it is
+    compiled as PATH.fleet); a description from text keeps its name."""
+    (tmp_path / "d").mkdir()
+    a = tmp_path / "d" / "a.fleet"
+    a.write_text("switch s\n")
+    (tmp_path / "lab.clab.yml").write_text("name: x\n")
+    monkeypatch.chdir(tmp_path)
+    assert names.description_id("d/a.fleet") == names.description_id(a) == str(a.resolve())
+    assert names.description_id("d/../d/a.fleet") == str(a.resolve())
+    assert names.description_id("lab.clab.yml.fleet") == str((tmp_path / "lab.clab.yml").resolve())
+    assert names.description_id("<text>.fleet") == "<text>.fleet"
+    b = str((tmp_path / "b.fleet").resolve())
+    assert names.same_description(str(a.resolve()), names.description_id("d/a.fleet"))
+    assert not names.same_description(str(a.resolve()), b)
+    assert names.same_description("", b) and names.same_description(b, None)   # unrecorded: no refusal
+
+
 def test_a_vlan_listed_twice_on_a_trunk_is_refused_with_its_line():
     assert errors("switch s1\nswitch s2\nlink s1 -- s2 vlan 10,10\n") == \
         ["3: VLAN 10 is listed twice in '10,10'"]

@@ -114,6 +114,57 @@ def test_down_after_up_was_killed_midway(tmp_path):
     assert [g.name for g in Engine().list("web*")] == []
 
 
+def test_up_refuses_a_testbed_name_that_another_file_holds(tmp_path):
+    """Issue 13: a testbed belongs to the description file it was built from
+    (its absolute path). `up b.fleet -N X` over `up a.fleet -N X` is refused,
+    naming a.fleet and `megafleet down X`; the running testbed (namespaces,
+    interfaces, addresses, the records) is untouched; `net up b.fleet` is
+    refused the same way. The same file by another path is the same testbed:
+    `up` again changes nothing. `down` then leaves nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, bridges)")
+    name = f"mfo{TAG}"
+    a, b = tmp_path / "a.fleet", tmp_path / "b.fleet"
+    a.write_text("pool p 10.154.0.0/16\nswitch s\nhost a[1..2] on s\nreachable a1 a2\n")
+    b.write_text("pool p 10.155.0.0/16\nswitch s\nhost b[1..2] on s\n")
+    held = str(a.resolve())
+
+    def running() -> dict:
+        spaces = {n: os.stat(f"/run/netns/{n}").st_ino for n in netns_with(name + "-")}
+        addrs = {n: subprocess.run(["ip", "-n", n, "-o", "addr", "show", "eth0"], capture_output=True,
+                                   text=True, check=True).stdout.split()[3] for n in spaces}
+        (bed,) = megafleet_json("status", name)["hosts"]["local"]["value"]["testbeds"]
+        return {"netns": spaces, "addrs": addrs, "links": sorted(links_in(None, name)),
+                "source": bed["source"], "nodes": bed["nodes"]}
+
+    try:
+        assert megafleet_json("up", str(a), "-N", name, "--no-ksm")["ok"]
+        before = running()
+        assert sorted(before["netns"]) == [f"{name}-a1", f"{name}-a2"] and before["source"] == held
+
+        r = megafleet("up", str(b), "-N", name, "--no-ksm", check=False)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert (f"testbed {name!r} is already up from another description ({held}); nothing was changed: "
+                f"'megafleet down {name}' removes it first, or choose another name with -N") in r.stderr
+        assert "Traceback" not in r.stderr
+        assert running() == before
+        from megafleet.up import deployments
+        assert deployments()[name]["source"] == held            # the controller's record too
+
+        r = megafleet("net", "up", str(b), "-N", name, check=False)
+        assert r.returncode != 0 and f"different description ({held})" in r.stdout + r.stderr
+        assert running() == before
+
+        # The same file spelled another way (relative to the CLI's directory).
+        again = megafleet_json("up", os.path.relpath(a, REPO), "-N", name, "--no-ksm")
+        assert again["ok"] and running() == before
+    finally:
+        down = megafleet_json("down", name, check=False)
+    assert down["ok"], down
+    assert netns_with(name + "-") == [] and links_in(None, name) == []
+    assert name not in deployments()
+
+
 def test_ksm_daemon_runs_with_the_testbed_and_restores_knobs(tmp_path):
     if os.geteuid() != 0 or not os.access("/sys/kernel/mm/ksm/run", os.W_OK):
         pytest.skip("needs root and a writable /sys/kernel/mm/ksm")
