@@ -279,7 +279,9 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
         except AuthError as exc:
             return error(exc.status, str(exc), "once")
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, session, httponly=True, samesite="strict")
+        # Over HTTPS the session never goes back over plain HTTP.
+        response.set_cookie(COOKIE, session, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
         return response
 
     routes = [

@@ -37,7 +37,8 @@ def free_port() -> int:
 
 
 class WebServer:
-    """`megafleet web` as a user runs it: a child process; `info` is its --json line."""
+    """`megafleet web` as a user runs it: a child process; `info` is its --json line.
+    `base` is the URL to reach it by (https when it was given --cert)."""
 
     def __init__(self, *args: str):
         if "--listen" not in args:
@@ -51,7 +52,8 @@ class WebServer:
         if not line:
             raise AssertionError(f"megafleet web did not start: {Path(self.log.name).read_text()}")
         self.info = json.loads(line)
-        self.base = f"http://127.0.0.1:{self.listen.rsplit(':', 1)[1]}"
+        scheme = "https" if "--cert" in args else "http"
+        self.base = f"{scheme}://127.0.0.1:{self.listen.rsplit(':', 1)[1]}"
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -61,6 +63,10 @@ class WebServer:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise AssertionError("megafleet web is not listening")
                 time.sleep(0.1)
+
+    def bearer(self, level: str) -> dict[str, str]:
+        """The Authorization header of the token it made for `level` (read, control, exec)."""
+        return {"Authorization": f"Bearer {self.info['tokens'][level]}"}
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
