@@ -5,10 +5,13 @@ verify), `exec` (run commands inside nodes). A token is given as the header
 `Authorization: Bearer TOKEN`, or once as a login link (`/login?once=CODE`)
 that sets a session cookie and is then spent.
 
-On a loopback bind a request without a token may read and control (the same as
-the local CLI); `exec` always needs a token that allows it. On any other address
-every request needs a token: 401 without one, 403 when its scopes do not allow
-the request.
+On a loopback bind a request without a token may read, and nothing more: every
+write (control and exec) needs a token, or the session of the login link, whose
+scopes allow it, and answers 403 without one. Anyone on the machine can reach a
+loopback port (other users' processes, a browser's page from any site posting
+to it), so a write there is not the same as the local CLI run by the user who
+started the server. On any other address every request needs a token: 401
+without one, 403 when its scopes do not allow the request.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Auth:
 
     @property
     def anonymous_scopes(self) -> frozenset[str]:
-        return frozenset({"read", "control"}) if self.loopback else frozenset()
+        return frozenset({"read"}) if self.loopback else frozenset()
 
     def add_token(self, scopes: set[str] | frozenset[str], token: str | None = None) -> str:
         """A new bearer token with these scopes (ValueError for an unknown scope)."""
@@ -88,6 +91,7 @@ class Auth:
                 return
             if not self.loopback:
                 raise AuthError(401, "a token is required on this address (Authorization: Bearer TOKEN)")
-            raise AuthError(403, f"'{need}' needs a token that allows it")
+            raise AuthError(403, f"'{need}' needs a token that allows it (Authorization: Bearer TOKEN, "
+                                 "or the session of the login link printed at start)")
         if need not in scopes:
             raise AuthError(403, f"this token does not allow '{need}' (it allows: {', '.join(sorted(scopes))})")

@@ -32,7 +32,8 @@ def is_loopback(host: str) -> bool:
 
 @click.command("web")
 @click.option("--listen", default="127.0.0.1:8470", show_default=True, metavar="HOST:PORT",
-              help="Address to serve on. Anything but loopback requires tokens (printed at start).")
+              help="Address to serve on. On loopback writes need a token; anywhere else every request "
+                   "does (tokens and a login link are printed at start).")
 @click.option("--telemetry", "telemetry_uri", metavar="URI", envvar="MEGAFLEET_TELEMETRY",
               help="MongoDB URI of the telemetry store (default: the SQLite store in the state dir).")
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM): serve HTTPS.")
@@ -61,10 +62,14 @@ def web(listen, telemetry_uri, cert, key, tokens, poll_s, previews, defines, jso
     /api/v1/openapi.json); events as Server-Sent Events at
     /api/v1/events/stream; writes for link and node control, verify and exec.
     \b
-    Access: on loopback (the default) anyone on this machine may read and
-    control, as with the CLI; exec always needs a token with the exec scope.
-    On any other address every request needs a token: 'Authorization: Bearer
-    TOKEN', or the one-time login link printed at start (a session cookie).
+    Access: on loopback (the default) anyone on this machine may read; every
+    write (link and node control, verify, exec) needs a token whose scope
+    allows it, and is answered 403 without one. On any other address every
+    request needs a token (401 without one). A token is given as the header
+    'Authorization: Bearer TOKEN', or by opening the one-time login link
+    printed at start: in a browser it sets a session (a cookie) with every
+    scope, so the pages' exec form works there. Open it once; a second visit
+    is refused, and a new link needs a new start.
     Scopes: read < control (links, nodes, verify) < exec.
     """
     from hypercorn.config import Config
@@ -111,9 +116,11 @@ def web(listen, telemetry_uri, cert, key, tokens, poll_s, previews, defines, jso
         click.echo(f"megafleet web: {base}/  (API {base}/api/v1/, OpenAPI {base}/api/v1/openapi.json)")
         if not auth.loopback:
             click.echo("  not loopback: every request needs a token")
+        else:
+            click.echo("  loopback: reads are open; writes need a token or the login link's session")
         for level, token in made.items():
             click.echo(f"  token ({level}): {token}")
-        click.echo(f"  one-time login link (all scopes): {login}")
+        click.echo(f"  one-time login link (all scopes; open it in the browser): {login}")
     sys.stdout.flush()
 
     config = Config()

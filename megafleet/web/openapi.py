@@ -59,8 +59,29 @@ SCHEMAS: dict[str, Any] = {
                    "properties": {"nodes": {"type": "array", "items": {
                        "type": "object", "required": ["node", "host", "rc", "stdout", "stderr"]}},
                        "host_errors": {"type": "object"}}},
-    "ActionResult": {"type": "object", "required": ["testbed", "action"]},
-    "VerifyResult": {"type": "object", "required": ["testbed", "result"]},
+    "NodeActionResult": {
+        "type": "object", "required": ["testbed", "action", "pattern", "result"],
+        "properties": {"testbed": {"type": "string"}, "action": {"enum": ["stop", "start", "restart", "kill"]},
+                       "pattern": {"type": "string"}, "result": {"type": "array", "items": {
+                           "type": "object", "required": ["node", "host", "action", "seconds"],
+                           "properties": {"node": {"type": "string"}, "host": {"type": "string"},
+                                          "action": {"type": "string"}, "seconds": {"type": "number"}}}}}},
+    "LinkActionResult": {
+        "type": "object", "required": ["testbed", "action", "a", "b", "result"],
+        "properties": {"testbed": {"type": "string"}, "action": {"enum": ["set", "down", "up"]},
+                       "a": {"type": "string"}, "b": {"type": "string"}, "result": {"type": "array", "items": {
+                           "type": "object", "required": ["link", "host"],
+                           "properties": {"link": {"type": "string"}, "host": {"type": "string"},
+                                          "iface": {"type": "string"}, "state": {"enum": ["up", "down"]},
+                                          "settings": {"type": "object"}}}}}},
+    "VerifyResult": {
+        "type": "object", "required": ["testbed", "result"],
+        "properties": {"testbed": {"type": "string"}, "result": {
+            "type": "object", "required": ["ok", "checks", "passed", "converge_s", "seconds", "failed"],
+            "properties": {"ok": {"type": "boolean"}, "checks": {"type": "integer", "minimum": 0},
+                           "passed": {"type": "integer", "minimum": 0},
+                           "converge_s": {"type": ["number", "null"]}, "seconds": {"type": "number"},
+                           "failed": {"type": "array", "items": {"type": "object"}}}}}},
 }
 
 
@@ -103,7 +124,9 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "megafleet", "version": "1",
                  "description": "The fleet's state, telemetry, events and live control. Scopes: read < "
-                                "control < exec; see `megafleet web --help`."},
+                                "control < exec; see `megafleet web --help`. On a loopback bind reads "
+                                "need no token and writes answer 403 without one; on any other address "
+                                "every request answers 401 without one."},
         "components": {"schemas": SCHEMAS,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
@@ -137,10 +160,10 @@ def document() -> dict[str, Any]:
                                                             "pattern": {"type": "string"}, "argv": STR_LIST,
                                                             "timeout": {"type": "number"}}})},
             "/api/v1/nodes/{name}/{action}": {"post": _op(
-                "stop, start, restart or kill nodes (as `megafleet node`)", "ActionResult",
+                "stop, start, restart or kill nodes (as `megafleet node`)", "NodeActionResult",
                 [_p("name", "node name or glob"), _p("action", "stop | start | restart | kill"), TESTBED_Q],
                 scope="control")},
-            "/api/v1/links/{action}": {"post": _op("set, down or up a link (as `megafleet link`)", "ActionResult",
+            "/api/v1/links/{action}": {"post": _op("set, down or up a link (as `megafleet link`)", "LinkActionResult",
                                                    [_p("action", "set | down | up")], scope="control",
                                                    body=link_body)},
             "/api/v1/verify": {"post": _op("Check the testbed's reachable assertions live", "VerifyResult",

@@ -36,11 +36,20 @@ def test_scopes_and_tokens():
         auth.spend_login(code)                      # one time only
     with pytest.raises(ValueError):
         auth.add_token({"root"})
+    # Loopback: reads are open; every write needs a token (403, not 401: the
+    # request was understood, it is not allowed without one).
     local = Auth(loopback=True)
-    local.check("control", None, None)               # loopback: as the local CLI
+    local.check("read", None, None)
+    for need in ("control", "exec"):
+        with pytest.raises(AuthError) as e:
+            local.check(need, None, None)
+        assert e.value.status == 403 and need in str(e.value)
+    control = local.add_token({"read", "control"})
+    local.check("control", f"Bearer {control}", None)
     with pytest.raises(AuthError) as e:
-        local.check("exec", None, None)              # exec always needs a token
+        local.check("exec", f"Bearer {control}", None)
     assert e.value.status == 403
+    local.check("exec", None, local.spend_login(local.add_login_link({"read", "control", "exec"})))
 
 
 def test_listen_and_scope_expansion():
