@@ -325,6 +325,8 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     counts = net.counts()
     out.line(f"compile  {path}: {counts['vm']} vms, {counts['host']} hosts, {counts['router']} routers, "
              f"{counts['switch']} switches")
+    for warning in net.import_warnings:     # a foreign file: what was not carried over
+        out.line(f"import   {warning}")
     t = phase_done("compile", t)
     plan, placed = await trio.to_thread.run_sync(make_plan, net, testbed, target)
     used = [h for h, nodes in placed.hosts.items() if nodes]
@@ -919,6 +921,8 @@ def plan_command(testbed, hosts, name, defines, host_mem, ksm_sharing, show_node
     name = testbed_name(testbed, name)
     target = Target(hosts, host_mem_mb=host_mem, ksm_sharing=ksm_sharing)
     net = compile_testbed(testbed, parse_defines(defines))
+    for warning in net.import_warnings:     # a foreign file: what was not carried over
+        click.echo(warning, err=True)
     plan, placed = make_plan(net, name, target)
     rows = placement_rows(plan, placed)
     from megafleet.manifest import ManifestError, spanning_segments

@@ -28,10 +28,15 @@ def _compile(file: str, defines: tuple[str, ...], graph: bool = True):
     from megafleet.netlang.compiler import compile_file
 
     try:
-        return compile_file(file, _defines(defines), graph=graph)
+        net_ = compile_file(file, _defines(defines), graph=graph)
     except CompileError as err:
         click.echo(str(err), err=True)
         sys.exit(1)
+    # A foreign file read directly: what it had that was not carried over, as
+    # `megafleet import` reports it (stderr: stdout may be the command's output).
+    for warning in net_.import_warnings:
+        click.echo(warning, err=True)
+    return net_
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

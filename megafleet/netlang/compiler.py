@@ -1040,7 +1040,9 @@ def compile_file(path: str | Path, defines: dict[str, str] | None = None, text: 
                  graph: bool = True) -> Net:
     """Compile a description. Raises CompileError with every problem found.
     containerlab, GraphML, GML, netlab and GNS3 files are read through their
-    importer (megafleet.netlang.importers), recognised by extension or content."""
+    importer (megafleet.netlang.importers), recognised by extension or content;
+    what such a file had that was not carried over is in `Net.import_warnings`."""
+    notes: list[str] = []
     if text is None and not str(path).endswith(".fleet"):
         from megafleet.netlang.importers import ImportFailed, fleet_source
         try:
@@ -1048,7 +1050,7 @@ def compile_file(path: str | Path, defines: dict[str, str] | None = None, text: 
         except ImportFailed as err:
             raise CompileError(err.diagnostics()) from None
         if imported is not None:
-            path, text = imported
+            path, text, notes = imported
     # A big description allocates millions of small objects (names, index
     # entries, graph dicts) that never form cycles; the cyclic collector would
     # rescan them over and over, which costs more than the compile itself at a
@@ -1056,7 +1058,9 @@ def compile_file(path: str | Path, defines: dict[str, str] | None = None, text: 
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _compile(path, defines, text, graph)
+        net = _compile(path, defines, text, graph)
+        net.import_warnings = notes
+        return net
     finally:
         if was_enabled:
             gc.enable()

@@ -164,6 +164,9 @@ class Net:
     reachable: list[tuple[str, str, Loc]] = field(default_factory=list)
     faults: list = field(default_factory=list)     # netlang.faults.Fault: the fault schedule
     params: dict[str, str] = field(default_factory=dict)
+    # A foreign file read directly (netlang.importers): what it had that was not
+    # carried over, "FILE:line:col: warning: ..." each; the commands print them.
+    import_warnings: list[str] = field(default_factory=list)
     _graph: Any = None
 
     # -- queries -------------------------------------------------------------

@@ -4,6 +4,7 @@ and ../shared/testdata/topologyzoo (real Topology Zoo maps)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from megafleet.cli import root
+from megafleet.netlang import live
 from megafleet.netlang.compiler import compile_file, compile_text
 from megafleet.netlang.errors import CompileError
 from megafleet.netlang.importers import ImportFailed, ImportOptions, convert, detect, formats_export
@@ -78,8 +80,8 @@ def test_clab_nodes_links_mgmt_and_interface_names():
     assert c1.ifaces[0][2][4] == "172.31.10.21/24"
     assert net.node("srl1").ifaces[0][1].switch == "mgmt" and net.node("srl1").ifaces[0][2] == {}
     # The hosts' gateway is on their data network, not on mgmt.
-    assert c1.gateways[4] == ifaces(net, "frr1")["eth2"] and False or \
-        c1.gateways[4] == net.node("frr1").ifaces[2][2][4].split("/")[0]
+    frr1_addrs = {eth: addrs for eth, _, addrs in net.node("frr1").ifaces}
+    assert c1.gateways[4] == frr1_addrs["eth2"][4].split("/")[0]
     # Impairments of the link kept.
     props = ifaces(net, "srl1")["e1-1"].props
     assert (props.delay_us, props.jitter_us, props.loss_pct, props.rate_bit) == (5000, 1000, 0.5, 10_000_000)
@@ -393,7 +395,75 @@ def test_import_command_writes_a_readable_fleet_and_check_reads_the_original(tmp
                                   "-o", "-", "--json"])
     assert r.exit_code == 0 and "link ra:eth2 -- rb:eth2" in r.output
     r = CliRunner().invoke(root, ["net", "export", "--format", "clab", str(DATA / "lab.clab.yml")])
-    assert r.exit_code == 0 and yaml.safe_load(r.output)["topology"]["nodes"]["srl1"]["kind"] == "linux"
+    # stdout is the lab alone: what the import did not carry over goes to stderr.
+    assert r.exit_code == 0 and yaml.safe_load(r.stdout)["topology"]["nodes"]["srl1"]["kind"] == "linux"
+    assert "lab.clab.yml:17:5: warning: node srl1" in r.stderr
+
+
+def test_plan_and_draw_read_foreign_files_directly_and_report_what_is_not_carried(tmp_path):
+    """`megafleet plan` and `megafleet net draw` of a containerlab lab and of a
+    GraphML map, as given (no import step, no root): the nodes the import makes,
+    placed and drawn; what the lab has that is not carried over is printed with
+    its file:line, as `megafleet import` reports it."""
+    lab, zoo_map = DATA / "lab.clab.yml", DATA / "zoo-mini.graphml"
+    r = CliRunner().invoke(root, ["plan", str(lab), "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert plan["testbed"] == "labclab"
+    assert sorted(plan["node_host"]) == ["client1", "client2", "frr1", "srl1"]
+    assert [(h["host"], h["nodes"], h["namespaces"]) for h in plan["hosts"]] == [("local", 4, 4)]
+    assert f"{lab}:17:5: warning: node srl1: kind nokia_srlinux (image ghcr.io/nokia/srlinux:23.10.1) becomes " \
+           f"an FRR router; its vendor configuration (startup-config, binds) is not carried over" in r.stderr
+    assert f"{lab}:54:7: warning: link client2:eth9 -- host:client2-eth9" in r.stderr
+    r = CliRunner().invoke(root, ["plan", str(zoo_map), "--json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads(r.stdout)["node_host"]) == ["Geneve", "New_York", "Paris", "Paris_2", "Zurich"]
+
+    r = CliRunner().invoke(root, ["net", "draw", str(lab), "-o", str(tmp_path / "lab.dot")])
+    assert r.exit_code == 0 and f"{lab}:17:5: warning: node srl1" in r.stderr, r.output
+    dot = (tmp_path / "lab.dot").read_text()
+    for node in ("srl1", "frr1", "client1", "client2", "mgmt", "br1"):
+        assert f'label="{node}' in dot, node
+    r = CliRunner().invoke(root, ["net", "draw", str(zoo_map), "-o", str(tmp_path / "zoo.dot")])
+    assert r.exit_code == 0, r.output
+    dot = (tmp_path / "zoo.dot").read_text()
+    labels = set(re.findall(r'label="([^"\\]+)', dot))
+    assert {"Zurich", "Geneve", "Paris", "Paris_2", "New_York"} <= labels
+    # Six edges: the hyperedge's three to its switch, one single, two parallel drawn as one "×2".
+    assert dot.count(" -- ") == 5 and dot.count(' -- "s:') == 3 and dot.count('[label="×2"]') == 1
+
+
+FRR_LAB = """\
+name: k
+topology:
+  nodes:
+    r1:
+      kind: frr
+      startup-config: r1.conf
+    h1:
+      kind: linux
+  links:
+    - endpoints: ["r1:eth1", "h1:eth1"]
+"""
+
+
+def test_clab_kind_frr_becomes_an_frr_router_with_a_warning(tmp_path):
+    """A node of the literal kind `frr`: a router (with the lab's routing, FRR's
+    daemons), and a warning with its line that its configuration is not carried."""
+    lab = tmp_path / "k.clab.yml"
+    lab.write_text(FRR_LAB)
+    net = compile_file(lab)
+    assert {n: g.kind for g, _, n in net.iter_nodes()} == {"r1": "router", "h1": "host"}
+    assert net.import_warnings == [
+        f"{lab}:4:5: warning: node r1: kind frr becomes an FRR router; its vendor configuration "
+        f"(startup-config, binds) is not carried over",
+        f"{lab}:6:7: warning: node r1: not carried over: startup-config"]
+    ospf = compile_text(convert([lab], opts=ImportOptions(routing="ospf")).text, "k.fleet")
+    daemons = live.plan(ospf, "kfrr").frr["r1"]
+    assert sorted(daemons) == ["ospfd", "zebra"]
+    assert re.search(r"^interface eth1$", daemons["ospfd"], re.M), daemons["ospfd"]
+    r = CliRunner().invoke(root, ["net", "check", str(lab)])
+    assert r.exit_code == 0 and f"{lab}:4:5: warning: node r1: kind frr becomes an FRR router" in r.stderr
 
 
 def test_clab_linux_nodes_as_container_guests():

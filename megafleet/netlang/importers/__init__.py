@@ -99,14 +99,18 @@ def convert(paths: list[str | Path], fmt: str | None = None,
             gc.enable()
 
 
-def fleet_source(path: str | Path, text: str | None = None) -> tuple[str, str] | None:
-    """For the compiler: (name, .fleet text) when `path` is an importable format,
-    else None. The name is `PATH.fleet`, so messages quote the imported text
-    (whose comments point back at PATH). Raises ImportFailed."""
+def fleet_source(path: str | Path, text: str | None = None) -> tuple[str, str, list[str]] | None:
+    """For the compiler: (name, .fleet text, warnings) when `path` is an
+    importable format, else None. The name is `PATH.fleet`, so messages quote the
+    imported text (whose comments point back at PATH); the warnings say what was
+    not carried over, each with PATH:line, for the commands to print (read
+    directly, a foreign file's losses are reported as `megafleet import`
+    reports them, never silently dropped). Raises ImportFailed."""
     fmt = detect(path, text)
     if fmt is None:
         return None
-    return f"{path}.fleet", convert([path], fmt).text
+    result = convert([path], fmt)
+    return f"{path}.fleet", result.text, [n.render() for n in result.warnings]
 
 
 def formats_export(net, fmt: str, name: str) -> str:
