@@ -117,7 +117,7 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
         snap = await snapshot()
         topo = await trio.to_thread.run_sync(
             lambda: state.topology(t, snap.bad.get(t.name, {}), collapse=collapse,
-                                   link_states=_link_states(t.name), expand=expand,
+                                   runtime=_runtime_links(t.name), expand=expand,
                                    traffic=None if t.planned else state.link_traffic(t.name)))
         return JSONResponse(topo.to_json())
 
@@ -144,7 +144,8 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
         t = await testbed_of(request)
         name = pattern_of(request.path_params["name"], "node")
         snap = await snapshot()
-        detail = await trio.to_thread.run_sync(state.node_detail, t, name, snap.bad.get(t.name, {}))
+        detail = await trio.to_thread.run_sync(
+            lambda: state.node_detail(t, name, snap.bad.get(t.name, {}), _runtime_links(t.name)))
         return JSONResponse(detail)
 
     async def links(request: Request) -> Response:
@@ -152,7 +153,7 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
         snap = await snapshot()
         topo = await trio.to_thread.run_sync(
             lambda: state.topology(t, snap.bad.get(t.name, {}), collapse=False,
-                                   link_states=_link_states(t.name),
+                                   runtime=_runtime_links(t.name),
                                    traffic=None if t.planned else state.link_traffic(t.name)))
         return JSONResponse({"testbed": t.name, "links": [
             {"a": link.a, "b": link.b, "kind": link.kind, "iface": link.iface, "props": link.props,
@@ -320,7 +321,8 @@ def _control():
     return writes
 
 
-def _link_states(testbed: str) -> dict[tuple[str, str], str]:
+def _runtime_links(testbed: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The links `megafleet link set/down/up` changed: what they run with now."""
     from megafleet.web import writes
 
-    return writes.link_states(testbed)
+    return writes.runtime_links(testbed)

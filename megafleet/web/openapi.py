@@ -17,9 +17,16 @@ GRAPH_NODE = {"type": "object", "required": ["id", "name", "kind", "state", "cou
                              "host": {"type": ["string", "null"]}, "state": {"type": "string"},
                              "count": {"type": "integer", "minimum": 1}, "states": {"type": "object"},
                              "x": {"type": "number"}, "y": {"type": "number"}}}
+# A link's impairments as it runs now: `megafleet link set` (CLI or API) over the
+# description's; a setting cleared at run time is absent. mtu: the description's.
+LINK_PROPS = {"type": "object", "description": "impairments in force (as `megafleet link show`), else as declared",
+              "properties": {"delay_us": {"type": "integer", "minimum": 0},
+                             "jitter_us": {"type": "integer", "minimum": 0},
+                             "loss_pct": {"type": "number", "minimum": 0, "maximum": 100},
+                             "rate_bit": {"type": "integer", "minimum": 0}, "mtu": {"type": "integer"}}}
 LINK = {"type": "object", "required": ["a", "b", "kind", "state", "props"],
         "properties": {"a": {"type": "string"}, "b": {"type": "string"}, "kind": {"type": "string"},
-                       "iface": {"type": ["string", "null"]}, "props": {"type": "object"},
+                       "iface": {"type": ["string", "null"]}, "props": LINK_PROPS,
                        "state": {"type": "string"}, "traffic_bps": {"type": ["number", "null"]}}}
 EVENT = {"type": "object", "required": ["id", "time", "kind", "testbed", "data"],
          "properties": {"id": {"type": "integer"}, "time": {"type": "number"}, "kind": {"type": "string"},
@@ -142,7 +149,8 @@ def document() -> dict[str, Any]:
                                           _q("state", "running, up, failed, exited, missing, ...")])},
             "/api/v1/nodes/{name}": {"get": _op("One node: addresses, links, console tail, agent line",
                                                 "NodeDetail", [_p("name", "node name"), TESTBED_Q])},
-            "/api/v1/links": {"get": _op("Links with impairments and state", "Links", [TESTBED_Q])},
+            "/api/v1/links": {"get": _op("Links with their impairments and state as they run now, "
+                                         "and traffic", "Links", [TESTBED_Q])},
             "/api/v1/telemetry/{kind}": {"get": _op(
                 "A telemetry query: boot-times, boot-cdf, ksm, top-cpu, top-mem, net, events", "Telemetry",
                 [_p("kind", "the query"), _q("window", "seconds back", "number"), _q("limit", "rows", "integer")])},

@@ -71,7 +71,8 @@ class NodeInfo:
 @dataclass
 class LinkInfo:
     """One edge: a node's port on a switch, a point-to-point link or a switch
-    link, with its impairments (`delay`, `loss`, ... as written) and state."""
+    link, with its state and `props`: its impairments (delay_us, jitter_us,
+    loss_pct, rate_bit) as the link runs now, the description's mtu."""
 
     id: str
     a: str
@@ -231,6 +232,21 @@ def memory_mb() -> dict[str, int]:
 # Topology, laid out for drawing
 # ---------------------------------------------------------------------------
 
+# What `megafleet link set` changes at run time (its records' settings).
+IMPAIRMENTS = ("delay_us", "jitter_us", "loss_pct", "rate_bit")
+
+
+def running_props(declared: dict[str, Any], runtime: dict[str, Any] | None) -> dict[str, Any]:
+    """A link's props as it runs: with a run-time record (`runtime`, as
+    `megafleet link show` reads it), its settings replace the description's
+    impairments whole, since a record holds every setting in force (a cleared
+    one is absent); without one, the description's."""
+    if runtime is None:
+        return declared
+    settings = runtime.get("settings") or {}
+    return {**{k: v for k, v in declared.items() if k not in IMPAIRMENTS},
+            **{k: v for k, v in settings.items() if k in IMPAIRMENTS}}
+
 def link_traffic(testbed_name: str, window_s: float = 60.0) -> dict[tuple[str, str], float]:
     """Mean bytes/s (rx + tx) per link over the window, by sorted ends, for the
     links whose host side is on this machine: the host-side interface that
@@ -257,16 +273,17 @@ def link_traffic(testbed_name: str, window_s: float = 60.0) -> dict[tuple[str, s
 
 
 def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = None,
-             link_states: dict[tuple[str, str], str] | None = None,
+             runtime: dict[tuple[str, str], dict[str, Any]] | None = None,
              traffic: dict[tuple[str, str], float] | None = None,
              expand: frozenset[str] = frozenset()) -> Topology:
     """The testbed's graph with positions and states. `collapse` None means
     automatic (above COLLAPSE_ABOVE nodes); `expand` names clusters drawn node by
-    node all the same (a click on a cluster). `link_states` maps sorted (a, b)
-    to "down" for links taken down at run time."""
+    node all the same (a click on a cluster). `runtime` maps sorted (a, b) of
+    the links changed at run time to their record, {"state", "settings"}
+    (`writes.runtime_links`): their state and impairments are those."""
     net = compiled(t)
     where = placement_of(t, net)
-    link_states = link_states or {}
+    runtime = runtime or {}
     kinds: dict[str, str] = {}
     group_of: dict[str, str] = {}
     for gi, grp in enumerate(net.groups):
@@ -330,7 +347,9 @@ def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = Non
         a2, b2 = cluster_of.get(a, a), cluster_of.get(b, b)
         first, second = sorted((a, b))
         ends = (first, second)
-        state = link_states.get(ends, "up")
+        changed = runtime.get(ends)
+        state = changed.get("state", "up") if changed else "up"
+        props = running_props(props, changed)
         rate = traffic.get(ends) if traffic else None
         if a2 != a or b2 != b:
             key = (a2, b2)
@@ -403,9 +422,11 @@ def _layout(nodes: dict[str, NodeInfo], links: list[LinkInfo]) -> None:
 # One node
 # ---------------------------------------------------------------------------
 
-def node_detail(t: TestbedInfo, name: str, bad: dict[str, str]) -> dict[str, Any]:
-    """A node's page: kind, host, state, addresses, links, console tail and last
-    agent line (guests on this machine)."""
+def node_detail(t: TestbedInfo, name: str, bad: dict[str, str],
+                runtime: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A node's page: kind, host, state, addresses, links (each iface's `link`:
+    its impairments as running, see `topology`'s `runtime`), console tail and
+    last agent line (guests on this machine)."""
     net = compiled(t)
     if name not in net.index:
         raise NotFound("node", name)
@@ -413,6 +434,11 @@ def node_detail(t: TestbedInfo, name: str, bad: dict[str, str]) -> dict[str, Any
     where = placement_of(t, net)
     state = bad.get(name, "running" if view.kind == "vm" else "up")
     detail: dict[str, Any] = {"testbed": t.name, "host": where.get(name), "state": state, **view.to_json()}
+    for iface in detail["ifaces"]:
+        other = iface["switch"] or iface["peer"]
+        if runtime and other is not None:
+            first, second = sorted((name, other))
+            iface["link"] = running_props(iface["link"], runtime.get((first, second)))
     detail["console_tail"] = None
     detail["agent"] = None
     if view.kind == "vm":

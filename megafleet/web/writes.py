@@ -75,15 +75,18 @@ async def verify(testbed: str) -> dict[str, Any]:
     return result.to_json()
 
 
-def link_states(testbed: str) -> dict[tuple[str, str], str]:
-    """Links changed at run time on this machine's hosts, by sorted ends: their
-    state ("down" after `link down`). Read from the ledger: no process per link."""
+def runtime_links(testbed: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """Links changed at run time on this machine's hosts, by sorted ends:
+    {"state": "up" | "down", "settings": {delay_us, jitter_us, loss_pct,
+    rate_bit}}, the records `megafleet link show` reads (a record's settings are
+    what the link runs with now, set or cleared; links without one run as
+    declared). Read from the ledger: no process per link."""
     try:
         from megafleet.experiment.hostside import changed_links
         from megafleet.ledger import Ledger
     except ImportError:
         return {}
-    out: dict[tuple[str, str], str] = {}
+    out: dict[tuple[str, str], dict[str, Any]] = {}
     try:
         rows = changed_links(testbed, Ledger())
     except Exception:        # no manifest here (a remote testbed): nothing changed that we can see
@@ -91,5 +94,5 @@ def link_states(testbed: str) -> dict[tuple[str, str], str]:
     for row in rows:
         a, _, b = row["link"].partition(" -- ")
         ends = sorted((a, b))
-        out[(ends[0], ends[1])] = row.get("state", "up")
+        out[(ends[0], ends[1])] = {"state": row.get("state", "up"), "settings": dict(row.get("settings") or {})}
     return out

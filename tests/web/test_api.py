@@ -280,7 +280,9 @@ def test_node_writes_stop_start_restart_and_kill_the_guest(server):
 
 def test_link_writes_set_down_and_up_the_link(server):
     """link set, down and up through the API, with a control token: `megafleet
-    link show` sees the settings and the cable's state; the settings go again."""
+    link show` sees the settings and the cable's state, and so does the API's
+    /links (the settings the link runs with, not the description's); cleared,
+    the settings go again and /links shows the description's."""
     doc = httpx.get(f"{server.base}/api/v1/openapi.json").json()
     schema = schema_of(doc, "/api/v1/links/{action}", "post")
     control = server.bearer("control")
@@ -298,18 +300,31 @@ def test_link_writes_set_down_and_up_the_link(server):
         (row,) = [row for row in megafleet_json("link", "show", TESTBED) if row["link"] == label]
         return row
 
+    def api_link() -> dict:
+        r = httpx.get(f"{server.base}/api/v1/links?testbed={TESTBED}", timeout=30)
+        jsonschema.validate(r.json(), schema_of(doc, "/api/v1/links"))
+        (link,) = [link for link in r.json()["links"] if (link["a"], link["b"]) == (GUEST, SWITCH)]
+        return link
+
     assert shown()["settings"] == {} and not shown()["changed"]
+    described = api_link()["props"]
+    assert not {"delay_us", "jitter_us", "loss_pct", "rate_bit"} & set(described), described
+    new = {"delay_us": 20000, "loss_pct": 1.0, "rate_bit": 10_000_000}
     try:
-        assert act("set", delay="20ms", rate="10mbit")["settings"] == {"delay_us": 20000, "rate_bit": 10_000_000}
+        assert act("set", delay="20ms", loss="1%", rate="10mbit")["settings"] == new
         row = shown()
-        assert row["changed"] and row["settings"] == {"delay_us": 20000, "rate_bit": 10_000_000}, row
+        assert row["changed"] and row["settings"] == new, row
+        assert api_link()["props"] == {**described, **new}
         assert act("down")["state"] == "down"
         assert shown()["state"] == "down"
+        assert (api_link()["state"], api_link()["props"]) == ("down", {**described, **new})
         assert act("up")["state"] == "up"
         assert shown()["state"] == "up"
     finally:
-        act("set", delay="none", rate="none")
+        act("set", delay="none", loss="none", rate="none")
     assert shown()["settings"] == {}
+    link = api_link()
+    assert (link["state"], link["props"]) == ("up", described), link
     # Traffic crosses the link again: the guest reaches www1 (verify pings it).
     r = httpx.post(f"{server.base}/api/v1/verify", json={"testbed": TESTBED}, headers=control, timeout=120)
     assert r.status_code == 200 and r.json()["result"]["ok"], r.text

@@ -2,9 +2,9 @@
 logged in as a user is: by opening the one-time login link `megafleet web`
 printed at start. The graph shows every node; the hosts, events and node pages
 show their data; the node page's exec form runs a command only with the exec
-scope; the boot-time plot draws; a link taken down through the API and a killed
-guest show with no reload. Each test saves a screenshot in its temporary
-directory."""
+scope; the boot-time plot draws; a link taken down or given a delay through
+the API and a killed guest show with no reload. Each test saves a screenshot
+in its temporary directory."""
 
 from __future__ import annotations
 
@@ -210,6 +210,45 @@ def test_link_down_from_the_api_shows_on_the_graph(page, server, tmp_path):
         r = httpx.post(f"{server.base}/api/v1/links/up", json=body, headers=control, timeout=60)
     assert r.status_code == 200, r.text
     page.wait_for_function(f"{edge}[0] === '#c4c4c4'", timeout=30000)
+
+
+def test_link_set_from_the_api_shows_its_delay_within_2_s(page, server, tmp_path):
+    """`link set pc1_3 -- staff1 delay 50ms` through the API: within 2 s of its
+    answer (the link runs with it by then), with no reload, the open page labels
+    the link with the new delay and draws it impaired, and pc1_3's open node
+    page shows it in its links; cleared, both go back to the description's."""
+    edge = ("window.megafleet.graph.edges('pc1_3', 'staff1')"
+            ".map(e => window.megafleet.graph.getEdgeAttributes(e))")
+    (before,) = page.evaluate(edge)
+    assert "delay" not in before["label"] and before["color"] == "#c4c4c4", before
+    show_node(page, "pc1_3")
+    assert "delay" not in page.inner_text("#node-body")
+    page.evaluate("window.__marker = 1")                     # gone if the page reloaded
+    shows = (f"{edge}.some(a => a.label.includes('delay 50ms') && a.color === '#e08000')"
+             " && document.getElementById('node-body').textContent.includes('delay 50ms')")
+    body = {"testbed": TESTBED, "a": "pc1_3", "b": "staff1"}
+    control = server.bearer("control")
+    try:
+        r = httpx.post(f"{server.base}/api/v1/links/set", json={**body, "delay": "50ms"}, headers=control,
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        answered = time.monotonic()
+        try:
+            page.wait_for_function(shows, timeout=2000)
+        except Exception:
+            page.screenshot(path=str(tmp_path / "link-set-late.png"))
+            raise AssertionError(f"2 s after the answer the page shows {page.evaluate(edge)}") from None
+        took = time.monotonic() - answered
+        assert took <= 2.0, took
+        assert page.evaluate("window.__marker") == 1
+        page.screenshot(path=str(tmp_path / "link-set.png"))
+    finally:
+        r = httpx.post(f"{server.base}/api/v1/links/set", json={**body, "delay": "none"}, headers=control,
+                       timeout=60)
+    assert r.status_code == 200, r.text
+    page.wait_for_function(f"{edge}.every(a => !a.label.includes('delay') && a.color === '#c4c4c4')"
+                           " && !document.getElementById('node-body').textContent.includes('delay')",
+                           timeout=5000)
 
 
 # Last in the file: www2 stays dead until the testbed goes down.

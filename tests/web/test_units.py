@@ -87,3 +87,35 @@ def test_topology_groups_guests_of_a_switch_and_expands_on_request(tmp_path, mon
     assert "z17" in {n.id for n in opened.nodes} and "x1..x900@a1" in {n.id for n in opened.nodes}
     # Every node has a place, and no two share one.
     assert len({(round(n.x, 6), round(n.y, 6)) for n in full.nodes}) == len(full.nodes)
+
+
+def test_links_show_their_running_settings_over_the_description(tmp_path, monkeypatch):
+    """A link with a run-time record (`megafleet link set`, `link down`) shows
+    the record's settings and state, whole: a setting cleared at run time is
+    gone even where the description declared it; others show the description's.
+    The node page's links say the same."""
+    path = tmp_path / "small.fleet"
+    path.write_text("pool p 10.0.0.0/16\nswitch s\nhost a on s delay 10ms loss 1%\nhost b on s\n"
+                    "router r { iface s auto }\nhost c\nlink r -- c delay 5ms rate 10mbit\n")
+    monkeypatch.setattr(state, "PREVIEWS", {})
+    info = state.add_preview(path, {})
+
+    def props(topo) -> dict[tuple[str, str], tuple[dict, str]]:
+        return {tuple(sorted((k.a, k.b))): (k.props, k.state) for k in topo.links}
+
+    declared = props(state.topology(info, {}))
+    assert declared[("a", "s")] == ({"delay_us": 10000, "loss_pct": 1.0}, "up")
+    assert declared[("b", "s")] == ({}, "up")
+    assert declared[("c", "r")] == ({"delay_us": 5000, "rate_bit": 10_000_000}, "up")
+    runtime = {("a", "s"): {"state": "up", "settings": {"delay_us": 50000}},         # loss cleared, delay set
+               ("b", "s"): {"state": "down", "settings": {}},                        # pulled, nothing set
+               ("c", "r"): {"state": "up", "settings": {"delay_us": 5000, "jitter_us": 2000,
+                                                        "rate_bit": 10_000_000}}}
+    running = props(state.topology(info, {}, runtime=runtime))
+    assert running[("a", "s")] == ({"delay_us": 50000}, "up")
+    assert running[("b", "s")] == ({}, "down")
+    assert running[("c", "r")] == ({"delay_us": 5000, "jitter_us": 2000, "rate_bit": 10_000_000}, "up")
+    (iface,) = state.node_detail(info, "a", {}, runtime)["ifaces"]
+    assert iface["switch"] == "s" and iface["link"] == {"delay_us": 50000}
+    (iface,) = state.node_detail(info, "a", {})["ifaces"]
+    assert iface["link"] == {"delay_us": 10000, "loss_pct": 1.0}

@@ -32,17 +32,28 @@ function nodeColor(n) {
   return COLORS.ok;
 }
 
+// A link's impairments as the API gives them (the settings it runs with now):
+// microseconds, percent and bits per second, shown the way `megafleet link` takes them.
+function impairments(p) {
+  p = p || {};
+  const ms = us => `${+(us / 1000).toFixed(3)}ms`;
+  const rate = b => b >= 1e9 && b % 1e6 === 0 ? `${b / 1e9}gbit` : b >= 1e6 && b % 1e3 === 0 ? `${b / 1e6}mbit`
+                  : b >= 1e3 ? `${b / 1e3}kbit` : `${b}bit`;
+  const parts = [];
+  if (p.delay_us) parts.push(`delay ${ms(p.delay_us)}`);
+  if (p.jitter_us) parts.push(`jitter ${ms(p.jitter_us)}`);
+  if (p.loss_pct) parts.push(`loss ${p.loss_pct}%`);
+  if (p.rate_bit) parts.push(`rate ${rate(p.rate_bit)}`);
+  return parts;
+}
+
 function edgeColor(l) {
   if (l.state === "down") return COLORS.bad;
-  const p = l.props || {};
-  if (p.delay || p.loss || p.jitter || p.rate) return "#e08000";
+  if (impairments(l.props).length) return "#e08000";
   return "#c4c4c4";
 }
 
-function edgeLabel(l) {
-  const p = l.props || {};
-  return ["delay", "jitter", "loss", "rate"].filter(k => p[k]).map(k => `${k} ${p[k]}`).join(", ");
-}
+function edgeLabel(l) { return impairments(l.props).join(", "); }
 
 // ---------------------------------------------------------------- topology
 
@@ -102,7 +113,7 @@ async function showNode(id) {
   $("node").hidden = false;
   $("node-name").textContent = `${d.name} (${d.kind})`;
   const ifaces = d.ifaces.map(i => `<tr><td>${i.name}</td><td>${i.switch || i.peer || ""}</td>` +
-    `<td>${i.addresses.join("<br>")}</td><td>${edgeLabel(i)}</td></tr>`).join("");
+    `<td>${i.addresses.join("<br>")}</td><td>${edgeLabel({ props: i.link })}</td></tr>`).join("");
   const cls = HEALTH[d.state] === "bad" ? "state-bad" : "";
   $("node-body").innerHTML =
     `<p>state <span class="${cls}">${d.state}</span> on host ${d.host || "?"}</p>` +
@@ -112,8 +123,8 @@ async function showNode(id) {
   const pres = $("node-body").querySelectorAll("pre");
   if (d.console_tail) pres[0].textContent = d.console_tail;
   if (d.agent) $("node-body").querySelector(".agent").textContent = JSON.stringify(d.agent, null, 1);
+  if ($("exec-form").dataset.node !== d.name) $("exec-out").textContent = "";   // kept on a refresh
   $("exec-form").dataset.node = d.name;
-  $("exec-out").textContent = "";
 }
 
 // Split a command line into words: spaces separate, quotes group, \ escapes.
@@ -234,6 +245,8 @@ function listen() {
       if (megafleet.collapsed || !state || !setNodeState(e.data.node, state)) redrawSoon();
     } else if (e.kind === "link" || e.kind === "fault" || e.kind === "testbed") {
       redrawSoon();
+      // An open node page shows its links' settings: they may be what changed.
+      if (!$("node").hidden && $("exec-form").dataset.node) showNode($("exec-form").dataset.node).catch(console.error);
     }
   };
   for (const kind of ["node", "boot", "failure", "fault", "link", "testbed", "exec", "telemetry", "error"]) {
