@@ -30,6 +30,8 @@ from megafleet.vm.driver import (Driver, ExecRoute, StartFailed, handle_process,
 
 NSSPAWN = Path(__file__).with_name("nsspawn.py")
 GUEST_INIT = "/init"
+# nsspawn's BUSYBOX: the PID 1 that mounts the container's /proc and execs its init.
+BUSYBOX = "/bin/busybox"
 
 
 def peer_of(ifname: str) -> str:
@@ -135,7 +137,6 @@ class ContainerDriver(Driver):
         self._next = 0
         self._rootfs: dict[str, str] = {}
         self._rootfs_lock = trio.Lock()
-        self._cgroup_procs: list[str] = []
 
     def admission_kind(self) -> str:
         return "container"
@@ -146,9 +147,8 @@ class ContainerDriver(Driver):
         # guests cgroup, so each container's init is born there. Moving every
         # init after its fork instead costs an RCU grace period per move on this
         # kernel (v1 and v2 hierarchies): lan1000 came up in 157 s that way,
-        # 35 s with no move. `_cgroup_procs` stays for a launcher outside it.
+        # 35 s with no move.
         testbed = cgroup.current()
-        self._cgroup_procs = []
         spawn_kwargs = cgroup.popen_kwargs("guests", testbed) if testbed is not None else {}
         for _ in range(n):
             process = await trio.lowlevel.open_process(
@@ -173,8 +173,9 @@ class ContainerDriver(Driver):
                 path = str(await trio.to_thread.run_sync(image.rootfs))
                 if "," in path or ":" in path:
                     raise StartFailed(f"rootfs path {path!r} contains ',' or ':' (overlay options)")
-                if not os.access(Path(path) / GUEST_INIT.lstrip("/"), os.X_OK):
-                    raise StartFailed(f"image {image.name} has no executable {GUEST_INIT}")
+                for program in (GUEST_INIT, BUSYBOX):
+                    if not os.access(Path(path) / program.lstrip("/"), os.X_OK):
+                        raise StartFailed(f"image {image.name} has no executable {program}")
                 self._rootfs[image.hash] = path
         return self._rootfs[image.hash]
 
@@ -188,7 +189,7 @@ class ContainerDriver(Driver):
         # forks nothing before its ready line (and runs no agent: the host's
         # collector samples containers, megafleet.collect.containers).
         req = {"id": spec.name, "gdir": str(gdir), "lower": lower, "init": GUEST_INIT,
-               "hostname": spec.name, "net": net_request(spec), "cgroup_procs": self._cgroup_procs,
+               "hostname": spec.name, "net": net_request(spec),
                "cmdline": " ".join(spec.guest_config().kernel_args())}
         helper = self._helpers[self._next % len(self._helpers)]
         self._next += 1

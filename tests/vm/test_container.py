@@ -62,8 +62,14 @@ def test_fifty_containers_boot_and_tear_down(tiny, root_only):
         # the host's mounts shows inside.
         root = Path(f"/proc/{first.pid}/root")
         assert sorted(os.listdir(root / "..")) == sorted(os.listdir(root)) and (root / "init").exists()
+        # (/proc twice: the mount point made for it, then its PID namespace's
+        # proc on top, mounted by its PID 1.)
         inside = Path(f"/proc/{first.pid}/mountinfo").read_text().splitlines()
-        assert [line.split()[4] for line in inside] == ["/", "/sys", "/dev", "/proc", "/run", "/tmp"]
+        assert [line.split()[4] for line in inside] == ["/", "/sys", "/dev", "/proc", "/run", "/tmp", "/proc"]
+        # That /proc is its own PID namespace's: its init is PID 1 there.
+        status = (root / "proc" / "1" / "status").read_text()
+        assert f"NSpid:\t{first.pid}\t1" in Path(f"/proc/{first.pid}/status").read_text()
+        assert "Name:\tinit" in status
         # Its /dev has the host's harmless devices, with the host's modes.
         for dev in ("null", "zero", "full", "random", "urandom", "tty"):
             assert (root / "dev" / dev).stat().st_rdev == Path("/dev", dev).stat().st_rdev

@@ -21,8 +21,8 @@ def test_helper_whose_engine_is_gone_finishes_quietly(tmp_path):
     helper = subprocess.Popen([sys.executable, str(NSSPAWN)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     helper.stdout.close()            # the engine is gone: nobody reads the answers
-    # A launch that fails (no such root file system): its launcher reports an
-    # error the helper can no longer pass on.
+    # A launch that fails (no such root file system): the helper has an error
+    # it can no longer pass on.
     reqs = [{"id": f"mfvh{i}", "gdir": str(tmp_path / f"g{i}"), "cmdline": "mf.test=1",
              "init": "/nonexistent/init", "hostname": f"mfvh{i}", "lower": str(tmp_path / "nothing")}
             for i in range(3)]
@@ -32,9 +32,8 @@ def test_helper_whose_engine_is_gone_finishes_quietly(tmp_path):
     err = helper.stderr.read().decode(errors="replace")
     helper.stderr.close()
     assert "Traceback" not in err and "Error" not in err, err
-    # Each launch ran to its end (its init reported on the console) and no
-    # process of it is left.
+    # Each launch ran to its end (up to its console) and none started an init:
+    # the root file system is mounted before the init is spawned.
     for r in reqs:
         assert (tmp_path / r["gdir"] / "console.log").exists()
-        pid = (tmp_path / r["gdir"] / "pid").read_text().split()[0]
-        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+        assert not (tmp_path / r["gdir"] / "pid").exists()
