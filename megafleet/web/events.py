@@ -15,13 +15,17 @@ import itertools
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import trio
 
 from megafleet.web import state
 
+# A fault is stamped when its command starts and stored when it is done (a
+# guest's restart takes seconds), so events stamped later may be stored first:
+# each poll reads this far behind the newest stamp seen and skips events by id.
+LOOKBACK_S = 30.0
 HISTORY = 500          # events kept for /api/v1/events and for clients that reconnect
 CLIENT_BUFFER = 256    # events a slow client may be behind before it is marked lagged
 
@@ -60,14 +64,18 @@ class Broker:
         self._ids = itertools.count(1)
         self._subscribers: set[trio.MemorySendChannel] = set()
         self._fresh = trio.Event()
-        self._store_since: datetime | None = None
+        self._store_since: datetime | None = None      # the newest event's time seen in the store
+        self._store_start = datetime.now(timezone.utc)
+        self._seen: dict[str, datetime] = {}              # events published, by id, within LOOKBACK_S
 
     @property
     def clients(self) -> int:
         return len(self._subscribers)
 
-    def publish(self, kind: str, testbed: str | None, **data: Any) -> Event:
-        """Record an event and hand it to every subscriber (never blocks)."""
+    def publish(self, kind: str, testbed: str | None, /, **data: Any) -> Event:
+        """Record an event and hand it to every subscriber (never blocks).
+        `kind` and `testbed` are positional only: a store's event may carry
+        fields of those names in `data` (a fault's testbed does)."""
         ev = Event(next(self._ids), time.time(), kind, testbed, data)
         self.history.append(ev)
         for ch in list(self._subscribers):
@@ -121,33 +129,49 @@ class Broker:
             for tb in bad.keys() - old.keys():
                 self.publish("testbed", tb, state="up")
         self.snapshot = Snapshot(time.time(), hosts, bad)
-        await trio.to_thread.run_sync(self._poll_store)
+        await self.poll_store()
 
-    def _poll_store(self) -> None:
-        """New events in the telemetry store (boots, failures, faults, link changes)."""
+    async def poll_store(self) -> None:
+        """Publish the telemetry store's new events (boots, failures, faults, link
+        changes). Read in a thread, published here: handing an event to a client
+        that waits for one wakes its task, which only trio's own thread may do."""
+        for kind, testbed, data in await trio.to_thread.run_sync(self._read_store):
+            self.publish(kind, testbed, **data)
+
+    def _read_store(self) -> list[tuple[str, str | None, dict[str, Any]]]:
+        """The store's events not published yet: (kind, testbed, data)."""
         from megafleet.collect import queries
 
         now = datetime.now(timezone.utc)
         if self._store_since is None:
-            self._store_since = now
-            return
+            self._store_since = self._store_start = now      # what was there before is not news
+            return []
+        since = max(self._store_start, self._store_since - timedelta(seconds=LOOKBACK_S))
         try:
             with state.open_telemetry() as store:
-                found = queries.events(store, self._store_since)
+                found = queries.events(store, since)
         except Exception:                  # telemetry is best effort: the stream goes on
-            return
-        newest = self._store_since
+            return []
+        out = []
         for doc in found:
             t = doc.get("time")
             if isinstance(t, datetime):
                 if t.tzinfo is None:
                     t = t.replace(tzinfo=timezone.utc)
-                if t <= self._store_since:
+                if t <= since:
                     continue
-                newest = max(newest, t)
+                self._store_since = max(self._store_since, t)
+            key = str(doc.get("_id") or doc)
+            if key in self._seen:
+                continue
+            self._seen[key] = t if isinstance(t, datetime) else now
             meta = doc.get("meta") or {}
-            self.publish(_kind_of(doc), meta.get("testbed"), **state._plain(doc))
-        self._store_since = newest
+            # A fault (`megafleet link set`, `node kill`, from the CLI or the API)
+            # names its testbed in a field of its own, not in meta.
+            out.append((_kind_of(doc), meta.get("testbed") or doc.get("testbed"), state._plain(doc)))
+        for key in [k for k, t in self._seen.items() if t <= since]:
+            del self._seen[key]
+        return out
 
 
 def _kind_of(doc: dict[str, Any]) -> str:

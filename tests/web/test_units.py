@@ -119,3 +119,50 @@ def test_links_show_their_running_settings_over_the_description(tmp_path, monkey
     assert iface["switch"] == "s" and iface["link"] == {"delay_us": 50000}
     (iface,) = state.node_detail(info, "a", {})["ifaces"]
     assert iface["link"] == {"delay_us": 10000, "loss_pct": 1.0}
+
+
+def test_faults_in_the_store_reach_a_waiting_client_once_under_their_testbed(tmp_path, monkeypatch):
+    """Faults as `megafleet link set` or `node restart` record them in the
+    telemetry store (the testbed a field of their own, stamped when the command
+    began) reach a client waiting on the stream, once each, under their
+    testbed: also one stored after an event stamped later had been read. Each
+    of the three used to stop the store's events from reaching open pages."""
+    import time
+    from types import SimpleNamespace
+
+    import trio
+    import trio.testing
+
+    from megafleet.experiment.hostside import record_fault
+    from megafleet.web.events import Broker
+
+    uri = f"sqlite:{tmp_path / 'telemetry.db'}"
+    monkeypatch.setenv("MEGAFLEET_TELEMETRY", uri)
+    testbed = SimpleNamespace(telemetry=uri, testbed="tb1")
+
+    async def main() -> list:
+        broker = Broker()
+        send, receive = broker.subscribe()
+        got = []
+
+        async def listen() -> None:
+            async for e in receive:
+                got.append((e.kind, e.testbed, e.data["message"]))
+
+        await broker.poll_store()                 # the baseline: only later events are news
+        await trio.sleep(0.01)                    # events are stamped to the millisecond
+        began = int(time.time() * 1000)
+        await trio.sleep(0.01)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen)
+            await trio.testing.wait_all_tasks_blocked()
+            record_fault(testbed, "local", "node pc1 restart", "cli")
+            await broker.poll_store()
+            record_fault(testbed, "local", "link a -- s delay 50ms", "cli", time_ms=began, action="link set")
+            await broker.poll_store()
+            await broker.poll_store()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        return got
+
+    assert trio.run(main) == [("fault", "tb1", "node pc1 restart"), ("fault", "tb1", "link a -- s delay 50ms")]

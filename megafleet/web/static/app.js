@@ -234,7 +234,11 @@ function addEventRow(e) {
 function listen() {
   const source = new EventSource("/api/v1/events/stream");
   source.onopen = () => { $("live").textContent = "● live"; $("live").className = "on"; };
-  source.onerror = () => { $("live").textContent = "● reconnecting"; $("live").className = ""; };
+  source.onerror = (ev) => {
+    // The server's own "error" events (a failed poll) come here too: the stream is still up.
+    if (ev instanceof MessageEvent) return;
+    $("live").textContent = "● reconnecting"; $("live").className = "";
+  };
   const handle = (msg) => {
     const e = JSON.parse(msg.data);
     megafleet.lastEventId = e.id; megafleet.events += 1;
