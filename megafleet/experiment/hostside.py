@@ -34,6 +34,7 @@ import os
 import socket
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -1031,6 +1032,17 @@ async def capture(t: str, what: dict[str, Any], sink: Callable[[bytes], Any], *,
 # Fault events in telemetry
 # ---------------------------------------------------------------------------
 
+def fault_seq(testbed: str, message: str, source: str, **fields: Any) -> int:
+    """What tells apart two fault events of one host in the same millisecond
+    (the event's `seq`): a schedule's actions due at the same time start
+    within a millisecond of each other, and an event's id is otherwise only
+    host, kind and time, so the store kept the first and ignored the others.
+    Derived from the event's content, not a counter: the same event inserted
+    twice is still one."""
+    text = "\0".join([testbed, message, source] + [f"{k}={v}" for k, v in sorted(fields.items())])
+    return zlib.crc32(text.encode()) or 1
+
+
 def record_fault(m, host: str, message: str, source: str, time_ms: int | None = None, **fields: Any) -> None:
     """A `fault` event in this host's telemetry store (best effort: telemetry
     never blocks an experiment)."""
@@ -1041,7 +1053,8 @@ def record_fault(m, host: str, message: str, source: str, time_ms: int | None = 
         store = open_store(m.telemetry, timeout_ms=1000)
         try:
             store.insert(D.EVENTS, [D.event("fault", host, time_ms=time_ms, message=message, source=source,
-                                            testbed=m.testbed, **fields)])
+                                            testbed=m.testbed, seq=fault_seq(m.testbed, message, source, **fields),
+                                            **fields)])
         finally:
             store.close()
     except Exception:       # store away: the experiment goes on

@@ -243,3 +243,27 @@ def test_reconcile_changes_link_properties_in_place_and_knows_what_a_remade_inte
     # eth0 made again: its link up, its address, and the default route through its subnet.
     assert reconcile.ops_of(ops, {"eth0"}) == [ops[0], ops[2], ops[4]]
     assert reconcile.ops_of(ops, set()) == []
+
+
+def test_fault_events_in_the_same_millisecond_are_all_kept(tmp_path):
+    """A schedule's actions due at the same time start within a millisecond:
+    each is its own event in the (real, SQLite) store; the same event recorded
+    twice stays one."""
+    from types import SimpleNamespace
+
+    from megafleet.collect import docs as D
+    from megafleet.collect.stores import SqliteStore
+
+    db = tmp_path / "t.db"
+    m = SimpleNamespace(telemetry=f"sqlite:{db}", testbed="tb")
+    at = 1_700_000_000_123
+    hostside.record_fault(m, "h1", "link a -- lanA delay 5ms", "schedule", at, action="link set")
+    hostside.record_fault(m, "h1", "node c1 restart", "schedule", at, action="node restart")
+    hostside.record_fault(m, "h1", "node c1 restart", "schedule", at, action="node restart")
+    store = SqliteStore(db)
+    try:
+        got = store.find(D.EVENTS, {"event": "fault"})
+    finally:
+        store.close()
+    assert sorted(e["message"] for e in got) == ["link a -- lanA delay 5ms", "node c1 restart"]
+    assert all(D.datetime_to_ms(e["time"]) == at and e["testbed"] == "tb" for e in got)
