@@ -3,11 +3,15 @@ guest, FRR), through the CLI as a user runs it:
 
 - campus-ospf (small): `up` returns with every assertion verified live; a
   pulled cable cuts a staff host off the DMZ, plugging it back restores it
-  within the OSPF dead interval plus a margin; delay, loss, restore; settings
-  shown by `link show` and `status` and kept by `up` of the same file; capture
-  of 10 pings; bad input changes nothing; `down` leaves nothing.
-- a square of OSPF routers with a QEMU guest: killing the preferred router
-  reroutes; the QEMU guest restarts with the same address; a fault schedule's
+  within the OSPF dead interval plus a margin; delay, loss, restore; jitter
+  spreads the round trips, --clear takes it out; settings shown by `link show`
+  and `status` and kept by `up` of the same file; capture of 10 pings; a
+  container guest stopped (its process gone) and started with its address;
+  bad input changes nothing; `down` leaves nothing.
+- a square of OSPF routers (three FRR, one BIRD) with a QEMU guest: stopping
+  or killing the preferred router stops its daemons and reroutes, starting it
+  brings them back with its addresses; the BIRD router's daemon stops and
+  starts; the QEMU guest restarts with the same address; a fault schedule's
   two link events are in telemetry at their times and the link followed them.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,11 +33,19 @@ from tests.up.conftest import REPO, TAG, links_in, megafleet, megafleet_json, ne
 CAMPUS = REPO / "examples" / "campus-ospf.fleet"
 T1 = f"mfx{TAG}c"
 T2 = f"mfx{TAG}s"
+# wirefilter's timer runs a little early: a round trip through a wire of delay
+# D each way measures from about 0.99 x 2D.
+SLACK = 0.95
 
 
 def ns_ping(testbed: str, node: str, addr: str, count: int = 1, wait: float = 1, interval: float = 0.2) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", f"{testbed}-{node}", "ping", "-n", "-c", str(count), "-W",
                            str(wait), "-i", str(interval), addr], capture_output=True, text=True)
+
+
+def rtts(out: str) -> list[float]:
+    """Every round trip (ms) of a ping run's replies."""
+    return [float(x) for x in re.findall(r"time=([0-9.]+) ms", out)]
 
 
 def min_rtt(out: str) -> float:
@@ -136,6 +149,54 @@ def test_link_delay_loss_and_restore_on_a_live_link(campus):
     megafleet("link", "set", "dist1", "--", "core", "delay", "none")
 
 
+def test_jitter_at_runtime_spreads_the_round_trips_and_clear_restores(campus):
+    www1 = "10.20.5.2"
+    megafleet("link", "set", "dist1", "--", "core", "delay", "20ms", "jitter", "10ms")
+    try:
+        shown = {r["link"]: r for r in megafleet_json("link", "show", T1)}
+        assert shown["dist1 -- core"]["settings"] == {"delay_us": 20000, "jitter_us": 10000}
+        r = ns_ping(T1, "probe1", www1, count=30, wait=2, interval=0.05)
+        times = rtts(r.stdout)
+        assert len(times) >= 25, r.stdout
+        # The wire delays each direction by 20 ms +- 10 ms (uniform), so a round
+        # trip lies in 2 x (20 -+ 10) = 20..60 ms around a mean of 40 ms. Thirty
+        # of them reach well into both halves (the chance that all of them stay
+        # above 35 ms is 0.72^30, 5e-5); a loaded host only adds time, so only
+        # the lower bound is a hard limit.
+        assert min(times) >= 20 * SLACK, times
+        assert min(times) < 35 and max(times) > 45, times
+    finally:
+        megafleet("link", "set", "dist1", "--", "core", "--clear")
+    shown = {r["link"]: r for r in megafleet_json("link", "show", T1)}
+    assert shown["dist1 -- core"]["settings"] == {}, shown["dist1 -- core"]
+    r = ns_ping(T1, "probe1", www1, count=10, interval=0.05)
+    assert r.returncode == 0 and min_rtt(r.stdout) < 5, r.stdout
+
+
+def test_node_stop_and_start_of_a_container_guest(campus):
+    """A stopped container's process is gone and it answers no ping; started
+    again it is a new process with the same address."""
+    from megafleet.proc import RecordedProcess
+    from megafleet.vm.engine import Engine
+
+    addr = _guest_addr(T1, "www2")
+    assert _wait_ping(T1, "monitor", addr, 10)
+    pid = _guest_pid("www2")
+    assert pid is not None
+    before = RecordedProcess.of(pid)
+    done = megafleet_json("node", "stop", "www2", "-t", T1)
+    assert [(d["node"], d["action"]) for d in done] == [("www2", "stop")]
+    assert not before.alive()
+    assert [v.state for v in Engine().list("www2")] == ["stopped"]
+    assert ns_ping(T1, "monitor", addr, count=2).returncode != 0
+    done = megafleet_json("node", "start", "www2", "-t", T1, timeout=300)
+    assert [(d["node"], d["action"]) for d in done] == [("www2", "start")]
+    assert [v.state for v in Engine().list("www2")] == ["running"]
+    assert _guest_pid("www2") != pid
+    assert _guest_addr(T1, "www2") == addr
+    assert _wait_ping(T1, "monitor", addr, 20)
+
+
 def test_capture_of_ten_pings_reads_twenty_icmp(campus, tmp_path):
     pcap = tmp_path / "p.pcap"
     cap = subprocess.Popen([sys.executable, "-m", "megafleet", "capture", "probe1",
@@ -196,7 +257,7 @@ router r2 {{
 router r3 {{
   iface left auto
   iface bottom auto
-  ospf area 0 cost 50
+  ospf area 0 cost 50 daemon bird
 }}
 router r4 {{
   iface right auto
@@ -278,6 +339,41 @@ def test_killing_the_preferred_router_reroutes(square):
     assert _wait_ping(T2, "a", b_addr, 30)
 
 
+def test_stopping_a_router_stops_its_daemons_and_routing_goes_around_it(square):
+    b_addr = _addr(T2, "b")
+    assert _wait_path(T2, "a", b_addr, "r2", 30)
+
+    # The BIRD router (one process) off the preferred path: stopped, traffic
+    # keeps going through r2; started again, a new process.
+    bird = _daemons(T2, "r3")
+    assert set(bird) == {"bird"} and bird["bird"].alive()
+    r3_addrs = _addrs(T2, "r3")
+    megafleet("node", "stop", "r3", "-t", T2)
+    assert not bird["bird"].alive()
+    assert _wait_ping(T2, "a", b_addr, 10)
+    megafleet("node", "start", "r3", "-t", T2)
+    again = _daemons(T2, "r3")
+    assert set(again) == {"bird"} and again["bird"].alive() and again["bird"].pid != bird["bird"].pid
+    assert _addrs(T2, "r3") == r3_addrs
+
+    # The FRR router on the preferred path: its daemons stop, and routing goes
+    # around it, through the BIRD router started again just now.
+    daemons = _daemons(T2, "r2")
+    assert set(daemons) == {"zebra", "ospfd"} and all(p.alive() for p in daemons.values())
+    r2_addrs = _addrs(T2, "r2")
+    megafleet("node", "stop", "r2", "-t", T2)
+    assert not any(p.alive() for p in daemons.values())
+    assert _wait_ping(T2, "a", b_addr, 30), "no route around the stopped router"
+    assert _path(T2, "a", b_addr) == "r3"
+    megafleet("node", "start", "r2", "-t", T2)
+    again = _daemons(T2, "r2")
+    assert set(again) == {"zebra", "ospfd"} and all(p.alive() for p in again.values())
+    assert not {p.pid for p in again.values()} & {p.pid for p in daemons.values()}
+    assert _addrs(T2, "r2") == r2_addrs
+    assert _wait_path(T2, "a", b_addr, "r2", 30), "r2 started again but carries no traffic"
+    assert _wait_ping(T2, "a", b_addr, 10)
+
+
 def test_qemu_guest_restart_comes_back_with_the_same_address(square):
     before = json.loads(megafleet("exec", "q1", "-t", T2, "--json", "--", "ip", "-o", "-4", "addr", "show",
                                   "eth0").stdout)
@@ -295,6 +391,38 @@ def test_qemu_guest_restart_comes_back_with_the_same_address(square):
 def _guest_pid(name: str) -> int | None:
     from megafleet.vm.engine import Engine
     return next(v.pid for v in Engine().list(name))
+
+
+def _guest_addr(testbed: str, node: str) -> str:
+    """A guest's IPv4 address on eth0, as the guest itself has it."""
+    r = json.loads(megafleet("exec", node, "-t", testbed, "--json", "--", "ip", "-o", "-4", "addr", "show",
+                             "eth0").stdout)
+    return r["nodes"][0]["stdout"].split("inet ")[1].split("/")[0]
+
+
+def _daemons(testbed: str, router: str) -> dict:
+    """A namespace router's routing daemons as recorded: daemon -> RecordedProcess."""
+    from megafleet.ledger import Ledger
+    from megafleet.proc import RecordedProcess
+    prefix = f"{testbed}/frr/{router}/"
+    return {r.key[len(prefix):]: RecordedProcess(r.data["pid"], r.data["start"])
+            for r in Ledger().list("net", "process") if r.key.startswith(prefix) and "pid" in r.data}
+
+
+def _addrs(testbed: str, node: str) -> list[str]:
+    """Every global address of a namespace node (both families), sorted."""
+    out = subprocess.run(["ip", "-n", f"{testbed}-{node}", "-o", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True).stdout
+    return sorted(line.split()[3] for line in out.splitlines())
+
+
+def _wait_path(testbed: str, node: str, addr: str, router: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _path(testbed, node, addr) != router:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+    return True
 
 
 def _addr(testbed: str, node: str) -> str:
