@@ -16,6 +16,7 @@ operation the kernel refused) out.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -23,7 +24,7 @@ import struct
 from dataclasses import dataclass, field
 
 NETLINK_ROUTE = 0
-RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 20, 24
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 17, 20, 24
 NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 IFF_UP = 0x1
@@ -202,11 +203,13 @@ def route_socket() -> socket.socket:
 
 def _send_on(sock: socket.socket, messages: list[tuple[bytes, str]]) -> None:
     """Send a batch and wait for every acknowledgement; raise CnetError naming
-    the first operation refused."""
+    the first operation refused. Every acknowledgement is read before that
+    (the socket may serve the next batch: a stale one would answer it)."""
     if not messages:
         return
     sock.sendall(b"".join(m for m, _ in messages))
     pending = len(messages)
+    first_error: CnetError | None = None
     while pending:
         data = sock.recv(65536)
         offset = 0
@@ -215,9 +218,16 @@ def _send_on(sock: socket.socket, messages: list[tuple[bytes, str]]) -> None:
             if kind == NLMSG_ERROR:
                 (code,) = struct.unpack_from("=i", data, offset + 16)
                 pending -= 1
-                if code != 0:
-                    raise CnetError(-code, f"{messages[seq - 1][1]}: {os.strerror(-code)}")
+                if code != 0 and first_error is None:
+                    first_error = CnetError(-code, f"{messages[seq - 1][1]}: {os.strerror(-code)}")
             offset += (length + 3) & ~3
+    if first_error is not None:
+        raise first_error
+
+
+def del_message(name: str, seq: int) -> bytes:
+    """RTM_DELLINK of the link called `name` in the socket's namespace."""
+    return _header(RTM_DELLINK, 0, seq, _ifinfo(0) + _attr(IFLA_IFNAME, name.encode() + b"\0"))
 
 
 def host_indexes(nics: tuple[Nic, ...]) -> dict[str, int]:
@@ -259,8 +269,26 @@ def move_in(nics: tuple[Nic, ...], host_sock: socket.socket, netns_fd: int,
     """Over `host_sock`, give each NIC its end inside the namespace of
     `netns_fd`: a veth pair created with the far end born there (a NIC with a
     bridge), or the existing host-side end moved in; renamed, with its MAC;
-    left down."""
-    _send_on(host_sock, _host_messages(nics, netns_fd, indexes))
+    left down.
+
+    A host end still there under its name is the previous incarnation's of
+    the same guest (a restart or a retry): killing a container leaves the
+    deletion of its network namespace, and with it its veth pairs, to the
+    kernel's work queue, which may not have run yet. It is deleted and the
+    creation made again, once (names are unique per host: issue 13)."""
+    try:
+        _send_on(host_sock, _host_messages(nics, netns_fd, indexes))
+    except CnetError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+        for seq, nic in enumerate(nics, 1):
+            if nic.bridge is not None:
+                try:
+                    _send_on(host_sock, [(del_message(nic.dev, seq), f"link del {nic.dev}")])
+                except CnetError as gone:
+                    if gone.errno != errno.ENODEV:
+                        raise
+        _send_on(host_sock, _host_messages(nics, netns_fd, indexes))
 
 
 def _sysctl(key: str, value: str, required: bool = True) -> None:

@@ -209,3 +209,30 @@ def test_idle_container_costs_what_one_without_agent_costs(tiny, root_only):
         assert_nothing_left("mfvi")
     finally:
         trio.run(lambda: engine.teardown("mfvi*"))
+
+
+def test_a_host_end_left_by_a_previous_incarnation_is_replaced(tiny, root_only):
+    """A killed container's veth pair goes with its network namespace, which
+    the kernel deletes later, from a work queue: a restart right after finds
+    the host end's name still taken. The launcher deletes that stale end and
+    creates the pair again (was: EEXIST, the guest failed)."""
+    bridge, host = "mfvhbr1", "mfvhs0"
+    _ip("link", "add", bridge, "type", "bridge")
+    # What the previous incarnation left: a veth under the host end's name,
+    # its peer (standing in for the dying namespace's end) beside it.
+    _ip("link", "add", host, "type", "veth", "peer", "name", "mfvhs0old")
+    engine = Engine(timeout_s=60)
+    spec = GuestSpec(name="mfvhs", image="tiny", driver="container",
+                     nics=[NicSpec(mac="52:54:00:77:00:01", kind="veth", ifname=host, bridge=bridge)],
+                     config=GuestConfig(name="mfvhs", nics=(NicConfig(mac="52:54:00:77:00:01",
+                                                                       addresses=("10.251.7.2/24",)),)))
+    try:
+        report = trio.run(lambda: engine.apply([spec]))
+        assert [r.name for r in report.ready] == ["mfvhs"], [(r.name, r.reason) for r in report.failed]
+        assert not Path("/sys/class/net/mfvhs0old").exists()
+        assert os.path.basename(os.readlink(f"/sys/class/net/{host}/master")) == bridge
+    finally:
+        trio.run(lambda: engine.teardown("mfvhs"))
+        subprocess.run(["ip", "link", "del", "mfvhs0old"], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    assert_nothing_left("mfvhs")
