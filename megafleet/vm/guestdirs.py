@@ -7,9 +7,9 @@ as long as the guest and hold nothing worth keeping past it, which is why
 Debian's /run is a tmpfs. Where the run directory is on a disk filesystem
 instead (this project's test machine: / is ext4 with online discard, and
 /run is on it), creating and removing them costs the journal and the discard:
-removing the directories of 5,000 containers took 11.7 of the 20.8 s of their
-`down` (bench/RESULTS.md, session 3), against under a second on a tmpfs
-(the same teardown: 13.6 s on ext4, 5.3 s on a tmpfs).
+`vm teardown` of 5,000 containers took 18.7 s with their directories there and
+5.5 s on a tmpfs, their `down` through `megafleet up` 20.4 s and 13.2 s
+(bench/density.py, bench/RESULTS.md, session 4).
 
 So, run as root on such a host, the engine mounts a tmpfs on ``RUN/vm`` before
 it records its first guest and unmounts it after its last guest is gone.
