@@ -89,7 +89,10 @@ def test_every_read_answers_its_documented_schema(server, campus):
         rows[kind] = r.json()["rows"]
     cdf = rows["boot-cdf"]
     assert isinstance(cdf, dict) and sum(len(v) for v in cdf.values()) >= summary["guests"]
-    assert all(v == sorted(v) and all(d > 0 for d in v) for v in cdf.values())
+    # Non-negative, not positive: a guest whose engine stopped before its ready
+    # line is timed by its own uptime at that line (host.settle_guests), which a
+    # container may print within /proc/uptime's 10 ms: 0.0.
+    assert all(v == sorted(v) and all(d >= 0 for d in v) for v in cdf.values())
     names = {n["name"] for n in nodes if n["kind"] == "vm"}
     busy = [row for row in rows["top-cpu"] if row["guest"] in names]
     assert busy and all(row["cpu_pct"] >= 0 for row in busy), rows["top-cpu"][:5]
