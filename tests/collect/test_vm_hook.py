@@ -57,12 +57,17 @@ def test_collector_follows_a_real_guest(tiny_image, tmp_path):
                 # for a collector running in its own process.
                 report = await engine.apply(specs)
                 assert [r.outcome for r in report.results] == ["ready"], report.to_dict()
-                # Until the guest was sampled running and its agent spoke (a
-                # condition, not a fixed time: TCG on a loaded machine is slow).
+                # Until the guest was sampled running, its agent spoke and its
+                # boot event is stored (a condition, not a fixed time: TCG on a
+                # loaded machine is slow). A sample can say running before the
+                # engine's record does (the ready line is on the console), and
+                # the boot event comes from the record, on a later pass: torn
+                # down before that pass, the guest would have none.
                 with trio.fail_after(180):
                     while not (store.count(D.SAMPLES, {"meta.kind": "agent"})
                                and store.count(D.SAMPLES, {"state": "running",
-                                                           "rss_kb": {"$gt": 10_000}})):
+                                                           "rss_kb": {"$gt": 10_000}})
+                               and store.count(D.EVENTS, {"event": "boot"})):
                         await trio.sleep(0.5)
             finally:
                 await engine.teardown("mfc-*")
