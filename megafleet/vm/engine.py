@@ -202,12 +202,17 @@ class Engine:
         become_subreaper()
 
         existing = {r.name: r for r in self.state.list()}
+        # Each recorded guest's process checked once (/proc reads: at a
+        # thousand running guests, a reconciling `up` spent a tenth of its
+        # time checking each of them twice).
+        alive = {r.name for r in existing.values()
+                 if r.state in ("running", "starting") and self._alive(r)}
         report = BootReport()
         to_boot: list[GuestSpec] = []
         stale: list[GuestRecord] = []
         for spec in specs:
             rec = existing.get(spec.name)
-            if rec is not None and rec.state in ("running", "starting") and self._alive(rec):
+            if rec is not None and rec.name in alive:
                 report.results.append(GuestResult(spec.name, rec.driver, "already",
                                                   boot_s=rec.boot_s, attempts=rec.attempts))
                 continue
@@ -218,8 +223,7 @@ class Engine:
         # Memory: what is alive now (other than the stale records) plus the new boot.
         stale_names = {r.name for r in stale}
         running = [(r.driver, int(r.spec.get("mem_mb", 0))) for r in existing.values()
-                   if r.name not in stale_names and r.state in ("running", "starting")
-                   and self._alive(r)]
+                   if r.name not in stale_names and r.name in alive]
         self.admit(to_boot, running)
 
         if stale:

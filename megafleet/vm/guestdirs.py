@@ -128,14 +128,13 @@ def release_tmpfs(ledger: Ledger) -> None:
     Call with `host_lock` held, once no guest is recorded any more. A mount
     still in use by a stray process is detached (lazy unmount): it goes with
     that process."""
-    base = str(guests_dir())
-    for res in ledger.list(OWNER, KIND):
-        if res.key != base:             # another run directory's, with its own guests
-            continue
-        path = Path(res.key)
-        if is_mount_point(path):
-            done = subprocess.run(["umount", str(path)], capture_output=True, text=True)
-            if done.returncode != 0:
-                subprocess.run(["umount", "--lazy", str(path)], capture_output=True, check=False)
-        if not is_mount_point(path):
-            ledger.forget(OWNER, KIND, res.key)
+    # Only this run directory's: another one's mount has guests of its own.
+    base = guests_dir()
+    if not any(res.key == str(base) for res in ledger.list(OWNER, KIND)):
+        return
+    if is_mount_point(base):
+        done = subprocess.run(["umount", str(base)], capture_output=True, text=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", "--lazy", str(base)], capture_output=True, check=False)
+    if not is_mount_point(base):
+        ledger.forget(OWNER, KIND, str(base))

@@ -4,6 +4,7 @@ recorded, kept while any guest of any engine is, unmounted with the last."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,7 +43,6 @@ def disk_run_dir(monkeypatch, root_only):
     yield base
     if guestdirs.is_mount_point(base / "run" / "vm"):       # a failed test's: do not leak it
         trio.run(lambda: Engine().teardown("*"))
-    import shutil
     shutil.rmtree(base, ignore_errors=True)
 
 
