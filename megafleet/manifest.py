@@ -113,9 +113,17 @@ class HostManifest:
 
     def digest(self) -> str:
         """What decides whether a running testbed matches this manifest: its network
-        and guests (daemon settings may change between two applies)."""
-        body = {"testbed": self.testbed, "host": self.host, "net": self.net}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        and guests (daemon settings may change between two applies). Computed
+        once per (testbed, host, net object): `net` is plain data nobody
+        modifies (see to_json), and an apply asked for it three times, each a
+        JSON text of every guest."""
+        memo = self.__dict__.get("_digest_memo")
+        if memo is None or memo[0] != (self.testbed, self.host) or memo[1] is not self.net:
+            body = {"testbed": self.testbed, "host": self.host, "net": self.net}
+            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            memo = ((self.testbed, self.host), self.net, digest)
+            self.__dict__["_digest_memo"] = memo
+        return memo[2]
 
     def counts(self) -> dict[str, int]:
         from megafleet.vm.driver import DRIVER_KINDS

@@ -397,6 +397,7 @@ def item_from_json(d: dict[str, Any]):
 
 # The Plan fields that hold items (what a partial plan of new items fills).
 ITEM_LISTS = ("bridges", "vde", "ports", "p2p", "trunks", "wires", "vxlan")
+_DIGEST_CHUNK = 1024        # items per json.dumps in Plan.compute_digest
 
 
 @dataclass
@@ -532,11 +533,14 @@ class Plan:
             h.update((", " if i else "").encode() + json.dumps(name).encode() + b": ")
             value = getattr(self, name)
             if name in ITEM_LISTS or name == "vms":
+                # A thousand items per json.dumps: the text of a list is its
+                # items' texts joined by ", ", so the digest is the same, and
+                # one call per item was a third of a 1,000-guest plan's time.
                 h.update(b"[")
-                for j, item in enumerate(value):
-                    data = item.to_json() if name in ITEM_LISTS else item.to_dict()
-                    h.update((", " if j else "").encode()
-                             + json.dumps(data, sort_keys=True, default=str).encode())
+                for j in range(0, len(value), _DIGEST_CHUNK):
+                    chunk = [item.to_json() if name in ITEM_LISTS else item.to_dict()
+                             for item in value[j:j + _DIGEST_CHUNK]]
+                    h.update((b", " if j else b"") + json.dumps(chunk, sort_keys=True, default=str)[1:-1].encode())
                 h.update(b"]")
             elif name == "ns_ops":
                 # Namespace by namespace, as json.dumps(sort_keys=True) orders

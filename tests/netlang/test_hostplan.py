@@ -5,6 +5,7 @@ build is refused when compiling with its line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -113,6 +114,17 @@ def test_plan_json_round_trip_is_equal_and_the_same_digest():
         "Trunk", "Wire"}
     with pytest.raises(hostplan.PlanError, match="unknown kind"):
         hostplan.item_from_json({"kind": "teleporter"})
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 1024])
+def test_plan_digest_is_the_sha256_of_its_sorted_json(monkeypatch, chunk):
+    """The digest is defined on the plan's whole JSON; it is computed a chunk
+    of items at a time, which must not change it."""
+    monkeypatch.setattr(hostplan, "_DIGEST_CHUNK", chunk)
+    p = live.plan(compile_text(PLAN_TEXT), "tb")
+    body = {k: v for k, v in p.to_json().items() if k != "digest"}
+    expected = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    assert p.compute_digest() == expected and len(p.ports) > 2
 
 
 def test_diff_names_the_items_that_changed():
