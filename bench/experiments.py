@@ -17,6 +17,11 @@
     redeploy_s             the reference, same run: `down` + `up` of that file
     redeploy_down_s        the `down` part of it
     reconcile_vs_redeploy  reconcile_s / redeploy_s (target <= 0.1)
+    settle_s               seconds waited, before the reconcile and before the
+                           redeploy, for the host to settle after the step
+                           before (density.settle: one testbed's boot storm
+                           and teardown are not the next step's cost; the
+                           testbed's collector keeps running all along)
 
 Run as root:  .venv/bin/python bench/experiments.py [--quick] [--guests N] [--only campus|lan]
 (--quick: campus with 4+4 staff/lab guests, lan1000 with 100 guests; --only:
@@ -63,6 +68,13 @@ def up(path: Path, name: str, defines: list[str], verify: bool = False) -> tuple
         args.append("--no-verify")
     r = cli(*args)
     return time.monotonic() - t0, json.loads(r.stdout)
+
+
+def settle() -> float:
+    """density.settle: seconds until the host is quiet after the step before."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import density
+    return density.settle()
 
 
 def start_ping(ns: str, addr: str) -> subprocess.Popen:
@@ -147,9 +159,13 @@ def lan(base: Path, quick: bool, guests: int | None = None) -> dict:
     try:
         first_s, _ = up(path, name, [f"guests={n}"])
         out["lan_up_s"] = round(first_s, 3)
+        settled = [settle()]
         reconcile_s, s = up(path, name, [f"guests={n + 10}"])
         assert s["ok"] and s["ready"] == n + 10, s
         out["reconcile_s"] = round(reconcile_s, 3)
+        out["reconcile_phases"] = s.get("phases")      # inside `up`: where the time went
+        settled.append(settle())
+        out["settle_s"] = settled
         t0 = time.monotonic()
         cli("down", name)
         out["redeploy_down_s"] = round(time.monotonic() - t0, 3)

@@ -288,6 +288,18 @@ def popen_kwargs(kind: str, testbed: str | None = None) -> dict:
                                          for d in leaf_dirs(testbed, kind)])}
 
 
+def procs_files(kind: str, testbed: str | None = None) -> list[str]:
+    """The cgroup.procs files a process of `testbed` (default: the current
+    `scope`'s) writes "0" into to join its `kind` cgroups itself, as the
+    container helper does first thing: its spawn then needs no preexec_fn,
+    which makes Python fork the whole engine instead of vfork (~20 ms per
+    helper at a thousand guests). [] without a testbed or cgroup support."""
+    testbed = testbed or _scope.get()
+    if testbed is None or not available():
+        return []
+    return [str(d / "cgroup.procs") for d in leaf_dirs(testbed, kind)]
+
+
 def kwargs_like(pid: int) -> dict:
     """Popen keyword arguments that start a child in the cgroups (v2 and the v1
     cpu mirror) of process `pid` when those are megafleet's: how `exec` into a

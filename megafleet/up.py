@@ -430,7 +430,7 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     if results:
         # The testbed works when its assertions hold live, not when guests are ready.
         from megafleet.experiment import verify as live_verify
-        summary.update(await live_verify.after_up(testbed, out.line, verify=verify))
+        summary.update(await live_verify.after_up(testbed, out.line, verify=verify, net=net))
         if not summary.get("verify", {}).get("ok", True):
             summary["ok"] = False
     ledger.record(CONTROLLER, "testbed", testbed, **record, summary={

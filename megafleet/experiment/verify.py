@@ -150,15 +150,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 async def after_up(testbed: str, out_line: Callable[[str], None], *, verify: bool = True,
-                   within: float = 60.0) -> dict[str, Any]:
+                   within: float = 60.0, net: Any = None) -> dict[str, Any]:
     """What `up` runs once the guests are ready: put back the links' recorded
     runtime settings (a rebuilt network lost them), verify the assertions
     (unless verify is False), then start the fault schedule in the background.
+    `net`: the description as `up` compiled it (else it is compiled again).
     Returns the summary's {"verify": ..., "schedule": ...} parts."""
     from megafleet.experiment import schedule
 
     out: dict[str, Any] = {}
     tb = control.testbed(testbed)
+    if net is not None:
+        tb.net = net
     try:
         restored = await control.on_hosts(tb, "experiment.reapply", {})
         n = sum(len(v) for v in restored.values())

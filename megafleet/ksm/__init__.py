@@ -14,3 +14,13 @@ For other packages:
 * host — `await nursery.start(Daemon().run)`; cancelling it restores the host's
   original knobs.
 """
+
+from pathlib import Path as _Path
+
+
+def socket_path() -> _Path:
+    """Where the host's KSM daemon listens for boot and teardown events. Here,
+    not in `daemon`: the vm engine looks for it before each bulk boot, and the
+    daemon module (its policy and keeper) is a tenth of a small `up`'s imports."""
+    from megafleet import paths
+    return paths.run_dir() / "ksm.sock"

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Callable
 import trio
 
 from megafleet import paths
-from megafleet.ksm import policy
+from megafleet.ksm import policy, socket_path  # noqa: F401 (socket_path: re-exported)
 from megafleet.ksm.keeper import KnobKeeper
 from megafleet.ksm.sysfs import PAGE_SIZE, KsmError, KsmSysfs, Snapshot, guest_rss_kb, meminfo
 
@@ -40,10 +40,6 @@ EVENT_KINDS = ("boot", "teardown")
 POLICY_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "advisor_mode",
                 "advisor_target_scan_time", "advisor_max_cpu")
 _limiter = trio.CapacityLimiter(2)
-
-
-def socket_path() -> Path:
-    return paths.run_dir() / "ksm.sock"
 
 
 def lock_path() -> Path:

@@ -35,7 +35,54 @@ _NL: /([ \t]*(#[^\n]*)?(\r?\n|;))+/
 %ignore /#[^\n]*/
 """
 
-_PARSER = Lark(GRAMMAR, parser="lalr", lexer="contextual", maybe_placeholders=False)
+_OPTIONS: dict = {"parser": "lalr", "lexer": "contextual", "maybe_placeholders": False}
+_PARSER: Lark | None = None
+
+
+def _parser() -> Lark:
+    """The LALR parser of GRAMMAR, built once per process.
+
+    Building it takes some 25 ms, paid by every command that reads a
+    description (a twentieth of adding ten guests to a running testbed with
+    `up`). Lark's serialised parser is kept in the cache directory under a name
+    made of lark's version, the options and the grammar, and loads in ~2 ms.
+    A cache file that does not load is rebuilt and replaced."""
+    global _PARSER
+    if _PARSER is None:
+        _PARSER = _load_or_build()
+    return _PARSER
+
+
+def _load_or_build() -> Lark:
+    import hashlib
+    import os
+
+    import lark
+
+    from megafleet import paths
+
+    key = hashlib.sha256(f"{lark.__version__}\n{sorted(_OPTIONS.items())}\n{GRAMMAR}".encode()).hexdigest()
+    try:
+        path = paths.cache_dir() / "netlang" / f"parser-{key[:16]}.lark"
+    except OSError:                 # no cache directory to be had: build every time
+        return Lark(GRAMMAR, **_OPTIONS)
+    try:
+        with open(path, "rb") as f:
+            return Lark.load(f)
+    except FileNotFoundError:
+        pass
+    except Exception:       # noqa: BLE001 - a cache: truncated, or from another lark build
+        pass
+    parser = Lark(GRAMMAR, **_OPTIONS)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        with open(tmp, "wb") as f:
+            parser.save(f)
+        os.replace(tmp, path)       # whole or not at all, for a concurrent reader
+    except OSError:
+        pass
+    return parser
 
 _PARAM_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -112,7 +159,7 @@ def parse_text(text: str, file: str, diags: Diagnostics) -> list[Stmt]:
     if not text.endswith("\n"):
         text += "\n"
     try:
-        tree = _PARSER.parse(text)
+        tree = _parser().parse(text)
     except UnexpectedInput as err:
         loc, message = _syntax_error(err, file, text)
         diags.error(loc, message)

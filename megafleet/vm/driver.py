@@ -177,6 +177,9 @@ class Driver:
     # Teardown sends SIGTERM and waits a grace period (a clean exit), or, when
     # True, SIGKILL at once (nothing in the guest needs a clean exit).
     kill_on_teardown = False
+    # `open` starts helper processes that take a while to come up: the engine
+    # opens the session before it checks the guests on record, not after.
+    open_early = False
 
     def admission_kind(self) -> str:
         """'tcg', 'kvm' or 'container': how expensive a boot is (admission)."""

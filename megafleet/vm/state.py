@@ -115,6 +115,10 @@ class VmState:
                                  (name,)).fetchone()
         return _record(row) if row else None
 
+    def names(self) -> set[str]:
+        """The names of the guests on record (any state), without their rows."""
+        return {row[0] for row in self._db().execute("SELECT name FROM guests")}
+
     def list(self, pattern: str = "*") -> list[GuestRecord]:
         rows = self._db().execute(f"SELECT {','.join(_COLUMNS)} FROM guests ORDER BY created, name")
         return [r for r in map(_record, rows) if fnmatch.fnmatchcase(r.name, pattern)]

@@ -251,3 +251,21 @@ def test_ospf6_for_ipv6_networks():
     assert "router ospf6\n ospf6 router-id 10.0.0.1" in conf["ospf6d"]
     v4only = compile_text("pool p 10.0.0.0/16\nswitch lan\nrouter a on lan ospf\n")
     assert "ospf6d" not in frr.configs(v4only, "a")
+
+
+def test_parser_is_kept_in_the_cache_and_rebuilt_when_its_file_is_bad(tmp_path, monkeypatch):
+    """The built parser is saved once and loaded after that; a truncated cache
+    file is replaced by a good one, and the parser it gives parses alike."""
+    from megafleet.netlang import parser as P
+
+    monkeypatch.setenv("MEGAFLEET_CACHE", str(tmp_path))
+    text = "switch s1\nhost h1 on s1 { ip 10.0.0.1/24 }\n"
+    expected = P.Lark(P.GRAMMAR, **P._OPTIONS).parse(text)
+    built = P._load_or_build()
+    [saved] = (tmp_path / "netlang").glob("parser-*.lark")
+    assert built.parse(text) == expected
+    assert P._load_or_build().parse(text) == expected          # from the file
+    saved.write_bytes(saved.read_bytes()[:100])
+    assert P._load_or_build().parse(text) == expected          # rebuilt
+    assert P.Lark.load(saved.open("rb")).parse(text) == expected
+    assert [p.name for p in (tmp_path / "netlang").iterdir()] == [saved.name]   # no temporary left

@@ -9,10 +9,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import trio
 
 from megafleet.imagegen.contract import GuestConfig, NicConfig
 from megafleet.vm import admission
-from megafleet.vm.engine import ConsoleWatcher, console_tail, kernel_panic, find_ready
+from megafleet.vm.engine import ConsoleChanges, ConsoleWatcher, console_tail, kernel_panic, find_ready
 from megafleet.vm.spec import (BootReport, GuestResult, GuestSpec, NicSpec, SpecError,
                                    percentile, validate, validate_all)
 from megafleet.vm.state import GuestRecord, VmState
@@ -159,6 +160,38 @@ def test_console_watcher_reads_incrementally(tmp_path):
     assert ready.name == "web1" and ready.uptime == 1.25
     assert find_ready(log).name == "web1"
     assert console_tail(log, lines=1) == "MEGAFLEET-READY name=web1 uptime=1.25 mode=vm"
+
+
+def test_console_changes_wake_the_wait_of_that_guest_only(tmp_path):
+    """Real inotify: a write to one guest's console.log (also its creation)
+    sets that guest's armed event; other files and other guests' do not."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+
+    async def main() -> None:
+        changes = ConsoleChanges()
+        assert changes.enabled
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(changes.run)
+                for path, text, woken_a, woken_b in ((a / "agent.log", "x", False, False),
+                                                     (b / "console.log", "created", False, True),
+                                                     (a / "console.log", "created", True, False),
+                                                     (a / "console.log", "created and more", True, False)):
+                    ea, eb = changes.arm(a), changes.arm(b)
+                    path.write_text(text)
+                    with trio.move_on_after(0.5):
+                        await (ea if woken_a else eb).wait()
+                    await trio.sleep(0.05)
+                    assert (ea.is_set(), eb.is_set()) == (woken_a, woken_b), path
+                changes.disarm(a)
+                changes.disarm(b)
+                nursery.cancel_scope.cancel()
+        finally:
+            changes.close()
+
+    trio.run(main)
 
 
 def test_qemu_command_line(tmp_path):
