@@ -1,6 +1,7 @@
 """The bulk boot and teardown engine of one host.
 
-`Engine.apply` boots many guests: it validates every spec, checks the memory
+`Engine.apply` boots many guests: it validates every spec (the guest config of
+those it boots: a running guest keeps its own), checks the memory
 budget, records every guest and everything it will create, then starts guests
 under admission control (a bounded, load-adapted number booting at once, per
 driver kind), waits for each guest's ready line with a per-attempt timeout,
@@ -30,9 +31,9 @@ from megafleet.vm import admission, guestdirs
 from megafleet.vm.driver import (DRIVER_KINDS, Driver, StartFailed, become_subreaper, driver_kind,
                                  process_from_pidfile)
 from megafleet.vm.spec import (BootReport, GuestResult, GuestSpec, Progress, SpecError,
-                                   validate_all)
+                                   validate_all, validate_config)
 from megafleet.vm.guestdirs import guests_dir
-from megafleet.vm.state import OWNER, GuestRecord, VmState
+from megafleet.vm.state import OWNER, GuestRecord, GuestStatus, VmState
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 1
@@ -276,7 +277,9 @@ class Engine:
 
     async def apply(self, specs: list[GuestSpec], *, progress: Progress | None = None) -> BootReport:
         started = time.monotonic()
-        specs = validate_all(list(specs))
+        # Each spec's guest config is checked once it is known to boot (below,
+        # before anything is recorded or made): a running guest keeps its own.
+        specs = validate_all(list(specs), config=False)
         images = self._resolve_images(specs)
         become_subreaper()
 
@@ -305,7 +308,7 @@ class Engine:
                      progress: Progress | None, started: float) -> BootReport:
         """apply, with the drivers in `opened` open already (each removed from
         it once the boots closed it)."""
-        existing = {r.name: r for r in self.state.list()}
+        existing = {r.name: r for r in self.state.statuses()}
         # Each recorded guest's process checked once (/proc reads: at a
         # thousand running guests, a reconciling `up` spent a tenth of its
         # time checking each of them twice).
@@ -313,7 +316,7 @@ class Engine:
                  if r.state in ("running", "starting") and self._alive(r)}
         report = BootReport()
         to_boot: list[GuestSpec] = []
-        stale: list[GuestRecord] = []
+        stale: list[GuestStatus] = []
         for spec in specs:
             rec = existing.get(spec.name)
             if rec is not None and rec.name in alive:
@@ -324,9 +327,12 @@ class Engine:
                 stale.append(rec)
             to_boot.append(spec)
 
+        for spec in to_boot:
+            validate_config(spec)
+
         # Memory: what is alive now (other than the stale records) plus the new boot.
         stale_names = {r.name for r in stale}
-        running = [(r.driver, int(r.spec.get("mem_mb", 0))) for r in existing.values()
+        running = [(r.driver, r.mem_mb) for r in existing.values()
                    if r.name not in stale_names and r.name in alive]
         self.admit(to_boot, running)
 
@@ -521,14 +527,14 @@ class Engine:
 
     # ------------------------------------------------------------- teardown
 
-    def _handle(self, rec: GuestRecord) -> dict[str, Any]:
+    def _handle(self, rec: GuestRecord | GuestStatus) -> dict[str, Any]:
         """The guest's handle with the pid the engine saw (when it saw one)."""
         handle = dict(rec.handle)
         if rec.pid and rec.pid_start is not None:
             handle.update(pid=rec.pid, pid_start=rec.pid_start)
         return handle
 
-    def _alive(self, rec: GuestRecord) -> bool:
+    def _alive(self, rec: GuestRecord | GuestStatus) -> bool:
         return self._recorded_driver(rec.driver).alive(self._handle(rec))
 
     async def stop(self, pattern: str = "*", *, force: bool = False) -> list[str]:

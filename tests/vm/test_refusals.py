@@ -52,3 +52,16 @@ def test_bad_spec_is_refused_whole(tiny):
         trio.run(lambda: Engine().apply(specs))
     assert VmState().list("mfvbad*") == []
     assert [r for r in Ledger().list(owner=OWNER) if r.data.get("guest", "").startswith("mfvbad")] == []
+
+
+def test_bad_guest_config_is_refused_before_anything_is_made(tiny):
+    """The engine checks a guest's config (its kernel arguments) once it knows
+    the guest boots: still before anything is recorded or started."""
+    from megafleet.imagegen.contract import GuestConfig
+
+    specs = [GuestSpec(name="mfvcfg1", image="tiny"),
+             GuestSpec(name="mfvcfg2", image="tiny", config=GuestConfig(name="mfvcfg2", gateway="300.1.1.1"))]
+    with pytest.raises(SpecError, match="guest mfvcfg2: config: .*300.1.1.1"):
+        trio.run(lambda: Engine().apply(specs))
+    assert VmState().list("mfvcfg*") == []
+    assert [r for r in Ledger().list(owner=OWNER) if r.data.get("guest", "").startswith("mfvcfg")] == []

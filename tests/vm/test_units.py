@@ -16,7 +16,7 @@ from megafleet.vm import admission
 from megafleet.vm.engine import ConsoleChanges, ConsoleWatcher, console_tail, kernel_panic, find_ready
 from megafleet.vm.spec import (BootReport, GuestResult, GuestSpec, NicSpec, SpecError,
                                    percentile, validate, validate_all)
-from megafleet.vm.state import GuestRecord, VmState
+from megafleet.vm.state import GuestRecord, GuestStatus, VmState
 
 
 def test_parallel_boots_follows_cpus_and_load():
@@ -142,6 +142,15 @@ def test_state_rows_round_trip(tmp_path):
     assert (rec.state, rec.reason, rec.console_tail, rec.attempts, rec.handle) == (
         "failed", "boom", "panic", 2, {"gdir": "/x"})
     assert [r.name for r in state.list("mfvs[02]")] == ["mfvs0", "mfvs2"]
+    # The engine's view of the same rows: no spec, its memory from it.
+    state.update("mfvs2", pid=4242, pid_start=17, boot_s=1.5)
+    statuses = {g.name: g for g in state.statuses()}
+    assert state.names() == set(statuses) == {"mfvs0", "mfvs1", "mfvs2"}
+    assert statuses["mfvs2"] == GuestStatus("mfvs2", "qemu", "starting", 4242, 17, 1.5, 0, 0, {"gdir": "/x"})
+    state.put_many([GuestRecord(name="mfvs3", driver="container", image="tiny", spec={"mem_mb": 96},
+                                state="running")])
+    assert [g.mem_mb for g in state.statuses() if g.name == "mfvs3"] == [96]
+    state.delete_many(["mfvs3"])
     with pytest.raises(ValueError):
         state.update("mfvs0", state="exploded")
     state.delete_many(["mfvs0", "mfvs1", "mfvs2"])
