@@ -16,14 +16,16 @@
     reconcile_s            lan1000 up: `up` of the file with 10 guests more
     redeploy_s             the reference, same run: `down` + `up` of that file
     redeploy_down_s        the `down` part of it
-    reconcile_vs_redeploy  reconcile_s / redeploy_s (target <= 0.1)
+    reconcile_vs_redeploy  reconcile_s / redeploy_s (target <= 0.1); these four
+                           are medians of --rounds rounds (default 3), each
+                           round's in the *_rounds keys
     settle_s               seconds waited, before the reconcile and before the
                            redeploy, for the host to settle after the step
                            before (density.settle: one testbed's boot storm
                            and teardown are not the next step's cost; the
                            testbed's collector keeps running all along)
 
-Run as root:  .venv/bin/python bench/experiments.py [--quick] [--guests N] [--only campus|lan]
+Run as root:  .venv/bin/python bench/experiments.py [--quick] [--guests N] [--only campus|lan] [--rounds R]
 (--quick: campus with 4+4 staff/lab guests, lan1000 with 100 guests; --only:
 one of the two parts.) Full size boots 200 + 1010 container guests: run it
 under the heavy-run lock:
@@ -37,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,32 +151,46 @@ def campus(base: Path, quick: bool) -> dict:
     return out
 
 
-def lan(base: Path, quick: bool, guests: int | None = None) -> dict:
+def lan(base: Path, quick: bool, guests: int | None = None, rounds: int = 3) -> dict:
+    """lan1000's reconcile against its redeploy, `rounds` times: each round
+    adds 10 guests with `up` (the reconcile), then takes the testbed `down`
+    and `up` again with them (the redeploy), then goes back to N guests with
+    an `up` that is not timed. The figures are the medians of the rounds (one
+    round's redeploy varies by a second on this machine); every round's
+    figures are in the *_rounds keys."""
     name = "mfxbl"
     n = guests or (100 if quick else 1000)
     text = (REPO / "examples" / "lan1000.fleet").read_text().replace(
         'image tiny from "images/tiny.toml"', f'image tiny from "{REPO}/examples/images/tiny.toml"')
     path = base / "lan.fleet"
     path.write_text(text)
-    out: dict = {"lan_guests": n}
+    out: dict = {"lan_guests": n, "rounds": rounds}
+    reconciles, redeploys, downs, settled, phases = [], [], [], [], []
     try:
         first_s, _ = up(path, name, [f"guests={n}"])
         out["lan_up_s"] = round(first_s, 3)
-        settled = [settle()]
-        reconcile_s, s = up(path, name, [f"guests={n + 10}"])
-        assert s["ok"] and s["ready"] == n + 10, s
-        out["reconcile_s"] = round(reconcile_s, 3)
-        out["reconcile_phases"] = s.get("phases")      # inside `up`: where the time went
-        settled.append(settle())
-        out["settle_s"] = settled
-        t0 = time.monotonic()
-        cli("down", name)
-        out["redeploy_down_s"] = round(time.monotonic() - t0, 3)
-        up(path, name, [f"guests={n + 10}"])
-        out["redeploy_s"] = round(time.monotonic() - t0, 3)
-        out["reconcile_vs_redeploy"] = round(out["reconcile_s"] / out["redeploy_s"], 4)
+        for i in range(rounds):
+            if i:
+                up(path, name, [f"guests={n}"])          # back to N (a reconcile removing 10)
+            settled.append(settle())
+            reconcile_s, s = up(path, name, [f"guests={n + 10}"])
+            assert s["ok"] and s["ready"] == n + 10, s
+            reconciles.append(round(reconcile_s, 3))
+            phases.append(s.get("phases"))               # inside `up`: where the time went
+            settled.append(settle())
+            t0 = time.monotonic()
+            cli("down", name)
+            downs.append(round(time.monotonic() - t0, 3))
+            up(path, name, [f"guests={n + 10}"])
+            redeploys.append(round(time.monotonic() - t0, 3))
     finally:
         cli("down", name, check=False)
+    ratios = [round(r / d, 4) for r, d in zip(reconciles, redeploys)]
+    out.update(reconcile_s=statistics.median(reconciles), redeploy_s=statistics.median(redeploys),
+               redeploy_down_s=statistics.median(downs),
+               reconcile_vs_redeploy=statistics.median(ratios),
+               reconcile_s_rounds=reconciles, redeploy_s_rounds=redeploys,
+               reconcile_vs_redeploy_rounds=ratios, reconcile_phases=phases, settle_s=settled)
     return out
 
 
@@ -182,6 +199,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (see the module text)")
     ap.add_argument("--guests", type=int, default=None, help="lan guests before the 10 added (default 1000; 100 with --quick)")
     ap.add_argument("--only", choices=("campus", "lan"), default=None, help="run one part only")
+    ap.add_argument("--rounds", type=int, default=3, help="lan reconcile/redeploy rounds (medians reported)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root")
@@ -193,7 +211,7 @@ def main() -> None:
         if args.only in (None, "campus"):
             result.update(campus(base, args.quick))
         if args.only in (None, "lan"):
-            result.update(lan(base, args.quick, args.guests))
+            result.update(lan(base, args.quick, args.guests, args.rounds))
         result["load"] = os.getloadavg()[0]
         print(json.dumps(result))
     finally:
