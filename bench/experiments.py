@@ -75,7 +75,8 @@ def up(path: Path, name: str, defines: list[str], verify: bool = False) -> tuple
 
 def settle() -> float:
     """density.settle: seconds until the host is quiet after the step before."""
-    sys.path.insert(0, str(REPO / "bench"))
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
     import density
     return density.settle()
 

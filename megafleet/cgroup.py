@@ -281,11 +281,8 @@ def popen_kwargs(kind: str, testbed: str | None = None) -> dict:
     """Keyword arguments for subprocess.Popen/run (or trio's open_process) that
     start the child inside the cgroup, before it can fork: ``{"preexec_fn": f}``,
     or ``{}`` when there is no testbed in scope or no cgroup support."""
-    testbed = testbed or _scope.get()
-    if testbed is None or not available():
-        return {}
-    return {"preexec_fn": _preexec_into([str(d / "cgroup.procs").encode()
-                                         for d in leaf_dirs(testbed, kind)])}
+    procs = procs_files(kind, testbed)
+    return {"preexec_fn": _preexec_into([p.encode() for p in procs])} if procs else {}
 
 
 def procs_files(kind: str, testbed: str | None = None) -> list[str]:

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import trio
 
 from megafleet import cgroup, locks, proc
-from megafleet.experiment.refs import LinkRef, LinkSettings
+from megafleet.experiment.refs import IMPAIRMENTS, LinkRef, LinkSettings
 from megafleet.gproc import handlers
 from megafleet.ledger import Ledger
 from megafleet.names import check_name, ifname
@@ -186,7 +186,7 @@ def wf_lines(settings: dict[str, Any]) -> list[str]:
 def effective(current: dict[str, Any], s: LinkSettings) -> dict[str, Any]:
     """The settings after applying `s` to `current` (dict of delay_us, jitter_us,
     loss_pct, rate_bit)."""
-    out = {k: v for k, v in current.items() if k in ("delay_us", "jitter_us", "loss_pct", "rate_bit")}
+    out = {k: v for k, v in current.items() if k in IMPAIRMENTS}
     names = {"delay": "delay_us", "jitter": "jitter_us", "loss": "loss_pct", "rate": "rate_bit"}
     for key in s.clear:
         out.pop(names[key], None)
@@ -507,7 +507,7 @@ def _records(t: str, ledger: Ledger) -> dict[str, dict[str, Any]]:
 
 
 def _declared(obj: LinkObjects) -> dict[str, Any]:
-    return {k: v for k, v in obj.props.items() if k in ("delay_us", "jitter_us", "loss_pct", "rate_bit")}
+    return {k: v for k, v in obj.props.items() if k in IMPAIRMENTS}
 
 
 def link_set(t: str, refs: list[LinkRef], s: LinkSettings, ledger: Ledger | None = None) -> list[dict]:

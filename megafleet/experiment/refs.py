@@ -70,6 +70,11 @@ class LinkSettings:
         return not self.to_json()
 
 
+# The settings of a LinkSettings (its fields but `clear`): the keys of a link's
+# run-time record and of the impairments in a description's link props.
+IMPAIRMENTS = ("delay_us", "jitter_us", "loss_pct", "rate_bit")
+
+
 SETTINGS = ("delay", "jitter", "loss", "rate")
 
 

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Callable
 import trio
 
 from megafleet import paths
-from megafleet.ksm import policy, socket_path  # noqa: F401 (socket_path: re-exported)
+from megafleet.ksm import policy, socket_path
 from megafleet.ksm.keeper import KnobKeeper
 from megafleet.ksm.sysfs import PAGE_SIZE, KsmError, KsmSysfs, Snapshot, guest_rss_kb, meminfo
 

@@ -146,10 +146,15 @@ class Broker:
         if self._store_since is None:
             self._store_since = self._store_start = now      # what was there before is not news
             return []
-        since = max(self._store_start, self._store_since - timedelta(seconds=LOOKBACK_S))
+        newest = self._store_since
+        since = max(self._store_start, newest - timedelta(seconds=LOOKBACK_S))
         try:
             with state.open_telemetry() as store:
-                found = queries.events(store, since)
+                # What is newer than the newest seen; faults also from the last
+                # LOOKBACK_S: a fault is stamped before it is stored, so it may
+                # arrive older than events seen already (only faults: re-reading
+                # a boot storm's events every poll to drop them was the cost).
+                found = queries.events(store, newest) + queries.events(store, since, kind="fault")
         except Exception:                  # telemetry is best effort: the stream goes on
             return []
         out = []
@@ -165,6 +170,8 @@ class Broker:
             if key in self._seen:
                 continue
             self._seen[key] = t if isinstance(t, datetime) else now
+            if doc.get("event") == "fault" and doc.get("source") == "web":
+                continue            # the API published it when it made the change
             meta = doc.get("meta") or {}
             # A fault (`megafleet link set`, `node kill`, from the CLI or the API)
             # names its testbed in a field of its own, not in meta.

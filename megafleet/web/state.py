@@ -233,7 +233,7 @@ def memory_mb() -> dict[str, int]:
 # ---------------------------------------------------------------------------
 
 # What `megafleet link set` changes at run time (its records' settings).
-IMPAIRMENTS = ("delay_us", "jitter_us", "loss_pct", "rate_bit")
+from megafleet.experiment.refs import IMPAIRMENTS  # noqa: E402
 
 
 def running_props(declared: dict[str, Any], runtime: dict[str, Any] | None) -> dict[str, Any]:

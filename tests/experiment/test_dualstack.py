@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.experiment.test_live import SLACK, _is_schedule_of, min_rtt, nothing_left, ns_ping
+from megafleet import proc
+from tests.experiment.test_live import SLACK, _guest_pid, _is_schedule_of, min_rtt, nothing_left, ns_ping
 from tests.up.conftest import REPO, TAG, megafleet, megafleet_json
 
 pytestmark = pytest.mark.root
@@ -136,18 +137,13 @@ def test_verify_exits_1_naming_file_and_line_and_follows_a_pulled_cable(dual):
     assert rc == 1
 
 
-def _started_at(pid: int) -> float:
-    """The epoch time process `pid` started (from /proc, to ~10 ms)."""
-    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+def _c1_started() -> float:
+    """The epoch time c1's process started (from /proc, to ~10 ms)."""
+    pid = _guest_pid("c1")
+    ticks = proc.start_time(pid) if pid is not None else None
+    assert ticks is not None
     uptime = float(Path("/proc/uptime").read_text().split()[0])
     return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _c1_started() -> float:
-    from megafleet.vm.engine import Engine
-    pid = next(v.pid for v in Engine().list("c1"))
-    assert pid is not None
-    return _started_at(pid)
 
 
 def _fault_events(since: float) -> list[tuple[float, str]]:

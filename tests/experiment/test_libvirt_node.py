@@ -6,13 +6,12 @@ again; `down` leaves neither domain nor namespace."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
 import pytest
 
-from tests.experiment.test_live import _wait_ping, nothing_left
+from tests.experiment.test_live import _guest_addr, _guest_pid, _wait_ping, nothing_left
 from tests.up.conftest import REPO, TAG, megafleet, megafleet_json
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.qemu, pytest.mark.slow]
@@ -35,17 +34,6 @@ def _domains() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def _guest_addr() -> str:
-    r = json.loads(megafleet("exec", GUEST, "-t", T, "--json", "--", "ip", "-o", "-4", "addr", "show",
-                             "eth0").stdout)
-    return r["nodes"][0]["stdout"].split("inet ")[1].split("/")[0]
-
-
-def _guest_pid() -> int | None:
-    from megafleet.vm.engine import Engine
-    return next(v.pid for v in Engine().list(GUEST))
-
-
 def test_libvirt_guest_verified_reachable_and_restarted_with_its_address(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root (namespaces, libvirtd)")
@@ -60,14 +48,14 @@ def test_libvirt_guest_verified_reachable_and_restarted_with_its_address(tmp_pat
         assert summary["ok"], summary
         assert summary["verify"]["checks"] == 1 and summary["verify"]["passed"] == 1, summary["verify"]
         assert GUEST in _domains()
-        addr, pid = _guest_addr(), _guest_pid()
+        addr, pid = _guest_addr(T, GUEST), _guest_pid(GUEST)
         assert pid is not None
 
         done = megafleet_json("node", "restart", GUEST, "-t", T, timeout=600)
         assert [(d["node"], d["action"]) for d in done] == [(GUEST, "restart")]
-        assert _guest_pid() not in (None, pid)
+        assert _guest_pid(GUEST) not in (None, pid)
         assert GUEST in _domains()
-        assert _guest_addr() == addr
+        assert _guest_addr(T, GUEST) == addr
         assert _wait_ping(T, "h", addr, 30)
         assert megafleet_json("verify", T, "--within", "20")["ok"]
     finally:

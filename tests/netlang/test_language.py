@@ -261,11 +261,14 @@ def test_parser_is_kept_in_the_cache_and_rebuilt_when_its_file_is_bad(tmp_path, 
     monkeypatch.setenv("MEGAFLEET_CACHE", str(tmp_path))
     text = "switch s1\nhost h1 on s1 { ip 10.0.0.1/24 }\n"
     expected = P.Lark(P.GRAMMAR, **P._OPTIONS).parse(text)
+    loads: list[int] = []                  # parsers made from the file, not built
+    real_load = P.Lark._load
+    monkeypatch.setattr(P.Lark, "_load", lambda self, *a, **k: loads.append(1) or real_load(self, *a, **k))
     built = P._load_or_build()
-    [saved] = (tmp_path / "netlang").glob("parser-*.lark")
-    assert built.parse(text) == expected
-    assert P._load_or_build().parse(text) == expected          # from the file
+    [saved] = (tmp_path / "netlang").glob("parser*.lark")
+    assert built.parse(text) == expected and loads == []
+    assert P._load_or_build().parse(text) == expected and loads == [1]      # from the file
     saved.write_bytes(saved.read_bytes()[:100])
-    assert P._load_or_build().parse(text) == expected          # rebuilt
-    assert P.Lark.load(saved.open("rb")).parse(text) == expected
+    assert P._load_or_build().parse(text) == expected and loads == [1]      # rebuilt
+    assert P._load_or_build().parse(text) == expected and loads == [1, 1]   # and saved again
     assert [p.name for p in (tmp_path / "netlang").iterdir()] == [saved.name]   # no temporary left

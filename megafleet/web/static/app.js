@@ -96,10 +96,18 @@ function setNodeState(id, state) {
   return true;
 }
 
-let redrawTimer = null;
-function redrawSoon() {   // many events at once (a storm) cost one redraw
+let redrawTimer = null, nodePageStale = false;
+function redrawSoon(nodePage = false) {   // many events at once (a storm) cost one redraw
+  nodePageStale = nodePageStale || nodePage;
   clearTimeout(redrawTimer);
-  redrawTimer = setTimeout(() => drawGraph().catch(console.error), 300);
+  redrawTimer = setTimeout(() => {
+    drawGraph().catch(console.error);
+    // An open node page shows its links' settings: they may be what changed.
+    if (nodePageStale && !$("node").hidden && $("exec-form").dataset.node) {
+      showNode($("exec-form").dataset.node).catch(console.error);
+    }
+    nodePageStale = false;
+  }, 300);
 }
 
 async function showNode(id) {
@@ -248,9 +256,7 @@ function listen() {
       const state = e.data.state === "healthy" ? null : e.data.state;
       if (megafleet.collapsed || !state || !setNodeState(e.data.node, state)) redrawSoon();
     } else if (e.kind === "link" || e.kind === "fault" || e.kind === "testbed") {
-      redrawSoon();
-      // An open node page shows its links' settings: they may be what changed.
-      if (!$("node").hidden && $("exec-form").dataset.node) showNode($("exec-form").dataset.node).catch(console.error);
+      redrawSoon(true);
     }
   };
   for (const kind of ["node", "boot", "failure", "fault", "link", "testbed", "exec", "telemetry", "error"]) {
