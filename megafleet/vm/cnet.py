@@ -1,13 +1,13 @@
 """A container's network, configured from the host over rtnetlink: no process per
 guest, no `ip` fork inside the guest.
 
-The container launcher (`nsspawn`) uses this while it is inside a new
+The container launcher (`nsspawn`) uses this around the creation of a new
 container's network namespace, before it forks the container's init there:
-veth pairs created from the host's namespace (a socket it opened there) with
-their far ends born inside (renamed ethN, with the guest's MAC, MTU), then lo
-up, addresses, static routes and gateways on a socket opened inside;
-`setup_inside` does all of it in the order the kernel does least work in (see
-there). The guest's init then only prints its ready line.
+`prepare_inside` (the namespace's defaults, from inside), `host_ends` (from the
+host's namespace: veth pairs with their host ends up on their bridges, IPv6
+off, and their far ends born inside, renamed ethN, with the guest's MAC and
+MTU), then `configure_inside` (lo up, addresses, static routes and gateways,
+on a socket opened inside). The guest's init then only prints its ready line.
 
 Stdlib only, and no megafleet import: `nsspawn` runs as ``python -I -S`` and
 imports this file by path. Plain data in, `CnetError` (an OSError naming the
@@ -106,11 +106,13 @@ def move_message(index: int, netns_fd: int, name: str, mac: str, seq: int, *,
 
 
 def veth_message(host: str, bridge_index: int, peer: str, mac: str, netns_fd: int, seq: int, *,
-                 mtu: int | None = None) -> bytes:
+                 mtu: int | None = None, up: bool = False) -> bytes:
     """RTM_NEWLINK creating a veth pair: `host` on the bridge of `bridge_index`
-    (down: `host_up_messages` brings it up); its peer `peer` with `mac`, down,
-    created directly in the namespace of `netns_fd` (what `ip link add HOST mtu N master BR type veth peer name
-    PEER address MAC mtu N netns NS numtxqueues 1 numrxqueues 1` sends).
+    (up at once with `up`); its peer `peer` with `mac`, down, created directly
+    in the namespace of `netns_fd` (what `ip link add HOST mtu N master BR up
+    type veth peer name PEER address MAC mtu N netns NS numtxqueues 1
+    numrxqueues 1` sends). A host end up before its peer has no carrier: the
+    kernel configures nothing of IPv6 on it until the peer comes up.
 
     No RCU grace period is waited for under rtnl: no link changes namespace,
     and both ends are made with one queue each way. Without the queue counts
@@ -125,43 +127,25 @@ def veth_message(host: str, bridge_index: int, peer: str, mac: str, netns_fd: in
                  + _attr(IFLA_NET_NS_FD, struct.pack("=I", netns_fd)))
     info = (_attr(IFLA_INFO_KIND, b"veth\0")
             + _attr(IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER, peer_body)))
-    body = (_ifinfo(0) + _attr(IFLA_IFNAME, host.encode() + b"\0") + mtu_attr + one_queue
+    flag = IFF_UP if up else 0
+    body = (_ifinfo(0, flag, flag) + _attr(IFLA_IFNAME, host.encode() + b"\0") + mtu_attr + one_queue
             + _attr(IFLA_MASTER, struct.pack("=I", bridge_index))
             + _attr(IFLA_LINKINFO | NLA_F_NESTED, info))
     return _header(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
-def host_up_messages(nics: tuple[Nic, ...], first_seq: int) -> list[tuple[bytes, str]]:
-    """The host ends of the veth pairs just created for `nics` (those with a
-    bridge), named (the sender is in the container's namespace by then; the
-    host socket's namespace resolves the names): no IPv6 link-local address (a
-    bridge port needs none, and its duplicate address detection would take
-    rtnl again), then up."""
-    messages: list[tuple[bytes, str]] = []
-    for nic in nics:
-        if nic.bridge is not None:
-            messages.append((no_ipv6_ll_message(0, first_seq + len(messages), name=nic.dev),
-                             f"link set {nic.dev} addrgenmode none"))
-            messages.append((up_message(0, None, first_seq + len(messages), name=nic.dev),
-                             f"link set {nic.dev} up"))
-    return messages
-
-
-def no_ipv6_ll_message(index: int, seq: int, *, name: str | None = None) -> bytes:
-    """RTM_NEWLINK: no IPv6 link-local address on link `index` (or the link
-    called `name`) when it comes up (`ip link set DEV addrgenmode none`)."""
+def no_ipv6_ll_message(index: int, seq: int) -> bytes:
+    """RTM_NEWLINK: no IPv6 link-local address on link `index` when it comes up
+    (`ip link set DEV addrgenmode none`)."""
     inet6 = _attr(IFLA_INET6_ADDR_GEN_MODE, struct.pack("=B", IN6_ADDR_GEN_MODE_NONE))
-    body = _ifinfo(0 if name else index) + (_attr(IFLA_IFNAME, name.encode() + b"\0") if name else b"")
+    body = _ifinfo(index)
     body += _attr(IFLA_AF_SPEC | NLA_F_NESTED, _attr(socket.AF_INET6 | NLA_F_NESTED, inet6))
     return _header(RTM_NEWLINK, 0, seq, body)
 
 
-def up_message(index: int, mtu: int | None, seq: int, *, name: str | None = None) -> bytes:
-    """RTM_NEWLINK: link `index` up (with `mtu`); with `name`, the link of that
-    name in the socket's namespace instead (index 0: the kernel looks it up)."""
-    body = _ifinfo(0 if name else index, IFF_UP, IFF_UP)
-    if name:
-        body += _attr(IFLA_IFNAME, name.encode() + b"\0")
+def up_message(index: int, mtu: int | None, seq: int) -> bytes:
+    """RTM_NEWLINK: link `index` up (with `mtu`)."""
+    body = _ifinfo(index, IFF_UP, IFF_UP)
     if mtu is not None:
         body += _attr(IFLA_MTU, struct.pack("=I", int(mtu)))
     return _header(RTM_NEWLINK, 0, seq, body)
@@ -250,13 +234,13 @@ def host_indexes(nics: tuple[Nic, ...]) -> dict[str, int]:
 
 def _host_messages(nics: tuple[Nic, ...], netns_fd: int, indexes: dict[str, int]) -> list[tuple[bytes, str]]:
     """The host-side messages of `nics` (`indexes` from `host_indexes`): a
-    veth pair created for each NIC with a bridge, the existing far end moved
-    in for the others."""
+    veth pair created for each NIC with a bridge (its host end up), the
+    existing far end moved in for the others."""
     messages = []
     for seq, nic in enumerate(nics, 1):
         if nic.bridge is not None:
             messages.append((veth_message(nic.dev, indexes[nic.bridge], nic.name, nic.mac, netns_fd, seq,
-                                          mtu=nic.mtu),
+                                          mtu=nic.mtu, up=True),
                              f"creating veth {nic.dev} on {nic.bridge} with {nic.name} in the container"))
         else:
             messages.append((move_message(indexes[nic.dev], netns_fd, nic.name, nic.mac, seq),
@@ -267,9 +251,9 @@ def _host_messages(nics: tuple[Nic, ...], netns_fd: int, indexes: dict[str, int]
 def move_in(nics: tuple[Nic, ...], host_sock: socket.socket, netns_fd: int,
             indexes: dict[str, int]) -> None:
     """Over `host_sock`, give each NIC its end inside the namespace of
-    `netns_fd`: a veth pair created with the far end born there (a NIC with a
-    bridge), or the existing host-side end moved in; renamed, with its MAC;
-    left down.
+    `netns_fd`: a veth pair created with the far end born there and the host
+    end up on its bridge (a NIC with a bridge), or the existing host-side end
+    moved in; renamed, with its MAC; the far end left down.
 
     A host end still there under its name is the previous incarnation's of
     the same guest (a restart or a retry): killing a container leaves the
@@ -301,43 +285,58 @@ def _sysctl(key: str, value: str, required: bool = True) -> None:
             raise CnetError(exc.errno, f"writing {key}: {exc.strerror}") from None
 
 
-def setup_inside(config: NetConfig, host_sock: socket.socket, netns_fd: int,
-                 indexes: dict[str, int]) -> None:
-    """The whole network of a container, from a (single-threaded) caller that
-    is inside the container's network namespace (`netns_fd`, fresh) and holds
-    `host_sock` (`route_socket`, opened in the host's) and `indexes`
-    (`host_indexes`, looked up in the host's). Three steps, no process:
-
-    1. inside, sysctls the NICs inherit when they arrive: for a guest with
-       IPv6 addresses no IPv6 duplicate address detection and no router
-       solicitations (addresses are static; DAD's delayed work takes the
-       kernel's global rtnl lock once per address, which a thousand guests
-       booting at once queue on), forwarding for a router;
-    2. on `host_sock`, one message per NIC: a veth pair created with its far
-       end born inside as ethN (a NIC with a bridge), or an existing far end
-       moved in and renamed; MAC set; then the host ends with no IPv6
-       link-local address, up;
-    3. inside: on a guest without IPv6 addresses no IPv6 link-local address on
-       its NICs (each is one more pass of the kernel's DAD work under rtnl),
-       lo and the NICs up (with their MTUs), addresses, static routes, gateways.
-
-    Not the `addr_gen_mode` sysctl for step 2: its handler only try-locks rtnl
-    and restarts the write(2) while another holds it, so a thousand launchers
-    moving links at once spin in it (most of the CPU of a 1,000-guest boot,
-    measured with perf on lan1000). The per-link attribute waits its turn for
-    rtnl like every netlink request. CnetError names the operation refused."""
+def prepare_inside(config: NetConfig) -> None:
+    """From inside the container's fresh network namespace, before its NICs
+    arrive: the defaults they inherit. For a guest with IPv6 addresses no
+    IPv6 duplicate address detection and no router solicitations (addresses
+    are static; DAD's delayed work takes the kernel's global rtnl lock once
+    per address, which a thousand guests booting at once queue on);
+    forwarding for a router. CnetError names a setting refused."""
     if _has_ipv6(config):
-        # Without IPv6 addresses the NICs get no link-local address (step 3),
-        # so no DAD and no router solicitation to turn off; and every open of
-        # /proc/sys/net compares its dentry against one per namespace on the
-        # host (proc_sys_compare: 2.9 % of the CPU of an `up` of 5,000).
+        # Without IPv6 addresses the NICs get no link-local address
+        # (`configure_inside`), so no DAD and no router solicitation to turn
+        # off; and every open of /proc/sys/net compares its dentry against one
+        # per namespace on the host (proc_sys_compare: 2.9 % of the CPU of an
+        # `up` of 5,000).
         _sysctl("ipv6/conf/default/accept_dad", "0", required=False)
         _sysctl("ipv6/conf/default/router_solicitations", "0", required=False)
     if config.forward:
         _sysctl("ipv4/ip_forward", "1")
         _sysctl("ipv6/conf/all/forwarding", "1", required=False)
-    move_in(config.nics, host_sock, netns_fd, indexes)
-    _send_on(host_sock, host_up_messages(config.nics, 1))
+
+
+def host_ends_ipv6_off(nics: tuple[Nic, ...]) -> None:
+    """From the host's network namespace, right after `move_in` and before
+    the far ends come up: IPv6 off on the host end of every pair created
+    (a bridge port needs no address; the bridge forwards IPv6 all the same).
+
+    Why: a host end with IPv6 gets, when its carrier comes up, a route to
+    ff00::/8 in the host's table, inserted beside the one of every other
+    port (fib6_add_rt2node walks them all), and a walk of the host's whole
+    IPv6 table (fib6_ifup), again at its end (fib6_ifdown): work that grows
+    with the guests already up, under the rtnl lock. bench/container_net.py,
+    5,000 namespaces on bridges of 256 ports: 1.24 ms of network per
+    namespace with it off, 2.94 ms with it on. The sysctl, as no
+    netlink attribute sets it; its write retries while another holds rtnl,
+    which with one launcher per CPU is a short wait. A kernel without IPv6
+    has nothing to turn off."""
+    for nic in nics:
+        if nic.bridge is not None:
+            _sysctl(f"ipv6/conf/{nic.dev}/disable_ipv6", "1", required=False)
+
+
+def configure_inside(config: NetConfig) -> None:
+    """From inside the container's network namespace, its NICs there
+    (`move_in`): on a guest without IPv6 addresses no IPv6 link-local address
+    on its NICs (each would be one more pass of the kernel's DAD work under
+    rtnl), lo and the NICs up (with their MTUs), addresses, static routes,
+    gateways; one batch of rtnetlink messages, no process.
+
+    Not the `addr_gen_mode` sysctl for the link-local address: its handler
+    only try-locks rtnl and restarts the write(2) while another holds it, so
+    a thousand launchers at once spun in it (most of the CPU of a 1,000-guest
+    boot, perf on lan1000). The per-link attribute waits its turn for rtnl
+    like every netlink request. CnetError names the operation refused."""
     with route_socket() as sock:
         _send_on(sock, _config_messages(config))
 

@@ -87,7 +87,9 @@ def test_veth_message_creates_the_far_end_inside_the_namespace():
     length, kind, flags, seq, _ = struct.unpack_from("=LHHLL", msg)
     assert length == len(msg) and kind == cnet.RTM_NEWLINK and seq == 5
     assert flags & cnet.NLM_F_CREATE and flags & cnet.NLM_F_EXCL
-    assert struct.unpack_from("=BxHiII", msg, 16)[2:] == (0, 0, 0)      # up later, without IPv6
+    assert struct.unpack_from("=BxHiII", msg, 16)[2:] == (0, 0, 0)      # down unless asked
+    up = cnet.veth_message("mfh1", 9, "eth0", "52:54:00:aa:bb:cc", 42, 5, up=True)
+    assert struct.unpack_from("=BxHiII", up, 16)[2:] == (0, cnet.IFF_UP, cnet.IFF_UP)
     attrs = _attrs(msg, 16)
     assert attrs[cnet.IFLA_IFNAME] == b"mfh1\0" and struct.unpack("=I", attrs[cnet.IFLA_MASTER])[0] == 9
     info = _attrs(b"\0" * 16 + attrs[cnet.IFLA_LINKINFO | cnet.NLA_F_NESTED], 0)

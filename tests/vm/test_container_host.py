@@ -236,3 +236,45 @@ def test_a_host_end_left_by_a_previous_incarnation_is_replaced(tiny, root_only):
         subprocess.run(["ip", "link", "del", "mfvhs0old"], capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
     assert_nothing_left("mfvhs")
+
+
+def test_pairs_made_on_a_bridge_have_host_ends_without_ipv6(tiny, root_only):
+    """The launcher makes each pair from the host's namespace: host end up on
+    the bridge with IPv6 off (no ff00::/8 route per port in the host's table,
+    no link-local address), far end born in the container. The bridge still
+    forwards IPv6 between the guests."""
+    bridge = "mfvhbr2"
+    _ip("link", "add", bridge, "type", "bridge")
+    _ip("link", "set", bridge, "up")
+    engine = Engine(timeout_s=60)
+    specs = []
+    for i in range(2):
+        mac = f"52:54:00:77:01:0{i + 1}"
+        specs.append(GuestSpec(name=f"mfvhb{i + 1}", image="tiny", driver="container",
+                               nics=[NicSpec(mac=mac, kind="veth", ifname=f"mfvhb{i}", bridge=bridge)],
+                               config=GuestConfig(name=f"mfvhb{i + 1}", nics=(NicConfig(
+                                   mac, (f"10.251.8.{i + 2}/24", f"fd00:258::{i + 2}/64")),))))
+    try:
+        report = trio.run(lambda: engine.apply(specs))
+        assert len(report.ready) == 2, [(r.name, r.reason) for r in report.failed]
+        for i in range(2):
+            host = f"mfvhb{i}"
+            assert Path(f"/proc/sys/net/ipv6/conf/{host}/disable_ipv6").read_text().strip() == "1"
+            assert os.path.basename(os.readlink(f"/sys/class/net/{host}/master")) == bridge
+            link = subprocess.run(["ip", "-o", "link", "show", host], capture_output=True, text=True).stdout
+            assert "state UP" in link, link
+            v6 = subprocess.run(["ip", "-6", "-o", "addr", "show", "dev", host],
+                                capture_output=True, text=True).stdout
+            assert v6 == "", v6
+            local = subprocess.run(["ip", "-6", "route", "show", "table", "local", "dev", host],
+                                   capture_output=True, text=True).stdout
+            assert "ff00::/8" not in local, local
+        pid = {v.name: v.pid for v in engine.list("mfvhb*")}["mfvhb1"]
+        for target in ("10.251.8.3", "fd00:258::3"):
+            ping = subprocess.run(["nsenter", "-t", str(pid), "-n", "ping", "-c", "1", "-W", "5", target],
+                                  capture_output=True, text=True)
+            assert ping.returncode == 0, (target, ping.stdout + ping.stderr)
+    finally:
+        trio.run(lambda: engine.teardown("mfvhb*"))
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    assert_nothing_left("mfvhb")
