@@ -284,8 +284,9 @@ def _bridge_trees(net: Net, p: Plan, roots: dict[tuple[str, int | None], Bridge]
                   alloc: IfNames) -> list[Bridge]:
     """The bridges, roots first: a switch (or VLAN) whose ports, links and one
     VXLAN tunnel do not fit in one bridge (limits.BRIDGE_PORTS) gets leaf bridges
-    of limits.LEAF_PORTS ports each, every leaf joined to the root by a veth; its
-    ports move to the leaves in order. Raises LiveError (with the switch's line)
+    (`limits.leaf_count`: of about limits.LEAF_PORTS_TARGET ports, at most
+    limits.LEAF_PORTS), every leaf joined to the root by a veth; its ports move
+    to the leaves in order, shared evenly. Raises LiveError (with the switch's line)
     when even the root cannot hold the leaves."""
     on_root: dict[str, list[int]] = {}
     for i, port in enumerate(p.ports):
@@ -306,17 +307,18 @@ def _bridge_trees(net: Net, p: Plan, roots: dict[tuple[str, int | None], Bridge]
         extra = others.get(root.ifname, 0) + 1          # + one VXLAN tunnel
         if len(idx) + extra <= limits.BRIDGE_PORTS:
             continue
-        n_leaves = -(-len(idx) // limits.LEAF_PORTS)
-        if n_leaves + extra > limits.BRIDGE_PORTS:
+        n_leaves = limits.leaf_count(len(idx), limits.BRIDGE_PORTS - extra)
+        if n_leaves is None:
             raise LiveError(f"{net.switches[root.switch].loc}: switch {root.switch} has {len(idx):,} ports; "
                             f"at most {limits.SWITCH_PORTS_MAX:,} fit in a tree of Linux bridges")
         tag = () if root.vlan is None else (str(root.vlan),)
+        share = limits.leaf_share(len(idx), n_leaves)
         for j in range(n_leaves):
             leaf = Bridge(root.switch, root.vlan, alloc("b", root.switch, *tag, "t", str(j)), root.mtu,
                           root=root.ifname, uplink=alloc("u", root.switch, *tag, str(j)),
                           downlink=alloc("d", root.switch, *tag, str(j)))
             leaves.append(leaf)
-            for i in idx[j * limits.LEAF_PORTS:(j + 1) * limits.LEAF_PORTS]:
+            for i in idx[j * share:(j + 1) * share]:
                 p.ports[i] = dataclasses.replace(p.ports[i], bridge=leaf.ifname)
     return out + leaves
 

@@ -169,7 +169,8 @@ def test_a_switch_beyond_one_bridge_is_a_tree_of_bridges():
     p = live.plan(net, "tb")
     roots = [b for b in p.bridges if b.switch == "big" and b.root is None]
     leaves = [b for b in p.bridges if b.root is not None]
-    assert len(roots) == 1 and len(leaves) == 3
+    assert len(roots) == 1 and len(leaves) == limits.leaf_count(2500, limits.BRIDGE_PORTS - 2) == 10
+    assert {sum(port.bridge == leaf.ifname for port in p.ports) for leaf in leaves} == {250}
     assert all(b.root == roots[0].ifname and b.uplink and b.downlink for b in leaves)
     # No bridge gets more ports than Linux allows.
     load: dict[str, int] = {}
@@ -182,12 +183,21 @@ def test_a_switch_beyond_one_bridge_is_a_tree_of_bridges():
         load[leaf.root] = load.get(leaf.root, 0) + 1
     assert max(load.values()) <= limits.BRIDGE_PORTS
     assert load[roots[0].ifname] + 1 <= limits.BRIDGE_PORTS     # room for a VXLAN tunnel
-    assert load[roots[0].ifname] == 3 + 1    # the leaves and the switch link: no host port
+    assert load[roots[0].ifname] == 10 + 1   # the leaves and the switch link: no host port
     names = p.host_names()
     assert len(names) == len(set(names))
     # A small switch stays one bridge.
     small = live.plan(compile_text("switch s\nhost h[1..1000] on s\n"), "tb")
     assert [b.root for b in small.bridges] == [None]
+
+
+def test_leaves_are_small_while_the_root_has_room_and_full_beyond():
+    assert limits.leaf_count(1100, 1021) == 5 and limits.leaf_share(1100, 5) == 220
+    assert limits.leaf_count(5000, 1021) == 20 and limits.leaf_share(5000, 20) == 250
+    # 1,000 leaves of 256 would not fit on the root: full leaves instead.
+    n = limits.leaf_count(300_000, 1000)
+    assert n == -(-300_000 // limits.LEAF_PORTS) and limits.leaf_share(300_000, n) <= limits.LEAF_PORTS
+    assert limits.leaf_count(limits.LEAF_PORTS * 1000 + 1, 1000) is None
 
 
 def test_a_tree_split_over_hosts_puts_each_leaf_with_its_ports_and_the_root_everywhere():

@@ -427,20 +427,22 @@ def test_up_and_net_up_refuse_each_others_testbed_from_another_description(testb
 
 def test_a_switch_beyond_one_bridge_is_a_tree_of_bridges_that_forwards(testbed):
     """1,100 namespace hosts on one switch: more than a Linux bridge's 1,023
-    ports, so the switch is a root bridge with two leaves; hosts on different
-    leaves and on the same leaf reach each other, and down leaves nothing."""
+    ports, so the switch is a root bridge with leaves of about 256 ports; hosts
+    on different leaves and on the same leaf reach each other, and down leaves
+    nothing."""
     from megafleet.netlang import limits
 
     name = testbed("mfnt")
     net = compile_text("pool p 10.76.0.0/16 per /20\nswitch big\nhost h[1..1100] on big\n")
     p = live.plan(net, name)
     leaves = [b for b in p.bridges if b.root]
-    assert len(leaves) == 2
+    assert len(leaves) == limits.leaf_count(1100, limits.BRIDGE_PORTS - 1) == 5
+    share = limits.leaf_share(1100, len(leaves))
     live.up(net, name)
     for b in p.bridges:
         ports = proc.run(["ip", "-o", "link", "show", "master", b.ifname]).stdout.count("\n")
         assert ports <= limits.BRIDGE_PORTS
-    assert ports == 1100 - limits.LEAF_PORTS + 1          # the last leaf: its hosts and its uplink
+    assert ports == 1100 - (len(leaves) - 1) * share + 1     # the last leaf: its hosts and its uplink
     # A broadcast on a switch this size is ~1,100 copies at once: the receive
     # backlog is raised to fit while the testbed is up, and put back after.
     # So is the neighbour table (one for all namespaces), past 1,024 entries.
@@ -448,9 +450,9 @@ def test_a_switch_beyond_one_bridge_is_a_tree_of_bridges_that_forwards(testbed):
     gc3 = live.SYSCTL / "net/ipv4/neigh/default/gc_thresh3"
     assert int(backlog.read_text()) >= 2 * 1100 and int(gc3.read_text()) >= 4 * 1100
     # Across leaves, within the first leaf (the oldest ports, whose copies of a
-    # broadcast come last), within the second.
-    for a, b in (("h1", "h1100"), ("h1100", "h1"), ("h1", "h2"), ("h10", "h11"), ("h1022", "h1023"),
-                 ("h1099", "h1100")):
+    # broadcast come last), across the first leaves' boundary, within the last.
+    for a, b in (("h1", "h1100"), ("h1100", "h1"), ("h1", "h2"), ("h10", "h11"),
+                 (f"h{share}", f"h{share + 1}"), ("h1099", "h1100")):
         r = ping(f"{name}-{a}", addr_of(net, b), count=1, timeout=3)
         assert r.returncode == 0, (a, b, r.stdout + r.stderr)
     live.down(name)
