@@ -27,7 +27,7 @@ import trio
 from megafleet.imagegen.contract import AGENT_PORT_NAME, EXEC_PORT_NAME
 from megafleet.proc import RecordedProcess
 from megafleet.vm.driver import Driver, StartFailed, rss_bytes
-from megafleet.qemu import QEMU, TCG_TB_SIZE_MB
+from megafleet.qemu import QEMU, SERIAL_PORTS, TCG_TB_SIZE_MB
 from megafleet.vm.qemu_driver import BASE_KERNEL_ARGS, MACHINE, host_accel
 
 DEFAULT_URI = "qemu:///system"
@@ -63,6 +63,8 @@ def domain_xml(spec, kernel: Path, initramfs: Path, gdir: Path, accel: str) -> s
     serial = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial, "source", path=str(gdir / "console.log"))
     ET.SubElement(serial, "target", port="0")
+    # Three ports, not the default 31 (see qemu.SERIAL_PORTS).
+    ET.SubElement(devices, "controller", type="virtio-serial", index="0", ports=str(SERIAL_PORTS))
     channel = ET.SubElement(devices, "channel", type="file")
     ET.SubElement(channel, "source", path=str(gdir / "agent.log"))
     ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT_NAME)

@@ -95,6 +95,7 @@ def test_qemu_argv_is_lean_and_complete():
                  "file,id=con0,path=/r/c.log", "unix:/r/q.sock,server=on,wait=off",
                  "socket,id=agent0,path=/r/a.sock,server=on,wait=off",
                  "virtserialport,chardev=agent0,name=org.megafleet.agent",
+                 "virtio-serial-pci,max_ports=3",
                  "tap,id=n0,ifname=mfi-tap0,script=no,downscript=no",
                  "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01", "vde,id=n1,sock=/r/sw"):
         assert part in joined, part

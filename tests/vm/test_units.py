@@ -231,6 +231,9 @@ def test_libvirt_domain_xml(tmp_path):
     assert dom.findtext("os/kernel") == "/k" and "megafleet.name=mfvl" in dom.findtext("os/cmdline")
     assert dom.find("devices/serial/source").get("path") == str(tmp_path / "console.log")
     assert dom.find("devices/channel/target").get("name") == "org.megafleet.agent"
+    # Three virtio-serial ports (console's, agent, exec), not QEMU's 31.
+    controller = dom.find("devices/controller[@type='virtio-serial']")
+    assert controller is not None and controller.get("ports") == "3"
     assert dom.find("devices/interface/target").get("dev") == "mfvtap9"
     assert dom.find("devices/interface/target").get("managed") == "no"
     assert dom.find("features/tcg/tb-cache").text == "32"
