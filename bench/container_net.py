@@ -19,6 +19,9 @@ Variants (each timed from its first namespace to its last, busy CPU from
   host_ipv6_on    bridges of 256 ports, the host ends keep IPv6 (the kernel
                   then adds a ff00::/8 route per port to the host's table and
                   walks that table at every port's carrier change)
+  pair_only       bridges of 256 ports, the veth pair made and nothing else
+                  (no IPv6 setting, the far end left down, no address): the
+                  floor of any container NIC on a bridge, one netlink request
 
 Keys: <variant>_s, <variant>_ms_per_ns, <variant>_busy_cpu_s, and for each
 variant with a network <variant>_net_ms (its ms per namespace minus the
@@ -63,7 +66,8 @@ def _setns(fd: int) -> None:
         raise OSError(ctypes.get_errno(), "setns")
 
 
-def worker(k: int, workers: int, n: int, per_bridge: int | None, host_ipv6: bool, done_fd: int) -> None:
+def worker(k: int, workers: int, n: int, per_bridge: int | None, host_ipv6: bool, pair_only: bool,
+           done_fd: int) -> None:
     """Start namespaces k, k+W, ... < n; hold them until killed."""
     home = os.open("/proc/self/ns/net", os.O_RDONLY)
     host_sock = cnet.route_socket()
@@ -79,7 +83,9 @@ def worker(k: int, workers: int, n: int, per_bridge: int | None, host_ipv6: bool
         if libc.unshare(CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "unshare")
         fd = os.open("/proc/self/ns/net", os.O_RDONLY)
-        if nics:
+        if nics and pair_only:
+            cnet.move_in(nics, host_sock, fd, indexes)
+        elif nics:
             cnet.prepare_inside(config)
             _setns(home)
             cnet.move_in(nics, host_sock, fd, indexes)
@@ -93,7 +99,7 @@ def worker(k: int, workers: int, n: int, per_bridge: int | None, host_ipv6: bool
     signal.pause()
 
 
-def run_variant(n: int, workers: int, per_bridge: int | None, host_ipv6: bool) -> dict:
+def run_variant(n: int, workers: int, per_bridge: int | None, host_ipv6: bool, pair_only: bool) -> dict:
     bridges = [] if per_bridge is None else [f"{PREFIX}b{j}" for j in range(-(-n // per_bridge))]
     subprocess.run(["ip", "-batch", "-"], check=True, text=True,
                    input="".join(f"link add {b} type bridge\nlink set {b} up\n" for b in bridges))
@@ -107,7 +113,7 @@ def run_variant(n: int, workers: int, per_bridge: int | None, host_ipv6: bool) -
             if pid == 0:
                 os.close(r)
                 try:
-                    worker(k, workers, n, per_bridge, host_ipv6, w)
+                    worker(k, workers, n, per_bridge, host_ipv6, pair_only, w)
                 finally:
                     os._exit(1)
             os.close(w)
@@ -129,8 +135,10 @@ def run_variant(n: int, workers: int, per_bridge: int | None, host_ipv6: bool) -
     return {"s": round(seconds, 2), "ms_per_ns": round(1000 * seconds / n, 3), "busy_cpu_s": round(cpu, 1)}
 
 
-VARIANTS = {"reference": (None, False), "leaves_256": (256, False),
-            "leaves_1000": (1000, False), "host_ipv6_on": (256, True)}
+# name: (ports per bridge or no NIC, host ends keep IPv6, the pair and nothing else)
+VARIANTS = {"reference": (None, False, False), "leaves_256": (256, False, False),
+            "leaves_1000": (1000, False, False), "host_ipv6_on": (256, True, False),
+            "pair_only": (256, True, True)}
 
 
 def main() -> None:
@@ -145,8 +153,7 @@ def main() -> None:
     workers = len(os.sched_getaffinity(0))
     out: dict = {"n": n, "workers": workers, "load_before": round(os.getloadavg()[0], 2)}
     for name in args.variant or list(VARIANTS):
-        per_bridge, host_ipv6 = VARIANTS[name]
-        for key, value in run_variant(n, workers, per_bridge, host_ipv6).items():
+        for key, value in run_variant(n, workers, *VARIANTS[name]).items():
             out[f"{name}_{key}"] = value
         print(f"{name}: {out[f'{name}_s']} s", file=sys.stderr)
     if "reference_ms_per_ns" in out:
