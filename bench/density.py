@@ -17,6 +17,8 @@ Parts (--part, repeatable; default: containers, lan1000, bare):
                   same of the vm boot:
                     ready_rate_first100, ready_rate_last100, ready_rate_ratio,
                     vm_boot_ready_rate_ratio
+                  with --rounds N, N rounds of both, the medians of these
+                  figures, and each round's under containers_rounds
   containers10k   the same through `up` for 10,000 (--quick 600):
                     containers10k_n, containers10k_ready, containers10k_up_s,
                     containers10k_down_s
@@ -61,6 +63,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -374,6 +377,27 @@ def part_external(part: str, args) -> dict:
 
 # --- main -----------------------------------------------------------------------------------
 
+# The figures of a round that --rounds reports as medians (each round's are kept).
+ROUND_KEYS = ("containers_vm_boot_s", "containers_up_s", "containers_up_vs_vm_boot", "containers_down_s",
+              "ready_rate_ratio", "ready_rate_first100", "ready_rate_last100", "vm_boot_ready_rate_ratio")
+
+
+def medians(rounds: list[dict]) -> dict:
+    """One round's dict as is; of several, the last round's with the
+    ROUND_KEYS replaced by their medians over the rounds, and every round's
+    figures under `containers_rounds`. A ratio is the median of the rounds'
+    ratios (each measured against its own reference), not a ratio of medians."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = dict(rounds[-1])
+    for key in ROUND_KEYS:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        if values:
+            out[key] = round(statistics.median(values), 3)
+    out["containers_rounds"] = [{k: r.get(k) for k in ROUND_KEYS} for r in rounds]
+    return out
+
+
 def run(args) -> dict:
     result: dict = {"cpus": os.cpu_count(), "load_before": round(os.getloadavg()[0], 2),
                     "quick": args.quick, "parts": list(args.parts)}
@@ -389,7 +413,9 @@ def run(args) -> dict:
         for part in args.parts:
             try:
                 if part == "containers":
-                    result.update(part_containers(args, 300 if args.quick else 5000, "containers", True))
+                    rounds = [part_containers(args, 300 if args.quick else 5000, "containers", True)
+                              for _ in range(args.rounds)]
+                    result.update(medians(rounds))
                 elif part == "containers10k":
                     result.update(part_containers(args, 600 if args.quick else 10000, "containers10k", False))
                 elif part == "lan1000":
@@ -420,6 +446,8 @@ def main() -> None:
     parser.add_argument("--part", dest="parts", action="append", choices=ALL_PARTS,
                         help=f"part to run (repeatable; default: {', '.join(DEFAULT_PARTS)})")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="containers part: N rounds of `vm boot` then `up`, medians reported (default 1)")
     parser.add_argument("--switch-size", type=int, default=None,
                         help="guests per switch for the container parts (default 1,000, or all on "
                              "one switch once bridge trees are in the git log)")
