@@ -103,10 +103,11 @@ def host_tsc_khz() -> int:
 # The virtio-serial device's ports: port 0 (kept for a console), the agent's
 # and the exec channel's. QEMU's default is 31, two virtqueues each, and every
 # virtqueue's notifier is one more descriptor that QEMU's main loop polls at
-# each of its wakeups: an idle TCG guest's main loop used 1.6 ms of CPU a
-# second with the default and 1.0 with three ports, the same as with no
-# virtio-serial device at all (measured with schedstat, tiny image, session 6;
-# bench/density_qemu.py's idle part gives the figure with the agent).
+# each of its wakeups. That was most of what the agent and exec channel cost
+# an idle TCG guest: the extra CPU was in QEMU's main-loop thread, not in the
+# guest's vCPU, and it was there with the device alone, no port used.
+# bench/density_qemu.py's idle ratio (agent and exec against neither) went from
+# a median of 1.257 to 1.118 with three ports (bench/RESULTS.md, session 6).
 SERIAL_PORTS = 3
 
 
