@@ -37,8 +37,8 @@ SWITCH_PORTS_MAX = (BRIDGE_PORTS - ROOT_RESERVED) * LEAF_PORTS     # 1,022,000
 # that many: the kernel's work to add a port to a bridge walks every port the
 # bridge already has (port state selection, promiscuity and feature sync, MTU),
 # so bigger leaves cost more per port: bench/container_net.py, 5,000 container
-# NICs, 1.24 ms of network each on bridges of 256 ports, 2.08 ms on bridges of
-# 1,000.
+# NICs, 1.34 ms of network each on bridges of 256 ports, 2.37 ms on bridges of
+# 1,000 (bench/RESULTS.md, session 6).
 LEAF_PORTS_TARGET = 256
 
 

@@ -315,11 +315,11 @@ def host_ends_ipv6_off(nics: tuple[Nic, ...]) -> None:
     port (fib6_add_rt2node walks them all), and a walk of the host's whole
     IPv6 table (fib6_ifup), again at its end (fib6_ifdown): work that grows
     with the guests already up, under the rtnl lock. bench/container_net.py,
-    5,000 namespaces on bridges of 256 ports: 1.24 ms of network per
-    namespace with it off, 2.94 ms with it on. The sysctl, as no
-    netlink attribute sets it; its write retries while another holds rtnl,
-    which with one launcher per CPU is a short wait. A kernel without IPv6
-    has nothing to turn off."""
+    5,000 namespaces on bridges of 256 ports: 1.34 ms of network per
+    namespace with it off, 5.31 ms with it on (bench/RESULTS.md, session 6).
+    The sysctl, as no netlink attribute sets it; its write retries while
+    another holds rtnl, which with one launcher per CPU is a short wait. A
+    kernel without IPv6 has nothing to turn off."""
     for nic in nics:
         if nic.bridge is not None:
             _sysctl(f"ipv6/conf/{nic.dev}/disable_ipv6", "1", required=False)
