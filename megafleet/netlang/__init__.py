@@ -64,11 +64,11 @@ description (a root bridge and leaves sharing the ports evenly, about 256 ports
 each while the root has room for that many leaves and at most 1,022 ports, each
 leaf joined to the root by a veth; switch links and VXLAN tunnels stay on the
 root), up to 1,022,000 ports per switch and VLAN; more is refused by `net
-check` with the switch's line. A broadcast on a big switch is one copy per port at once, so
-`up` raises the host's net.core.netdev_max_backlog (default 1,000) to twice the
-largest switch while the testbed is up, and the neighbour (ARP/NDP) table, one
-for all namespaces and 1,024 entries by default, to four entries per port
-(gc_thresh3); both are put back on `down`.
+check` with the switch's line. A broadcast on a big switch is one copy per
+port at once, so `up` raises the host's net.core.netdev_max_backlog (default
+1,000) to twice the largest switch while the testbed is up, and the neighbour
+(ARP/NDP) table, one for all namespaces and 1,024 entries by default, to four
+entries per port (gc_thresh3); both are put back on `down`.
 
 Nodes
 -----

@@ -286,8 +286,8 @@ def _bridge_trees(net: Net, p: Plan, roots: dict[tuple[str, int | None], Bridge]
     VXLAN tunnel do not fit in one bridge (limits.BRIDGE_PORTS) gets leaf bridges
     (`limits.leaf_count`: of about limits.LEAF_PORTS_TARGET ports, at most
     limits.LEAF_PORTS), every leaf joined to the root by a veth; its ports move
-    to the leaves in order, shared evenly. Raises LiveError (with the switch's line)
-    when even the root cannot hold the leaves."""
+    to the leaves in order, shared evenly. Raises LiveError (with the switch's
+    line) when even the root cannot hold the leaves."""
     on_root: dict[str, list[int]] = {}
     for i, port in enumerate(p.ports):
         if port.bridge is not None and not isinstance(port, WiredPort):

@@ -3,11 +3,12 @@ guest, no `ip` fork inside the guest.
 
 The container launcher (`nsspawn`) uses this around the creation of a new
 container's network namespace, before it forks the container's init there:
-`prepare_inside` (the namespace's defaults, from inside), `host_ends` (from the
-host's namespace: veth pairs with their host ends up on their bridges, IPv6
-off, and their far ends born inside, renamed ethN, with the guest's MAC and
-MTU), then `configure_inside` (lo up, addresses, static routes and gateways,
-on a socket opened inside). The guest's init then only prints its ready line.
+`prepare_inside` (the namespace's defaults, from inside), `move_in` and
+`host_ends_ipv6_off` (from the host's namespace: veth pairs with their host
+ends up on their bridges, IPv6 off, and their far ends born inside, renamed
+ethN, with the guest's MAC and MTU), then `configure_inside` (lo up,
+addresses, static routes and gateways, on a socket opened inside). The
+guest's init then only prints its ready line.
 
 Stdlib only, and no megafleet import: `nsspawn` runs as ``python -I -S`` and
 imports this file by path. Plain data in, `CnetError` (an OSError naming the
