@@ -4,7 +4,7 @@ Prints one JSON line.
 
 Each variant starts N network namespaces (5,000; --quick 500) from W worker
 processes (one per CPU, as `up` runs one launcher per CPU), every one with one
-NIC: the launcher's own sequence from megafleet/vm/cnet.py, as
+NIC: the launcher's own `cnet.setup` from megafleet/vm/cnet.py, as
 megafleet/vm/nsspawn.py runs it (defaults inside, the veth pair made from the
 host's namespace with its host end up on a bridge, the host end's IPv6 off,
 then lo, the NIC, its address inside). No mounts, no init: only the network.
@@ -85,14 +85,14 @@ def worker(k: int, workers: int, n: int, per_bridge: int | None, host_ipv6: bool
         fd = os.open("/proc/self/ns/net", os.O_RDONLY)
         if nics and pair_only:
             cnet.move_in(nics, host_sock, fd, indexes)
-        elif nics:
+        elif nics and host_ipv6:            # cnet.setup without host_ends_ipv6_off
             cnet.prepare_inside(config)
             _setns(home)
             cnet.move_in(nics, host_sock, fd, indexes)
-            if not host_ipv6:
-                cnet.host_ends_ipv6_off(nics)
             _setns(fd)
             cnet.configure_inside(config)
+        elif nics:                          # what the launcher runs
+            cnet.setup(config, host_sock, home, fd, indexes)
         held.append(fd)
         _setns(home)
     os.write(done_fd, b"x")

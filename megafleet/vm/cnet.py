@@ -7,8 +7,8 @@ container's network namespace, before it forks the container's init there:
 `host_ends_ipv6_off` (from the host's namespace: veth pairs with their host
 ends up on their bridges, IPv6 off, and their far ends born inside, renamed
 ethN, with the guest's MAC and MTU), then `configure_inside` (lo up,
-addresses, static routes and gateways, on a socket opened inside). The
-guest's init then only prints its ready line.
+addresses, static routes and gateways, on a socket opened inside); `setup`
+runs the four. The guest's init then only prints its ready line.
 
 Stdlib only, and no megafleet import: `nsspawn` runs as ``python -I -S`` and
 imports this file by path. Plain data in, `CnetError` (an OSError naming the
@@ -17,6 +17,7 @@ operation the kernel refused) out.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import ipaddress
 import os
@@ -340,6 +341,37 @@ def configure_inside(config: NetConfig) -> None:
     like every netlink request. CnetError names the operation refused."""
     with route_socket() as sock:
         _send_on(sock, _config_messages(config))
+
+
+CLONE_NEWNET = 0x40000000
+_libc: ctypes.CDLL | None = None
+
+
+def _enter(fd: int) -> None:
+    """The calling thread into the network namespace of `fd`."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise CnetError(err, f"setns into a network namespace: {os.strerror(err)}")
+
+
+def setup(config: NetConfig, host_sock: socket.socket, host_netns_fd: int, netns_fd: int,
+          indexes: dict[str, int]) -> None:
+    """The whole network of a new container, in the order above, from a
+    single-threaded caller inside the container's fresh network namespace
+    (`netns_fd`) that holds `host_sock` and `indexes` from the host's
+    (`host_netns_fd`): `prepare_inside`; from the host's namespace, where
+    /proc/sys/net is the host's, `move_in` and `host_ends_ipv6_off`; inside
+    again, `configure_inside`. The caller is back inside on return; after a
+    CnetError it may be in either namespace."""
+    prepare_inside(config)
+    _enter(host_netns_fd)
+    move_in(config.nics, host_sock, netns_fd, indexes)
+    host_ends_ipv6_off(config.nics)
+    _enter(netns_fd)
+    configure_inside(config)
 
 
 def _has_ipv6(config: NetConfig) -> bool:

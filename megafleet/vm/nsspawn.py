@@ -16,13 +16,11 @@ helper itself, one request after the other:
 1. writes ``gdir/upper/etc/megafleet/cmdline`` (the writable layer) and creates
    ``gdir/work`` and ``gdir/root``;
 2. unshares a new network namespace and builds the container's network
-   (rtnetlink messages, no process): its defaults from inside
-   (`cnet.prepare_inside`); back in the host's namespace, veth pairs with
-   their host ends up on their bridges and their far ends born inside
-   (`cnet.move_in`), the host ends' IPv6 off (`cnet.host_ends_ipv6_off`);
-   inside again, lo and NICs up, MTUs, addresses, routes, gateways
-   (`cnet.configure_inside`). Without ``net`` in the request it moves the
-   existing veth ends of ``nics`` in;
+   (`cnet.setup`, rtnetlink messages, no process): its defaults from inside;
+   back in the host's namespace, veth pairs with their host ends up on their
+   bridges and their far ends born inside, the host ends' IPv6 off; inside
+   again, lo and NICs up, MTUs, addresses, routes, gateways. Without ``net``
+   in the request it moves the existing veth ends of ``nics`` in;
 3. unshares new mount, UTS and IPC namespaces and builds the container's root
    in them (`build_root`): the overlay (image rootfs as read-only lower dir,
    ``upper`` and ``work``) on ``root``, a read-only sysfs of the container's
@@ -160,11 +158,6 @@ class Namespaces:
         self.fds = {kind: os.open(f"/proc/self/ns/{kind}", os.O_RDONLY) for kind, _ in self.KINDS}
         self.host_sock = cnet.route_socket()
 
-    @staticmethod
-    def enter_net(fd):
-        """This process into the network namespace of `fd`."""
-        _check(libc.setns(fd, CLONE_NEWNET), "setns into a network namespace")
-
     def back(self):
         """Ourselves in the host's mount (with our root and working directory),
         network, UTS and IPC namespaces; children born next in our own PID
@@ -197,14 +190,7 @@ def spawn(req, home):
         unshare(CLONE_NEWNET)
         netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
         if net is not None:
-            cnet.prepare_inside(config)
-            # The host ends are made from the host's namespace: the sysctl
-            # that turns their IPv6 off is the one /proc/sys/net shows there.
-            home.enter_net(home.fds["net"])
-            cnet.move_in(config.nics, home.host_sock, netns_fd, indexes)
-            cnet.host_ends_ipv6_off(config.nics)
-            home.enter_net(netns_fd)
-            cnet.configure_inside(config)
+            cnet.setup(config, home.host_sock, home.fds["net"], netns_fd, indexes)
         else:
             cnet.move_in(config.nics, home.host_sock, netns_fd, indexes)
         unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)

@@ -18,6 +18,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+# What `megafleet link set` changes at run time (its records' settings).
+from megafleet.experiment.refs import IMPAIRMENTS
+
 # Above this many nodes the guests of one group on one switch are drawn as one
 # node (their count and worst state): 10,000 single dots tell a person less than
 # 40 labelled clusters, and a click on a cluster expands it.
@@ -231,10 +234,6 @@ def memory_mb() -> dict[str, int]:
 # ---------------------------------------------------------------------------
 # Topology, laid out for drawing
 # ---------------------------------------------------------------------------
-
-# What `megafleet link set` changes at run time (its records' settings).
-from megafleet.experiment.refs import IMPAIRMENTS  # noqa: E402
-
 
 def running_props(declared: dict[str, Any], runtime: dict[str, Any] | None) -> dict[str, Any]:
     """A link's props as it runs: with a run-time record (`runtime`, as
