@@ -34,6 +34,7 @@ ledger, so it needs no description and works after a crash at any point.
 from __future__ import annotations
 
 import fnmatch
+import gc
 import json
 import os
 import subprocess
@@ -231,6 +232,12 @@ async def _apply_locked(m: HostManifest, emit: Emit, ledger: Ledger, t: str) -> 
                       **({"failed_guest": result.name, "reason": result.reason}
                          if result.outcome == "failed" else {})})
 
+        # Every object made so far (the parsed description, the plan, the
+        # network's records) lives until the end of `up`: out of the cyclic
+        # collector's reach, so that its passes during the boot scan only what
+        # the boot itself allocates (with thousands of guests, each full pass
+        # walked the whole plan again).
+        gc.freeze()
         try:
             report = await vm_apply(p.vms, progress=progress, **m.vm_options)
         except trio.Cancelled:

@@ -21,6 +21,7 @@ on it otherwise.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Callable, Iterable
 
 from megafleet.collect.samplers import GuestInfo
@@ -40,7 +41,7 @@ def vm_guest_source(engine: Any = None, pattern: str = "*") -> Callable[[], list
         # read before, a guest that became running in between came with its
         # 'starting' time, then again with its 'running' one, as two boots.
         views = engine.list(pattern)
-        changed = {r.name: int(r.updated * 1000) for r in engine.state.list(pattern)}
+        changed = {name: int(updated * 1000) for name, updated in engine.state.updated().items()}
         return [GuestInfo(name=v.name, state=v.state, pid=v.pid, image=v.image,
                           rss_kb=v.rss_bytes // 1024 if v.rss_bytes is not None else None,
                           boot_s=v.boot_s, reason=v.reason, changed_ms=changed.get(v.name))
@@ -57,8 +58,10 @@ def vm_agent_logs(engine: Any = None, pattern: str = "*") -> Callable[[], list[t
         engine = Engine()
 
     def logs() -> list[tuple[str, str]]:
-        return [(rec.name, rec.handle["agent"]) for rec in engine.state.list(pattern)
-                if rec.handle.get("agent")]
+        # Selected by SQLite: no row is parsed here (thousands of containers,
+        # none with an agent log, at every pass).
+        return [(name, path) for name, path in engine.state.handle_values("agent").items()
+                if path and fnmatch.fnmatchcase(name, pattern)]
 
     return logs
 

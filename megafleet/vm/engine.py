@@ -603,7 +603,7 @@ class Engine:
     def list(self, pattern: str = "*") -> list[GuestView]:
         """Every matching guest, its state checked against /proc (and libvirt)."""
         views = []
-        for rec in self.state.list(pattern):
+        for rec in self.state.list(pattern, specs=False):
             alive = self._alive(rec)
             state = rec.state
             pid = rec.pid

@@ -142,12 +142,31 @@ class VmState:
                             json.loads(handle or "{}"))
                 for name, driver, state, pid, pid_start, boot_s, attempts, mem_mb, handle in rows]
 
+    def handle_values(self, key: str) -> dict[str, Any]:
+        """name -> its handle's `key` (an identifier: agent, gdir, ...), of
+        the guests whose handle has one; no row parsed in Python."""
+        if not key.isidentifier():
+            raise ValueError(f"handle key {key!r} is not an identifier")
+        rows = self._db().execute(f"SELECT name, json_extract(handle, '$.{key}') FROM guests"
+                                  f" WHERE json_extract(handle, '$.{key}') IS NOT NULL")
+        return dict(rows)
+
+    def updated(self) -> dict[str, float]:
+        """name -> time of its row's last change (seconds since the epoch), of
+        every guest on record, without parsing any row."""
+        return dict(self._db().execute("SELECT name, updated FROM guests"))
+
     def names(self) -> set[str]:
         """The names of the guests on record (any state), without their rows."""
         return {row[0] for row in self._db().execute("SELECT name FROM guests")}
 
-    def list(self, pattern: str = "*") -> list[GuestRecord]:
-        rows = self._db().execute(f"SELECT {','.join(_COLUMNS)} FROM guests ORDER BY created, name")
+    def list(self, pattern: str = "*", specs: bool = True) -> list[GuestRecord]:
+        """The guests whose names match `pattern`, oldest first. With
+        `specs=False` each record's spec is left empty ({}), unparsed: most
+        of the cost of reading thousands of rows, for callers that need only
+        states, pids and handles."""
+        columns = ",".join(c if specs or c != "spec" else "'{}'" for c in _COLUMNS)
+        rows = self._db().execute(f"SELECT {columns} FROM guests ORDER BY created, name")
         return [r for r in map(_record, rows) if fnmatch.fnmatchcase(r.name, pattern)]
 
     def count(self) -> int:

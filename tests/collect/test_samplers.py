@@ -8,8 +8,8 @@ import time
 import trio
 
 from megafleet.collect import docs as D
-from megafleet.collect.samplers import (GuestInfo, GuestSampler, HostSampler, InterfaceSampler,
-                                        interface_type, read_proc_usage)
+from megafleet.collect.linkstats import read_links
+from megafleet.collect.samplers import GuestInfo, GuestSampler, HostSampler, InterfaceSampler, read_proc_usage
 
 
 def test_guest_readings_come_from_proc():
@@ -51,8 +51,8 @@ def test_many_guests_are_read_in_slices_across_the_interval():
 
 
 def test_interfaces_and_host():
-    kinds = {name: interface_type(name) for name in os.listdir("/sys/class/net")}
-    assert kinds["lo"] in ("other", "loopback")
+    kinds = {link.name: link.kind for link in read_links()}
+    assert kinds["lo"] == "other" and set(kinds) == set(os.listdir("/sys/class/net"))
     docs = InterfaceSampler("mfc-h", select=lambda name, kind: name == "lo").sample(1000)
     assert [d["meta"]["iface"] for d in docs] == ["lo"]
     assert set(docs[0]) >= {"rx_bytes", "tx_bytes", "rx_packets", "rx_dropped", "tx_errors"}
@@ -148,8 +148,7 @@ def test_a_guest_becoming_running_during_a_read_is_one_boot():
 
         @property
         def state(self):
-            return SimpleNamespace(list=lambda pattern: [SimpleNamespace(name="mfc-g1",
-                                                                         updated=self._read()["updated"])])
+            return SimpleNamespace(updated=lambda: {"mfc-g1": self._read()["updated"]})
 
     sampler = GuestSampler("mfc-h", vm_guest_source(Engine()))
     ids = [d["_id"] for now in (1100, 2100, 3100) for d in sampler.sample(now) if d["meta"]["kind"] == "event"]

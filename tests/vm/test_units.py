@@ -150,6 +150,15 @@ def test_state_rows_round_trip(tmp_path):
     state.put_many([GuestRecord(name="mfvs3", driver="container", image="tiny", spec={"mem_mb": 96},
                                 state="running")])
     assert [g.mem_mb for g in state.statuses() if g.name == "mfvs3"] == [96]
+    # What the collector reads at every pass, without parsing specs.
+    state.update("mfvs0", handle={"gdir": "/x", "agent": "/x/agent.log"})
+    assert state.handle_values("agent") == {"mfvs0": "/x/agent.log"}
+    with pytest.raises(ValueError):
+        state.handle_values("agent') --")
+    assert set(state.updated()) == {"mfvs0", "mfvs1", "mfvs2", "mfvs3"}
+    assert state.updated()["mfvs0"] == state.get("mfvs0").updated
+    assert [(r.name, r.spec, r.state) for r in state.list("mfvs3", specs=False)] == [("mfvs3", {}, "running")]
+    assert state.list("mfvs3")[0].spec == {"mem_mb": 96}
     state.delete_many(["mfvs3"])
     with pytest.raises(ValueError):
         state.update("mfvs0", state="exploded")
