@@ -607,7 +607,7 @@ def status(testbed: str | None = None, *, state_dir: str | None = None,
         from megafleet.experiment.hostside import changed_links
         beds.append({"testbed": t, "complete": record.get("complete", False),
                      "source": record.get("source"), "nodes": states, "failures": failures,
-                     "telemetry": telemetry, "links": changed_links(t, ledger)})
+                     "telemetry": telemetry, "links": [c.to_json() for c in changed_links(t, ledger)]})
     ksm: dict[str, Any] = {"daemon": "running" if any(r.key.endswith("/ksm") and _running(ledger, r.key)
                                                       for r in ledger.list(OWNER, "process")) else "stopped"}
     try:

@@ -679,9 +679,32 @@ def link_show(t: str, ledger: Ledger | None = None) -> list[dict]:
     return rows
 
 
-def changed_links(t: str, ledger: Ledger) -> list[dict]:
-    """Links changed at runtime on this host (for `status`): link, state, settings."""
-    return [{"link": " -- ".join(r["link"][1:]), "state": r.get("state", "up"), "settings": r.get("settings", {})}
+@dataclass(frozen=True)
+class ChangedLink:
+    """A link changed at run time on this host (`link set/down/up`), by the
+    names at its ends as declared: its cable state ("up" or "down") and the
+    impairments it runs with now (every one in force; a cleared one is
+    absent, and the description's no longer apply)."""
+
+    a: str
+    b: str
+    state: str
+    settings: LinkSettings
+
+    @property
+    def ends(self) -> tuple[str, str]:
+        """The two ends, sorted: how the web view keys its links."""
+        first, second = sorted((self.a, self.b))
+        return first, second
+
+    def to_json(self) -> dict[str, Any]:
+        return {"link": f"{self.a} -- {self.b}", "state": self.state, "settings": self.settings.to_json()}
+
+
+def changed_links(t: str, ledger: Ledger) -> list[ChangedLink]:
+    """Links changed at runtime on this host (for `status` and the web view)."""
+    return [ChangedLink(r["link"][1], r["link"][2], r.get("state", "up"),
+                        LinkSettings(**{k: v for k, v in (r.get("settings") or {}).items() if k in IMPAIRMENTS}))
             for r in _records(t, ledger).values() if "link" in r]
 
 

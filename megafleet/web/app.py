@@ -14,7 +14,7 @@ import fnmatch
 import json
 import re
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from starlette.applications import Starlette
@@ -27,6 +27,9 @@ from megafleet.web import state
 from megafleet.web.auth import COOKIE, Auth, AuthError
 from megafleet.web.events import Broker
 from megafleet.web.openapi import document
+
+if TYPE_CHECKING:
+    from megafleet.experiment.hostside import ChangedLink
 
 STATIC = resources.files("megafleet.web") / "static"
 PATTERN_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,128}$")
@@ -321,7 +324,7 @@ def _control():
     return writes
 
 
-def _runtime_links(testbed: str) -> dict[tuple[str, str], dict[str, Any]]:
+def _runtime_links(testbed: str) -> dict[tuple[str, str], ChangedLink]:
     """The links `megafleet link set/down/up` changed: what they run with now."""
     from megafleet.web import writes
 

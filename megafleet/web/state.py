@@ -16,10 +16,13 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # What `megafleet link set` changes at run time (its records' settings).
 from megafleet.experiment.refs import IMPAIRMENTS
+
+if TYPE_CHECKING:
+    from megafleet.experiment.hostside import ChangedLink
 
 # Above this many nodes the guests of one group on one switch are drawn as one
 # node (their count and worst state): 10,000 single dots tell a person less than
@@ -235,16 +238,15 @@ def memory_mb() -> dict[str, int]:
 # Topology, laid out for drawing
 # ---------------------------------------------------------------------------
 
-def running_props(declared: dict[str, Any], runtime: dict[str, Any] | None) -> dict[str, Any]:
+def running_props(declared: dict[str, Any], runtime: ChangedLink | None) -> dict[str, Any]:
     """A link's props as it runs: with a run-time record (`runtime`, as
     `megafleet link show` reads it), its settings replace the description's
     impairments whole, since a record holds every setting in force (a cleared
     one is absent); without one, the description's."""
     if runtime is None:
         return declared
-    settings = runtime.get("settings") or {}
     return {**{k: v for k, v in declared.items() if k not in IMPAIRMENTS},
-            **{k: v for k, v in settings.items() if k in IMPAIRMENTS}}
+            **{k: v for k, v in runtime.settings.to_json().items() if k in IMPAIRMENTS}}
 
 def link_traffic(testbed_name: str, window_s: float = 60.0) -> dict[tuple[str, str], float]:
     """Mean bytes/s (rx + tx) per link over the window, by sorted ends, for the
@@ -272,14 +274,14 @@ def link_traffic(testbed_name: str, window_s: float = 60.0) -> dict[tuple[str, s
 
 
 def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = None,
-             runtime: dict[tuple[str, str], dict[str, Any]] | None = None,
+             runtime: dict[tuple[str, str], ChangedLink] | None = None,
              traffic: dict[tuple[str, str], float] | None = None,
              expand: frozenset[str] = frozenset()) -> Topology:
     """The testbed's graph with positions and states. `collapse` None means
     automatic (above COLLAPSE_ABOVE nodes); `expand` names clusters drawn node by
     node all the same (a click on a cluster). `runtime` maps sorted (a, b) of
-    the links changed at run time to their record, {"state", "settings"}
-    (`writes.runtime_links`): their state and impairments are those."""
+    the links changed at run time to their record (`writes.runtime_links`):
+    their state and impairments are those."""
     net = compiled(t)
     where = placement_of(t, net)
     runtime = runtime or {}
@@ -347,7 +349,7 @@ def topology(t: TestbedInfo, bad: dict[str, str], *, collapse: bool | None = Non
         first, second = sorted((a, b))
         ends = (first, second)
         changed = runtime.get(ends)
-        state = changed.get("state", "up") if changed else "up"
+        state = changed.state if changed else "up"
         props = running_props(props, changed)
         rate = traffic.get(ends) if traffic else None
         if a2 != a or b2 != b:
@@ -422,7 +424,7 @@ def _layout(nodes: dict[str, NodeInfo], links: list[LinkInfo]) -> None:
 # ---------------------------------------------------------------------------
 
 def node_detail(t: TestbedInfo, name: str, bad: dict[str, str],
-                runtime: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+                runtime: dict[tuple[str, str], ChangedLink] | None = None) -> dict[str, Any]:
     """A node's page: kind, host, state, addresses, links (each iface's `link`:
     its impairments as running, see `topology`'s `runtime`), console tail and
     last agent line (guests on this machine)."""

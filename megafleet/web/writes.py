@@ -4,9 +4,12 @@ the API's (a bad reference or value is a 400 naming the field)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megafleet.web.state import NotFound
+
+if TYPE_CHECKING:
+    from megafleet.experiment.hostside import ChangedLink
 
 
 class WriteError(ValueError):
@@ -75,24 +78,16 @@ async def verify(testbed: str) -> dict[str, Any]:
     return result.to_json()
 
 
-def runtime_links(testbed: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """Links changed at run time on this machine's hosts, by sorted ends:
-    {"state": "up" | "down", "settings": {delay_us, jitter_us, loss_pct,
-    rate_bit}}, the records `megafleet link show` reads (a record's settings are
-    what the link runs with now, set or cleared; links without one run as
-    declared). Read from the ledger: no process per link."""
+def runtime_links(testbed: str) -> dict[tuple[str, str], ChangedLink]:
+    """Links changed at run time on this machine's hosts, by sorted ends: the
+    records `megafleet link show` reads (a record's settings are what the link
+    runs with now, set or cleared; links without one run as declared). Read
+    from the ledger: no process per link."""
+    from megafleet.experiment.hostside import changed_links
+    from megafleet.ledger import Ledger
+
     try:
-        from megafleet.experiment.hostside import changed_links
-        from megafleet.ledger import Ledger
-    except ImportError:
-        return {}
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    try:
-        rows = changed_links(testbed, Ledger())
+        changed = changed_links(testbed, Ledger())
     except Exception:        # no manifest here (a remote testbed): nothing changed that we can see
         return {}
-    for row in rows:
-        a, _, b = row["link"].partition(" -- ")
-        ends = sorted((a, b))
-        out[(ends[0], ends[1])] = {"state": row.get("state", "up"), "settings": dict(row.get("settings") or {})}
-    return out
+    return {c.ends: c for c in changed}

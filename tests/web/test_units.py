@@ -6,6 +6,8 @@ from __future__ import annotations
 import click
 import pytest
 
+from megafleet.experiment.hostside import ChangedLink
+from megafleet.experiment.refs import LinkSettings
 from megafleet.web import state
 from megafleet.web.auth import Auth, AuthError
 from megafleet.web.cli import _expand, is_loopback, parse_listen
@@ -107,10 +109,11 @@ def test_links_show_their_running_settings_over_the_description(tmp_path, monkey
     assert declared[("a", "s")] == ({"delay_us": 10000, "loss_pct": 1.0}, "up")
     assert declared[("b", "s")] == ({}, "up")
     assert declared[("c", "r")] == ({"delay_us": 5000, "rate_bit": 10_000_000}, "up")
-    runtime = {("a", "s"): {"state": "up", "settings": {"delay_us": 50000}},         # loss cleared, delay set
-               ("b", "s"): {"state": "down", "settings": {}},                        # pulled, nothing set
-               ("c", "r"): {"state": "up", "settings": {"delay_us": 5000, "jitter_us": 2000,
-                                                        "rate_bit": 10_000_000}}}
+    runtime = {("a", "s"): ChangedLink("a", "s", "up", LinkSettings(delay_us=50000)),   # loss cleared, delay set
+               ("b", "s"): ChangedLink("b", "s", "down", LinkSettings()),              # pulled, nothing set
+               ("c", "r"): ChangedLink("r", "c", "up", LinkSettings(delay_us=5000, jitter_us=2000,
+                                                                    rate_bit=10_000_000))}
+    assert runtime[("c", "r")].ends == ("c", "r")
     running = props(state.topology(info, {}, runtime=runtime))
     assert running[("a", "s")] == ({"delay_us": 50000}, "up")
     assert running[("b", "s")] == ({}, "down")
