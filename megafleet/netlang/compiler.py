@@ -1050,7 +1050,7 @@ def compile_file(path: str | Path, defines: dict[str, str] | None = None, text: 
         except ImportFailed as err:
             raise CompileError(err.diagnostics()) from None
         if imported is not None:
-            path, text, notes = imported
+            path, text, notes = imported.name, imported.text, imported.warnings
     # A big description allocates millions of small objects (names, index
     # entries, graph dicts) that never form cycles; the cyclic collector would
     # rescan them over and over, which costs more than the compile itself at a

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from megafleet.netlang.importers.common import (ImportFailed, ImportOptions, Imported,  # noqa: F401
@@ -99,18 +100,27 @@ def convert(paths: list[str | Path], fmt: str | None = None,
             gc.enable()
 
 
-def fleet_source(path: str | Path, text: str | None = None) -> tuple[str, str, list[str]] | None:
-    """For the compiler: (name, .fleet text, warnings) when `path` is an
-    importable format, else None. The name is `PATH.fleet`, so messages quote the
-    imported text (whose comments point back at PATH); the warnings say what was
-    not carried over, each with PATH:line, for the commands to print (read
-    directly, a foreign file's losses are reported as `megafleet import`
-    reports them, never silently dropped). Raises ImportFailed."""
+@dataclass(frozen=True)
+class FleetSource:
+    """A foreign file as the compiler reads it: `name` is `PATH.fleet`, so
+    messages quote the imported `text` (whose comments point back at PATH);
+    `warnings` say what was not carried over, each with PATH:line, for the
+    commands to print (read directly, a foreign file's losses are reported as
+    `megafleet import` reports them, never silently dropped)."""
+
+    name: str
+    text: str
+    warnings: list[str]
+
+
+def fleet_source(path: str | Path, text: str | None = None) -> FleetSource | None:
+    """For the compiler: `path` as a description when it is in an importable
+    format, else None. Raises ImportFailed."""
     fmt = detect(path, text)
     if fmt is None:
         return None
     result = convert([path], fmt)
-    return f"{path}.fleet", result.text, [n.render() for n in result.warnings]
+    return FleetSource(f"{path}.fleet", result.text, [n.render() for n in result.warnings])
 
 
 def formats_export(net, fmt: str, name: str) -> str:
