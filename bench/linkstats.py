@@ -39,11 +39,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from megafleet.collect.linkstats import read_links  # noqa: E402
+from megafleet.collect.samplers import COUNTERS  # noqa: E402
 
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
 MS_REC, MS_PRIVATE = 16384, 1 << 18
-STAT_FILES = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets",
-              "rx_dropped", "tx_dropped", "rx_errors", "tx_errors")
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -81,7 +80,7 @@ def sysfs_pass(sys_net: Path = Path("/sys/class/net")) -> int:
     n = 0
     for name in sorted(os.listdir(sys_net)):
         sysfs_kind(sys_net / name)
-        for stat in STAT_FILES:
+        for stat in COUNTERS:
             with open(sys_net / name / "statistics" / stat, "rb") as f:
                 int(f.read())
         n += 1

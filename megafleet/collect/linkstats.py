@@ -55,7 +55,7 @@ class LinkStats:
 def _attrs(data: bytes, start: int, end: int):
     """(type, payload start, payload end) of each attribute in data[start:end]."""
     while start + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, start)
+        length, kind = _unpack_attr(data, start)
         if length < 4:
             return
         yield kind & NLA_TYPE_MASK, start + 4, start + length

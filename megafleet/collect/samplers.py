@@ -337,8 +337,10 @@ class GuestSampler(Sampler):
 
 # --- interfaces ------------------------------------------------------------------
 
-STAT_FILES = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets",
-              "rx_dropped", "tx_dropped", "rx_errors", "tx_errors")
+# The counters of each interface document (LinkStats fields; in sysfs, the
+# files of /sys/class/net/DEV/statistics).
+COUNTERS = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets",
+            "rx_dropped", "tx_dropped", "rx_errors", "tx_errors")
 VIRTUAL_TYPES = ("tap", "bridge", "veth", "vxlan")
 
 
@@ -369,7 +371,7 @@ class InterfaceSampler(Sampler):
         for link in sorted(links, key=lambda link: link.name):
             if not self.select(link.name, link.kind):
                 continue
-            fields: dict[str, Any] = {stat: getattr(link, stat) for stat in STAT_FILES}
+            fields: dict[str, Any] = {counter: getattr(link, counter) for counter in COUNTERS}
             last = self._last.get(link.name)
             # A name reused by a new interface (a torn-down tap, a new one)
             # starts its rates afresh.
