@@ -182,7 +182,10 @@ class Driver:
     open_early = False
 
     def admission_kind(self) -> str:
-        """'tcg', 'kvm' or 'container': how expensive a boot is (admission)."""
+        """'tcg', 'kvm' or 'container': how expensive a boot is (admission).
+        Blocking: for QEMU and libvirt the first call of a host's boot runs the
+        KVM probe (qemu.probe_accel), so the engine calls it from a worker
+        thread, before it records any guest."""
         raise NotImplementedError
 
     async def open(self, count: int) -> None:

@@ -342,6 +342,15 @@ class Engine:
             report.wall_s = time.monotonic() - started
             return report
 
+        # Each driver's admission class, known before anything is recorded:
+        # for QEMU and libvirt it is the accelerator, whose first use on a
+        # boot of the host runs the KVM probe (a guest of its own, up to 12 s).
+        # A boot killed during the probe then leaves only the probe's records,
+        # which `down` and `vm teardown` sweep, not guests' records and the
+        # guests' tmpfs mounted for nothing.
+        for name in {spec.driver for spec in to_boot}:
+            await trio.to_thread.run_sync(self.driver(name).admission_kind)
+
         # Record everything before creating anything.
         base = guests_dir()
         records_by_kind: dict[str, list[tuple[str, dict[str, Any]]]] = {}

@@ -93,3 +93,33 @@ def test_directories_from_before_are_not_hidden_by_a_mount(tiny, disk_run_dir):
     finally:
         trio.run(lambda: engine.teardown("mfgdc*"))
     assert_nothing_left("mfgdc")
+
+
+def test_a_boot_ended_during_the_kvm_probe_has_recorded_and_mounted_nothing(tiny, disk_run_dir,
+                                                                            monkeypatch):
+    # The accelerator is probed before the guests are recorded: a `vm boot`
+    # killed during the probe (a guest of its own, up to 12 s on a PVM host)
+    # leaves no guest records and no tmpfs that `down` would not sweep. The
+    # probe stands in here by checking what is on record when it runs, then
+    # ending the boot the way a kill does: nothing after it runs.
+    from megafleet.vm import qemu_driver
+
+    seen = {}
+
+    def probe_accel():
+        seen["mounted"] = guestdirs.is_mount_point(guestdirs.guests_dir())
+        seen["guests"] = VmState().count()
+        seen["records"] = len(Ledger().list("vm"))
+        raise RuntimeError("the boot ends during the probe")
+
+    monkeypatch.setattr(qemu_driver, "_accel_cache", None)
+    monkeypatch.delenv("MEGAFLEET_ACCEL", raising=False)
+    monkeypatch.setattr(qemu_driver, "probe_accel", probe_accel)
+    engine = Engine(timeout_s=120)
+    spec = GuestSpec(name="mfgdk0", image="tiny", driver="qemu")
+    with pytest.raises(RuntimeError, match="during the probe"):
+        trio.run(lambda: engine.apply([spec]))
+    assert seen == {"mounted": False, "guests": 0, "records": 0}
+    assert not guestdirs.is_mount_point(guestdirs.guests_dir())
+    assert VmState().count() == 0 and Ledger().list("vm") == []
+    assert_nothing_left("mfgdk")
