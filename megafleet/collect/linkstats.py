@@ -16,18 +16,14 @@ sysfs (bench/linkstats.py, bench/RESULTS.md, 2026-12-07).
 from __future__ import annotations
 
 import os
-import socket
 import struct
 from dataclasses import dataclass
 
-NETLINK_ROUTE = 0
-RTM_GETLINK, RTM_NEWLINK = 18, 16
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFLA_IFNAME, IFLA_LINKINFO, IFLA_STATS64 = 3, 18, 23
-IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
-IFLA_TUN_TYPE, IFF_TAP = 3, 0x2
-NLA_TYPE_MASK = 0x3FFF
+from megafleet import rtnl
+from megafleet.rtnl import (IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_STATS64,
+                            NLA_TYPE_MASK, NLMSG_DONE, NLMSG_ERROR, RTM_GETLINK, RTM_NEWLINK)
+
+IFLA_TUN_TYPE, IFF_TAP = 3, 0x2        # linux/if_tun.h: a tun device's kind
 _STATS64 = struct.Struct("=8Q")     # the first eight counters of rtnl_link_stats64
 _unpack_attr = struct.Struct("=HH").unpack_from
 _unpack_index = struct.Struct("=i").unpack_from
@@ -118,11 +114,8 @@ def parse_links(data: bytes) -> tuple[list[LinkStats], bool]:
 def read_links() -> list[LinkStats]:
     """Every interface of the calling thread's network namespace, in index
     order. OSError if the kernel refuses the dump."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as sock:
-        sock.bind((0, 0))
-        request = struct.pack("=LHHLL", 32, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-        request += struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
-        sock.sendall(request)
+    with rtnl.route_socket() as sock:
+        sock.sendall(rtnl.dump_request(RTM_GETLINK, 1, rtnl.ifinfo(0)))
         # The kernel fills at most 32 KiB per read of a dump (netlink_recvmsg).
         buf = bytearray(65536)
         links: list[LinkStats] = []

@@ -12,29 +12,16 @@ here: link up (and MTU), address add, route add.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
-import struct
 import threading
 from dataclasses import dataclass
 
+from megafleet import rtnl
 from megafleet.netlang.ipam import BITS
 
-NETLINK_ROUTE = 0
-CLONE_NEWNET = 0x40000000
-RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 20, 24
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
-IFF_UP = 0x1
-IFLA_MTU = 4
-IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
-IFA_F_NODAD = 0x02
-RTA_DST, RTA_GATEWAY = 1, 5
-RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _lock = threading.Lock()
 
 
@@ -69,42 +56,17 @@ class RouteAdd:
 Op = LinkUp | AddrAdd | RouteAdd
 
 
-def _attr(kind: int, data: bytes) -> bytes:
-    length = 4 + len(data)
-    return struct.pack("=HH", length, kind) + data + b"\0" * (-length % 4)
-
-
 def _ip(family: int, value: int) -> bytes:
     return value.to_bytes(BITS[family] // 8, "big")
 
 
 def _message(op: Op, index: dict[str, int], seq: int) -> bytes:
     if isinstance(op, LinkUp):
-        kind, flags = RTM_NEWLINK, 0
-        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index[op.dev], IFF_UP, IFF_UP)
-        if op.mtu is not None:
-            body += _attr(IFLA_MTU, struct.pack("=I", op.mtu))
-    elif isinstance(op, AddrAdd):
-        kind, flags = RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL
-        body = struct.pack("=BBBBI", FAMILY[op.family], op.plen, 0, RT_SCOPE_UNIVERSE, index[op.dev])
-        raw = _ip(op.family, op.addr)
-        body += _attr(IFA_LOCAL, raw) + _attr(IFA_ADDRESS, raw)
-        if op.family == 6:
-            body += _attr(IFA_FLAGS, struct.pack("=I", IFA_F_NODAD))
-    else:
-        kind, flags = RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL
-        body = struct.pack("=BBBBBBBBI", FAMILY[op.family], op.plen, 0, 0, RT_TABLE_MAIN,
-                           RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
-        if op.plen:
-            body += _attr(RTA_DST, _ip(op.family, op.dst))
-        body += _attr(RTA_GATEWAY, _ip(op.family, op.via))
-    return struct.pack("=LHHLL", 16 + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise NetlinkError(err, f"setns: {os.strerror(err)}")
+        return rtnl.link_up(index[op.dev], op.mtu, seq)
+    if isinstance(op, AddrAdd):
+        return rtnl.addr_add(index[op.dev], FAMILY[op.family], _ip(op.family, op.addr), op.plen, seq)
+    return rtnl.route_add(FAMILY[op.family], _ip(op.family, op.dst) if op.plen else None, op.plen,
+                          _ip(op.family, op.via), seq)
 
 
 def _open_in(ns_path: str, devs: set[str], sysctls: dict[str, str]) -> tuple[socket.socket, dict[str, int]]:
@@ -115,12 +77,12 @@ def _open_in(ns_path: str, devs: set[str], sysctls: dict[str, str]) -> tuple[soc
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(ns_path, os.O_RDONLY)
     try:
-        _setns(target)
+        rtnl.enter_netns(target, NetlinkError)
         try:
             for key, value in sysctls.items():
                 with open(f"/proc/sys/net/{key}", "w") as f:
                     f.write(value)
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+            sock = rtnl.route_socket()
             index = {}
             for dev in devs:
                 try:
@@ -129,7 +91,7 @@ def _open_in(ns_path: str, devs: set[str], sysctls: dict[str, str]) -> tuple[soc
                     sock.close()
                     raise NetlinkError(f"no interface {dev} in {os.path.basename(ns_path)}") from None
         finally:
-            _setns(own)
+            rtnl.enter_netns(own, NetlinkError)
     finally:
         os.close(own)
         os.close(target)
@@ -155,19 +117,5 @@ def apply(ns_path: str, ops: list[Op], sysctls: dict[str, str] | None = None) ->
     with _lock:     # one namespace switch at a time per process keeps it simple
         sock, index = _open_in(ns_path, devs, sysctls or {})
     with sock:
-        sock.bind((0, 0))
-        batch = b"".join(_message(op, index, seq) for seq, op in enumerate(ops, 1))
-        sock.sendall(batch)
-        pending = len(ops)
-        while pending:
-            data = sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _, seq, _ = struct.unpack_from("=LHHLL", data, offset)
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + 16)
-                    pending -= 1
-                    if code != 0:
-                        raise NetlinkError(-code, f"{os.path.basename(ns_path)}: {describe(ops[seq - 1])}: "
-                                                  f"{os.strerror(-code)}")
-                offset += (length + 3) & ~3
+        messages = [_message(op, index, seq) for seq, op in enumerate(ops, 1)]
+        rtnl.exchange(sock, messages, lambda i: describe(ops[i]), NetlinkError, os.path.basename(ns_path))

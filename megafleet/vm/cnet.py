@@ -10,35 +10,27 @@ ethN, with the guest's MAC and MTU), then `configure_inside` (lo up,
 addresses, static routes and gateways, on a socket opened inside); `setup`
 runs the four. The guest's init then only prints its ready line.
 
-Stdlib only, and no megafleet import: `nsspawn` runs as ``python -I -S`` and
-imports this file by path. Plain data in, `CnetError` (an OSError naming the
-operation the kernel refused) out.
+Stdlib only: `nsspawn` runs as ``python -I -S`` and imports this file, and
+the rtnetlink encoding it shares with the rest of megafleet (megafleet.rtnl),
+by path. Plain data in, `CnetError` (an OSError naming the operation the
+kernel refused) out.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
-import os
 import socket
 import struct
 from dataclasses import dataclass, field
 
-NETLINK_ROUTE = 0
-RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 17, 20, 24
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
-IFF_UP = 0x1
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 4, 10, 18
-IFLA_AF_SPEC, IFLA_NET_NS_FD, IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 26, 28, 31, 32
-IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
-IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1
-NLA_F_NESTED = 0x8000
-IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
-IFA_F_NODAD = 0x02
-RTA_DST, RTA_GATEWAY = 1, 5
-RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
+try:
+    from megafleet import rtnl
+except ImportError:     # in the launcher (python -I -S): megafleet's directory is on sys.path
+    import rtnl  # type: ignore[no-redef]
+
+VETH_INFO_PEER = 1                                          # linux/veth.h
+IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1     # linux/if_link.h
 
 
 class CnetError(OSError):
@@ -80,17 +72,8 @@ class NetConfig:
                    forward=bool(data.get("forward")))
 
 
-def _attr(kind: int, data: bytes) -> bytes:
-    length = 4 + len(data)
-    return struct.pack("=HH", length, kind) + data + b"\0" * (-length % 4)
-
-
-def _header(kind: int, flags: int, seq: int, body: bytes) -> bytes:
-    return struct.pack("=LHHLL", 16 + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
-
-
-def _ifinfo(index: int, flags: int = 0, change: int = 0) -> bytes:
-    return struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
+def _mac(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
 
 
 def move_message(index: int, netns_fd: int, name: str, mac: str, seq: int, *,
@@ -98,13 +81,12 @@ def move_message(index: int, netns_fd: int, name: str, mac: str, seq: int, *,
     """RTM_NEWLINK: link `index` into the namespace of `netns_fd`, renamed, new MAC
     (what `ip link set DEV netns NS name NAME address MAC [mtu N] [up]` sends;
     the kernel moves the link first, then applies the rest there)."""
-    flag = IFF_UP if up else 0
-    body = (_ifinfo(index, flag, flag) + _attr(IFLA_NET_NS_FD, struct.pack("=I", netns_fd))
-            + _attr(IFLA_IFNAME, name.encode() + b"\0")
-            + _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))))
+    flag = rtnl.IFF_UP if up else 0
+    body = (rtnl.ifinfo(index, flag, flag) + rtnl.u32(rtnl.IFLA_NET_NS_FD, netns_fd)
+            + rtnl.attr(rtnl.IFLA_IFNAME, name.encode() + b"\0") + rtnl.attr(rtnl.IFLA_ADDRESS, _mac(mac)))
     if mtu is not None:
-        body += _attr(IFLA_MTU, struct.pack("=I", int(mtu)))
-    return _header(RTM_NEWLINK, 0, seq, body)
+        body += rtnl.u32(rtnl.IFLA_MTU, int(mtu))
+    return rtnl.request(rtnl.RTM_NEWLINK, 0, seq, body)
 
 
 def veth_message(host: str, bridge_index: int, peer: str, mac: str, netns_fd: int, seq: int, *,
@@ -121,47 +103,34 @@ def veth_message(host: str, bridge_index: int, peer: str, mac: str, netns_fd: in
     the kernel makes a veth end with one queue per CPU, then cuts it to one
     (veth_init_queues), which waits for a grace period; with thousands of
     guests starting, every other namespace and link change queues behind it."""
-    mtu_attr = _attr(IFLA_MTU, struct.pack("=I", int(mtu))) if mtu is not None else b""
-    one_queue = (_attr(IFLA_NUM_TX_QUEUES, struct.pack("=I", 1))
-                 + _attr(IFLA_NUM_RX_QUEUES, struct.pack("=I", 1)))
-    peer_body = (_ifinfo(0) + _attr(IFLA_IFNAME, peer.encode() + b"\0")
-                 + _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))) + mtu_attr + one_queue
-                 + _attr(IFLA_NET_NS_FD, struct.pack("=I", netns_fd)))
-    info = (_attr(IFLA_INFO_KIND, b"veth\0")
-            + _attr(IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER, peer_body)))
-    flag = IFF_UP if up else 0
-    body = (_ifinfo(0, flag, flag) + _attr(IFLA_IFNAME, host.encode() + b"\0") + mtu_attr + one_queue
-            + _attr(IFLA_MASTER, struct.pack("=I", bridge_index))
-            + _attr(IFLA_LINKINFO | NLA_F_NESTED, info))
-    return _header(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, seq, body)
+    mtu_attr = rtnl.u32(rtnl.IFLA_MTU, int(mtu)) if mtu is not None else b""
+    one_queue = rtnl.u32(rtnl.IFLA_NUM_TX_QUEUES, 1) + rtnl.u32(rtnl.IFLA_NUM_RX_QUEUES, 1)
+    peer_body = (rtnl.ifinfo(0) + rtnl.attr(rtnl.IFLA_IFNAME, peer.encode() + b"\0")
+                 + rtnl.attr(rtnl.IFLA_ADDRESS, _mac(mac)) + mtu_attr + one_queue
+                 + rtnl.u32(rtnl.IFLA_NET_NS_FD, netns_fd))
+    info = (rtnl.attr(rtnl.IFLA_INFO_KIND, b"veth\0")
+            + rtnl.attr(rtnl.IFLA_INFO_DATA | rtnl.NLA_F_NESTED, rtnl.attr(VETH_INFO_PEER, peer_body)))
+    flag = rtnl.IFF_UP if up else 0
+    body = (rtnl.ifinfo(0, flag, flag) + rtnl.attr(rtnl.IFLA_IFNAME, host.encode() + b"\0") + mtu_attr
+            + one_queue + rtnl.u32(rtnl.IFLA_MASTER, bridge_index)
+            + rtnl.attr(rtnl.IFLA_LINKINFO | rtnl.NLA_F_NESTED, info))
+    return rtnl.request(rtnl.RTM_NEWLINK, rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL, seq, body)
 
 
 def no_ipv6_ll_message(index: int, seq: int) -> bytes:
     """RTM_NEWLINK: no IPv6 link-local address on link `index` when it comes up
     (`ip link set DEV addrgenmode none`)."""
-    inet6 = _attr(IFLA_INET6_ADDR_GEN_MODE, struct.pack("=B", IN6_ADDR_GEN_MODE_NONE))
-    body = _ifinfo(index)
-    body += _attr(IFLA_AF_SPEC | NLA_F_NESTED, _attr(socket.AF_INET6 | NLA_F_NESTED, inet6))
-    return _header(RTM_NEWLINK, 0, seq, body)
-
-
-def up_message(index: int, mtu: int | None, seq: int) -> bytes:
-    """RTM_NEWLINK: link `index` up (with `mtu`)."""
-    body = _ifinfo(index, IFF_UP, IFF_UP)
-    if mtu is not None:
-        body += _attr(IFLA_MTU, struct.pack("=I", int(mtu)))
-    return _header(RTM_NEWLINK, 0, seq, body)
+    inet6 = rtnl.attr(IFLA_INET6_ADDR_GEN_MODE, struct.pack("=B", IN6_ADDR_GEN_MODE_NONE))
+    body = rtnl.ifinfo(index) + rtnl.attr(rtnl.IFLA_AF_SPEC | rtnl.NLA_F_NESTED,
+                                          rtnl.attr(socket.AF_INET6 | rtnl.NLA_F_NESTED, inet6))
+    return rtnl.request(rtnl.RTM_NEWLINK, 0, seq, body)
 
 
 def addr_message(index: int, cidr: str, seq: int) -> bytes:
+    """RTM_NEWADDR: `cidr` (an IPv4 or IPv6 interface address) on link `index`."""
     iface = ipaddress.ip_interface(cidr)
     family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
-    raw = iface.ip.packed
-    body = struct.pack("=BBBBI", family, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-    body += _attr(IFA_LOCAL, raw) + _attr(IFA_ADDRESS, raw)
-    if iface.version == 6:
-        body += _attr(IFA_FLAGS, struct.pack("=I", IFA_F_NODAD))
-    return _header(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, seq, body)
+    return rtnl.addr_add(index, family, iface.ip.packed, iface.network.prefixlen, seq)
 
 
 def route_message(dest: str | None, via: str, seq: int) -> bytes:
@@ -169,51 +138,26 @@ def route_message(dest: str | None, via: str, seq: int) -> bytes:
     gw = ipaddress.ip_address(via)
     family = socket.AF_INET if gw.version == 4 else socket.AF_INET6
     net = ipaddress.ip_network(dest) if dest else None
-    plen = net.prefixlen if net is not None else 0
-    body = struct.pack("=BBBBBBBBI", family, plen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT,
-                       RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
-    if plen and net is not None:
-        body += _attr(RTA_DST, net.network_address.packed)
-    body += _attr(RTA_GATEWAY, gw.packed)
-    return _header(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, seq, body)
+    return rtnl.route_add(family, net.network_address.packed if net is not None else None,
+                          net.prefixlen if net is not None else 0, gw.packed, seq)
 
 
 def route_socket() -> socket.socket:
     """An rtnetlink socket of the calling process's network namespace; it
     keeps speaking to that namespace after the process enters another (the
     launcher keeps one of the host's for every container)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-    sock.bind((0, 0))
-    return sock
+    return rtnl.route_socket()
 
 
 def _send_on(sock: socket.socket, messages: list[tuple[bytes, str]]) -> None:
-    """Send a batch and wait for every acknowledgement; raise CnetError naming
-    the first operation refused. Every acknowledgement is read before that
-    (the socket may serve the next batch: a stale one would answer it)."""
-    if not messages:
-        return
-    sock.sendall(b"".join(m for m, _ in messages))
-    pending = len(messages)
-    first_error: CnetError | None = None
-    while pending:
-        data = sock.recv(65536)
-        offset = 0
-        while offset + 16 <= len(data):
-            length, kind, _, seq, _ = struct.unpack_from("=LHHLL", data, offset)
-            if kind == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", data, offset + 16)
-                pending -= 1
-                if code != 0 and first_error is None:
-                    first_error = CnetError(-code, f"{messages[seq - 1][1]}: {os.strerror(-code)}")
-            offset += (length + 3) & ~3
-    if first_error is not None:
-        raise first_error
+    """Send a batch of (message, what it does) and wait for every
+    acknowledgement (rtnl.exchange); CnetError names the first refused."""
+    rtnl.exchange(sock, [m for m, _ in messages], lambda i: messages[i][1], CnetError)
 
 
 def del_message(name: str, seq: int) -> bytes:
     """RTM_DELLINK of the link called `name` in the socket's namespace."""
-    return _header(RTM_DELLINK, 0, seq, _ifinfo(0) + _attr(IFLA_IFNAME, name.encode() + b"\0"))
+    return rtnl.request(rtnl.RTM_DELLINK, 0, seq, rtnl.ifinfo(0) + rtnl.attr(rtnl.IFLA_IFNAME, name.encode() + b"\0"))
 
 
 def host_indexes(nics: tuple[Nic, ...]) -> dict[str, int]:
@@ -343,18 +287,9 @@ def configure_inside(config: NetConfig) -> None:
         _send_on(sock, _config_messages(config))
 
 
-CLONE_NEWNET = 0x40000000
-_libc: ctypes.CDLL | None = None
-
-
 def _enter(fd: int) -> None:
     """The calling thread into the network namespace of `fd`."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise CnetError(err, f"setns into a network namespace: {os.strerror(err)}")
+    rtnl.enter_netns(fd, CnetError)
 
 
 def setup(config: NetConfig, host_sock: socket.socket, host_netns_fd: int, netns_fd: int,
@@ -384,13 +319,13 @@ def _config_messages(config: NetConfig) -> list[tuple[bytes, str]]:
     def add(make, what: str) -> None:
         messages.append((make(len(messages) + 1), what))
 
-    add(lambda s: up_message(socket.if_nametoindex("lo"), None, s), "link set lo up")
+    add(lambda s: rtnl.link_up(socket.if_nametoindex("lo"), None, s), "link set lo up")
     no_ll = not _has_ipv6(config)
     for nic in config.nics:
         index = socket.if_nametoindex(nic.name)
         if no_ll:
             add(lambda s, i=index: no_ipv6_ll_message(i, s), f"link set {nic.name} addrgenmode none")
-        add(lambda s, i=index, m=nic.mtu: up_message(i, m, s), f"link set {nic.name} up")
+        add(lambda s, i=index, m=nic.mtu: rtnl.link_up(i, m, s), f"link set {nic.name} up")
         for cidr in nic.addresses:
             add(lambda s, i=index, c=cidr: addr_message(i, c, s), f"addr add {cidr} dev {nic.name}")
     for dest, via in config.routes:

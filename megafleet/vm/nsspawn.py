@@ -63,8 +63,12 @@ import signal
 import stat
 import sys
 
-# Not on sys.path under -I: the network helper is the file beside this one.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Not on sys.path under -I: the network helper is the file beside this one,
+# and the rtnetlink encoding it imports (rtnl) is in the directory above,
+# appended so that none of megafleet's modules hides one of the stdlib's.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _here)
+sys.path.append(os.path.dirname(_here))
 import cnet  # noqa: E402
 
 CLONE_NEWNS = 0x00020000
