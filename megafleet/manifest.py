@@ -85,6 +85,10 @@ class HostManifest:
     # a failed startup command names its line. Not in the digest (nor the plan):
     # moving a line changes nothing that runs.
     exec_locs: dict[str, list[str]] = field(default_factory=dict)
+    # digest()'s memo: ((testbed, host), the `net` object, its digest). Not
+    # data of the manifest: not in to_json, equality or repr.
+    _digest_memo: tuple[tuple[str, str], dict[str, Any], str] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     @property
     def vxlan(self) -> list[Vxlan]:
@@ -98,7 +102,7 @@ class HostManifest:
     def to_json(self) -> dict[str, Any]:
         """The manifest as JSON-able data. `net` is shared, not copied (it is
         already plain data): do not modify the result's `net`."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d["vm_options"] = dict(self.vm_options)
         d["digest"] = self.digest()
         return d
@@ -117,12 +121,11 @@ class HostManifest:
         once per (testbed, host, net object): `net` is plain data nobody
         modifies (see to_json), and an apply asked for it three times, each a
         JSON text of every guest."""
-        memo = self.__dict__.get("_digest_memo")
+        memo = self._digest_memo
         if memo is None or memo[0] != (self.testbed, self.host) or memo[1] is not self.net:
             body = {"testbed": self.testbed, "host": self.host, "net": self.net}
             digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-            memo = ((self.testbed, self.host), self.net, digest)
-            self.__dict__["_digest_memo"] = memo
+            memo = self._digest_memo = ((self.testbed, self.host), self.net, digest)
         return memo[2]
 
     def counts(self) -> dict[str, int]:
