@@ -288,7 +288,7 @@ class Engine:
         # ~50 ms, which then overlaps the checks of every recorded guest below
         # (a tenth of adding ten guests to a running lan1000). A driver opened
         # here and left without guests to start is closed at the end.
-        recorded = self.state.names()
+        recorded = await self._db(self.state.names)
         new_by_driver: dict[str, int] = {}
         for spec in specs:
             if spec.name not in recorded and self.driver(spec.driver).open_early:
@@ -308,12 +308,14 @@ class Engine:
                      progress: Progress | None, started: float) -> BootReport:
         """apply, with the drivers in `opened` open already (each removed from
         it once the boots closed it)."""
-        existing = {r.name: r for r in self.state.statuses()}
+        existing = {r.name: r for r in await self._db(self.state.statuses)}
         # Each recorded guest's process checked once (/proc reads: at a
         # thousand running guests, a reconciling `up` spent a tenth of its
-        # time checking each of them twice).
-        alive = {r.name for r in existing.values()
-                 if r.state in ("running", "starting") and self._alive(r)}
+        # time checking each of them twice), in a worker thread like the
+        # records' reads, so the launchers' pipes are served meanwhile.
+        alive = await trio.to_thread.run_sync(
+            lambda: {r.name for r in existing.values()
+                     if r.state in ("running", "starting") and self._alive(r)})
         report = BootReport()
         to_boot: list[GuestSpec] = []
         stale: list[GuestStatus] = []
