@@ -147,8 +147,9 @@ class VmState:
         the guests whose handle has one; no row parsed in Python."""
         if not key.isidentifier():
             raise ValueError(f"handle key {key!r} is not an identifier")
-        rows = self._db().execute(f"SELECT name, json_extract(handle, '$.{key}') FROM guests"
-                                  f" WHERE json_extract(handle, '$.{key}') IS NOT NULL")
+        path = f"$.{key}"
+        rows = self._db().execute("SELECT name, json_extract(handle, ?) FROM guests"
+                                  " WHERE json_extract(handle, ?) IS NOT NULL", (path, path))
         return dict(rows)
 
     def updated(self) -> dict[str, float]:
