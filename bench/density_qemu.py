@@ -146,8 +146,8 @@ async def up_part(count: int, host_mem: int | None, ksm_sharing: float, boot_tim
         # A run longer than `up_limit` is cut (heavy runs stay short on a shared
         # host): what was ready by then is reported, with qemu_up_s null.
         with trio.move_on_after(up_limit):
-            summary = await up.up(path, target, name=TESTBED, out=out, verify=False,
-                                  vm_options={"timeout_s": boot_timeout, "retries": 0})
+            summary = (await up.up(path, target, name=TESTBED, out=out, verify=False,
+                                   vm_options={"timeout_s": boot_timeout, "retries": 0})).to_json()
         up_s = round(time.monotonic() - t, 1) if summary else None
         if not summary:
             from megafleet.vm.engine import Engine

@@ -112,14 +112,14 @@ async def campus(staff: int, lab: int) -> dict:
     reference = sum(b for b, _, _ in refs) / len(refs)
     net_vm = sum(n + v for _, n, v in refs) / len(refs)
     summary = summaries[-1]
-    return {"campus_guests": summary["guests"], "campus_ready": summary["ready"],
+    return {"campus_guests": summary.guests, "campus_ready": summary.ready,
             "campus_up_s": round(up_s, 2), "campus_down_s": round(sum(downs) / len(downs), 2),
             "campus_up_runs_s": [round(x, 2) for x in ups],
             "campus_reference_s": [{"vm_boot": round(b, 2), "net": round(n, 2), "vm": round(v, 2)}
                                    for b, n, v in refs],
             "overhead_fraction": round((up_s - reference) / up_s, 3),
             "overhead_fraction_vs_net_vm": round((up_s - net_vm) / up_s, 3),
-            "campus_phases": summary["phases"]}
+            "campus_phases": summary.phases}
 
 
 async def k1000(guests: int, hosts: int, work: Path) -> dict:
@@ -145,11 +145,11 @@ async def k1000(guests: int, hosts: int, work: Path) -> dict:
         t = time.monotonic()
         result = await up.down("mfubk", None, out)
         down_s = time.monotonic() - t
-        slowest = max((h["phases"].get("net", 0) + h["phases"].get("vm", 0))
-                      for h in summary["hosts"] if "phases" in h)
-        return {"k1000_guests": summary["guests"], "k1000_ready": summary["ready"],
+        slowest = max((h.phases.get("net", 0) + h.phases.get("vm", 0))
+                      for h in summary.hosts if h.phases is not None)
+        return {"k1000_guests": summary.guests, "k1000_ready": summary.ready,
                 "k1000_hosts": hosts, "k1000_up_s": round(up_s, 2), "k1000_down_s": round(down_s, 2),
-                "k1000_down_ok": result["ok"], "k1000_phases": summary["phases"],
+                "k1000_down_ok": result["ok"], "k1000_phases": summary.phases,
                 "k1000_overhead_fraction": round((up_s - slowest) / up_s, 3)}
     finally:
         await trio.to_thread.run_sync(fleet.down)

@@ -16,6 +16,7 @@ own ledger: given only `--hosts`, it removes every testbed on every host.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -301,7 +302,7 @@ def _underlay_address(address: str) -> str:
 async def up(path: Path, target: Target, *, name: str | None = None, defines: dict[str, str] | None = None,
              telemetry: str | None = None, ksm: bool = True, vm_options: dict[str, Any] | None = None,
              out: Output | None = None, fanout: int = 8, collect_interval: float = 5.0,
-             info: dict[str, Any] | None = None, verify: bool = True) -> dict[str, Any]:
+             info: dict[str, Any] | None = None, verify: bool = True) -> UpSummary:
     """Bring a testbed up; returns the summary (also for partial failures).
     `info`, if given, is filled as the plan becomes known (testbed, guests,
     namespaces, hosts): what an interrupted run's summary is made of."""
@@ -430,11 +431,13 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
     if results:
         # The testbed works when its assertions hold live, not when guests are ready.
         from megafleet.experiment import verify as live_verify
-        summary.update(await live_verify.after_up(testbed, out.line, verify=verify, net=net))
-        if not summary.get("verify", {}).get("ok", True):
-            summary["ok"] = False
+        after = await live_verify.after_up(testbed, out.line, verify=verify, net=net)
+        summary.verify, summary.schedule = after.get("verify"), after.get("schedule")
+        if summary.verify is not None and not summary.verify.get("ok", True):
+            summary.ok = False
+    done = summary.to_json()
     ledger.record(CONTROLLER, "testbed", testbed, **record, summary={
-        k: summary[k] for k in ("guests", "ready", "failed", "namespaces", "seconds")})
+        k: done[k] for k in ("guests", "ready", "failed", "namespaces", "seconds")})
     return summary
 
 
@@ -467,12 +470,88 @@ def tunnel_peers(spanning: list[dict[str, Any]]) -> dict[str, set[str]]:
     return peers
 
 
-def summarize(testbed, placed, plan, results, host_errors, phases, seconds) -> dict[str, Any]:
+@dataclass
+class HostRow:
+    """One host's line of `up`'s summary: its status ("ok", "failed", or
+    "interrupted" and gproc's statuses), its nodes, guests and how many of
+    them are ready or failed; an apply's seconds and phases (seconds per
+    phase) when the host answered, the error when it did not."""
+
+    host: str
+    status: str
+    nodes: int
+    guests: int
+    ready: int
+    failed: int
+    seconds: float | None = None
+    phases: dict[str, float] | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class FailedNode:
+    """A node that is not up: its host, and why (a host that failed as a
+    whole fails each of its nodes with "host failed: ...")."""
+
+    node: str
+    host: str
+    reason: str
+
+    @property
+    def host_failed(self) -> bool:
+        return self.reason.startswith("host failed")
+
+
+@dataclass
+class UpSummary:
+    """What `up` did, for its table and final line and as `--json`:
+    `guests` and `namespaces` planned, `ready` guests and `namespaces_up`,
+    the nodes that `failed`, `phases` (seconds per phase, the hosts' as the
+    slowest host saw them), and `ok` when every node is up and every
+    assertion holds. `verify` and `schedule` are experiment.verify.after_up's
+    parts (JSON); `interrupted` marks a summary made from what the hosts
+    reported after Ctrl-C, with `error` when they did not report."""
+
+    testbed: str
+    seconds: float
+    guests: int
+    namespaces: int
+    ready: int = 0
+    namespaces_up: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+    hosts: list[HostRow] = field(default_factory=list)
+    failed: list[FailedNode] = field(default_factory=list)
+    ok: bool = False
+    interrupted: bool = False
+    error: str | None = None
+    verify: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as `up --json` prints it (absent: interrupted when
+        false, error, verify and schedule when None)."""
+        d: dict[str, Any] = {"testbed": self.testbed, "seconds": self.seconds, "phases": self.phases,
+                             "hosts": [h.to_json() for h in self.hosts], "guests": self.guests,
+                             "namespaces": self.namespaces, "namespaces_up": self.namespaces_up,
+                             "ready": self.ready, "failed": [dataclasses.asdict(f) for f in self.failed],
+                             "ok": self.ok}
+        if self.interrupted:
+            d["interrupted"] = True
+        for key in ("error", "verify", "schedule"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+
+def summarize(testbed, placed, plan, results, host_errors, phases, seconds) -> UpSummary:
+    """The summary of an `up` from each host's apply result (host.apply's
+    JSON, by host) and the hosts that failed (host -> error)."""
     vm_names = {v.name for v in plan.vms}
-    hosts = []
-    failed: list[dict[str, Any]] = []
-    ready = 0
-    namespaces_up = 0
+    summary = UpSummary(testbed, round(seconds, 3), guests=len(vm_names), namespaces=len(plan.netns),
+                        phases=phases)
     host_phases: dict[str, dict[str, float]] = {}
     for h, nodes in placed.hosts.items():
         if not nodes:
@@ -480,57 +559,54 @@ def summarize(testbed, placed, plan, results, host_errors, phases, seconds) -> d
         guests = sum(1 for n in nodes if n in vm_names)
         if h in results:
             r = results[h]
-            ready += r["ready"]
-            failed += [{"node": f["name"], "host": h, "reason": f["reason"]} for f in r["failed"]]
+            summary.ready += r["ready"]
+            summary.failed += [FailedNode(f["name"], h, f["reason"]) for f in r["failed"]]
             host_phases[h] = r["phases"]
-            namespaces_up += r.get("namespaces", 0)
-            hosts.append({"host": h, "status": "ok", "nodes": len(nodes), "guests": guests,
-                          "ready": r["ready"], "failed": len(r["failed"]), "seconds": r["seconds"],
-                          "phases": r["phases"]})
+            summary.namespaces_up += r.get("namespaces", 0)
+            summary.hosts.append(HostRow(h, "ok", len(nodes), guests, r["ready"], len(r["failed"]),
+                                         seconds=r["seconds"], phases=r["phases"]))
         else:
             why = host_errors.get(h, "no result")
-            failed += [{"node": n, "host": h, "reason": f"host failed: {why}"} for n in nodes]
-            hosts.append({"host": h, "status": "failed", "nodes": len(nodes), "guests": guests,
-                          "ready": 0, "failed": len(nodes), "error": why})
+            summary.failed += [FailedNode(n, h, f"host failed: {why}") for n in nodes]
+            summary.hosts.append(HostRow(h, "failed", len(nodes), guests, 0, len(nodes), error=why))
     # Per-host phases, as the slowest host saw them (they run in parallel).
     for phase in ("net", "ksm", "vm", "collect"):
         values = [p.get(phase, 0.0) for p in host_phases.values()]
         if values:
             phases[f"host_{phase}"] = round(max(values), 3)
-    return {"testbed": testbed, "seconds": round(seconds, 3), "phases": phases, "hosts": hosts,
-            "guests": len(vm_names), "namespaces": len(plan.netns), "namespaces_up": namespaces_up,
-            "ready": ready, "failed": failed, "ok": not failed and not host_errors}
+    summary.ok = not summary.failed and not host_errors
+    return summary
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: UpSummary) -> None:
     click.echo("")
-    rows = [[h["host"], h["status"], h["nodes"], h["guests"], h["ready"], h["failed"],
-             f"{h['seconds']:.1f}" if "seconds" in h else "", h.get("error", "")]
-            for h in summary["hosts"]]
+    rows = [[h.host, h.status, h.nodes, h.guests, h.ready, h.failed,
+             f"{h.seconds:.1f}" if h.seconds is not None else "", h.error or ""]
+            for h in summary.hosts]
     click.echo(table(rows, ["HOST", "STATUS", "NODES", "GUESTS", "READY", "FAILED", "SECONDS", "ERROR"]))
     click.echo("")
-    if summary["phases"]:
-        click.echo("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["phases"].items()))
-    failed_guests = [f for f in summary["failed"] if not f["reason"].startswith("host failed")]
-    click.echo(f"testbed {summary['testbed']}: {summary['ready']}/{summary['guests']} guests ready, "
-               f"{len(summary['failed'])} nodes failed, {summary['namespaces']} namespace nodes, "
-               f"{summary['seconds']:.1f} s")
+    if summary.phases:
+        click.echo("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.phases.items()))
+    failed_guests = [f for f in summary.failed if not f.host_failed]
+    click.echo(f"testbed {summary.testbed}: {summary.ready}/{summary.guests} guests ready, "
+               f"{len(summary.failed)} nodes failed, {summary.namespaces} namespace nodes, "
+               f"{summary.seconds:.1f} s")
     for f in failed_guests[:10]:
-        click.echo(f"  failed: {f['node']} on {f['host']}: {f['reason']}")
+        click.echo(f"  failed: {f.node} on {f.host}: {f.reason}")
     if len(failed_guests) > 10:
         click.echo(f"  ... and {len(failed_guests) - 10} more (see --json or megafleet status)")
-    if "verify" in summary or "schedule" in summary:
+    if summary.verify is not None or summary.schedule is not None:
         from megafleet.experiment.verify import summary_lines
-        for line in summary_lines(summary):
+        for line in summary_lines({"verify": summary.verify, "schedule": summary.schedule}):
             click.echo(line)
     click.echo(final_line(summary))
 
 
-def final_line(summary: dict[str, Any]) -> str:
+def final_line(summary: UpSummary) -> str:
     """The last line of `up`: what is true now, and how to remove it."""
-    t = summary["testbed"]
-    guests, ready = summary["guests"], summary["ready"]
-    ns, ns_up = summary["namespaces"], summary.get("namespaces_up", summary["namespaces"])
+    t = summary.testbed
+    guests, ready = summary.guests, summary.ready
+    ns, ns_up = summary.namespaces, summary.namespaces_up
     remove = f"'megafleet down {t}' removes it"
     parts = []
     if guests:
@@ -539,11 +615,11 @@ def final_line(summary: dict[str, Any]) -> str:
         parts.append(f"{ns_up} of {ns} namespace nodes up")
     what = ", ".join(parts) or "no nodes"
     nothing = ready == 0 and ns_up == 0
-    if summary.get("interrupted"):
+    if summary.interrupted:
         if nothing:
             return f"interrupted: nothing is up; {remove.replace('it', 'what was recorded')}"
         return f"interrupted: {what}; {remove}"
-    failed = len(summary["failed"])
+    failed = len(summary.failed)
     if nothing:
         return (f"nothing is up ({failed} nodes failed); 'megafleet down {t}' removes what was "
                 "recorded")
@@ -559,7 +635,7 @@ def final_line(summary: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 
 async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool, out: Output,
-                     host_state: str | None = None, **kwargs: Any) -> dict[str, Any]:
+                     host_state: str | None = None, **kwargs: Any) -> UpSummary:
     """`up` holding the testbed's lock (waiting with a message, or UpError at
     once when wait is False), and interruptible: the first SIGINT or SIGTERM
     cancels the run (nothing new starts; steps under way in worker threads
@@ -570,7 +646,7 @@ async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool
     testbed = testbed_name(path, name)
     info: dict[str, Any] = {"testbed": testbed}
     state = {"signals": 0}
-    summary: dict[str, Any] | None = None
+    summary: UpSummary | None = None
     error: Exception | None = None
     t0 = time.monotonic()
 
@@ -606,8 +682,8 @@ async def guarded_up(path: Path, target: Target, *, name: str | None, wait: bool
             with trio.move_on_after(60):
                 summary = await interrupted_summary(testbed, target, info, host_state, time.monotonic() - t0)
             if summary is None:
-                summary = {**_empty_summary(testbed, info, time.monotonic() - t0),
-                           "error": "the hosts did not report in 60 s"}
+                summary = _empty_summary(testbed, info, time.monotonic() - t0)
+                summary.error = "the hosts did not report in 60 s"
         nursery.cancel_scope.cancel()
     if error is not None and not state["signals"]:
         raise error
@@ -624,34 +700,30 @@ def _abort(testbed: str) -> None:
     os._exit(130)
 
 
-def _empty_summary(testbed: str, info: dict[str, Any], seconds: float) -> dict[str, Any]:
-    return {"testbed": testbed, "interrupted": True, "ok": False, "seconds": round(seconds, 3),
-            "phases": {}, "hosts": [], "guests": info.get("guests", 0),
-            "namespaces": info.get("namespaces", 0), "namespaces_up": 0, "ready": 0, "failed": []}
+def _empty_summary(testbed: str, info: dict[str, Any], seconds: float) -> UpSummary:
+    return UpSummary(testbed, round(seconds, 3), guests=info.get("guests", 0),
+                     namespaces=info.get("namespaces", 0), interrupted=True)
 
 
 async def interrupted_summary(testbed: str, target: Target, info: dict[str, Any], host_state: str | None,
-                              seconds: float) -> dict[str, Any]:
+                              seconds: float) -> UpSummary:
     """The summary of an interrupted `up`, from what every host reports is up."""
     summary = _empty_summary(testbed, info, seconds)
     res = await _on_hosts(target, "host.status", {"testbed": testbed},
                           Output(quiet=True), timeout=60)
     for h, r in sorted(res.items()):
         if r["status"] != "ok":
-            summary["hosts"].append({"host": h, "status": r["status"], "nodes": 0, "guests": 0,
-                                     "ready": 0, "failed": 0, "error": r.get("error", "")})
+            summary.hosts.append(HostRow(h, r["status"], 0, 0, 0, 0, error=r.get("error", "")))
             continue
         for bed in r["value"]["testbeds"]:
             if bed["testbed"] != testbed:
                 continue
             nodes = bed["nodes"]
             ready = nodes.get("running", 0)
-            up_ns = nodes.get("up", 0)
-            summary["ready"] += ready
-            summary["namespaces_up"] += up_ns
-            summary["hosts"].append({"host": h, "status": "interrupted", "nodes": sum(nodes.values()),
-                                     "guests": sum(v for k, v in nodes.items() if k not in ("up",)),
-                                     "ready": ready, "failed": 0})
+            summary.ready += ready
+            summary.namespaces_up += nodes.get("up", 0)
+            summary.hosts.append(HostRow(h, "interrupted", sum(nodes.values()),
+                                         sum(v for k, v in nodes.items() if k != "up"), ready, 0))
     return summary
 
 
@@ -877,22 +949,22 @@ def up_command(testbed, hosts, telemetry, name, defines, host_mem, ksm_sharing, 
         # A second Ctrl-C in the instant between the run's signal receiver and
         # the handlers below (trio.run puts Python's own back as it returns).
         _abort(testbed_name(testbed, name))
-    if summary.get("interrupted"):
+    if summary.interrupted:
         # Interrupted once: another Ctrl-C while the summary prints aborts, as
         # a second one during the run does.
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: _abort(summary["testbed"]))
+            signal.signal(sig, lambda *_: _abort(summary.testbed))
     if json_mode:
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps(summary.to_json()))
     else:
         print_summary(summary)
-    if summary.get("interrupted"):
+    if summary.interrupted:
         # Out at once: a Ctrl-C during the interpreter's own shutdown would end
         # the process by the signal (status -2) instead of 130.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
-    if not summary["ok"]:
+    if not summary.ok:
         sys.exit(1)
 
 

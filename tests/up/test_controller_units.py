@@ -52,7 +52,17 @@ def test_summary_reports_a_failed_host_and_failed_guests():
                             segment_hosts={"s": ["h0", "h1"]}, vnis={"s": 10000})
     results = {"h0": {"ready": 0, "failed": [], "phases": {"net": 0.5, "vm": 0.0}, "seconds": 0.6}}
     s = up.summarize("tb", placed, plan, results, {"h1": "unreachable: refused"}, {"compile": 0.1}, 1.0)
-    assert not s["ok"]
-    assert s["failed"] == [{"node": "a2", "host": "h1", "reason": "host failed: unreachable: refused"}]
-    assert {h["host"]: h["status"] for h in s["hosts"]} == {"h0": "ok", "h1": "failed"}
-    assert s["phases"]["host_net"] == 0.5
+    assert not s.ok
+    assert s.failed == [up.FailedNode("a2", "h1", "host failed: unreachable: refused")]
+    assert {h.host: h.status for h in s.hosts} == {"h0": "ok", "h1": "failed"}
+    assert s.phases["host_net"] == 0.5
+    # As `up --json` prints it: a host that answered has its seconds and
+    # phases, one that did not its error; no "interrupted" key on a whole run.
+    d = s.to_json()
+    assert d["failed"] == [{"node": "a2", "host": "h1", "reason": "host failed: unreachable: refused"}]
+    assert d["hosts"] == [
+        {"host": "h0", "status": "ok", "nodes": 1, "guests": 0, "ready": 0, "failed": 0, "seconds": 0.6,
+         "phases": {"net": 0.5, "vm": 0.0}},
+        {"host": "h1", "status": "failed", "nodes": 1, "guests": 0, "ready": 0, "failed": 1,
+         "error": "unreachable: refused"}]
+    assert d["ok"] is False and "interrupted" not in d and "verify" not in d

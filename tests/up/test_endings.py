@@ -1,12 +1,15 @@
 """The last line of `up` says what is true (pure logic of up.final_line)."""
 
-from megafleet.up import final_line
+from megafleet.up import FailedNode, UpSummary, final_line
 
 
 def summary(**kw):
-    base = {"testbed": "mfue", "guests": 120, "ready": 120, "namespaces": 4, "namespaces_up": 4,
-            "failed": []}
-    return {**base, **kw}
+    base = dict(testbed="mfue", seconds=1.0, guests=120, ready=120, namespaces=4, namespaces_up=4)
+    return UpSummary(**{**base, **kw})
+
+
+def failed(*names):
+    return [FailedNode(n, "local", "exited before the ready line") for n in names]
 
 
 def test_all_up():
@@ -16,18 +19,18 @@ def test_all_up():
 
 
 def test_some_failed():
-    line = final_line(summary(ready=117, failed=[{"node": n} for n in "abc"]))
+    line = final_line(summary(ready=117, failed=failed(*"abc")))
     assert line.startswith("up with 3 failed nodes (117 of 120 guests up")
 
 
 def test_every_guest_failed_and_no_namespace_nodes_means_nothing_is_up():
-    line = final_line(summary(ready=0, namespaces=0, namespaces_up=0, failed=[{"node": "x"}] * 120))
+    line = final_line(summary(ready=0, namespaces=0, namespaces_up=0, failed=failed("x") * 120))
     assert line.startswith("nothing is up (120 nodes failed)")
     assert "the testbed stays up" not in line
 
 
 def test_interrupted():
-    assert final_line(summary(ready=68, interrupted=True, failed=[])).startswith(
+    assert final_line(summary(ready=68, interrupted=True)).startswith(
         "interrupted: 68 of 120 guests up")
     assert final_line(summary(ready=0, namespaces_up=0, interrupted=True)).startswith(
         "interrupted: nothing is up")

@@ -256,12 +256,12 @@ async def sim_up(work: ControllerWork, fanout: int, link: LinkModel, model: Boot
         agents_left = len(net.agents)
     del down_ok
     return UpResult(
-        hosts=len(work.hosts), guests=summary["guests"], connect_s=connect_s, probe_s=probe_s,
-        apply_s=apply_s, up_s=up_s, down_s=down_s, ready=summary["ready"],
-        failed_guests=sum(1 for f in summary["failed"] if not f["reason"].startswith("host failed")),
-        failed_hosts=sum(1 for h in summary["hosts"] if h["status"] != "ok"),
+        hosts=len(work.hosts), guests=summary.guests, connect_s=connect_s, probe_s=probe_s,
+        apply_s=apply_s, up_s=up_s, down_s=down_s, ready=summary.ready,
+        failed_guests=sum(1 for f in summary.failed if not f.host_failed),
+        failed_hosts=sum(1 for h in summary.hosts if h.status != "ok"),
         events=counted["events"], event_frames=counted["frames"],
         tx_bytes=net.controller.tx_bytes, rx_bytes=net.controller.rx_bytes, rx_frames=net.controller.rx_frames,
-        reattachments=reattachments, summary_ok=summary["ok"], errors=net.errors[:5],
+        reattachments=reattachments, summary_ok=summary.ok, errors=net.errors[:5],
         agents_left=agents_left, killed=len(victims),
         survivors_guests=sum(len(work.plan_hosts[h]) for h in work.hosts if h not in set(victims)))
