@@ -165,7 +165,7 @@ async def up_part(count: int, host_mem: int | None, ksm_sharing: float, boot_tim
             "qemu_first_failure": failed[0] if failed else None,
             "qemu_up_s": up_s, "qemu_cut_after_s": summary.get("cut_after_s"),
             "qemu_host_mem_used_mb": used_after - used_before, "qemu_pss_mb": pss,
-            "ksm_saved_mb": saved, "qemu_down_s": round(down_s, 1), "qemu_down_ok": down.get("ok"),
+            "ksm_saved_mb": saved, "qemu_down_s": round(down_s, 1), "qemu_down_ok": down.ok,
             "qemu_budget_mb": budget, "qemu_ksm_sharing": ksm_sharing, "qemu_mem_mb": GUEST_MEM_MB,
             "qemu_phases": summary.get("phases")}
 

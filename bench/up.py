@@ -102,7 +102,7 @@ async def campus(staff: int, lab: int) -> dict:
         t = time.monotonic()
         result = await up.down("mfubcamp", None, out)
         downs.append(time.monotonic() - t)
-        assert result["ok"], result
+        assert result.ok, result
 
     refs.append(await campus_reference(path, defines))
     await one_up()
@@ -149,7 +149,7 @@ async def k1000(guests: int, hosts: int, work: Path) -> dict:
                       for h in summary.hosts if h.phases is not None)
         return {"k1000_guests": summary.guests, "k1000_ready": summary.ready,
                 "k1000_hosts": hosts, "k1000_up_s": round(up_s, 2), "k1000_down_s": round(down_s, 2),
-                "k1000_down_ok": result["ok"], "k1000_phases": summary.phases,
+                "k1000_down_ok": result.ok, "k1000_phases": summary.phases,
                 "k1000_overhead_fraction": round((up_s - slowest) / up_s, 3)}
     finally:
         await trio.to_thread.run_sync(fleet.down)

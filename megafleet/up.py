@@ -712,10 +712,10 @@ async def interrupted_summary(testbed: str, target: Target, info: dict[str, Any]
     res = await _on_hosts(target, "host.status", {"testbed": testbed},
                           Output(quiet=True), timeout=60)
     for h, r in sorted(res.items()):
-        if r["status"] != "ok":
-            summary.hosts.append(HostRow(h, r["status"], 0, 0, 0, 0, error=r.get("error", "")))
+        if not r.ok:
+            summary.hosts.append(HostRow(h, r.status, 0, 0, 0, 0, error=r.error or ""))
             continue
-        for bed in r["value"]["testbeds"]:
+        for bed in r.value["testbeds"]:
             if bed["testbed"] != testbed:
                 continue
             nodes = bed["nodes"]
@@ -731,9 +731,29 @@ async def interrupted_summary(testbed: str, target: Target, info: dict[str, Any]
 # down, status, exec
 # ---------------------------------------------------------------------------
 
+@dataclass
+class HostAnswer:
+    """One host's answer to a host.* handler: status "ok" with the handler's
+    value (plain JSON data: a dict, or exec's list of results), or gproc's
+    status of a host that did not answer (failed, timeout, unreachable, ...)
+    with the error text."""
+
+    status: str
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        """{"status": "ok", "value": ...} or {"status": ..., "error": ...}."""
+        return {"status": "ok", "value": self.value} if self.ok else {"status": self.status, "error": self.error}
+
+
 async def _on_hosts(target: Target, handler: str, payload: dict[str, Any], out: Output,
-                    timeout: float = 600, fanout: int = 8) -> dict[str, dict[str, Any]]:
-    """Call a host.* handler on every host of the target: {host: {"status", "value"|"error"}}."""
+                    timeout: float = 600, fanout: int = 8) -> dict[str, HostAnswer]:
+    """Call a host.* handler on every host of the target: host -> its answer."""
     from megafleet import host as host_side
 
     if target.embedded:
@@ -749,9 +769,9 @@ async def _on_hosts(target: Target, handler: str, payload: dict[str, Any], out: 
                                                    timeout=payload.get("timeout", 30))
             else:
                 raise ValueError(handler)
-            return {LOCAL: {"status": "ok", "value": value}}
+            return {LOCAL: HostAnswer("ok", value)}
         except Exception as exc:
-            return {LOCAL: {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}}
+            return {LOCAL: HostAnswer("failed", error=f"{type(exc).__name__}: {exc}")}
     from megafleet.gproc import Fleet
 
     inv = target.inventory()
@@ -760,8 +780,8 @@ async def _on_hosts(target: Target, handler: str, payload: dict[str, Any], out: 
         per_host = {h: {**payload, **target.dirs(h)} for h in names}
         report = await fleet.call(handler, per_host=per_host, modules=HOST_MODULES, timeout=timeout,
                                   on_event=out.event)
-    return {h: ({"status": "ok", "value": r.value} if r.status == "ok"
-                else {"status": r.status, "error": r.error}) for h, r in report.results.items()}
+    return {h: HostAnswer(r.status, r.value if r.status == "ok" else None, r.error)
+            for h, r in report.results.items()}
 
 
 def _targets_for(testbed: str | None, hosts: str | None, host_state: str | None) -> list[tuple[str | None, Target]]:
@@ -779,16 +799,34 @@ def _targets_for(testbed: str | None, hosts: str | None, host_state: str | None)
     return [(t, Target.from_json(d["target"])) for t, d in sorted(known.items())]
 
 
+@dataclass
+class DownResult:
+    """What `down` did: `ok` when every host answered, the seconds it took,
+    and each host's answer (host.down's counts) by testbed ("*": every
+    testbed of a target)."""
+
+    ok: bool
+    seconds: float
+    results: dict[str, dict[str, HostAnswer]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "seconds": self.seconds,
+                "results": {t: {h: a.to_json() for h, a in res.items()} for t, res in self.results.items()}}
+
+
 async def down(testbed: str | None, hosts: str | None, out: Output, host_state: str | None = None,
-               fanout: int = 8, wait: bool = True) -> dict[str, Any]:
+               fanout: int = 8, wait: bool = True) -> DownResult:
+    """Tear down `testbed` (or every testbed this controller knows, or with
+    `hosts` every testbed of that inventory) on every host at once, and
+    forget the controller's records of what went."""
     t0 = time.monotonic()
     ledger = Ledger()
-    results: dict[str, Any] = {}
+    results: dict[str, dict[str, HostAnswer]] = {}
     ok = True
     for name, target in _targets_for(testbed, hosts, host_state):
         res = await _on_hosts(target, "host.down", {"testbed": name, "no_wait": not wait}, out, fanout=fanout)
         results[name or "*"] = res
-        if all(r["status"] == "ok" for r in res.values()):
+        if all(r.ok for r in res.values()):
             if name is not None:
                 ledger.forget(CONTROLLER, "testbed", name)
             else:
@@ -803,19 +841,22 @@ async def down(testbed: str | None, hosts: str | None, out: Output, host_state: 
     for r in ledger.list(locks.OWNER, "file"):
         if r.key not in known:
             locks.forget(r.key)
-    return {"ok": ok, "seconds": round(time.monotonic() - t0, 3), "results": results}
+    return DownResult(ok, round(time.monotonic() - t0, 3), results)
 
 
-async def status(testbed: str | None, hosts: str | None, out: Output, host_state: str | None = None) -> dict:
-    out_hosts: dict[str, Any] = {}
+async def status(testbed: str | None, hosts: str | None, out: Output,
+                 host_state: str | None = None) -> dict[str, HostAnswer]:
+    """host -> its host.status answer ({"testbeds": [...], "ksm": {...}}), the
+    testbeds of every target that reaches the host merged into one answer."""
+    out_hosts: dict[str, HostAnswer] = {}
     for name, target in _targets_for(testbed, hosts, host_state):
         res = await _on_hosts(target, "host.status", {"testbed": name}, out, timeout=60)
         for h, r in res.items():
-            out_hosts.setdefault(h, r)
-            if r["status"] == "ok" and out_hosts[h] is not r and out_hosts[h]["status"] == "ok":
-                seen = {b["testbed"] for b in out_hosts[h]["value"]["testbeds"]}
-                out_hosts[h]["value"]["testbeds"] += [b for b in r["value"]["testbeds"] if b["testbed"] not in seen]
-    return {"hosts": out_hosts}
+            first = out_hosts.setdefault(h, r)
+            if r.ok and first is not r and first.ok:
+                seen = {b["testbed"] for b in first.value["testbeds"]}
+                first.value["testbeds"] += [b for b in r.value["testbeds"] if b["testbed"] not in seen]
+    return out_hosts
 
 
 async def exec_on(pattern: str, argv: list[str], testbed: str | None, hosts: str | None, out: Output,
@@ -826,10 +867,10 @@ async def exec_on(pattern: str, argv: list[str], testbed: str | None, hosts: str
         res = await _on_hosts(target, "host.exec", {"testbed": name, "pattern": pattern, "argv": argv,
                                                     "timeout": timeout}, out, timeout=timeout + 30)
         for h, r in res.items():
-            if r["status"] == "ok":
-                nodes += [{**n, "host": h} for n in r["value"]]
+            if r.ok:
+                nodes += [{**n, "host": h} for n in r.value]
             else:
-                errors[h] = r.get("error") or r["status"]
+                errors[h] = r.error or r.status
     return {"nodes": sorted(nodes, key=lambda n: n["node"]), "host_errors": errors}
 
 
@@ -1049,22 +1090,22 @@ def down_command(testbed, hosts, fanout, no_wait, host_state, json_mode):
     out = Output(json_mode)
     result = _run(down, testbed, hosts, out, host_state, fanout, not no_wait)
     if json_mode:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(result.to_json()))
     else:
         rows = []
-        for name, res in result["results"].items():
+        for name, res in result.results.items():
             for h, r in res.items():
-                if r["status"] == "ok":
-                    for t, c in r["value"]["testbeds"].items():
+                if r.ok:
+                    for t, c in r.value["testbeds"].items():
                         rows.append([h, t, "down", c["namespaces"], c["links"], c["processes"], ""])
-                    if not r["value"]["testbeds"]:
+                    if not r.value["testbeds"]:
                         rows.append([h, name, "nothing up", "", "", "", ""])
                 else:
-                    rows.append([h, name, r["status"], "", "", "", r.get("error", "")])
+                    rows.append([h, name, r.status, "", "", "", r.error or ""])
         click.echo(table(rows, ["HOST", "TESTBED", "STATE", "NAMESPACES", "LINKS", "PROCESSES", "ERROR"]))
-        click.echo(f"\n{'down: nothing of it is up' if result['ok'] else 'some hosts failed: run down again'}"
-                   f" ({result['seconds']:.1f} s)")
-    if not result["ok"]:
+        click.echo(f"\n{'down: nothing of it is up' if result.ok else 'some hosts failed: run down again'}"
+                   f" ({result.seconds:.1f} s)")
+    if not result.ok:
         sys.exit(1)
 
 
@@ -1082,17 +1123,17 @@ def status_command(testbed, hosts, host_state, json_mode):
     (did not boot; reason shown), exited (guest died), missing (gone).
     """
     out = Output(json_mode, quiet=True)
-    result = _run(status, testbed, hosts, out, host_state)
+    answers = _run(status, testbed, hosts, out, host_state)
     if json_mode:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps({"hosts": {h: a.to_json() for h, a in answers.items()}}))
         return
     from megafleet.experiment.cli import fmt_settings
     rows, failures, links = [], [], []
-    for h, r in sorted(result["hosts"].items()):
-        if r["status"] != "ok":
-            rows.append([h, "", r["status"], "", "", r.get("error", "")])
+    for h, r in sorted(answers.items()):
+        if not r.ok:
+            rows.append([h, "", r.status, "", "", r.error or ""])
             continue
-        v = r["value"]
+        v = r.value
         ksm = v["ksm"]
         ksm_text = f"{ksm.get('saved_mb', '?')} MB saved ({ksm['daemon']})"
         for b in v["testbeds"]:

@@ -16,11 +16,14 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from megafleet.web import state
+
+if TYPE_CHECKING:
+    from megafleet.up import HostAnswer
 
 # A fault is stamped when its command starts and stored when it is done (a
 # guest's restart takes seconds), so events stamped later may be stored first:
@@ -50,7 +53,7 @@ class Snapshot:
     """The latest poll: `status` per host, and per testbed the nodes not healthy."""
 
     time: float = 0.0
-    hosts: dict[str, Any] = field(default_factory=dict)
+    hosts: dict[str, HostAnswer] = field(default_factory=dict)
     bad: dict[str, dict[str, str]] = field(default_factory=dict)
 
 

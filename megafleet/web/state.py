@@ -23,6 +23,7 @@ from megafleet.experiment.refs import IMPAIRMENTS
 
 if TYPE_CHECKING:
     from megafleet.experiment.hostside import ChangedLink
+    from megafleet.up import HostAnswer
 
 # Above this many nodes the guests of one group on one switch are drawn as one
 # node (their count and worst state): 10,000 single dots tell a person less than
@@ -182,24 +183,24 @@ def placement_of(t: TestbedInfo, net) -> dict[str, str]:
 # Node states
 # ---------------------------------------------------------------------------
 
-async def host_status(name: str | None) -> dict[str, Any]:
-    """`megafleet status --json` for one testbed (or all): {host: {status, value}}."""
+async def host_status(name: str | None) -> dict[str, HostAnswer]:
+    """What `megafleet status` shows for one testbed (or all): host -> its answer."""
     from megafleet.up import Output, status
 
-    return (await status(name, None, Output(quiet=True)))["hosts"]
+    return await status(name, None, Output(quiet=True))
 
 
-def node_states(status_hosts: dict[str, Any], testbed_name: str) -> tuple[dict[str, str], dict[str, dict]]:
+def node_states(status_hosts: dict[str, HostAnswer], testbed_name: str) -> tuple[dict[str, str], dict[str, dict]]:
     """From `status` output: the state of every node that is not healthy, and
     per host {state: count} of the testbed's nodes. Healthy nodes are not listed
     one by one by `status` (at 10,000 guests that is the point)."""
     bad: dict[str, str] = {}
     per_host: dict[str, dict] = {}
     for h, r in status_hosts.items():
-        if r.get("status") != "ok":
-            per_host[h] = {"error": r.get("error") or r.get("status")}
+        if not r.ok:
+            per_host[h] = {"error": r.error or r.status}
             continue
-        for b in r["value"]["testbeds"]:
+        for b in r.value["testbeds"]:
             if b["testbed"] != testbed_name:
                 continue
             per_host[h] = {"nodes": b["nodes"], "complete": b["complete"], "telemetry": b["telemetry"]}
@@ -208,14 +209,14 @@ def node_states(status_hosts: dict[str, Any], testbed_name: str) -> tuple[dict[s
     return bad, per_host
 
 
-def hosts_view(status_hosts: dict[str, Any]) -> list[dict[str, Any]]:
+def hosts_view(status_hosts: dict[str, HostAnswer]) -> list[dict[str, Any]]:
     """Rows of the hosts table: nodes by state, KSM saving, telemetry health."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for h, r in sorted(status_hosts.items()):
-        if r.get("status") != "ok":
-            rows.append({"host": h, "status": r.get("status"), "error": r.get("error"), "testbeds": []})
+        if not r.ok:
+            rows.append({"host": h, "status": r.status, "error": r.error, "testbeds": []})
             continue
-        v = r["value"]
+        v = r.value
         rows.append({"host": h, "status": "ok", "ksm": v["ksm"], "memory": memory_mb(),
                      "testbeds": [{"testbed": b["testbed"], "nodes": b["nodes"], "complete": b["complete"],
                                    "telemetry": b["telemetry"], "failed": len(b["failures"])}
