@@ -132,12 +132,25 @@ def test_engine_killed_mid_boot_then_teardown_leaves_nothing(tiny):
         trio.run(lambda: Engine().teardown("mfvk*"))
 
 
+def _why_exited(*names: str) -> dict[str, str]:
+    """What the guests' QEMU and console logs end with: why a guest that was
+    started is gone (a run of the full suite once found every one exited)."""
+    from megafleet.vm.engine import console_tail
+
+    out = {}
+    for name in names:
+        gdir = guests_dir() / name
+        out[name] = (f"qemu.log: {console_tail(gdir / 'qemu.log', 5)!r}; "
+                     f"console: {console_tail(gdir / 'console.log', 8)!r}")
+    return out
+
+
 def _check_truth_then_teardown():
     # `vm ls` shows the truth: guests that were started keep running.
     views = {v.name: v for v in Engine().list("mfvk*")}
     assert set(views) == {"mfvk1", "mfvk2", "mfvk3"}
     running = [v for v in views.values() if v.pid]
-    assert running, views
+    assert running, (views, _why_exited("mfvk1", "mfvk2"))
     assert all(v.state in ("starting", "running") for v in running)
     assert live_pids([v.pid for v in running]) == [v.pid for v in running]
     assert all(v.state == "exited" for v in views.values() if not v.pid)
