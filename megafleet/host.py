@@ -40,6 +40,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -679,13 +680,37 @@ def guest_exec_routes(vms: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class NodeExec:
+    """What a command did in one node: its exit status `rc`, its output
+    decoded as text; rc None and `error` saying why when it could not run
+    (no such guest running, a timeout, the guest's exec channel refused).
+    `host` is the host the node is on, filled in by the controller."""
+
+    node: str
+    rc: int | None
+    stdout: str
+    stderr: str
+    error: str | None
+    host: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.host is None:
+            del d["host"]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], host: str | None = None) -> "NodeExec":
+        return cls(d["node"], d["rc"], d["stdout"], d["stderr"], d["error"], host)
+
+
 async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, *,
                      timeout: float = 30.0, state_dir: str | None = None,
-                     run_dir: str | None = None) -> list[dict[str, Any]]:
+                     run_dir: str | None = None) -> list[NodeExec]:
     """Run argv inside every node matching `pattern`: in a namespace node's
     namespace (`ip netns exec`), in a guest the way its driver says
-    (`guest_exec_routes`). One dict per node: node, rc, stdout, stderr, error
-    (rc None when the command could not run; error says why)."""
+    (`guest_exec_routes`). One result per node, by node name."""
     use_dirs(state_dir, run_dir)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise HostError("exec needs a command (a list of words)")
@@ -704,7 +729,7 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
                 targets.append((node, ExecRoute(prefix=("ip", "netns", "exec", ns))))
         routes = guest_exec_routes([v for v in m.net["vms"] if fnmatch.fnmatchcase(v["name"], pattern)])
         targets += sorted(routes.items())
-    results: list[dict[str, Any]] = []
+    results: list[NodeExec] = []
     limiter = trio.CapacityLimiter(8)
 
     async def one(node: str, route: ExecRoute | str) -> None:
@@ -729,12 +754,12 @@ async def exec_nodes(pattern: str, argv: list[str], testbed: str | None = None, 
                     error = f"timed out after {timeout:g} s"
                 else:
                     rc, stdout, stderr = done.returncode, done.stdout, done.stderr
-        results.append({"node": node, "rc": rc, "stdout": stdout, "stderr": stderr, "error": error})
+        results.append(NodeExec(node, rc, stdout, stderr, error))
 
     async with trio.open_nursery() as nursery:
         for node, route in targets:
             nursery.start_soon(one, node, route)
-    return sorted(results, key=lambda r: r["node"])
+    return sorted(results, key=lambda r: r.node)
 
 
 # ---------------------------------------------------------------------------
@@ -813,6 +838,7 @@ async def _status_handler(payload: Any, ctx: handlers.Context) -> dict[str, Any]
 
 @handlers.handler("host.exec")
 async def _exec_handler(payload: Any, ctx: handlers.Context) -> list[dict[str, Any]]:
-    return await exec_nodes(payload["pattern"], payload["argv"], payload.get("testbed"),
+    done = await exec_nodes(payload["pattern"], payload["argv"], payload.get("testbed"),
                             timeout=payload.get("timeout", 30.0), state_dir=payload.get("state_dir"),
                             run_dir=payload.get("run_dir"))
+    return [n.to_json() for n in done]

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
@@ -35,6 +35,9 @@ import trio
 from megafleet.ledger import Ledger
 from megafleet.names import InvalidName, check_name, description_id, same_description
 from megafleet.names import testbed_name as names_testbed_name
+
+if TYPE_CHECKING:       # the host side is imported when a command runs it
+    from megafleet.host import NodeExec
 
 CONTROLLER = "up-controller"
 LOCAL = "local"
@@ -757,7 +760,7 @@ async def _on_hosts(target: Target, handler: str, payload: dict[str, Any], out: 
     from megafleet import host as host_side
 
     if target.embedded:
-        value: Any            # what the handler returns (a dict, or exec's list of results)
+        value: Any            # what the handler returns, as JSON (a dict, or exec's list of results)
         try:
             if handler == "host.down":
                 value = await host_side.down(payload.get("testbed"), lambda ev: out.event(LOCAL, ev),
@@ -765,8 +768,9 @@ async def _on_hosts(target: Target, handler: str, payload: dict[str, Any], out: 
             elif handler == "host.status":
                 value = await trio.to_thread.run_sync(host_side.status, payload.get("testbed"))
             elif handler == "host.exec":
-                value = await host_side.exec_nodes(payload["pattern"], payload["argv"], payload.get("testbed"),
-                                                   timeout=payload.get("timeout", 30))
+                done = await host_side.exec_nodes(payload["pattern"], payload["argv"], payload.get("testbed"),
+                                                  timeout=payload.get("timeout", 30))
+                value = [n.to_json() for n in done]     # as a remote host answers
             else:
                 raise ValueError(handler)
             return {LOCAL: HostAnswer("ok", value)}
@@ -859,19 +863,41 @@ async def status(testbed: str | None, hosts: str | None, out: Output,
     return out_hosts
 
 
+@dataclass
+class ExecResult:
+    """What `exec` did: each matching node's result (by node name, its host
+    filled in) and the hosts that did not answer (host -> why)."""
+
+    nodes: list[NodeExec]
+    host_errors: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        """Some node matched, every host answered and every command exited 0."""
+        return bool(self.nodes) and not self.host_errors and not any(n.error or n.rc for n in self.nodes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nodes": [n.to_json() for n in self.nodes], "host_errors": self.host_errors}
+
+
 async def exec_on(pattern: str, argv: list[str], testbed: str | None, hosts: str | None, out: Output,
-                  timeout: float, host_state: str | None = None) -> dict[str, Any]:
-    nodes: list[dict[str, Any]] = []
+                  timeout: float, host_state: str | None = None) -> ExecResult:
+    """Run argv in every node matching `pattern` on every host of the
+    testbed (or of every testbed this controller knows), `timeout` seconds
+    per command."""
+    from megafleet.host import NodeExec
+
+    nodes: list[NodeExec] = []
     errors: dict[str, str] = {}
     for name, target in _targets_for(testbed, hosts, host_state):
         res = await _on_hosts(target, "host.exec", {"testbed": name, "pattern": pattern, "argv": argv,
                                                     "timeout": timeout}, out, timeout=timeout + 30)
         for h, r in res.items():
             if r.ok:
-                nodes += [{**n, "host": h} for n in r.value]
+                nodes += [NodeExec.from_json(n, host=h) for n in r.value]
             else:
                 errors[h] = r.error or r.status
-    return {"nodes": sorted(nodes, key=lambda n: n["node"]), "host_errors": errors}
+    return ExecResult(sorted(nodes, key=lambda n: n.node), errors)
 
 
 # ---------------------------------------------------------------------------
@@ -1183,18 +1209,18 @@ def exec_command(pattern, command, testbed, hosts, timeout, host_state, json_mod
     out = Output(json_mode, quiet=True)
     result = _run(exec_on, pattern, list(command), testbed, hosts, out, timeout, host_state)
     if json_mode:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(result.to_json()))
     else:
-        for n in result["nodes"]:
-            status_text = n["error"] if n["error"] else f"exit {n['rc']}"
-            click.echo(f"--- {n['node']} ({n['host']}): {status_text}")
-            if n["stdout"]:
-                click.echo(n["stdout"].rstrip("\n"))
-            if n["stderr"]:
-                click.echo(n["stderr"].rstrip("\n"), err=True)
-        for h, e in result["host_errors"].items():
+        for n in result.nodes:
+            status_text = n.error if n.error else f"exit {n.rc}"
+            click.echo(f"--- {n.node} ({n.host}): {status_text}")
+            if n.stdout:
+                click.echo(n.stdout.rstrip("\n"))
+            if n.stderr:
+                click.echo(n.stderr.rstrip("\n"), err=True)
+        for h, e in result.host_errors.items():
             click.echo(f"--- host {h}: {e}", err=True)
-        if not result["nodes"]:
+        if not result.nodes:
             click.echo(f"no node matches {pattern!r}", err=True)
-    if result["host_errors"] or not result["nodes"] or any(n["error"] or n["rc"] for n in result["nodes"]):
+    if not result.ok:
         sys.exit(1)

@@ -227,10 +227,10 @@ def create_app(auth: Auth, broker: Broker) -> Starlette:
         from megafleet.up import Output, exec_on
 
         result = await exec_on(pattern, argv, t.name, None, Output(quiet=True), float(timeout))
-        if not result["nodes"] and not result["host_errors"]:
+        if not result.nodes and not result.host_errors:
             raise state.NotFound("pattern", pattern)
-        broker.publish("exec", t.name, pattern=pattern, argv=argv, nodes=len(result["nodes"]))
-        return JSONResponse(result)
+        broker.publish("exec", t.name, pattern=pattern, argv=argv, nodes=len(result.nodes))
+        return JSONResponse(result.to_json())
 
     async def node_action(request: Request) -> Response:
         action = request.path_params["action"]

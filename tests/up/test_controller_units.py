@@ -66,3 +66,18 @@ def test_summary_reports_a_failed_host_and_failed_guests():
         {"host": "h1", "status": "failed", "nodes": 1, "guests": 0, "ready": 0, "failed": 1,
          "error": "unreachable: refused"}]
     assert d["ok"] is False and "interrupted" not in d and "verify" not in d
+
+
+def test_exec_results_travel_as_json_and_fail_on_any_node_or_host():
+    from megafleet.host import NodeExec
+
+    ran = NodeExec("pc1", 0, "web1\n", "", None)
+    wire = ran.to_json()
+    assert wire == {"node": "pc1", "rc": 0, "stdout": "web1\n", "stderr": "", "error": None}
+    on_host = NodeExec.from_json(wire, host="h0")
+    assert on_host.to_json() == {**wire, "host": "h0"}
+    assert up.ExecResult([on_host], {}).ok
+    assert not up.ExecResult([], {}).ok                                      # nothing matched
+    assert not up.ExecResult([on_host], {"h1": "unreachable"}).ok
+    assert not up.ExecResult([on_host, NodeExec("pc2", 1, "", "no", None, "h0")], {}).ok
+    assert not up.ExecResult([NodeExec("pc3", None, "", "", "guest is not running", "h0")], {}).ok
