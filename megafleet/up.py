@@ -36,7 +36,8 @@ from megafleet.ledger import Ledger
 from megafleet.names import InvalidName, check_name, description_id, same_description
 from megafleet.names import testbed_name as names_testbed_name
 
-if TYPE_CHECKING:       # the host side is imported when a command runs it
+if TYPE_CHECKING:       # imported when a command runs them
+    from megafleet.experiment.verify import ScheduleRun, UpVerify
     from megafleet.host import NodeExec
 
 CONTROLLER = "up-controller"
@@ -435,8 +436,8 @@ async def up(path: Path, target: Target, *, name: str | None = None, defines: di
         # The testbed works when its assertions hold live, not when guests are ready.
         from megafleet.experiment import verify as live_verify
         after = await live_verify.after_up(testbed, out.line, verify=verify, net=net)
-        summary.verify, summary.schedule = after.get("verify"), after.get("schedule")
-        if summary.verify is not None and not summary.verify.get("ok", True):
+        summary.verify, summary.schedule = after.verify, after.schedule
+        if not after.verify.ok:
             summary.ok = False
     done = summary.to_json()
     ledger.record(CONTROLLER, "testbed", testbed, **record, summary={
@@ -514,8 +515,8 @@ class UpSummary:
     `guests` and `namespaces` planned, `ready` guests and `namespaces_up`,
     the nodes that `failed`, `phases` (seconds per phase, the hosts' as the
     slowest host saw them), and `ok` when every node is up and every
-    assertion holds. `verify` and `schedule` are experiment.verify.after_up's
-    parts (JSON); `interrupted` marks a summary made from what the hosts
+    assertion holds. `verify` and `schedule` are what experiment.verify's
+    after_up did; `interrupted` marks a summary made from what the hosts
     reported after Ctrl-C, with `error` when they did not report."""
 
     testbed: str
@@ -530,8 +531,8 @@ class UpSummary:
     ok: bool = False
     interrupted: bool = False
     error: str | None = None
-    verify: dict[str, Any] | None = None
-    schedule: dict[str, Any] | None = None
+    verify: UpVerify | None = None
+    schedule: ScheduleRun | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The summary as `up --json` prints it (absent: interrupted when
@@ -543,9 +544,12 @@ class UpSummary:
                              "ok": self.ok}
         if self.interrupted:
             d["interrupted"] = True
-        for key in ("error", "verify", "schedule"):
-            if getattr(self, key) is not None:
-                d[key] = getattr(self, key)
+        if self.error is not None:
+            d["error"] = self.error
+        if self.verify is not None:
+            d["verify"] = self.verify.to_json()
+        if self.schedule is not None:
+            d["schedule"] = self.schedule.to_json()
         return d
 
 
@@ -600,7 +604,7 @@ def print_summary(summary: UpSummary) -> None:
         click.echo(f"  ... and {len(failed_guests) - 10} more (see --json or megafleet status)")
     if summary.verify is not None or summary.schedule is not None:
         from megafleet.experiment.verify import summary_lines
-        for line in summary_lines({"verify": summary.verify, "schedule": summary.schedule}):
+        for line in summary_lines(summary.verify, summary.schedule):
             click.echo(line)
     click.echo(final_line(summary))
 

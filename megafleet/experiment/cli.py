@@ -126,7 +126,7 @@ def verify_command(testbed, within, json_mode):
     else:
         if not v["checks"]:
             click.echo(f"testbed {tb.name}: no reachable assertions")
-        for line in verify.summary_lines({"verify": v}):
+        for line in verify.summary_lines(result):
             click.echo(line)
     if not v["ok"]:
         sys.exit(1)

@@ -12,7 +12,7 @@ may not have converged yet.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import trio
@@ -36,13 +36,37 @@ class Check:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class PingResult:
+    """One check's ping: `ok` when a reply came, its round trip in ms, or why not."""
+
+    ok: bool
+    rtt_ms: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class FailedCheck:
+    """A check that still failed when `converge` decided, and its last error."""
+
+    check: Check
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.check.to_json(), "error": self.error}
+
+
 @dataclass
 class VerifyResult:
+    """Every check of a testbed's assertions: how many, how many `passed`,
+    when all did (`converge_s`, seconds from the start; None: never, within
+    the time), the `seconds` it took, and the checks that failed."""
+
     checks: int
     passed: int
-    converge_s: float | None          # when every check passed (None: never, within the time)
+    converge_s: float | None
     seconds: float
-    failed: list[dict[str, Any]] = field(default_factory=list)   # check + error, one per failed ping
+    failed: list[FailedCheck] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -50,7 +74,54 @@ class VerifyResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "checks": self.checks, "passed": self.passed, "converge_s": self.converge_s,
-                "seconds": self.seconds, "failed": self.failed}
+                "seconds": self.seconds, "failed": [f.to_json() for f in self.failed]}
+
+
+@dataclass
+class UpVerify:
+    """The verify part of `up`'s summary: the checks' `result`; or why they
+    were `skipped` (--no-verify, no assertions); or the `error` that kept
+    them from running (a host's agent gone after its apply)."""
+
+    result: VerifyResult | None = None
+    skipped: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """False when the assertions failed or could not be checked."""
+        return self.error is None and (self.result is None or self.result.ok)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.skipped is not None:
+            return {"skipped": self.skipped}
+        if self.result is None:
+            return {"ok": False, "error": self.error, "after_up": True}
+        return {**self.result.to_json(), "after_up": True}
+
+
+@dataclass
+class ScheduleRun:
+    """The fault schedule `up` started in the background: `steps` actions
+    over `span_s` seconds from `start` (epoch seconds), by process `pid`,
+    logging to `log`."""
+
+    steps: int
+    span_s: float
+    pid: int
+    start: float
+    log: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AfterUp:
+    """What `up` did once the guests were ready (`after_up`)."""
+
+    verify: UpVerify
+    schedule: ScheduleRun | None = None
 
 
 def first_addresses(net, node: str) -> dict[int, str]:
@@ -76,21 +147,21 @@ def checks(net) -> list[Check]:
     return out
 
 
-async def run_checks(tb: control.Testbed, todo: list[Check], timeout: float = 2.0) -> dict[Check, dict]:
-    """One round: each check's result {ok, rtt_ms, error}."""
+async def run_checks(tb: control.Testbed, todo: list[Check], timeout: float = 2.0) -> dict[Check, PingResult]:
+    """One round: each check's ping, on whichever host its source node runs."""
     if not todo:
         return {}
     payload = {"checks": [c.to_json() for c in todo], "timeout": timeout}
     res = await control.on_hosts(tb, "experiment.ping", payload, timeout=60 + len(todo))
     by_key = {(c.src, c.addr): c for c in todo}
-    out: dict[Check, dict] = {}
+    out: dict[Check, PingResult] = {}
     for rows in res.values():
-        for r in rows:
+        for r in rows:          # the hosts' JSON (hostside.ping)
             c = by_key.get((r["src"], r["addr"]))
             if c is not None:
-                out[c] = {"ok": r["ok"], "rtt_ms": r.get("rtt_ms"), "error": r.get("error")}
+                out[c] = PingResult(r["ok"], r.get("rtt_ms"), r.get("error"))
     for c in todo:
-        out.setdefault(c, {"ok": False, "rtt_ms": None, "error": f"node {c.src} runs on no host of the testbed"})
+        out.setdefault(c, PingResult(False, error=f"node {c.src} runs on no host of the testbed"))
     return out
 
 
@@ -101,14 +172,14 @@ async def converge(tb: control.Testbed, *, within: float = 60.0, interval: float
     t0 = time.monotonic()
     todo = checks(tb.compiled())
     total = len(todo)
-    last: dict[Check, dict] = {}
+    last: dict[Check, PingResult] = {}
     converge_s = None
     rounds = 0
     while True:
         rounds += 1
         results = await run_checks(tb, todo)
         last.update(results)
-        todo = [c for c in todo if not results[c]["ok"]]
+        todo = [c for c in todo if not results[c].ok]
         if not todo:
             converge_s = round(time.monotonic() - t0, 3)
             break
@@ -117,48 +188,47 @@ async def converge(tb: control.Testbed, *, within: float = 60.0, interval: float
         if rounds == 1 or rounds % 5 == 0:
             progress(f"{total - len(todo)}/{total} reachability checks pass; waiting for routing")
         await trio.sleep(interval)
-    failed = [{**c.to_json(), "error": last[c]["error"]} for c in todo]
+    failed = [FailedCheck(c, last[c].error) for c in todo]
     return VerifyResult(total, total - len(todo), converge_s, round(time.monotonic() - t0, 3), failed)
 
 
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """Lines for a human about `up`'s "verify" and "schedule" parts (or a
-    `megafleet verify` result given as {"verify": ...}): convergence, then
-    every failed check with its assertion's file:line."""
+def summary_lines(verify: VerifyResult | UpVerify | None, schedule: ScheduleRun | None = None) -> list[str]:
+    """Lines for a human about a `megafleet verify` result, or `up`'s verify
+    and schedule parts: convergence, then every failed check with its
+    assertion's file:line."""
     lines = []
-    v = summary.get("verify")
-    if v is not None and v.get("skipped"):
-        lines.append(f"verify: skipped ({v['skipped']})")
-    elif v is not None and v.get("error"):
-        lines.append(f"verify: could not check the assertions: {v['error']}")
-    elif v is not None and v["ok"]:
-        lines.append(f"verify: {v['checks']} reachability checks pass (all true after {v['converge_s']:.1f} s"
-                     + (" of waiting for routing)" if v.get("after_up") else ")"))
-    elif v is not None:
-        lines.append(f"verify: {len(v['failed'])} of {v['checks']} reachability checks FAILED "
-                     f"(checked for {v['seconds']:.1f} s)")
-        for f in v["failed"][:20]:
-            lines.append(f"  {f['loc']}: {f['assertion']}: {f['src']} -> {f['dst']} ({f['addr']}): {f['error']}")
-        if len(v["failed"]) > 20:
-            lines.append(f"  ... and {len(v['failed']) - 20} more (--json lists all)")
-    sch = summary.get("schedule")
-    if sch:
-        lines.append(f"schedule: {sch['steps']} fault actions over {sch['span_s']:g} s, running in the "
-                     f"background (pid {sch['pid']}, log {sch['log']}); "
+    result = verify.result if isinstance(verify, UpVerify) else verify
+    after_up = isinstance(verify, UpVerify)
+    if isinstance(verify, UpVerify) and verify.skipped is not None:
+        lines.append(f"verify: skipped ({verify.skipped})")
+    elif isinstance(verify, UpVerify) and verify.error is not None:
+        lines.append(f"verify: could not check the assertions: {verify.error}")
+    elif result is not None and result.ok:
+        lines.append(f"verify: {result.checks} reachability checks pass (all true after {result.converge_s:.1f} s"
+                     + (" of waiting for routing)" if after_up else ")"))
+    elif result is not None:
+        lines.append(f"verify: {len(result.failed)} of {result.checks} reachability checks FAILED "
+                     f"(checked for {result.seconds:.1f} s)")
+        for f in result.failed[:20]:
+            c = f.check
+            lines.append(f"  {c.loc}: {c.assertion}: {c.src} -> {c.dst} ({c.addr}): {f.error}")
+        if len(result.failed) > 20:
+            lines.append(f"  ... and {len(result.failed) - 20} more (--json lists all)")
+    if schedule is not None:
+        lines.append(f"schedule: {schedule.steps} fault actions over {schedule.span_s:g} s, running in the "
+                     f"background (pid {schedule.pid}, log {schedule.log}); "
                      f"'megafleet telemetry events --kind fault' shows them")
     return lines
 
 
 async def after_up(testbed: str, out_line: Callable[[str], None], *, verify: bool = True,
-                   within: float = 60.0, net: Any = None) -> dict[str, Any]:
+                   within: float = 60.0, net: Any = None) -> AfterUp:
     """What `up` runs once the guests are ready: put back the links' recorded
     runtime settings (a rebuilt network lost them), verify the assertions
     (unless verify is False), then start the fault schedule in the background.
-    `net`: the description as `up` compiled it (else it is compiled again).
-    Returns the summary's {"verify": ..., "schedule": ...} parts."""
+    `net`: the description as `up` compiled it (else it is compiled again)."""
     from megafleet.experiment import schedule
 
-    out: dict[str, Any] = {}
     tb = control.testbed(testbed)
     if net is not None:
         tb.net = net
@@ -171,9 +241,9 @@ async def after_up(testbed: str, out_line: Callable[[str], None], *, verify: boo
         out_line(f"links    could not restore runtime link settings: {exc}")
     net = tb.compiled()
     if not verify:
-        out["verify"] = {"skipped": "--no-verify"}
+        checked = UpVerify(skipped="--no-verify")
     elif not net.reachable:
-        out["verify"] = {"skipped": "no reachable assertions"}
+        checked = UpVerify(skipped="no reachable assertions")
     else:
         out_line(f"verify   {len(checks(net))} pings for {len(net.reachable)} reachable assertions")
         try:
@@ -181,16 +251,16 @@ async def after_up(testbed: str, out_line: Callable[[str], None], *, verify: boo
         except control.ControlError as exc:
             # A host's agent died after its apply (killed, host gone): the
             # assertions cannot be checked, which is a failed up, not a crash.
-            out["verify"] = {"ok": False, "error": str(exc), "after_up": True}
+            checked = UpVerify(error=str(exc))
             out_line(f"verify   could not check the assertions: {exc}")
         else:
-            out["verify"] = {**result.to_json(), "after_up": True}
+            checked = UpVerify(result=result)
             out_line(f"verify   {result.passed}/{result.checks} pass" +
                      (f", converged in {result.converge_s:.1f} s" if result.ok else ""))
     plan = schedule.steps(net.faults)
+    started = None
     if plan:
         start = time.time()
         pid = await trio.to_thread.run_sync(schedule.spawn, testbed, start)
-        out["schedule"] = {"steps": len(plan), "span_s": plan[-1].at_s, "pid": pid, "start": start,
-                           "log": str(schedule.log_path(testbed))}
-    return out
+        started = ScheduleRun(len(plan), plan[-1].at_s, pid, start, str(schedule.log_path(testbed)))
+    return AfterUp(checked, started)

@@ -152,9 +152,20 @@ def test_verify_checks_one_ping_per_source_destination_family(net):
     assert all(c.loc == "units.fleet:22" and c.assertion == "reachable @pcs srv" for c in srv)
     r2 = [c for c in checks if c.dst == "r2"]
     assert [c.addr for c in r2 if c.family == 4] == ["10.40.0.2"]
-    lines = verify.summary_lines({"verify": {"ok": False, "checks": 4, "passed": 3, "seconds": 60.0,
-                                             "converge_s": None, "failed": [{**srv[0].to_json(), "error": "100% packet loss"}]}})
-    assert "units.fleet:22: reachable @pcs srv" in lines[1]
+    failed = verify.VerifyResult(4, 3, None, 60.0, [verify.FailedCheck(srv[0], "100% packet loss")])
+    lines = verify.summary_lines(failed)
+    assert lines[0] == "verify: 1 of 4 reachability checks FAILED (checked for 60.0 s)"
+    assert lines[1].startswith("  units.fleet:22: reachable @pcs srv: ") and lines[1].endswith(": 100% packet loss")
+    assert failed.to_json()["failed"] == [{**srv[0].to_json(), "error": "100% packet loss"}]
+    # As `up` reports them: after routing had time, skipped, or not checkable.
+    passed = verify.VerifyResult(4, 4, 2.5, 2.6)
+    assert verify.summary_lines(verify.UpVerify(result=passed)) == [
+        "verify: 4 reachability checks pass (all true after 2.5 s of waiting for routing)"]
+    assert verify.summary_lines(passed) == ["verify: 4 reachability checks pass (all true after 2.5 s)"]
+    assert verify.summary_lines(verify.UpVerify(skipped="--no-verify")) == ["verify: skipped (--no-verify)"]
+    gone = verify.UpVerify(error="host h1: agent gone")
+    assert not gone.ok and gone.to_json() == {"ok": False, "error": "host h1: agent gone", "after_up": True}
+    assert verify.UpVerify(skipped="no reachable assertions").ok
 
 
 def test_capture_targets(net):
