@@ -49,14 +49,26 @@ IFA_F_NODAD = 0x02
 RTA_DST, RTA_GATEWAY = 1, 5
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
 
-_HEADER = struct.Struct("=LHHLL")       # nlmsghdr: length, type, flags, seq, port
-_ERROR_CODE = struct.Struct("=i")
+HEADER = struct.Struct("=LHHLL")        # nlmsghdr: length, type, flags, seq, port
+ERROR_CODE = struct.Struct("=i")        # an NLMSG_ERROR's code, after its header: 0 or -errno
+ATTR = struct.Struct("=HH")             # rtattr: length (with itself), type
 
 
 def attr(kind: int, data: bytes) -> bytes:
     """One attribute (rtattr): length, type, payload, padded to 4 bytes."""
     length = 4 + len(data)
-    return struct.pack("=HH", length, kind) + data + b"\0" * (-length % 4)
+    return ATTR.pack(length, kind) + data + b"\0" * (-length % 4)
+
+
+def attributes(data: bytes, start: int, end: int):
+    """(type without its flags, payload start, payload end) of each attribute
+    in data[start:end], for walking a received message."""
+    while start + 4 <= end:
+        length, kind = ATTR.unpack_from(data, start)
+        if length < 4:
+            return
+        yield kind & NLA_TYPE_MASK, start + 4, start + length
+        start += (length + 3) & ~3
 
 
 def u32(kind: int, value: int) -> bytes:
@@ -66,13 +78,13 @@ def u32(kind: int, value: int) -> bytes:
 
 def request(kind: int, flags: int, seq: int, body: bytes) -> bytes:
     """A request of message type `kind` asking for an acknowledgement."""
-    return _HEADER.pack(16 + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    return HEADER.pack(16 + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
 
 
 def dump_request(kind: int, seq: int, body: bytes) -> bytes:
     """A dump request of message type `kind` (RTM_GETLINK, ...): the kernel
     answers with every object, in reads of up to 32 KiB, then NLMSG_DONE."""
-    return _HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+    return HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
 def ifinfo(index: int, flags: int = 0, change: int = 0) -> bytes:
@@ -137,9 +149,9 @@ def exchange(sock: socket.socket, messages: Sequence[bytes], what: Callable[[int
         data = sock.recv(65536)
         offset = 0
         while offset + 16 <= len(data):
-            length, kind, _, seq, _ = _HEADER.unpack_from(data, offset)
+            length, kind, _, seq, _ = HEADER.unpack_from(data, offset)
             if kind == NLMSG_ERROR:
-                (code,) = _ERROR_CODE.unpack_from(data, offset + 16)
+                (code,) = ERROR_CODE.unpack_from(data, offset + 16)
                 pending -= 1
                 if code != 0 and first is None:
                     first = (-code, seq)

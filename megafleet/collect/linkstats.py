@@ -25,8 +25,9 @@ from megafleet.rtnl import (IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LI
 
 IFLA_TUN_TYPE, IFF_TAP = 3, 0x2        # linux/if_tun.h: a tun device's kind
 _STATS64 = struct.Struct("=8Q")     # the first eight counters of rtnl_link_stats64
-_unpack_attr = struct.Struct("=HH").unpack_from
-_unpack_index = struct.Struct("=i").unpack_from
+_unpack_header = rtnl.HEADER.unpack_from
+_unpack_attr = rtnl.ATTR.unpack_from
+_unpack_index = struct.Struct("=i").unpack_from     # ifinfomsg's index, after family and type
 
 
 @dataclass(frozen=True)
@@ -48,24 +49,14 @@ class LinkStats:
     tx_dropped: int
 
 
-def _attrs(data: bytes, start: int, end: int):
-    """(type, payload start, payload end) of each attribute in data[start:end]."""
-    while start + 4 <= end:
-        length, kind = _unpack_attr(data, start)
-        if length < 4:
-            return
-        yield kind & NLA_TYPE_MASK, start + 4, start + length
-        start += (length + 3) & ~3
-
-
 def _kind(data: bytes, start: int, end: int) -> str:
     """The kind of an IFLA_LINKINFO payload: tun devices split into tap and tun."""
     kind, tun_type = "other", None
-    for typ, a, b in _attrs(data, start, end):
+    for typ, a, b in rtnl.attributes(data, start, end):
         if typ == IFLA_INFO_KIND:
             kind = data[a:b].rstrip(b"\0").decode(errors="replace")
         elif typ == IFLA_INFO_DATA:
-            for sub, c, d in _attrs(data, a, b):
+            for sub, c, d in rtnl.attributes(data, a, b):
                 if sub == IFLA_TUN_TYPE and d > c:
                     tun_type = data[c]
     if kind == "tun":
@@ -79,13 +70,13 @@ def parse_links(data: bytes) -> tuple[list[LinkStats], bool]:
     links = []
     offset, done = 0, False
     while offset + 16 <= len(data):
-        length, typ, _, _, _ = struct.unpack_from("=LHHLL", data, offset)
+        length, typ, _, _, _ = _unpack_header(data, offset)
         if length < 16:
             break
         if typ == NLMSG_DONE:
             done = True
         elif typ == NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", data, offset + 16)
+            (code,) = rtnl.ERROR_CODE.unpack_from(data, offset + 16)
             if code:
                 raise OSError(-code, f"link dump: {os.strerror(-code)}")
         elif typ == RTM_NEWLINK:

@@ -157,7 +157,8 @@ def _send_on(sock: socket.socket, messages: list[tuple[bytes, str]]) -> None:
 
 def del_message(name: str, seq: int) -> bytes:
     """RTM_DELLINK of the link called `name` in the socket's namespace."""
-    return rtnl.request(rtnl.RTM_DELLINK, 0, seq, rtnl.ifinfo(0) + rtnl.attr(rtnl.IFLA_IFNAME, name.encode() + b"\0"))
+    body = rtnl.ifinfo(0) + rtnl.attr(rtnl.IFLA_IFNAME, name.encode() + b"\0")
+    return rtnl.request(rtnl.RTM_DELLINK, 0, seq, body)
 
 
 def host_indexes(nics: tuple[Nic, ...]) -> dict[str, int]:
